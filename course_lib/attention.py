@@ -1,0 +1,136 @@
+"""Scaled dot-product attention in torch, with the course's conventions.
+
+Two paths compute the same function:
+- the fast path (need_weights=False) calls torch's fused `F.scaled_dot_product_attention`
+  (flash / memory-efficient / cuDNN kernels on a GPU, a fused kernel on the CPU);
+- the math path (need_weights=True) spells the computation out so the weights can be
+  returned; it scales q before the matmul and runs the matmul and softmax in float32 (at
+  least), so float16 inputs cannot overflow the scores, and returns the weights in float32.
+Both give output 0 for a query row with nothing to attend to, never NaN, in every dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
+from course_lib.masks import causal_mask
+
+__all__ = ["scaled_dot_product_attention", "safe_softmax"]
+
+
+def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating-point dtype; got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    return check_qkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+
+
+def _check_mask(attn_mask: torch.Tensor, scores_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(
+            f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); "
+            f"got dtype {attn_mask.dtype}"
+        )
+    check_mask_shape(tuple(attn_mask.shape), scores_shape, name="attn_mask")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q, k, v are on {device}")
+    if attn_mask.dtype.is_floating_point and torch.isnan(attn_mask).any():
+        raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend'")
+    return attn_mask
+
+
+def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last axis; a row that is all -inf gives zeros (not NaN), gradients included."""
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)
+    total = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))  # e is 0 where total is 0
+
+
+def _output_dtype(q: torch.Tensor) -> torch.dtype:
+    kind = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return q.dtype
+
+
+def _math_attention(q, k, v, mask, dropout_p):
+    out_dtype = _output_dtype(q)
+    compute = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 -> float32; float64 stays
+    with torch.autocast(q.device.type, enabled=False):
+        scale = q.shape[-1] ** -0.5
+        scores = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)  # (..., T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
+        weights = safe_softmax(scores)  # (..., T, S)
+        p = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+        out = p @ v.to(compute)  # (..., T, d_v)
+    return out.to(out_dtype), weights
+
+
+def _fused_attention(q, k, v, mask, is_causal, dropout_p):
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    # A row with every key masked would make the fused softmax 0/0 = NaN (and NaN gradients).
+    # Let such rows attend everywhere inside the kernel, then zero their output: the result is
+    # exactly 0 and, because the output is replaced, no gradient flows back through them.
+    if mask.dtype == torch.bool:
+        row_ok = mask.any(dim=-1, keepdim=True)  # (..., T|1, 1)
+        safe = mask | ~row_ok
+    else:
+        row_ok = (mask > float("-inf")).any(dim=-1, keepdim=True)
+        safe = mask.masked_fill(~row_ok, 0.0).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p)
+    return out.masked_fill(~row_ok, 0.0)
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+):
+    """softmax(q k^T / sqrt(d) [masked]) v with q (..., T, d), k (..., S, d), v (..., S, d_v).
+
+    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
+    (..., T, S). is_causal: query i sees keys j <= i; needs T == S (for T != S the alignment
+    is ambiguous: pass `course_lib.masks.causal_mask(T, S)` explicitly). Both may be given
+    and are combined. Returns out (..., T, d_v), or (out, weights (..., T, S)) if need_weights.
+    """
+    scores_shape = _check_tensors(q, k, v)
+    dropout_p = check_probability("dropout_p", dropout_p)
+    mask = None if attn_mask is None else _check_mask(attn_mask, scores_shape, q.device)
+    T, S = scores_shape[-2:]
+    if is_causal:
+        if T != S:
+            raise ValueError(
+                f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which "
+                f"position?); pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the "
+                f"last T positions) instead; q {shape_str(q.shape)}, k {shape_str(k.shape)}"
+            )
+        if mask is not None or need_weights:
+            causal = causal_mask(T, S, device=q.device)  # (T, S)
+            if mask is None:
+                mask = causal
+            elif mask.dtype == torch.bool:
+                mask = mask & causal
+            else:
+                mask = mask.masked_fill(~causal, float("-inf"))
+            is_causal = False
+    if need_weights:
+        return _math_attention(q, k, v, mask, dropout_p)
+    return _fused_attention(q, k, v, mask, is_causal, dropout_p)

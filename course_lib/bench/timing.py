@@ -1,0 +1,88 @@
+"""Timing that means something: warm-up, many repeats, the median; CUDA events on a GPU.
+
+perf_counter around a CUDA call measures only the launch, because kernels run asynchronously:
+on a GPU we record CUDA events on the stream and synchronise before reading them.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["Timing", "time_fn", "device_info", "peak_memory"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, repeats: int = 10) -> Timing:
+    """Median wall time of fn() over `repeats` runs after `warmup` runs."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | None:
+    """Peak bytes allocated on a CUDA device while fn() runs (None on the CPU, where torch does not track it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def device_info(device: torch.device | str) -> dict:
+    """What a recorded benchmark must carry: the machine, the versions."""
+    device = torch.device(device)
+    info = {
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "device_name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "total_memory_gib": round(props.total_memory / 2**30, 1),
+        }
+    else:
+        info["device_name"] = f"CPU ({info['cpu']}, {info['cpu_threads']} threads)"
+    return info

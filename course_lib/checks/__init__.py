@@ -1,0 +1,21 @@
+"""Exercise checkers, one per exercise, grouped by notebook (nb01.py, nb02.py, ...).
+
+    from course_lib import checks
+    checks.check_softmax(my_softmax)      # prints [PASSED] ... or [NOT YET] ... with a hint
+
+Every public `check_*` function of the notebook modules is re-exported here.
+"""
+
+import importlib
+import pkgutil
+
+from course_lib.checks._core import CheckResult
+
+__all__ = ["CheckResult"]
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name.startswith("nb"):
+        _module = importlib.import_module(f"{__name__}.{_info.name}")
+        for _name in getattr(_module, "__all__", []):
+            globals()[_name] = getattr(_module, _name)
+            __all__.append(_name)

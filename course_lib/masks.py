@@ -1,0 +1,81 @@
+"""Attention masks, one convention everywhere: boolean, True = this query MAY attend to this key.
+
+That is torch's `F.scaled_dot_product_attention` polarity. `torch.nn.MultiheadAttention`
+uses the opposite (True = ignore); `to_torch_mha_mask` converts, and notebook 05 shows what
+happens when the two are confused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
+
+__all__ = ["causal_mask", "padding_mask", "combine_masks", "to_torch_mha_mask", "to_additive_mask"]
+
+
+def causal_mask(T: int, S: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, S) bool: query i may attend to key j iff j <= i + (S - T).
+
+    With S == T this is the lower triangle. With S > T the queries are the *last* T positions
+    of a sequence of length S (bottom-right alignment), which is what incremental decoding with
+    a KV cache needs: the new token sees every cached key and itself.
+    """
+    T = check_positive_int("T", T)
+    S = T if S is None else check_positive_int("S", S)
+    i = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
+    j = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
+    return j <= i + (S - T)  # (T, S)
+
+
+def padding_mask(lengths: Sequence[int] | torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B, 1, 1, max_len) bool, True for real tokens: key j of sequence b is real iff j < lengths[b].
+
+    Shaped to broadcast over heads and queries against scores of shape (B, H, T, max_len).
+    """
+    max_len = check_positive_int("max_len", max_len)
+    lengths = torch.as_tensor(lengths)
+    if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be a 1-D sequence of ints (one per batch element); got shape "
+                         f"{shape_str(lengths.shape)} dtype {lengths.dtype}")
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > max_len):
+        raise ValueError(f"lengths must lie in [0, max_len={max_len}]; got {lengths.tolist()}")
+    keep = torch.arange(max_len, device=lengths.device) < lengths.unsqueeze(1)  # (B, max_len)
+    return keep[:, None, None, :]  # (B, 1, 1, max_len)
+
+
+def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
+    """AND of boolean masks (a key is allowed only if every mask allows it); None entries are skipped."""
+    present = [m for m in masks if m is not None]
+    for i, m in enumerate(present):
+        if m.dtype != torch.bool:
+            raise TypeError(f"combine_masks takes boolean masks; mask {i} has dtype {m.dtype}")
+    if not present:
+        return None
+    if broadcast_shapes(*(tuple(m.shape) for m in present)) is None:
+        raise ValueError("masks do not broadcast together: " + ", ".join(shape_str(m.shape) for m in present))
+    out = present[0]
+    for m in present[1:]:
+        out = out & m
+    return out
+
+
+def to_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Our polarity (True = may attend) -> nn.MultiheadAttention's (True = ignore)."""
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean; got dtype {mask.dtype}")
+    return ~mask
+
+
+def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean mask -> float mask to add to scores: 0 where allowed, -inf where not.
+
+    -inf (not -1e9, not finfo.min) is exact in every float dtype: -1e9 overflows to -inf in
+    float16 anyway, and finfo.min + a negative score overflows too. Fully masked rows must be
+    handled by the softmax (course_lib's give zeros), not by a large finite constant.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean; got dtype {mask.dtype}")
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))

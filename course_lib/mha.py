@@ -1,0 +1,208 @@
+"""Multi-head attention as a torch module: batch-first, the course's mask convention, a KV cache.
+
+    x (B, T, d_model) --q/k/v projections--> (B, T, d_model) each
+      --split heads--> (B, H, T, d_head)  with d_head = d_model / H
+      --scaled dot-product attention per head--> (B, H, T, d_head)
+      --concat heads--> (B, T, d_model) --out_proj W_O--> (B, T, d_model)
+
+The heads are not a loop: splitting is a view + transpose, and one batched SDPA call runs all
+B*H heads at once (torch's fused kernel unless need_weights asks for the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib._validate import check_mask_shape, check_positive_int, check_probability, shape_str
+from course_lib.attention import scaled_dot_product_attention
+from course_lib.kv_cache import KVCache
+from course_lib.masks import causal_mask
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("d_model", d_model)
+        check_positive_int("num_heads", num_heads)
+        if d_model % num_heads:
+            raise ValueError(
+                f"d_model must be divisible by num_heads so every head gets d_head = d_model / num_heads "
+                f"features; got d_model={d_model}, num_heads={num_heads} (remainder {d_model % num_heads})"
+            )
+        self.d_model, self.num_heads, self.d_head = d_model, num_heads, d_model // num_heads
+        self.kdim = d_model if kdim is None else check_positive_int("kdim", kdim)
+        self.vdim = d_model if vdim is None else check_positive_int("vdim", vdim)
+        self.dropout = check_probability("dropout", dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, d_model, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, d_model, bias=bias, **factory)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_heads={self.num_heads}, d_head={self.d_head}, dropout={self.dropout}"
+
+    # ----------------------------------------------------------------------------- helpers
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, L, D) -> (B, H, L, d_head)
+
+    def _project_self(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused QKV: one (3*D, D) matmul instead of three (D, D) ones when q = k = v = x."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
+        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        return F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (B, T, D)
+
+    def _check_inputs(self, query, key, value, attn_mask) -> None:
+        for name, t, feat in (("query", query, self.d_model), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            if t.ndim != 3 or t.shape[-1] != feat:
+                raise ValueError(
+                    f"{name} must have shape (B, L, {feat}) (batch first, last dim = "
+                    f"{ {'query': 'd_model', 'key': 'kdim', 'value': 'vdim'}[name]}={feat}); got {shape_str(t.shape)}"
+                )
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            raise ValueError(
+                f"query, key and value must share the batch size B; got query {shape_str(query.shape)}, "
+                f"key {shape_str(key.shape)}, value {shape_str(value.shape)}"
+            )
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have the same length S; got key {shape_str(key.shape)}, "
+                             f"value {shape_str(value.shape)}")
+        weight = self.q_proj.weight
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.device != weight.device:
+                raise ValueError(f"{name} is on {t.device} but the module's weights are on {weight.device}; "
+                                 f"move one of them (module.to(device) or {name}.to(device))")
+            if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {weight.dtype}; "
+                                f"convert one, or run under torch.autocast for mixed precision")
+        if attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
+            if attn_mask.ndim not in (2, 4):
+                raise ValueError(
+                    f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {attn_mask.ndim}-D "
+                    f"{shape_str(attn_mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])"
+                )
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        cache: KVCache | None = None,
+    ):
+        """query (B, T, d_model); key (B, S, kdim) and value (B, S, vdim) default to query.
+
+        attn_mask: bool (True = may attend) or additive float, (T, S) or (B|1, H|1, T|1, S).
+        cache: a KVCache; new keys/values are appended (self-attention) or, for a static cache
+        that is already filled (cross-attention memory), key/value are not projected again.
+        Returns out (B, T, d_model), or (out, weights (B, H, T, S)) if need_weights.
+        """
+        self_attention = key is None and value is None
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value, attn_mask)
+        B, T, _ = query.shape
+
+        if self_attention and self.kdim == self.vdim == self.d_model:
+            q, k, v = self._project_self(query)
+        else:
+            q = self.q_proj(query)
+            k = v = None
+            if not (cache is not None and cache.static and cache.is_filled):
+                k, v = self.k_proj(key), self.v_proj(value)
+        q = self._split_heads(q)  # (B, H, T, d_head)
+        k = None if k is None else self._split_heads(k)  # (B, H, S_new, d_head)
+        v = None if v is None else self._split_heads(v)
+        if cache is not None:
+            k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
+        S = k.shape[-2]
+
+        if attn_mask is not None:
+            check_mask_shape(tuple(attn_mask.shape), (B, self.num_heads, T, S), name="attn_mask")
+        if is_causal and T != S and cache is not None:
+            # the T new queries are the last T of S positions (bottom-right aligned)
+            causal = causal_mask(T, S, device=query.device)
+            attn_mask = causal if attn_mask is None else attn_mask & causal if attn_mask.dtype == torch.bool \
+                else attn_mask.masked_fill(~causal, float("-inf"))
+            is_causal = False
+
+        result = scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
+        )
+        out, weights = result if need_weights else (result, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))  # concat heads, then W_O
+        return (out, weights) if need_weights else out
+
+    # ----------------------------------------------------------------------------- conversions
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
+        """Copy an nn.MultiheadAttention's weights. Call the result batch-first, with OUR mask polarity."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention; got {type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn has no equivalent here")
+        w = module.out_proj.weight
+        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+                  kdim=module.kdim, vdim=module.vdim, device=w.device, dtype=w.dtype)
+        if module._qkv_same_embed_dim:
+            wq, wk, wv = module.in_proj_weight.chunk(3)
+        else:
+            wq, wk, wv = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
+        with torch.no_grad():
+            for lin, weight in ((new.q_proj, wq), (new.k_proj, wk), (new.v_proj, wv)):
+                lin.weight.copy_(weight)
+            new.out_proj.weight.copy_(module.out_proj.weight)
+            if module.in_proj_bias is not None:
+                for lin, b in zip((new.q_proj, new.k_proj, new.v_proj), module.in_proj_bias.chunk(3), strict=True):
+                    lin.bias.copy_(b)
+                new.out_proj.bias.copy_(module.out_proj.bias)
+        return new.train(module.training)
+
+    @classmethod
+    def from_hf_bert(cls, attention: nn.Module) -> MultiHeadAttention:
+        """Copy a Hugging Face BertAttention (layer.attention): query/key/value, then output.dense as W_O.
+
+        The result computes BERT's attention up to (and including) the output dense layer, i.e.
+        before BERT's dropout + residual + LayerNorm.
+        """
+        self_attn, output = getattr(attention, "self", None), getattr(attention, "output", None)
+        if self_attn is None or output is None or not hasattr(self_attn, "query") or not hasattr(output, "dense"):
+            raise TypeError(f"attention must be a BertAttention (with .self.query/key/value and .output.dense); "
+                            f"got {type(attention).__name__}")
+        d_model, num_heads = self_attn.query.in_features, self_attn.num_attention_heads
+        w = self_attn.query.weight
+        new = cls(d_model, num_heads, dropout=float(self_attn.dropout.p), bias=self_attn.query.bias is not None,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            pairs = ((new.q_proj, self_attn.query), (new.k_proj, self_attn.key), (new.v_proj, self_attn.value),
+                     (new.out_proj, output.dense))
+            for ours, theirs in pairs:
+                ours.weight.copy_(theirs.weight)
+                if theirs.bias is not None:
+                    ours.bias.copy_(theirs.bias)
+        return new.train(attention.training)

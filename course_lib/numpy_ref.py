@@ -1,0 +1,159 @@
+"""Attention in pure numpy: the reference every other implementation is checked against.
+
+Conventions (see notebooks/00): q (..., T, d), k (..., S, d), v (..., S, d_v); leading
+batch dimensions broadcast. A boolean mask is True where a query *may attend* to a key
+(torch SDPA's polarity); a float mask is added to the scores. A query row with nothing to
+attend to gets weights 0 and output 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from course_lib._validate import check_mask_shape, check_positive_int, check_qkv_shapes, shape_str
+
+__all__ = [
+    "softmax",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "online_softmax_attention",
+]
+
+
+def _as_float_array(name: str, x: object) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind in "iub":  # ints and bools are promoted, so [[1, 0], [0, 1]] just works
+        return arr.astype(np.float64)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must be a real floating-point array; got dtype {arr.dtype} (kind '{arr.dtype.kind}')")
+    return arr
+
+
+def _as_mask(mask: object, scores_shape: tuple[int, ...]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype != np.bool_ and m.dtype.kind != "f":
+        raise TypeError(
+            f"mask must be boolean (True = may attend) or floating-point (added to the scores); "
+            f"got dtype {m.dtype}"
+        )
+    check_mask_shape(m.shape, scores_shape)
+    if m.dtype.kind == "f" and np.isnan(m).any():
+        raise ValueError("mask (floating-point, additive) contains NaN; use -inf for 'may not attend'")
+    return m.reshape((1,) * (2 - m.ndim) + m.shape) if m.ndim < 2 else m  # at least (T|1, S|1)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax along `axis` (the log-sum-exp trick).
+
+    Subtracting the row maximum leaves the result unchanged (softmax is shift-invariant) and
+    makes every exponent <= 0, so exp never overflows, even for logits of 1e4. A row that is
+    all -inf (nothing to attend to) gives zeros instead of 0/0 = NaN.
+    """
+    x = _as_float_array("x", x)
+    row_max = np.max(x, axis=axis, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf rows: shift by 0
+    e = np.exp(x - row_max)
+    total = np.sum(e, axis=axis, keepdims=True)
+    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+
+
+def _masked_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    scores = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(q.shape[-1])  # (..., T, S)
+    if mask is None:
+        return scores
+    if mask.dtype == np.bool_:
+        return np.where(mask, scores, -np.inf)
+    return scores + mask
+
+
+def _check_inputs(q, k, v, mask):
+    q, k, v = (_as_float_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+    scores_shape = check_qkv_shapes(q.shape, k.shape, v.shape)
+    return q, k, v, _as_mask(mask, scores_shape), scores_shape
+
+
+def scaled_dot_product_attention(q, k, v, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(q k^T / sqrt(d) [masked]) v.
+
+    Returns (out (..., T, d_v), weights (..., T, S)).
+    """
+    q, k, v, mask, _ = _check_inputs(q, k, v, mask)
+    weights = softmax(_masked_scores(q, k, mask), axis=-1)  # (..., T, S)
+    return weights @ v, weights
+
+
+def _sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Undo broadcasting: sum `grad` over the axes along which an input of `shape` was broadcast."""
+    extra = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(extra))) if extra else grad
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+def scaled_dot_product_attention_backward(q, k, v, d_out, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of sum(out * d_out) with respect to q, k and v, derived by hand (notebook 02).
+
+    With P = softmax(S), S = q k^T / sqrt(d), out = P v:
+        dv = P^T d_out
+        dP = d_out v^T
+        dS = P * (dP - rowsum(dP * P))         (the softmax Jacobian, applied row by row)
+        dq = dS k / sqrt(d),   dk = dS^T q / sqrt(d)
+    Masked entries have P = 0, so their dS is 0 and no gradient flows through them.
+    """
+    q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask)
+    d_out = _as_float_array("d_out", d_out)
+    out_shape = (*scores_shape[:-1], v.shape[-1])
+    if d_out.shape != out_shape:
+        raise ValueError(f"d_out must have the shape of the output {shape_str(out_shape)}; got {shape_str(d_out.shape)}")
+    p = softmax(_masked_scores(q, k, mask), axis=-1)  # (..., T, S)
+    dv = np.swapaxes(p, -1, -2) @ d_out  # (..., S, d_v)
+    dp = d_out @ np.swapaxes(v, -1, -2)  # (..., T, S)
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (..., T, S)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    dq = (ds @ k) * scale  # (..., T, d)
+    dk = (np.swapaxes(ds, -1, -2) @ q) * scale  # (..., S, d)
+    return _sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape)
+
+
+def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.ndarray:
+    """Attention computed tile by tile with the online softmax (FlashAttention's recurrence).
+
+    Never materialises the (T, S) score matrix: for each block of queries it streams over
+    blocks of keys, keeping a running row max m, a running denominator l and an un-normalised
+    accumulator acc. When a new block raises the max from m to m_new, the old terms are
+    rescaled by exp(m - m_new). Extra memory: O(block_size^2 + T * d_v) instead of O(T * S).
+    Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
+    """
+    check_positive_int("block_size", block_size)
+    q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask)
+    batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
+    q = np.broadcast_to(q, (*batch, T, q.shape[-1]))
+    k = np.broadcast_to(k, (*batch, S, k.shape[-1]))
+    v = np.broadcast_to(v, (*batch, S, v.shape[-1]))
+    dtype = np.result_type(q, k, v)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    out = np.zeros((*batch, T, v.shape[-1]), dtype=dtype)
+    for t0 in range(0, T, block_size):
+        q_blk = q[..., t0 : t0 + block_size, :] * scale  # (..., Bq, d)
+        rows = q_blk.shape[-2]
+        m = np.full((*batch, rows, 1), -np.inf, dtype=dtype)  # running max
+        l = np.zeros((*batch, rows, 1), dtype=dtype)  # running sum of exp
+        acc = np.zeros((*batch, rows, v.shape[-1]), dtype=dtype)  # running sum of exp * v
+        for s0 in range(0, S, block_size):
+            s_blk = q_blk @ np.swapaxes(k[..., s0 : s0 + block_size, :], -1, -2)  # (..., Bq, Bk)
+            if mask is not None:
+                rows_sl = slice(None) if mask.shape[-2] == 1 else slice(t0, t0 + block_size)
+                cols_sl = slice(None) if mask.shape[-1] == 1 else slice(s0, s0 + block_size)
+                m_blk = mask[..., rows_sl, cols_sl]
+                s_blk = np.where(m_blk, s_blk, -np.inf) if mask.dtype == np.bool_ else s_blk + m_blk
+            m_new = np.maximum(m, s_blk.max(axis=-1, keepdims=True))
+            m_safe = np.where(np.isfinite(m_new), m_new, 0.0)  # all keys so far masked: keep zeros
+            p = np.exp(s_blk - m_safe)  # (..., Bq, Bk)
+            correction = np.exp(np.where(np.isfinite(m), m, -np.inf) - m_safe)
+            l = l * correction + p.sum(axis=-1, keepdims=True)
+            acc = acc * correction + p @ v[..., s0 : s0 + block_size, :]
+            m = m_new
+        out[..., t0 : t0 + block_size, :] = np.divide(acc, l, out=np.zeros_like(acc), where=l > 0)
+    return out
