@@ -1,7 +1,7 @@
 """course_lib: the final, tested implementations of the multi-head attention course.
 
-    from course_lib import MultiHeadAttention, numpy_ref, masks
-    from course_lib.attention import scaled_dot_product_attention
+from course_lib import MultiHeadAttention, numpy_ref, masks
+from course_lib.attention import scaled_dot_product_attention
 """
 
 from course_lib import masks, numpy_ref

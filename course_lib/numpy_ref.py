@@ -35,8 +35,7 @@ def _as_mask(mask: object, scores_shape: tuple[int, ...]) -> np.ndarray | None:
     m = np.asarray(mask)
     if m.dtype != np.bool_ and m.dtype.kind != "f":
         raise TypeError(
-            f"mask must be boolean (True = may attend) or floating-point (added to the scores); "
-            f"got dtype {m.dtype}"
+            f"mask must be boolean (True = may attend) or floating-point (added to the scores); got dtype {m.dtype}"
         )
     check_mask_shape(m.shape, scores_shape)
     if m.dtype.kind == "f" and np.isnan(m).any():
@@ -106,7 +105,9 @@ def scaled_dot_product_attention_backward(q, k, v, d_out, mask=None) -> tuple[np
     d_out = _as_float_array("d_out", d_out)
     out_shape = (*scores_shape[:-1], v.shape[-1])
     if d_out.shape != out_shape:
-        raise ValueError(f"d_out must have the shape of the output {shape_str(out_shape)}; got {shape_str(d_out.shape)}")
+        raise ValueError(
+            f"d_out must have the shape of the output {shape_str(out_shape)}; got {shape_str(d_out.shape)}"
+        )
     p = softmax(_masked_scores(q, k, mask), axis=-1)  # (..., T, S)
     dv = np.swapaxes(p, -1, -2) @ d_out  # (..., S, d_v)
     dp = d_out @ np.swapaxes(v, -1, -2)  # (..., T, S)
@@ -117,43 +118,61 @@ def scaled_dot_product_attention_backward(q, k, v, d_out, mask=None) -> tuple[np
     return _sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape)
 
 
+def online_softmax_step(
+    m: np.ndarray, l: np.ndarray, acc: np.ndarray, scores: np.ndarray, v_block: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One step of the online softmax: fold a block of scores (and their values) into the running state.
+
+    m (..., Bq, 1): running row max of the scores seen so far (-inf before any finite score);
+    l (..., Bq, 1): running sum of exp(score - m); acc (..., Bq, d_v): running sum of exp(score - m) * v;
+    scores (..., Bq, Bk): the new block (masked entries are -inf); v_block (..., Bk, d_v).
+    When the new block raises the max from m to m_new, everything accumulated so far was
+    computed relative to the old max, so l and acc are both rescaled by exp(m - m_new).
+    Returns (m_new, l_new, acc_new). At the end, out = acc / l (0 where l == 0).
+    """
+    m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))  # (..., Bq, 1)
+    m_safe = np.where(np.isfinite(m_new), m_new, 0.0)  # rows with only -inf so far: shift by 0
+    p = np.exp(scores - m_safe)  # (..., Bq, Bk), 0 where masked
+    correction = np.exp(m - m_safe)  # (..., Bq, 1), exp(-inf) = 0 on the first finite block
+    l_new = l * correction + p.sum(axis=-1, keepdims=True)
+    acc_new = acc * correction + p @ v_block  # (..., Bq, d_v)
+    return m_new, l_new, acc_new
+
+
 def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.ndarray:
     """Attention computed tile by tile with the online softmax (FlashAttention's recurrence).
 
     Never materialises the (T, S) score matrix: for each block of queries it streams over
     blocks of keys, keeping a running row max m, a running denominator l and an un-normalised
-    accumulator acc. When a new block raises the max from m to m_new, the old terms are
-    rescaled by exp(m - m_new). Extra memory: O(block_size^2 + T * d_v) instead of O(T * S).
-    Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
+    accumulator acc (see `online_softmax_step`). Extra memory: one (block, block) tile of
+    scores plus the (T, d_v) output, i.e. O(block_size^2 + T * d_v) instead of O(T * S).
+    T and S need not be multiples of block_size (the last tiles are smaller). A query row
+    whose keys are all masked gets output 0. Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
     """
     check_positive_int("block_size", block_size)
     q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask)
     batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
-    q = np.broadcast_to(q, (*batch, T, q.shape[-1]))
+    q = np.broadcast_to(q, (*batch, T, q.shape[-1]))  # views: no copy
     k = np.broadcast_to(k, (*batch, S, k.shape[-1]))
     v = np.broadcast_to(v, (*batch, S, v.shape[-1]))
     dtype = np.result_type(q, k, v)
     scale = 1.0 / np.sqrt(q.shape[-1])
-    out = np.zeros((*batch, T, v.shape[-1]), dtype=dtype)
+    d_v = v.shape[-1]
+    out = np.zeros((*batch, T, d_v), dtype=dtype)  # (..., T, d_v)
     for t0 in range(0, T, block_size):
-        q_blk = q[..., t0 : t0 + block_size, :] * scale  # (..., Bq, d)
-        rows = q_blk.shape[-2]
-        m = np.full((*batch, rows, 1), -np.inf, dtype=dtype)  # running max
-        l = np.zeros((*batch, rows, 1), dtype=dtype)  # running sum of exp
-        acc = np.zeros((*batch, rows, v.shape[-1]), dtype=dtype)  # running sum of exp * v
+        t1 = min(t0 + block_size, T)
+        q_blk = q[..., t0:t1, :]  # (..., Bq, d)
+        m = np.full((*batch, t1 - t0, 1), -np.inf, dtype=dtype)  # running max
+        l = np.zeros((*batch, t1 - t0, 1), dtype=dtype)  # running sum of exp
+        acc = np.zeros((*batch, t1 - t0, d_v), dtype=dtype)  # running sum of exp * v
         for s0 in range(0, S, block_size):
-            s_blk = q_blk @ np.swapaxes(k[..., s0 : s0 + block_size, :], -1, -2)  # (..., Bq, Bk)
+            s1 = min(s0 + block_size, S)
+            scores = (q_blk @ np.swapaxes(k[..., s0:s1, :], -1, -2)) * scale  # (..., Bq, Bk)
             if mask is not None:
-                rows_sl = slice(None) if mask.shape[-2] == 1 else slice(t0, t0 + block_size)
-                cols_sl = slice(None) if mask.shape[-1] == 1 else slice(s0, s0 + block_size)
-                m_blk = mask[..., rows_sl, cols_sl]
-                s_blk = np.where(m_blk, s_blk, -np.inf) if mask.dtype == np.bool_ else s_blk + m_blk
-            m_new = np.maximum(m, s_blk.max(axis=-1, keepdims=True))
-            m_safe = np.where(np.isfinite(m_new), m_new, 0.0)  # all keys so far masked: keep zeros
-            p = np.exp(s_blk - m_safe)  # (..., Bq, Bk)
-            correction = np.exp(np.where(np.isfinite(m), m, -np.inf) - m_safe)
-            l = l * correction + p.sum(axis=-1, keepdims=True)
-            acc = acc * correction + p @ v[..., s0 : s0 + block_size, :]
-            m = m_new
-        out[..., t0 : t0 + block_size, :] = np.divide(acc, l, out=np.zeros_like(acc), where=l > 0)
+                rows = slice(None) if mask.shape[-2] == 1 else slice(t0, t1)
+                cols = slice(None) if mask.shape[-1] == 1 else slice(s0, s1)
+                tile = mask[..., rows, cols]
+                scores = np.where(tile, scores, -np.inf) if mask.dtype == np.bool_ else scores + tile
+            m, l, acc = online_softmax_step(m, l, acc, scores, v[..., s0:s1, :])
+        out[..., t0:t1, :] = np.divide(acc, l, out=np.zeros_like(acc), where=l > 0)
     return out

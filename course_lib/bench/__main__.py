@@ -10,7 +10,9 @@ import course_lib.bench as package
 
 
 def suites() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "timing")
+    return sorted(
+        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_") and m.name != "timing"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

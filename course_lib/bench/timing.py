@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["Timing", "time_fn", "device_info", "peak_memory"]
+__all__ = ["Timing", "time_fn", "device_info", "peak_memory", "matmul_peak"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class Timing:
         return asdict(self)
 
 
-def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, repeats: int = 10) -> Timing:
+def time_fn(
+    fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, repeats: int = 10
+) -> Timing:
     """Median wall time of fn() over `repeats` runs after `warmup` runs."""
     device = torch.device(device)
     for _ in range(warmup):
@@ -86,3 +88,34 @@ def device_info(device: torch.device | str) -> dict:
     else:
         info["device_name"] = f"CPU ({info['cpu']}, {info['cpu_threads']} threads)"
     return info
+
+
+def matmul_peak(
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    *,
+    n: int | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict:
+    """Measured matmul throughput: the median time of an (n, n) @ (n, n) product, as TFLOP/s.
+
+    This is the ceiling that attention kernels are compared with ("fraction of the measured peak"),
+    measured on this device in this dtype with the current TF32 setting, not a datasheet number.
+    n defaults to 8192 on a GPU (large enough to saturate it) and 1024 on a CPU.
+    """
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
+    with torch.no_grad():
+        timing = time_fn(lambda: a @ b, device=device, warmup=warmup, repeats=repeats)
+    flops = 2 * n**3
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "flops": flops,
+        "median_s": timing.median_s,
+        "tflops": flops / timing.median_s / 1e12,
+    }

@@ -45,7 +45,9 @@ def checker(name: str) -> Callable:
         @functools.wraps(body)
         def run(learner_fn: Callable, *args, **kwargs) -> CheckResult:
             if not callable(learner_fn):
-                return CheckResult(name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}")
+                return CheckResult(
+                    name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}"
+                )
             try:
                 summary = body(learner_fn, *args, **kwargs)
             except CheckFailure as failure:
@@ -65,7 +67,9 @@ def call(learner_fn: Callable, *args, what: str = "", **kwargs):
         raise CheckFailure("not implemented yet: replace the `raise NotImplementedError` with your code") from None
     except Exception as e:  # the learner's bug, reported rather than raised
         shapes = ", ".join(str(np.shape(a)) for a in args)
-        raise CheckFailure(f"your function raised {type(e).__name__}: {e} (called with shapes {shapes}{what})") from None
+        raise CheckFailure(
+            f"your function raised {type(e).__name__}: {e} (called with shapes {shapes}{what})"
+        ) from None
 
 
 def compare(name: str, got, expected, *, atol: float = 1e-8, rtol: float = 1e-6, hint: str = "") -> None:
@@ -85,12 +89,16 @@ def compare(name: str, got, expected, *, atol: float = 1e-8, rtol: float = 1e-6,
     bad = ~np.isfinite(got) & np.isfinite(expected)
     if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise CheckFailure(f"{name} contains {got[idx]} at index {idx} where {expected[idx]:.6g} was expected "
-                           f"({int(bad.sum())} non-finite entries).{suffix}")
+        raise CheckFailure(
+            f"{name} contains {got[idx]} at index {idx} where {expected[idx]:.6g} was expected "
+            f"({int(bad.sum())} non-finite entries).{suffix}"
+        )
     close = np.isclose(got, expected, atol=atol, rtol=rtol, equal_nan=True)
     if not close.all():
         idx = tuple(int(i) for i in np.argwhere(~close)[0])
         err = float(np.nanmax(np.abs(got - expected)))
-        raise CheckFailure(f"{name} differs from the reference: at index {idx} got {got[idx]:.6g}, expected "
-                           f"{expected[idx]:.6g} ({int((~close).sum())} of {close.size} entries off, max abs "
-                           f"error {err:.3g}).{suffix}")
+        raise CheckFailure(
+            f"{name} differs from the reference: at index {idx} got {got[idx]:.6g}, expected "
+            f"{expected[idx]:.6g} ({int((~close).sum())} of {close.size} entries off, max abs "
+            f"error {err:.3g}).{suffix}"
+        )

@@ -1,0 +1,71 @@
+"""The install surface: pyproject and environment.yml list the same packages; the commands exist."""
+
+import json
+import re
+
+import tomllib
+import yaml
+
+from course_lib.paths import REPO_ROOT
+
+
+def _normalise(req: str) -> str:
+    name, _, rest = req.partition(";")
+    name = re.sub(r"\s+", "", name).lower().replace("_", "-")
+    marker = re.sub(r"\s+", " ", rest.strip().replace('"', "'"))
+    return f"{name}; {marker}" if marker else name
+
+
+def _pyproject_requirements() -> set[str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {_normalise(r) for r in reqs}
+
+
+def _conda_requirements() -> set[str]:
+    env = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return {_normalise(r) for r in pip}
+
+
+def test_pyproject_and_environment_yml_do_not_drift():
+    pyproject, conda = _pyproject_requirements(), _conda_requirements()
+    assert pyproject == conda, (
+        f"only in pyproject.toml: {sorted(pyproject - conda)}; only in environment.yml: {sorted(conda - pyproject)}"
+    )
+
+
+def test_drift_check_notices_a_difference():
+    assert _normalise("torch==2.13.0") != _normalise("torch==2.14.0")
+    assert _normalise("Torch == 2.13.0") == _normalise("torch==2.13.0")
+
+
+def test_torch_is_pinned_to_the_reproducible_build():
+    assert "torch==2.13.0" in _pyproject_requirements()
+    import torch
+
+    assert torch.__version__.startswith("2.13.0")
+
+
+def test_readme_gives_the_two_commands_first_and_ci_runs_the_test_command():
+    readme = (REPO_ROOT / "README.md").read_text()
+    first_code = re.findall(r"make \w+", readme)[:2]
+    assert first_code == ["make lab", "make test"], first_code
+    assert re.search(r"^make test$", (REPO_ROOT / ".ci" / "run").read_text(), re.M)
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for target in ("lab", "test", "execute", "lint"):
+        assert re.search(rf"^{target}:", makefile, re.M), f"Makefile has no '{target}' target"
+
+
+def test_every_notebook_is_named_in_the_readme_map():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for nb in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        assert nb.name in readme, f"{nb.name} is missing from the README's notebook map"
+
+
+def test_recorded_benchmarks_say_where_they_ran():
+    for path in sorted((REPO_ROOT / "data").rglob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "benchmarks" in str(path.parent):
+            info = data.get("device_info") or data.get("device") or {}
+            assert info, f"{path.relative_to(REPO_ROOT)} records benchmark numbers without the device they ran on"
