@@ -3,7 +3,8 @@
     from course_lib import checks
     checks.check_softmax(my_softmax)      # prints [PASSED] ... or [NOT YET] ... with a hint
 
-Every public `check_*` function of the notebook modules is re-exported here.
+Every public `check_*` function of the notebook modules is re-exported here; two notebook
+modules exporting the same name is an error (one checker would silently replace the other).
 """
 
 import importlib
@@ -17,5 +18,8 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if _info.name.startswith("nb"):
         _module = importlib.import_module(f"{__name__}.{_info.name}")
         for _name in getattr(_module, "__all__", []):
+            if _name in globals():
+                _first = globals()[_name].__module__
+                raise ImportError(f"checker {_name!r} is exported by both {_first} and {_module.__name__}; rename one")
             globals()[_name] = getattr(_module, _name)
             __all__.append(_name)
