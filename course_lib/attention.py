@@ -103,6 +103,7 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    backend: str = "auto",
 ):
     """softmax(q k^T / sqrt(d) [masked]) v with q (..., T, d), k (..., S, d), v (..., S, d_v).
 
@@ -110,11 +111,26 @@ def scaled_dot_product_attention(
     (..., T, S). is_causal: query i sees keys j <= i; needs T == S (for T != S the alignment
     is ambiguous: pass `course_lib.masks.causal_mask(T, S)` explicitly). Both may be given
     and are combined. Returns out (..., T, d_v), or (out, weights (..., T, S)) if need_weights.
+    backend: "auto" (torch's fused kernel, or the math path when need_weights) or "triton"
+    (the course's FlashAttention kernel, `course_lib.kernels.flash_attention`: no attn_mask,
+    no dropout, no weights; is_causal is supported).
     """
     scores_shape = _check_tensors(q, k, v)
     dropout_p = check_probability("dropout_p", dropout_p)
     mask = None if attn_mask is None else _check_mask(attn_mask, scores_shape, q.device)
     T, S = scores_shape[-2:]
+    if backend == "triton":
+        if mask is not None or dropout_p > 0 or need_weights:
+            raise ValueError(
+                "backend='triton' supports is_causal but not attn_mask, dropout_p > 0 or need_weights; "
+                f"got attn_mask={'None' if mask is None else shape_str(mask.shape)}, dropout_p={dropout_p}, "
+                f"need_weights={need_weights}; use backend='auto' for those"
+            )
+        from course_lib.kernels import flash_attention  # lazy: triton is optional
+
+        return flash_attention(q, k, v, is_causal=is_causal)
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto' or 'triton'; got {backend!r}")
     if is_causal:
         if T != S:
             raise ValueError(

@@ -17,6 +17,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "online_softmax_attention",
+    "online_softmax_step",
 ]
 
 

@@ -1,0 +1,127 @@
+"""Hand-written attention kernels: a FlashAttention-style forward and backward pass in Triton.
+
+    from course_lib.kernels import flash_attention
+    out = flash_attention(q, k, v, is_causal=True)      # q, k, v (..., T, d_head); differentiable
+
+Triton is imported lazily, on the first call, so `import course_lib` works where Triton is not
+installed (it ships wheels for Linux x86-64 only; elsewhere `triton_available()` is False and a
+call raises ImportError saying so).
+
+CPU-only machines: Triton compiles kernels for GPUs only, but it has an *interpreter* that runs
+the same kernel source on the CPU with numpy, one program at a time (slow, fine for small tests
+and for reading the kernel). It is switched on by the environment variable TRITON_INTERPRET=1,
+which must be set before triton is imported. When no CUDA device is present and triton has not
+been imported yet, this module sets TRITON_INTERPRET=1 itself before importing it. If you import
+triton yourself first on such a machine, set the variable before doing so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from course_lib._validate import shape_str
+
+__all__ = ["flash_attention", "FlashAttentionFunction", "triton_available", "interpreter_active"]
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_D_HEAD = 256
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (it need not have been imported)."""
+    return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1) rather than compiled."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels():
+    """Import the Triton kernels, switching the interpreter on first when there is no GPU."""
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must happen before `import triton`
+    if not triton_available():
+        raise ImportError(
+            "course_lib.kernels needs the `triton` package, which has wheels for Linux x86-64 only; "
+            "on other platforms use backend='auto' (torch's fused attention) instead"
+        )
+    import triton.language as tl
+
+    if not torch.cuda.is_available() and type(tl.zeros).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            "no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set, so its CPU interpreter "
+            "is off; restart Python and set os.environ['TRITON_INTERPRET'] = '1' before anything imports triton "
+            "(course_lib.kernels sets it itself when it is the first to import triton)"
+        )
+    from course_lib.kernels import _flash_triton
+
+    return _flash_triton
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32 for the Triton kernel; got {t.dtype}")
+        if t.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., length, d_head); got {shape_str(t.shape)}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    if q.device.type == "cpu" and torch.cuda.is_available():
+        raise ValueError("on a machine with a GPU the Triton kernel runs compiled: move q, k, v to 'cuda'")
+    if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"the Triton kernel needs q (..., T, d), k and v (..., S, d) with the same leading dimensions "
+            f"and d (no broadcasting); got q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}"
+        )
+    if not 1 <= q.shape[-1] <= _MAX_D_HEAD:
+        raise ValueError(f"d_head (last dimension of q) must be in [1, {_MAX_D_HEAD}]; got {q.shape[-1]}")
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"is_causal=True needs T == S; got T={q.shape[-2]} (q {shape_str(q.shape)}) and "
+            f"S={k.shape[-2]} (k {shape_str(k.shape)})"
+        )
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """autograd wrapper: forward saves (q, k, v, out, lse) — O(T) extra, not the (T, S) weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal: bool):
+        kernels = _kernels()
+        batch, T, S, d = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
+        q3 = q.reshape(-1, T, d).contiguous()  # (N, T, d), N = product of the leading dims
+        k3 = k.reshape(-1, S, d).contiguous()  # (N, S, d)
+        v3 = v.reshape(-1, S, d).contiguous()  # (N, S, d)
+        out, lse = kernels.forward(q3, k3, v3, is_causal, interpreter_active())
+        ctx.save_for_backward(q3, k3, v3, out, lse)
+        ctx.is_causal = is_causal
+        ctx.shapes = (q.shape, k.shape)
+        return out.reshape(*batch, T, d)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q3, k3, v3, out, lse = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
+        d_out3 = d_out.reshape(out.shape).to(out.dtype)
+        dq, dk, dv = _kernels().backward(q3, k3, v3, out, lse, d_out3, ctx.is_causal, interpreter_active())
+        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape), None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v by the tiled FlashAttention algorithm, in Triton; differentiable.
+
+    q (..., T, d), k and v (..., S, d) with the same leading dims, float16/bfloat16/float32
+    (accumulation in float32). is_causal: query i sees keys j <= i (needs T == S).
+    No other masks, no dropout: use `course_lib.attention.scaled_dot_product_attention` for those.
+    """
+    _check(q, k, v, is_causal)
+    return FlashAttentionFunction.apply(q, k, v, bool(is_causal))
