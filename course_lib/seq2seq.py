@@ -1,0 +1,221 @@
+"""A small encoder-decoder transformer built from course_lib's layers, with KV-cached greedy decoding.
+
+    src ids (B, S) --embed * sqrt(d_model) + positions--> EncoderLayer x N --> memory (B, S, d_model)
+    tgt ids (B, T) --embed * sqrt(d_model) + positions--> DecoderLayer x N (causal self-attention,
+        cross-attention to memory, FFN) --> Linear --> logits (B, T, tgt_vocab)
+
+Padding: source and target id 0 is <pad>. The source padding mask (B, 1, 1, S) (True = real
+token) is used in the encoder's self-attention and in every cross-attention. Target padding
+needs no mask: padding sits after the real tokens, and the causal mask already stops a real
+token from seeing anything to its right; the loss ignores padded positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from course_lib._validate import check_positive_int, shape_str
+from course_lib.blocks import DecoderLayer, EncoderLayer
+from course_lib.kv_cache import KVCache
+from course_lib.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+
+__all__ = ["Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode", "DecoderCaches"]
+
+DecoderCaches = list[tuple[KVCache, KVCache]]  # one (self-attention cache, cross-attention cache) per layer
+
+
+@dataclass
+class Seq2SeqConfig:
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 64
+    num_heads: int = 4
+    d_ff: int = 256
+    num_encoder_layers: int = 2
+    num_decoder_layers: int = 2
+    dropout: float = 0.0
+    max_len: int = 64
+    norm_first: bool = True
+    positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+            check_positive_int(name, getattr(self, name))
+        if self.positional not in ("sinusoidal", "learned", "none"):
+            raise ValueError(f"positional must be 'sinusoidal', 'learned' or 'none'; got {self.positional!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Seq2SeqConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown Seq2SeqConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _positional(config: Seq2SeqConfig) -> nn.Module:
+    if config.positional == "sinusoidal":
+        return SinusoidalPositionalEncoding(config.d_model, config.max_len, dropout=config.dropout)
+    if config.positional == "learned":
+        return LearnedPositionalEmbedding(config.d_model, config.max_len, dropout=config.dropout)
+    return _NoPosition()
+
+
+class _NoPosition(nn.Module):
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        return x
+
+
+class Seq2SeqTransformer(nn.Module):
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        super().__init__()
+        if not isinstance(config, Seq2SeqConfig):
+            raise TypeError(f"config must be a Seq2SeqConfig; got {type(config).__name__}")
+        self.config = c = config
+        self.src_embed = nn.Embedding(c.src_vocab_size, c.d_model)
+        self.tgt_embed = nn.Embedding(c.tgt_vocab_size, c.d_model)
+        self.src_pos = _positional(c)
+        self.tgt_pos = _positional(c)
+        layer_args = (c.d_model, c.num_heads, c.d_ff)
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first) for _ in range(c.num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first) for _ in range(c.num_decoder_layers))
+        # pre-LN stacks end in a LayerNorm (each layer's output is an un-normalised residual sum)
+        self.encoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
+        self.generator = nn.Linear(c.d_model, c.tgt_vocab_size)
+        for emb in (self.src_embed, self.tgt_embed):
+            nn.init.normal_(emb.weight, std=c.d_model ** -0.5)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_ids(self, name: str, ids: torch.Tensor, vocab_size: int) -> None:
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of token ids; got {type(ids).__name__}")
+        if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be (B, L) int64 token ids; got {shape_str(ids.shape)} {ids.dtype}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{name} ids must lie in [0, {vocab_size}); got min {int(ids.min())}, "
+                             f"max {int(ids.max())}")
+
+    def source_mask(self, src: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, S) bool, True = real source token (not <pad>)."""
+        return (src != self.config.pad_id)[:, None, None, :]
+
+    # ------------------------------------------------------------------ the two halves
+    def encode(self, src: torch.Tensor, *, need_weights: bool = False):
+        """src (B, S) ids -> memory (B, S, d_model), memory_mask (B, 1, 1, S)
+        [, list of encoder self-attention weights (B, H, S, S) per layer]."""
+        self._check_ids("src", src, self.config.src_vocab_size)
+        memory_mask = self.source_mask(src)
+        x = self.src_pos(self.src_embed(src) * math.sqrt(self.config.d_model))  # (B, S, d_model)
+        weights = []
+        for layer in self.encoder_layers:
+            if need_weights:
+                x, w = layer(x, memory_mask, need_weights=True)
+                weights.append(w)
+            else:
+                x = layer(x, memory_mask)
+        memory = self.encoder_norm(x)
+        return (memory, memory_mask, weights) if need_weights else (memory, memory_mask)
+
+    def new_caches(self) -> DecoderCaches:
+        """Empty caches for incremental decoding: (growing self-attention, static cross-attention) per layer."""
+        return [(KVCache(), KVCache(static=True)) for _ in self.decoder_layers]
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor, *,
+               caches: DecoderCaches | None = None, need_weights: bool = False):
+        """tgt (B, T) ids -> logits (B, T, tgt_vocab) [, self weights list, cross weights list].
+
+        With caches (from new_caches()), tgt holds only the NEW tokens; their positions start at
+        the number of tokens already cached, and the caches are extended in place.
+        """
+        self._check_ids("tgt", tgt, self.config.tgt_vocab_size)
+        if caches is not None and len(caches) != len(self.decoder_layers):
+            raise ValueError(f"caches must hold one (self, cross) pair per decoder layer "
+                             f"({len(self.decoder_layers)}); got {len(caches)}")
+        offset = 0 if caches is None else len(caches[0][0])
+        x = self.tgt_pos(self.tgt_embed(tgt) * math.sqrt(self.config.d_model), offset)  # (B, T, d_model)
+        self_weights, cross_weights = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            self_cache, cross_cache = (None, None) if caches is None else caches[i]
+            out = layer(x, memory, memory_mask=memory_mask, self_cache=self_cache, cross_cache=cross_cache,
+                        need_weights=need_weights)
+            if need_weights:
+                x, sw, cw = out
+                self_weights.append(sw)
+                cross_weights.append(cw)
+            else:
+                x = out
+        logits = self.generator(self.decoder_norm(x))  # (B, T, tgt_vocab)
+        return (logits, self_weights, cross_weights) if need_weights else logits
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) = <bos> + target[:-1] -> logits (B, T, tgt_vocab)."""
+        memory, memory_mask = self.encode(src)
+        return self.decode(tgt_in, memory, memory_mask)
+
+    def attention_maps(self, src: torch.Tensor, tgt_in: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """All attention weights of one teacher-forced pass: {"encoder": [(B,H,S,S)], "decoder": [(B,H,T,T)],
+        "cross": [(B,H,T,S)]}, one tensor per layer (the layout bertviz's head_view takes)."""
+        with torch.no_grad():
+            memory, memory_mask, enc = self.encode(src, need_weights=True)
+            _, dec, cross = self.decode(tgt_in, memory, memory_mask, need_weights=True)
+        return {"encoder": enc, "decoder": dec, "cross": cross}
+
+    @torch.no_grad()
+    def greedy_decode(self, src: torch.Tensor, *, max_new_tokens: int | None = None, use_cache: bool = True,
+                      return_logits: bool = False):
+        """Greedy decoding of a batch; see the module-level greedy_decode."""
+        return greedy_decode(self, src, max_new_tokens=max_new_tokens, use_cache=use_cache,
+                             return_logits=return_logits)
+
+
+@torch.no_grad()
+def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, *, max_new_tokens: int | None = None,
+                  use_cache: bool = True, return_logits: bool = False):
+    """Pick the most likely next token until every sequence has produced <eos> (or max_new_tokens).
+
+    use_cache=True: the encoder runs once, and each step feeds ONE token through the decoder with
+    KV caches (O(T) work per step). use_cache=False recomputes the whole prefix every step
+    (O(T^2) per step) - same tokens, slower; notebook 06 times both.
+    Returns (B, L) ids (without <bos>; positions after a sequence's <eos> are <pad>), and with
+    return_logits=True also the (B, L, tgt_vocab) logits of every step.
+    """
+    c = model.config
+    max_new_tokens = c.max_len - 1 if max_new_tokens is None else check_positive_int("max_new_tokens",
+                                                                                        max_new_tokens)
+    if max_new_tokens > c.max_len - 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's max_len - 1 = {c.max_len - 1}")
+    was_training = model.training
+    model.eval()
+    memory, memory_mask = model.encode(src)
+    B = src.shape[0]
+    generated = torch.full((B, 1), c.bos_id, dtype=torch.long, device=src.device)  # (B, 1): <bos>
+    finished = torch.zeros(B, dtype=torch.bool, device=src.device)
+    caches = model.new_caches() if use_cache else None
+    step_logits = []
+    for _ in range(max_new_tokens):
+        if use_cache:
+            logits = model.decode(generated[:, -1:], memory, memory_mask, caches=caches)[:, -1]  # (B, V)
+        else:
+            logits = model.decode(generated, memory, memory_mask)[:, -1]  # (B, V)
+        step_logits.append(logits)
+        next_token = logits.argmax(dim=-1).masked_fill(finished, c.pad_id)  # (B,)
+        generated = torch.cat([generated, next_token[:, None]], dim=1)
+        finished |= next_token == c.eos_id
+        if finished.all():
+            break
+    model.train(was_training)
+    out = generated[:, 1:]
+    return (out, torch.stack(step_logits, dim=1)) if return_logits else out

@@ -1,0 +1,321 @@
+"""A small, reusable training loop (seeded, tqdm, returns the loss curve) and safetensors checkpoints.
+
+    result = train(model, batches, loss_fn, steps=500, lr=1e-3, seed=0)
+    result.losses            # one float per step: the same seed gives the same curve on the CPU
+    save_checkpoint("m.safetensors", model, config=cfg.to_dict())
+    load_checkpoint("m.safetensors", model)   # clear errors on wrong shapes or a non-checkpoint file
+
+The capstone recipe (notebook 11) is a command:
+
+    python -m course_lib.training capstone [--steps N] [--seed S] [--threads T]
+
+It trains the toy translation model and writes data/checkpoints/capstone.safetensors plus
+capstone.json (config, seed, accuracy, loss curve, the command and how long it took).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then falls back to a text bar: fine
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
+
+from course_lib._validate import check_positive_int, shape_str
+from course_lib.paths import DATA_DIR
+
+__all__ = [
+    "TrainResult", "set_seed", "train", "collate_pairs", "batch_iterator", "seq2seq_loss",
+    "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError",
+    "encode_pairs", "exact_match", "load_capstone", "train_capstone", "CAPSTONE_PATH",
+]
+
+CHECKPOINT_FORMAT = "course_lib.checkpoint/1"
+CAPSTONE_PATH = DATA_DIR / "checkpoints" / "capstone.safetensors"
+
+
+# =========================================================================== the loop
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per step
+    grad_norms: list[float] = field(default_factory=list)  # global grad norm before clipping, one per step
+    seconds: float = 0.0
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (model init, dropout)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator is what notebooks' np.random uses
+    torch.manual_seed(seed)
+
+
+def _schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to min_ratio * lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor], *,
+          steps: int, lr: float = 1e-3, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
+          grad_clip: float | None = 1.0, progress: bool = True, desc: str = "training",
+          callback: Callable[[int, float], None] | None = None) -> TrainResult:
+    """AdamW for `steps` steps over `batches` (an iterable yielding at least `steps` batches).
+
+    Seeds torch before the first step (dropout), so the same model initialisation, batches and
+    seed give the same loss curve. loss_fn(model, batch) returns a scalar tensor.
+    Returns TrainResult(losses, grad_norms, seconds).
+    """
+    check_positive_int("steps", steps)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup_steps, steps))
+    result = TrainResult()
+    model.train()
+    start = time.perf_counter()
+    iterator = iter(batches)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
+    for step in bar:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {step} of {steps} steps") from None
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = float("inf") if grad_clip is None else grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        scheduler.step()
+        result.losses.append(loss.item())
+        result.grad_norms.append(float(grad_norm))
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        if callback is not None:
+            callback(step, result.losses[-1])
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+# =========================================================================== seq2seq batches
+def collate_pairs(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0, bos_id: int = 1,
+                  eos_id: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[(src ids, tgt ids)] -> src (B, S), tgt_in (B, T) = <bos> + tgt, tgt_out (B, T) = tgt + <eos>, padded."""
+    if not examples:
+        raise ValueError("examples is empty")
+    B = len(examples)
+    S = max(len(s) for s, _ in examples)
+    T = max(len(t) for _, t in examples) + 1
+    src = torch.full((B, S), pad_id, dtype=torch.long)
+    tgt_in = torch.full((B, T), pad_id, dtype=torch.long)
+    tgt_out = torch.full((B, T), pad_id, dtype=torch.long)
+    for b, (s, t) in enumerate(examples):
+        src[b, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        tgt_in[b, : len(t) + 1] = torch.as_tensor([bos_id, *t], dtype=torch.long)
+        tgt_out[b, : len(t) + 1] = torch.as_tensor([*t, eos_id], dtype=torch.long)
+    return src, tgt_in, tgt_out
+
+
+def batch_iterator(examples: Sequence, batch_size: int, *, seed: int = 0, collate: Callable = collate_pairs,
+                   epochs: int | None = None) -> Iterator:
+    """Shuffled batches (a fresh permutation each epoch from numpy's Generator(seed)); endless by default."""
+    check_positive_int("batch_size", batch_size)
+    if len(examples) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than the {len(examples)} examples")
+    rng = np.random.default_rng(seed)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = rng.permutation(len(examples))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([examples[i] for i in order[start: start + batch_size]])
+        epoch += 1
+
+
+def seq2seq_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 pad_id: int = 0) -> torch.Tensor:
+    """Token-level cross-entropy of teacher-forced logits, ignoring <pad> targets."""
+    src, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in)  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=pad_id)
+
+
+# =========================================================================== checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: not a checkpoint, or shapes that do not fit the model."""
+
+
+def save_checkpoint(path: Path | str, model: nn.Module, *, config: dict | None = None,
+                    metadata: dict | None = None) -> Path:
+    """Write the model's state_dict as safetensors; config/metadata (JSON-able) go in the header."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config or {}, sort_keys=True),
+              "metadata": json.dumps(metadata or {}, sort_keys=True)}
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, {"config": dict, "metadata": dict}) of a checkpoint written by save_checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path.name!r} not found (looked for {path})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a malformed header
+        raise CheckpointError(f"{path.name} is not a safetensors checkpoint (could not read its header: "
+                              f"{type(e).__name__}: {e}); was it saved with save_checkpoint?") from None
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path.name} is a safetensors file but not a course_lib checkpoint "
+                              f"(header 'format' is {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+    return tensors, {"config": json.loads(header.get("config", "{}")),
+                     "metadata": json.loads(header.get("metadata", "{}"))}
+
+
+def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
+    """Load weights into `model` after checking every name and shape; return {"config", "metadata"}."""
+    tensors, info = read_checkpoint(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        problems = [f"{k}: checkpoint {shape_str(got)} vs model {shape_str(want)}" for k, got, want in wrong[:5]]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} tensors the model does not have, e.g. {unexpected[:3]}")
+        hint = f" The checkpoint was saved with config {info['config']}." if info["config"] else ""
+        raise CheckpointError(f"{Path(path).name} does not fit this model ({len(wrong)} shape mismatches): "
+                              + "; ".join(problems) + "." + hint)
+    model.load_state_dict(tensors)
+    return info
+
+
+# =========================================================================== the capstone recipe
+CAPSTONE_RECIPE = {"d_model": 64, "num_heads": 4, "d_ff": 256, "num_encoder_layers": 2, "num_decoder_layers": 2,
+                   "dropout": 0.0, "max_len": 32, "norm_first": True, "positional": "sinusoidal"}
+
+
+def encode_pairs(pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab) -> list[tuple[list[int], list[int]]]:
+    return [(src_vocab.encode(p["src"]), tgt_vocab.encode(p["tgt"])) for p in pairs]
+
+
+@torch.no_grad()
+def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *, batch_size: int = 250,
+                use_cache: bool = True) -> tuple[float, list[str]]:
+    """(fraction of sentences translated exactly, the predicted translations) with batched greedy decoding."""
+    predictions = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        src, _, _ = collate_pairs(encode_pairs(chunk, src_vocab, tgt_vocab))
+        out = model.greedy_decode(src, max_new_tokens=model.config.max_len - 1, use_cache=use_cache)
+        predictions += [tgt_vocab.decode(row.tolist()) for row in out]
+    correct = sum(p == q["tgt"] for p, q in zip(predictions, pairs, strict=True))
+    return correct / max(1, len(pairs)), predictions
+
+
+def load_capstone(path: Path | str = CAPSTONE_PATH):
+    """(model in eval mode, source vocab, target vocab, info) from the capstone checkpoint."""
+    from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from course_lib.toy_translation import source_vocab, target_vocab
+
+    _, info = read_checkpoint(path)
+    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(info["config"]))
+    load_checkpoint(path, model)
+    return model.eval(), source_vocab(), target_vocab(), info
+
+
+def build_capstone_model(seed: int, **overrides):
+    from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+    from course_lib.toy_translation import source_vocab, target_vocab
+
+    src_vocab, tgt_vocab = source_vocab(), target_vocab()
+    config = Seq2SeqConfig(len(src_vocab), len(tgt_vocab), **{**CAPSTONE_RECIPE, **overrides})
+    set_seed(seed)
+    return Seq2SeqTransformer(config), src_vocab, tgt_vocab
+
+
+def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
+                   warmup_steps: int = 200, out: Path | str = CAPSTONE_PATH, progress: bool = True,
+                   command: str = "") -> dict:
+    from course_lib.toy_translation import load_split
+
+    model, src_vocab, tgt_vocab = build_capstone_model(seed)
+    train_examples = encode_pairs(load_split("train"), src_vocab, tgt_vocab)
+    batches = batch_iterator(train_examples, batch_size, seed=seed)
+    result = train(model, batches, seq2seq_loss, steps=steps, lr=lr, seed=seed, warmup_steps=warmup_steps,
+                   progress=progress, desc="capstone")
+    val_acc, _ = exact_match(model, load_split("validation"), src_vocab, tgt_vocab)
+    test_acc, _ = exact_match(model, load_split("test"), src_vocab, tgt_vocab)
+    info = {
+        "config": model.config.to_dict(), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+        "warmup_steps": warmup_steps, "optimizer": "AdamW(betas=(0.9, 0.98)), linear warm-up + cosine to 0.1 lr",
+        "train_seconds": round(result.seconds, 1), "torch_threads": torch.get_num_threads(),
+        "device": f"cpu ({platform.machine()})", "torch": torch.__version__,
+        "validation_exact_match": val_acc, "test_exact_match": test_acc,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_every_10_steps": [round(x, 5) for x in result.losses[::10]],
+        "command": command,
+    }
+    out = Path(out)
+    save_checkpoint(out, model, config=model.config.to_dict(),
+                    metadata={k: info[k] for k in ("seed", "steps", "test_exact_match", "command")})
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m course_lib.training")
+    parser.add_argument("recipe", choices=["capstone"])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(CAPSTONE_PATH))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python -m course_lib.training " + " ".join(argv)
+    info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command)
+    print(f"trained {info['steps']} steps in {info['train_seconds']} s on {info['torch_threads']} threads; "
+          f"validation exact match {info['validation_exact_match']:.3f}, test {info['test_exact_match']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The encoder-decoder model: shapes, checks, greedy decoding, and the trained capstone checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from course_lib.toy_translation import load_split
+from course_lib.training import CAPSTONE_PATH, exact_match, load_capstone
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(Seq2SeqConfig(12, 15, d_model=16, num_heads=2, d_ff=32, max_len=20, **kw)).eval()
+
+
+def test_forward_shapes_and_attention_maps():
+    model = _model(num_encoder_layers=3, num_decoder_layers=1)
+    src = torch.tensor([[4, 5, 6, 0], [7, 8, 9, 10]])
+    tgt_in = torch.tensor([[1, 4, 5], [1, 6, 0]])
+    assert model(src, tgt_in).shape == (2, 3, 15)
+    maps = model.attention_maps(src, tgt_in)
+    assert [tuple(w.shape) for w in maps["encoder"]] == [(2, 2, 4, 4)] * 3
+    assert [tuple(w.shape) for w in maps["decoder"]] == [(2, 2, 3, 3)]
+    assert [tuple(w.shape) for w in maps["cross"]] == [(2, 2, 3, 4)]
+    assert torch.all(maps["cross"][0][0, :, :, 3] == 0)  # the padded source position gets no attention
+
+
+def test_config_and_input_errors():
+    with pytest.raises(ValueError, match="positional"):
+        Seq2SeqConfig(10, 10, positional="rotary")
+    with pytest.raises(ValueError, match="d_model"):
+        Seq2SeqConfig(10, 10, d_model=0)
+    with pytest.raises(ValueError, match="unknown Seq2SeqConfig fields"):
+        Seq2SeqConfig.from_dict({"src_vocab_size": 3, "tgt_vocab_size": 3, "heads": 2})
+    with pytest.raises(TypeError, match="Seq2SeqConfig"):
+        Seq2SeqTransformer({"d_model": 16})
+    model = _model()
+    with pytest.raises(ValueError, match=r"src ids must lie in \[0, 12\)"):
+        model.encode(torch.tensor([[3, 12]]))
+    with pytest.raises(ValueError, match=r"src must be \(B, L\) int64"):
+        model.encode(torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="max_new_tokens=30 exceeds"):
+        model.greedy_decode(torch.tensor([[4, 5]]), max_new_tokens=30)
+
+
+def test_greedy_decode_pads_after_eos():
+    model = _model()
+    with torch.no_grad():  # make <eos> (id 2) the most likely token after two steps: bias the generator
+        model.generator.bias.zero_()
+    src = torch.tensor([[4, 5, 6], [7, 8, 0]])
+    out, logits = model.greedy_decode(src, max_new_tokens=6, return_logits=True)
+    assert out.shape[0] == 2 and out.shape[1] <= 6 and logits.shape[:2] == out.shape
+    for row, row_logits in zip(out, logits, strict=True):
+        ended = (row == 2).nonzero()
+        if len(ended):
+            assert torch.all(row[int(ended[0]) + 1:] == 0)  # <pad> after <eos>
+        first = int(ended[0]) + 1 if len(ended) else len(row)
+        assert torch.equal(row[:first], row_logits[:first].argmax(-1))
+
+
+# ------------------------------------------------------------------ the capstone checkpoint
+def test_capstone_checkpoint_is_small_and_documented():
+    info = json.loads(CAPSTONE_PATH.with_suffix(".json").read_text())
+    assert CAPSTONE_PATH.stat().st_size < 5 * 2**20
+    for key in ("config", "seed", "steps", "test_exact_match", "validation_exact_match", "command",
+                "train_seconds", "loss_every_10_steps"):
+        assert key in info
+    assert info["command"].startswith("python -m course_lib.training capstone")
+
+
+def test_capstone_checkpoint_reaches_95_percent_exact_match_on_the_test_split():
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the test shares the machine
+    model, src_vocab, tgt_vocab, info = load_capstone()
+    accuracy, predictions = exact_match(model, load_split("test"), src_vocab, tgt_vocab, batch_size=500)
+    assert len(predictions) == 1000
+    assert accuracy >= 0.95
+    recorded = json.loads(CAPSTONE_PATH.with_suffix(".json").read_text())["test_exact_match"]
+    assert abs(accuracy - recorded) <= 0.002  # the number in the JSON is the one this checkpoint gives
