@@ -1,0 +1,486 @@
+"""Attention benchmark suite: naive vs course_lib vs each SDPA backend vs whole MHA modules.
+
+    python -m course_lib.bench attention                       # GPU: T = 512..16384, d_head 64,128, bf16
+    python -m course_lib.bench attention --seq 256,512 --d-head 64 --dtype float32 --device cpu \\
+        --json out.json --plot out.png
+
+Attention core (q, k, v of shape (B, H, T, d_head) -> out), timed forward and forward+backward:
+- naive        softmax(q k^T / sqrt(d)) v in the input dtype: builds the (T, T) score matrix
+- course_lib   `course_lib.attention.scaled_dot_product_attention` (its fused fast path)
+- sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
+               `F.scaled_dot_product_attention` restricted to one backend with
+               `torch.nn.attention.sdpa_kernel`; a backend that refuses the inputs is recorded
+               as "unsupported" with the reason, never dropped silently
+Modules (x of shape (B, T, H * d_head) -> out, forward+backward): course_lib.MultiHeadAttention,
+a plain SDPA module and nn.MultiheadAttention, timed by `course_lib.bench.mha.run` (interleaved).
+
+Each timing is the median of many repeats after warm-up (CUDA events on a GPU, perf_counter on
+the CPU; see timing.py). FLOPs: 4 B H T S d_head forward (two matmuls), halved when causal;
+backward = 2.5 x forward. TFLOP/s is divided by the matmul peak *measured* on the same device
+in the same dtype. Peak memory is measured on CUDA (torch does not track CPU allocations: there
+the JSON holds None, plus the analytic size of the T x S score matrix). On CUDA a run that
+exhausts memory is recorded as "oom"; on the CPU cases whose score matrix would exceed
+--cpu-max-gib are skipped rather than risking the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from course_lib.attention import scaled_dot_product_attention
+from course_lib.bench.timing import device_info, matmul_peak, peak_memory, time_fn
+from course_lib.masks import causal_mask
+from course_lib.paths import DATA_DIR
+from course_lib.precision import attention_error_table, sdpa_backend_enum, tensor_core_settings
+
+__all__ = [
+    "CORE_IMPLS",
+    "MODULE_IMPLS",
+    "attention_flops",
+    "module_flops",
+    "naive_attention",
+    "run_suite",
+    "plot_results",
+    "recorded_runs",
+    "main",
+]
+
+CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+MODULE_IMPLS = ("course_lib", "plain_sdpa", "torch_mha")  # the names course_lib.bench.mha uses
+PASSES = ("fwd", "fwd+bwd")
+DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BENCH_DIR = DATA_DIR / "benchmarks"
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def attention_flops(B: int, H: int, T: int, S: int, d_head: int, *, causal: bool = False, pass_: str = "fwd") -> float:
+    """Floating-point operations of the attention core.
+
+    Forward: q k^T is (T, d) @ (d, S) = 2 T S d FLOPs (a multiply and an add per term), weights @ v
+    another 2 T S d: 4 B H T S d. Causal: only the lower triangle is needed, half of it.
+    Backward: five matmuls of the same size (dV, dP, dS->dQ, dS->dK, plus recomputing or reading
+    P), counted as 2.5 x forward; "fwd+bwd" is 3.5 x forward.
+    """
+    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
+        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd'; got {pass_!r}")
+    forward = 4.0 * B * H * T * S * d_head
+    if causal:
+        forward /= 2
+    return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * forward
+
+
+def module_flops(B: int, T: int, d_model: int, H: int, *, causal: bool = False, pass_: str = "fwd+bwd") -> float:
+    """Self-attention module: four (d_model, d_model) projections (2 B T d_model^2 each) + the core.
+
+    A linear layer's backward costs 2 x its forward (gradients for the input and the weight).
+    """
+    projections = 4 * 2.0 * B * T * d_model * d_model
+    factor = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_]
+    return factor * projections + attention_flops(B, H, T, T, d_model // H, causal=causal, pass_=pass_)
+
+
+# ----------------------------------------------------------------------------- implementations
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """The textbook formula, in the input dtype: materialises the (..., T, S) scores and weights."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, d_head)
+
+
+def _core_fn(impl: str, is_causal: bool) -> Callable:
+    if impl == "naive":
+        return lambda q, k, v: naive_attention(q, k, v, is_causal)
+    if impl == "course_lib":
+        return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    from torch.nn.attention import sdpa_kernel
+
+    backend = sdpa_backend_enum(impl.removeprefix("sdpa_"))
+
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
+    return run
+
+
+def _step(fn: Callable, q, k, v, grad_out, pass_: str) -> Callable[[], None]:
+    if pass_ == "fwd":
+        def forward() -> None:
+            with torch.no_grad():
+                fn(q, k, v)
+        return forward
+
+    def forward_backward() -> None:
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), grad_out)  # no .grad accumulation between repeats
+
+    return forward_backward
+
+
+def _materialises_scores(impl: str) -> bool:
+    return impl in ("naive", "sdpa_math")
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    return (torch.cuda.OutOfMemoryError,)
+
+
+def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str, dtype: torch.dtype,
+               device: torch.device, warmup: int, repeats: int, peak_tflops: float | None,
+               cpu_max_bytes: float) -> dict:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    scores_bytes = B * H * T * T * itemsize
+    record = {"level": "core", "impl": impl, "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "causal": causal,
+              "pass": pass_, "status": "ok", "reason": "", "median_s": None, "min_s": None, "max_s": None,
+              "repeats": repeats, "flops": attention_flops(B, H, T, T, d_head, causal=causal, pass_=pass_),
+              "tflops": None, "frac_peak": None, "peak_memory_bytes": None, "scores_bytes": scores_bytes}
+    if device.type == "cpu" and _materialises_scores(impl) and 3 * scores_bytes > cpu_max_bytes:
+        record |= {"status": "skipped", "reason": f"would allocate ~{3 * scores_bytes / 2**30:.1f} GiB of scores on "
+                                                  f"the CPU (limit --cpu-max-gib)"}
+        return record
+    if device.type != "cuda" and impl in ("sdpa_efficient", "sdpa_cudnn"):
+        record |= {"status": "unsupported", "reason": f"the {impl.removeprefix('sdpa_')} kernel needs a CUDA device"}
+        return record
+    generator = torch.Generator().manual_seed(T * 1000 + d_head)
+    q, k, v, grad_out = (torch.randn(B, H, T, d_head, generator=generator).to(device, dtype) for _ in range(4))
+    if pass_ == "fwd+bwd":
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    step = _step(_core_fn(impl, causal), q, k, v, grad_out, pass_)
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # SDPA explains a refusal in warnings
+            warnings.simplefilter("always")
+            try:
+                step()  # refuses unsupported inputs before any timing
+            except _oom_errors():
+                raise
+            except RuntimeError as e:
+                reasons = [str(w.message).strip().splitlines()[0] for w in caught]
+                raise RuntimeError("; ".join(reasons) or str(e)) from e
+        if device.type == "cuda":
+            record["peak_memory_bytes"] = peak_memory(step, device)
+        timing = time_fn(step, device=device, warmup=warmup, repeats=repeats)
+    except _oom_errors() as e:
+        record |= {"status": "oom", "reason": str(e).splitlines()[0][:300]}
+    except RuntimeError as e:
+        record |= {"status": "unsupported", "reason": str(e)[:300]}
+    else:
+        tflops = record["flops"] / timing.median_s / 1e12
+        record |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "tflops": tflops,
+                   "frac_peak": None if not peak_tflops else tflops / peak_tflops}
+    finally:
+        del q, k, v, grad_out, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def _module_cases(*, B: int, H: int, T: int, d_head: int, causal: bool, dtype: torch.dtype, device: torch.device,
+                  warmup: int, repeats: int, peak_tflops: float | None) -> list[dict]:
+    from course_lib.bench import mha  # the module comparison (interleaved timing) lives there
+
+    d_model = H * d_head
+    flops = module_flops(B, T, d_model, H, causal=causal, pass_="fwd+bwd")
+    base = {"level": "module", "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "d_model": d_model,
+            "causal": causal, "pass": "fwd+bwd", "flops": flops, "peak_memory_bytes": None,
+            "scores_bytes": B * H * T * T * torch.empty((), dtype=dtype).element_size()}
+    try:
+        result = mha.run(batch=B, seq=T, d_model=d_model, heads=H, repeats=repeats, warmup=warmup,
+                         device=str(device), dtype=dtype, causal=causal)
+    except RuntimeError as e:  # out of memory (recorded as such), or a module that refuses the inputs
+        status = "oom" if isinstance(e, _oom_errors()) else "error"
+        return [base | {"impl": name, "status": status, "reason": str(e).splitlines()[0][:300]}
+                for name in MODULE_IMPLS]
+    plain = result["timings"]["plain_sdpa"]["median_s"]
+    records = []
+    for name, t in result["timings"].items():
+        tflops = flops / t["median_s"] / 1e12
+        records.append(base | {"impl": name, "status": "ok", "reason": "", "median_s": t["median_s"],
+                               "min_s": t["min_s"], "max_s": t["max_s"], "repeats": t["repeats"], "tflops": tflops,
+                               "frac_peak": None if not peak_tflops else tflops / peak_tflops,
+                               "ratio_to_plain_sdpa": t["median_s"] / plain,
+                               "max_abs_output_difference": result["max_abs_output_difference"]})
+    return records
+
+
+# ----------------------------------------------------------------------------- the suite
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None):
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", device: str = "cpu", batch: int = 4,
+              heads: int = 8, causal: tuple[bool, ...] = (False, True), passes: tuple[str, ...] = PASSES,
+              impls: tuple[str, ...] = CORE_IMPLS, modules: bool = True, warmup: int = 3, repeats: int = 10,
+              measure_peak: bool = True, accuracy: bool = True, cpu_max_gib: float = 2.0, threads: int | None = None,
+              progress: bool = True) -> dict:
+    """Run every case; return the JSON-ready dict (device info, config, measured peak, records).
+
+    accuracy=True also records `course_lib.precision.attention_error_table` on this device (the
+    error vs a float64 reference per precision setting) under the key "accuracy". threads sets
+    torch's CPU thread count for the run (on a shared machine one thread gives steadier times).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    unknown = set(impls) - set(CORE_IMPLS)
+    if unknown:
+        raise ValueError(f"impls must be among {CORE_IMPLS}; got unknown {sorted(unknown)}")
+    device_ = torch.device(device)
+    torch_dtype = DTYPES[dtype]
+    cases = [(T, d, c) for d in d_heads for c in causal for T in seqs]
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    records: list[dict] = []
+    with _cpu_threads(threads), tensor_core_settings(tf32=dtype == "tf32", cudnn_benchmark=False) as settings:
+        info = device_info(device_)
+        peak = matmul_peak(device_, torch_dtype, warmup=2, repeats=5) if measure_peak else None
+        peak_tflops = peak["tflops"] if peak else None
+        iterator = tqdm(cases, desc="attention bench", disable=not progress) if tqdm else cases
+        for T, d_head, is_causal in iterator:
+            for pass_ in passes:
+                for impl in impls:
+                    records.append(_core_case(impl, B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
+                                              pass_=pass_, dtype=torch_dtype, device=device_, warmup=warmup,
+                                              repeats=repeats, peak_tflops=peak_tflops,
+                                              cpu_max_bytes=cpu_max_gib * 2**30))
+            if modules:
+                records.extend(_module_cases(B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
+                                             dtype=torch_dtype, device=device_, warmup=warmup, repeats=repeats,
+                                             peak_tflops=peak_tflops))
+        errors = attention_error_table(device_) if accuracy else None
+    return {
+        "suite": "attention",
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device_info": info,
+        "dtype": dtype,
+        "config": {"seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
+                   "causal": list(causal), "passes": list(passes), "impls": list(impls), "modules": modules,
+                   "warmup": warmup, "repeats": repeats, "threads": info["cpu_threads"],
+                   "tensor_core_settings": settings},
+        "matmul_peak": peak,
+        "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd",
+        "results": records,
+        "accuracy": errors,
+    }
+
+
+# ----------------------------------------------------------------------------- plots
+def _series(records: list[dict], *, level: str, impl: str, d_head: int, causal: bool, pass_: str, key: str):
+    rows = [r for r in records if r["level"] == level and r["impl"] == impl and r["d_head"] == d_head
+            and r["causal"] == causal and r["pass"] == pass_ and r["status"] == "ok" and r.get(key) is not None]
+    rows.sort(key=lambda r: r["T"])
+    return [r["T"] for r in rows], [r[key] for r in rows]
+
+
+def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | None = None, causal: bool | None = None,
+                 pass_: str | None = None):
+    """Four panels: time vs T, TFLOP/s vs T (with the measured matmul peak), memory vs T, and all
+    implementations side by side at the longest sequence. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    records = data["results"]
+    cfg = data["config"]
+    d_head = d_head if d_head is not None else max(cfg["d_heads"])
+    causal = causal if causal is not None else (False if False in cfg["causal"] else cfg["causal"][0])
+    pass_ = pass_ or ("fwd+bwd" if "fwd+bwd" in cfg["passes"] else cfg["passes"][0])
+    info = data["device_info"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    (ax_t, ax_f), (ax_m, ax_b) = axes
+    impls = [i for i in CORE_IMPLS if i in cfg["impls"]]
+    for impl in impls:
+        T, y = _series(records, level="core", impl=impl, d_head=d_head, causal=causal, pass_=pass_, key="median_s")
+        if T:
+            ax_t.plot(T, [s * 1e3 for s in y], "o-", label=impl)
+        T, y = _series(records, level="core", impl=impl, d_head=d_head, causal=causal, pass_=pass_, key="tflops")
+        if T:
+            ax_f.plot(T, y, "o-", label=impl)
+    for impl in MODULE_IMPLS:
+        T, y = _series(records, level="module", impl=impl, d_head=d_head, causal=causal, pass_="fwd+bwd",
+                       key="median_s")
+        if T and pass_ == "fwd+bwd":
+            ax_t.plot(T, [s * 1e3 for s in y], "s--", alpha=0.7, label=f"module: {impl}")
+    ax_t.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="median time (ms)",
+             title=f"time, {pass_}")
+    if data.get("matmul_peak"):
+        peak = data["matmul_peak"]
+        ax_f.axhline(peak["tflops"], color="k", ls=":", label=f"measured matmul peak ({peak['tflops']:.3g})")
+    ax_f.set(xscale="log", xlabel="sequence length T", ylabel="TFLOP/s", title=f"attention-core throughput, {pass_}")
+    measured = any(r["peak_memory_bytes"] is not None for r in records if r["level"] == "core")
+    for impl in impls:
+        if measured:
+            T, y = _series(records, level="core", impl=impl, d_head=d_head, causal=causal, pass_=pass_,
+                           key="peak_memory_bytes")
+            if T:
+                ax_m.plot(T, [b / 2**20 for b in y], "o-", label=impl)
+            bad = [r for r in records if r["level"] == "core" and r["impl"] == impl and r["d_head"] == d_head
+                   and r["causal"] == causal and r["pass"] == pass_ and r["status"] == "oom"]
+            for r in bad:
+                ax_m.axvline(r["T"], color="r", ls="--", alpha=0.4)
+                ax_m.annotate(f"{impl}: OOM", (r["T"], 1), rotation=90, color="r", fontsize=8)
+    if not measured:
+        rows = sorted({(r["T"], r["scores_bytes"]) for r in records if r["level"] == "core" and r["d_head"] == d_head})
+        ax_m.plot([t for t, _ in rows], [b / 2**20 for _, b in rows], "o-", color="gray",
+                  label="one (B, H, T, T) score matrix (analytic)")
+        ax_m.text(0.03, 0.9, "CPU: torch does not track peak memory;\nshown: the size naive attention must hold",
+                  transform=ax_m.transAxes, fontsize=8, va="top")
+    ax_m.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MiB",
+             title="peak memory" if measured else "memory (analytic)")
+    # side by side at the longest T where anything ran
+    ok = [r for r in records if r["d_head"] == d_head and r["causal"] == causal and r["status"] == "ok"
+          and (r["level"] == "core" or r["pass"] == "fwd+bwd")]
+    if ok:
+        T_max = max(r["T"] for r in ok)
+        rows = [r for r in records if r["T"] == T_max and r["d_head"] == d_head and r["causal"] == causal
+                and (r["level"] == "core" or r["pass"] == "fwd+bwd")]
+        names = [f"{'module: ' if r['level'] == 'module' else ''}{r['impl']} ({r['pass']})" for r in rows]
+        values = [r["median_s"] * 1e3 if r["status"] == "ok" else 0.0 for r in rows]
+        ax_b.barh(range(len(rows)), values, color=["C1" if r["level"] == "module" else
+                                                   "C0" if r["pass"] == "fwd" else "C2" for r in rows])
+        for i, r in enumerate(rows):
+            if r["status"] != "ok":
+                ax_b.text(0, i, f" {r['status']}", va="center", fontsize=7, color="r")
+        ax_b.set_yticks(range(len(names)), names, fontsize=7)
+        ax_b.invert_yaxis()
+        ax_b.set(xlabel="median time (ms)", title=f"side by side at T = {T_max}")
+        ax_b.grid(True, axis="x", alpha=0.3)
+    seqs = sorted({r["T"] for r in records})
+    for ax in (ax_t, ax_f, ax_m):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqs, [str(t) for t in seqs])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    kind = "GPU" if info["device_type"] == "cuda" else "CPU"
+    fig.suptitle(f"{kind}: {info['device_name']}, torch {info['torch']}, {data['dtype']}, "
+                 f"B={cfg['batch']}, H={cfg['heads']}, d_head={d_head}{', causal' if causal else ''}", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+# ----------------------------------------------------------------------------- recorded runs
+def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -> list[dict]:
+    """Every recorded attention-suite JSON under data/benchmarks (optionally only 'cpu' or 'cuda'),
+    each with its file name under the key "file"."""
+    runs = []
+    for file in sorted(Path(directory).glob("*.json")):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("suite") != "attention":
+            continue
+        if device_type is None or data["device_info"]["device_type"] == device_type:
+            runs.append(data | {"file": file.name})
+    return runs
+
+
+# ----------------------------------------------------------------------------- CLI
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m course_lib.bench attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", type=_ints, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
+                   help="comma-separated sequence lengths T")
+    p.add_argument("--d-head", type=_ints, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
+    p.add_argument("--batch", type=int, default=4 if on_gpu else 2)
+    p.add_argument("--heads", type=int, default=16 if on_gpu else 4)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32",
+                   help="tf32 = float32 tensors with TF32 matmuls allowed")
+    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--impls", default=",".join(CORE_IMPLS), help="comma-separated core implementations")
+    p.add_argument("--no-modules", action="store_true", help="skip the module comparison")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
+    p.add_argument("--no-peak", action="store_true", help="do not measure the matmul peak")
+    p.add_argument("--no-accuracy", action="store_true", help="do not record the error table")
+    p.add_argument("--cpu-max-gib", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: unchanged)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None, help="draw the four panels here (PNG)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def format_table(data: dict) -> str:
+    lines = [f"{data['device_info']['device_name']}  torch {data['device_info']['torch']}  {data['dtype']}"]
+    if data.get("matmul_peak"):
+        pk = data["matmul_peak"]
+        lines.append(f"measured matmul peak: {pk['tflops']:.3f} TFLOP/s ({pk['n']}x{pk['n']} {pk['dtype']})")
+    lines.append(f"{'level':<7}{'impl':<15}{'T':>7}{'d':>5}{'causal':>7}{'pass':>9}{'ms':>11}{'TFLOP/s':>10}"
+                 f"{'%peak':>7}{'MiB':>9}  status")
+    for r in data["results"]:
+        ms = f"{r['median_s'] * 1e3:.3f}" if r.get("median_s") is not None else "-"
+        tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
+        fp = f"{100 * r['frac_peak']:.0f}" if r.get("frac_peak") is not None else "-"
+        mem = f"{r['peak_memory_bytes'] / 2**20:.0f}" if r.get("peak_memory_bytes") is not None else "-"
+        status = r["status"] + (f" ({r['reason'][:60]})" if r["status"] != "ok" else "")
+        lines.append(f"{r['level']:<7}{r['impl']:<15}{r['T']:>7}{r['d_head']:>5}{str(r['causal']):>7}"
+                     f"{r['pass']:>9}{ms:>11}{tf:>10}{fp:>7}{mem:>9}  {status}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    if not passes or set(passes) - set(PASSES):
+        raise SystemExit(f"--passes must be among {PASSES}; got {args.passes!r}")
+    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
+    if set(impls) - set(CORE_IMPLS):
+        raise SystemExit(f"--impls must be among {CORE_IMPLS}; got {args.impls!r}")
+    for name in ("batch", "heads", "repeats"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name} must be a positive int; got {getattr(args, name)}")
+    causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    data = run_suite(seqs=args.seq, d_heads=args.d_head, dtype=args.dtype, device=args.device, batch=args.batch,
+                     heads=args.heads, causal=causal, passes=passes, impls=impls, modules=not args.no_modules,
+                     warmup=args.warmup, repeats=args.repeats, measure_peak=not args.no_peak,
+                     accuracy=not args.no_accuracy, cpu_max_gib=args.cpu_max_gib, threads=args.threads,
+                     progress=not args.quiet)
+    print(format_table(data), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"saved {args.json}")
+    if args.plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_results(data, args.plot)
+        print(f"saved {args.plot}")
+    return 0

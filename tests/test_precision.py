@@ -1,0 +1,274 @@
+"""Mixed precision, Tensor Core settings and the device report (course_lib.precision), and the
+autocast behaviour of course_lib's attention on the CPU (and on a GPU when there is one)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from course_lib import MultiHeadAttention, numpy_ref
+from course_lib.attention import scaled_dot_product_attention
+from course_lib.bench.attention import naive_attention
+from course_lib.precision import (
+    amp_train_step,
+    attention_error_table,
+    device_report,
+    enable_tensor_cores,
+    number_formats,
+    relative_error,
+    restore_settings,
+    sdpa_backend_report,
+    tensor_core_friendly,
+    tensor_core_settings,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------- number formats
+def test_number_formats_agree_with_finfo():
+    rows = {f.name: f for f in number_formats()}
+    assert list(rows) == ["float64", "float32", "tf32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"]
+    for f in rows.values():
+        assert f.eps == 2.0**-f.mantissa_bits
+        if f.torch_dtype is not None:
+            info = torch.finfo(getattr(torch, f.torch_dtype))
+            assert (f.bits, f.max, f.eps, f.smallest_normal) == (info.bits, info.max, info.eps, info.smallest_normal)
+            assert 1 + f.exponent_bits + f.mantissa_bits == f.bits
+    assert rows["float16"].max == 65504.0
+    assert rows["tf32"].max == pytest.approx(rows["float32"].max, rel=1e-3)  # float32's exponent: same range
+    assert rows["tf32"].eps == rows["float16"].eps  # float16's 10 mantissa bits
+    assert rows["bfloat16"].smallest_normal == rows["float32"].smallest_normal  # same range as float32
+
+
+# ----------------------------------------------------------------------------- relative error
+def test_relative_error_hand_count():
+    ref = torch.tensor([3.0, 4.0])  # norm 5
+    out = torch.tensor([3.0, 4.5])  # difference norm 0.5
+    assert relative_error(out, ref) == pytest.approx(0.1)
+    assert relative_error(ref, ref) == 0.0
+    with pytest.raises(ValueError, match="all zeros"):
+        relative_error(out, torch.zeros(2))
+    with pytest.raises(ValueError, match="same shape"):
+        relative_error(out, torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- settings
+def test_tensor_core_settings_turn_on_and_restore():
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    with tensor_core_settings() as inside:
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert inside["float32_matmul_precision"] == "high"
+    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before
+    previous = enable_tensor_cores(tf32=False)
+    try:
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        restore_settings(previous)
+    assert torch.get_float32_matmul_precision() == before[0]
+
+
+def test_tensor_core_friendly_sizes():
+    assert tensor_core_friendly(64, 72, 100, dtype=torch.float16) == {64: True, 72: True, 100: False}
+    assert tensor_core_friendly(100, dtype=torch.float32) == {100: True}  # 4-byte elements: multiples of 4
+    assert tensor_core_friendly(24, dtype=torch.float8_e4m3fn) == {24: False}
+
+
+# ----------------------------------------------------------------------------- device report
+def test_device_report_on_cpu():
+    report = device_report("cpu", shape=(1, 2, 32, 16), dtype=torch.float32)
+    assert report["device_type"] == "cpu" and report["compute_capability"] is None
+    assert report["tensor_cores"] is False and report["tf32_supported"] is False
+    backends = report["sdpa_backends"]
+    assert set(backends) == {"flash", "efficient", "cudnn", "math"}
+    assert backends["math"] == {"eligible": True, "reasons": []}
+    assert backends["flash"]["eligible"] is True  # torch's CPU flash kernel
+    for name in ("efficient", "cudnn"):
+        assert backends[name]["eligible"] is False
+        assert "CUDA" in backends[name]["reasons"][0]
+
+
+def test_sdpa_backend_report_cpu_with_mask():
+    q = torch.randn(1, 2, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    report = sdpa_backend_report(q, q, q, attn_mask=mask)
+    assert report["math"]["eligible"] and not report["efficient"]["eligible"]
+
+
+@cuda
+def test_device_report_on_cuda_gives_reasons():
+    report = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.float32)
+    assert report["compute_capability"] is not None
+    flash = report["sdpa_backends"]["flash"]
+    assert flash["eligible"] is False and flash["reasons"]  # flash takes float16/bfloat16 only
+    assert report["sdpa_backends"]["math"]["eligible"] is True
+    if report["bf16_supported"]:
+        ok = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.bfloat16)["sdpa_backends"]
+        assert ok["flash"]["eligible"] or ok["flash"]["reasons"]
+
+
+# ----------------------------------------------------------------------------- autocast dtypes (CPU)
+def test_mha_under_cpu_bf16_autocast_keeps_float32_params_and_float32_weights():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mha(x)
+        out_w, weights = mha(x, need_weights=True, is_causal=True)
+    assert out.dtype == torch.bfloat16 and out_w.dtype == torch.bfloat16
+    assert weights.dtype == torch.float32 and weights.shape == (2, 4, 10, 10)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 4, 10))
+    assert all(p.dtype == torch.float32 for p in mha.parameters())
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in mha.parameters())
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_core_attention_under_cpu_bf16_autocast():
+    q, k, v = (torch.randn(2, 3, 12, 16) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = scaled_dot_product_attention(q, k, v)
+        slow, weights = scaled_dot_product_attention(q, k, v, need_weights=True)
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    assert weights.dtype == torch.float32
+    assert relative_error(fast, slow.float()) < 2e-2
+
+
+def test_math_path_weights_are_float32_for_half_inputs():
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
+    out, weights = scaled_dot_product_attention(q, q, q, need_weights=True)
+    assert out.dtype == torch.float16 and weights.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- error vs float64 (2x rule)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_course_lib_error_at_most_twice_sdpa_on_cpu(seed, is_causal):
+    rows = attention_error_table("cpu", shape=(2, 2, 48, 32), seed=seed, is_causal=is_causal)
+    assert [r["setting"] for r in rows] == ["float64", "float32", "bfloat16-autocast"]
+    for r in rows:
+        assert r["torch_sdpa"] > 0 or r["setting"] == "float64"
+        assert r["course_lib"] <= 2 * r["torch_sdpa"] + 1e-15, r
+        assert r["course_lib_math"] <= 2 * r["torch_sdpa"] + 1e-15, r
+    by = {r["setting"]: r for r in rows}
+    assert by["float64"]["course_lib"] < 1e-14
+    assert by["float32"]["course_lib"] < 1e-5
+    assert 1e-4 < by["bfloat16-autocast"]["course_lib"] < 2e-2  # bf16 has 8 significant bits
+    assert by["bfloat16-autocast"]["course_lib_dtype"] == "bfloat16"
+
+
+def test_module_error_under_bf16_autocast_at_most_twice_plain_sdpa_module():
+    from course_lib.bench.mha import build_modules
+
+    torch.manual_seed(0)
+    modules = build_modules(64, 4, "cpu", torch.float32)
+    x = torch.randn(2, 24, 64)
+    ref_modules = build_modules(64, 4, "cpu", torch.float64)
+    for name in modules:  # same weights, in float64
+        ref_modules[name].load_state_dict({k: v.double() for k, v in modules[name].state_dict().items()})
+    with torch.no_grad():
+        ref = ref_modules["plain_sdpa"](x.double())
+        assert relative_error(ref_modules["course_lib"](x.double()), ref) < 1e-13
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = modules["course_lib"](x)
+            plain = modules["plain_sdpa"](x)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert relative_error(ours, ref) <= 2 * relative_error(plain, ref)
+
+
+# ----------------------------------------------------------------------------- float16 overflow
+def _large_fp16_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (60 * torch.randn(1, 2, 64, 64, generator=g) for _ in range(2))  # scores ~ 60*60*8 = 28800 +- ...
+    v = torch.randn(1, 2, 64, 64, generator=g)
+    return q.half(), k.half(), v.half()
+
+
+def test_fp16_naive_scores_overflow_but_course_lib_is_finite_and_correct():
+    q, k, v = _large_fp16_inputs()
+    assert torch.isinf(q @ k.transpose(-2, -1)).any()  # |q.k| > 65504 somewhere
+    naive = naive_attention(q, k, v)
+    assert not torch.isfinite(naive).all()  # inf - inf = NaN inside the softmax
+    ref, _ = numpy_ref.scaled_dot_product_attention(q.double().numpy(), k.double().numpy(), v.double().numpy())
+    ref = torch.from_numpy(ref)
+    fast = scaled_dot_product_attention(q, k, v)
+    slow, weights = scaled_dot_product_attention(q, k, v, need_weights=True)
+    for out in (fast, slow):
+        assert out.dtype == torch.float16 and torch.isfinite(out).all()
+        assert relative_error(out, ref) < 1e-3
+    assert torch.isfinite(weights).all() and weights.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- training steps
+class _TinyLM(nn.Module):
+    """Predict the previous token: needs attention to look one position back."""
+
+    def __init__(self, vocab=16, d_model=32, heads=4, T=12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(0.1 * torch.randn(T, d_model))
+        self.attn = MultiHeadAttention(d_model, heads)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]  # (B, T, d_model)
+        return self.head(h + self.attn(h, is_causal=True))  # (B, T, vocab)
+
+
+def _train(device, dtype, scaler=None, steps=30):
+    torch.manual_seed(0)
+    model = _TinyLM().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 16, (32, 12), generator=g).to(device)
+    targets = torch.roll(tokens, 1, dims=1)
+
+    def loss_fn(logits, y):
+        return nn.functional.cross_entropy(logits.float().reshape(-1, 16), y.reshape(-1))
+
+    history = [amp_train_step(model, loss_fn, tokens, targets, opt, dtype=dtype, scaler=scaler) for _ in range(steps)]
+    return history, model
+
+
+def test_bf16_autocast_training_step_on_cpu_decreases_loss_with_finite_grads():
+    history, model = _train("cpu", torch.bfloat16)
+    losses = [h["loss"] for h in history]
+    assert all(h["grads_finite"] for h in history)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(math.isfinite(x) for x in losses)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@cuda
+def test_fp16_gradscaler_training_step_on_gpu():
+    scaler = torch.amp.GradScaler("cuda")
+    history, _ = _train("cuda", torch.float16, scaler=scaler)
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert history[-1]["grads_finite"] and history[-1]["scale"] > 0
+
+
+# ----------------------------------------------------------------------------- GPU accuracy
+@cuda
+@pytest.mark.parametrize("seed", [0, 1])
+def test_course_lib_error_at_most_twice_sdpa_on_gpu(seed):
+    rows = attention_error_table("cuda", shape=(2, 4, 256, 64), seed=seed)
+    assert {"tf32", "float16-autocast", "bfloat16-autocast"} <= {r["setting"] for r in rows}
+    for r in rows:
+        assert r["course_lib"] <= 2 * r["torch_sdpa"] + 1e-15, r
+        assert r["course_lib_math"] <= 2 * r["torch_sdpa"] + 1e-15, r
+
+
+@cuda
+def test_fp16_overflow_on_gpu():
+    q, k, v = (t.cuda() for t in _large_fp16_inputs())
+    assert not torch.isfinite(naive_attention(q, k, v)).all()
+    ref, _ = numpy_ref.scaled_dot_product_attention(*(t.double().cpu().numpy() for t in (q, k, v)))
+    for out in (scaled_dot_product_attention(q, k, v), scaled_dot_product_attention(q, k, v, need_weights=True)[0]):
+        assert torch.isfinite(out).all() and relative_error(out, torch.from_numpy(ref)) < 1e-3
