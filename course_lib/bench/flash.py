@@ -20,15 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from course_lib.bench.attention import attention_flops
 from course_lib.bench.timing import device_info, time_fn
 from course_lib.paths import DATA_DIR
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
-
-
-def attention_flops(batch: int, heads: int, T: int, S: int, d_head: int, causal: bool) -> float:
-    flops = 4.0 * batch * heads * T * S * d_head
-    return flops / 2 if causal else flops
 
 
 def _sdpa_runner(name: str, q, k, v, causal: bool):
@@ -53,7 +49,7 @@ def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, c
               repeats: int, warmup: int, backends: tuple[str, ...]) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, T, d_head, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    flops = attention_flops(batch, heads, T, T, d_head, causal)
+    flops = attention_flops(batch, heads, T, T, d_head, causal=causal)
     reference = None
     rows = []
     for name in backends:
