@@ -1,0 +1,308 @@
+"""Why several heads? Synthetic lookup tasks, a small head-gated transformer, training, and pruning.
+
+The tasks (every position is classified; positions wrap around, so t - o means (t - o) mod T):
+    one_lookup     y_t = x_{t-2}                               (one head can do it: the control)
+    two_lookups    y_t = (x_{t-1}, x_{t-3})   as one of V^2 classes
+    three_lookups  y_t = (x_{t-1}, x_{t-2}, x_{t-4}) as one of V^3 classes
+Each output needs the tokens at several positions at once. A head returns one weighted average of
+value vectors, so one head must blend the tokens it needs into one vector; H heads can each fetch one.
+
+The model (`HeadGatedTransformer`) is the classic small study model: token + learned position
+embeddings, pre-norm layers of [multi-head self-attention, MLP], a linear read-out. Each attention
+layer uses `course_lib.MultiHeadAttention`'s projections, but runs the heads itself so that every
+head's output can be multiplied by a gate xi_h before W_O (Michel et al. 2019):
+
+    out = concat_h(xi_h * head_h) W_O,   head_h = softmax(q_h k_h^T / sqrt(d_head)) v_h
+
+xi = 1 is the ordinary model; xi_h = 0 removes head h; dL/dxi_h is Michel et al.'s head importance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib._validate import check_positive_int
+from course_lib.attention import scaled_dot_product_attention
+from course_lib.mha import MultiHeadAttention
+
+__all__ = [
+    "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
+    "head_importance", "pruning_curve", "fit_attention_pattern", "score_matrix_rank",
+]
+
+
+# --------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class LookupTask:
+    """y_t = the tuple (x_{t-o} for o in offsets), encoded as one class in [0, vocab**len(offsets))."""
+
+    name: str
+    offsets: tuple[int, ...]
+    vocab: int
+    seq_len: int = 16
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab ** len(self.offsets)
+
+
+TASKS: dict[str, LookupTask] = {
+    "one_lookup": LookupTask("one_lookup", (2,), vocab=16),
+    "two_lookups": LookupTask("two_lookups", (1, 3), vocab=8),
+    "three_lookups": LookupTask("three_lookups", (1, 2, 4), vocab=4),
+}
+
+
+def _labels(x: torch.Tensor, task: LookupTask) -> torch.Tensor:
+    y = torch.zeros_like(x)
+    for o in task.offsets:  # most significant digit first
+        y = y * task.vocab + torch.roll(x, shifts=o, dims=1)  # roll by o: position t holds x_{t-o}
+    return y
+
+
+def make_batch(task: LookupTask, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random tokens (B, T) and their labels (B, T)."""
+    x = torch.randint(0, task.vocab, (batch_size, task.seq_len), generator=generator)
+    return x, _labels(x, task)
+
+
+# --------------------------------------------------------------------------------------------- model
+class GatedSelfAttention(nn.Module):
+    """Self-attention with a per-head gate. Owns a course_lib.MultiHeadAttention for its weights."""
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.mha = MultiHeadAttention(d_model, num_heads)
+        self.num_heads, self.d_head = num_heads, d_model // num_heads
+
+    def forward(self, x: torch.Tensor, head_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = x.shape
+        m = self.mha
+        q, k, v = (proj(x).view(B, T, self.num_heads, self.d_head).transpose(1, 2)
+                   for proj in (m.q_proj, m.k_proj, m.v_proj))  # 3 x (B, H, T, d_head)
+        heads, weights = scaled_dot_product_attention(q, k, v, need_weights=True)  # (B, H, T, d_head), (B, H, T, T)
+        if head_gate is not None:
+            heads = heads * head_gate.view(1, self.num_heads, 1, 1)
+        return m.out_proj(heads.transpose(1, 2).reshape(B, T, D)), weights
+
+
+class _Layer(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d_model), GatedSelfAttention(d_model, num_heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model)) if d_ff else None
+
+    def forward(self, x, head_gate=None):
+        a, weights = self.attn(self.norm1(x), head_gate)
+        x = x + a
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, weights
+
+
+class HeadGatedTransformer(nn.Module):
+    """tokens (B, T) -> logits (B, T, num_classes); `head_mask` (num_layers, num_heads) gates each head."""
+
+    def __init__(self, vocab: int, num_classes: int, seq_len: int, d_model: int = 32, num_heads: int = 4,
+                 num_layers: int = 1, d_ff: int = 128) -> None:
+        super().__init__()
+        for name, value in (("vocab", vocab), ("num_classes", num_classes), ("seq_len", seq_len),
+                            ("num_layers", num_layers)):
+            check_positive_int(name, value)
+        self.config = dict(vocab=vocab, num_classes=num_classes, seq_len=seq_len, d_model=d_model,
+                           num_heads=num_heads, num_layers=num_layers, d_ff=d_ff)
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.tok_emb, self.pos_emb = nn.Embedding(vocab, d_model), nn.Embedding(seq_len, d_model)
+        self.layers = nn.ModuleList(_Layer(d_model, num_heads, d_ff) for _ in range(num_layers))
+        self.norm, self.readout = nn.LayerNorm(d_model), nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: torch.Tensor, head_mask: torch.Tensor | None = None, need_weights: bool = False):
+        if tokens.ndim != 2 or tokens.shape[1] > self.config["seq_len"]:
+            raise ValueError(f"tokens must have shape (B, T) with T <= {self.config['seq_len']}; "
+                             f"got {tuple(tokens.shape)}")
+        if head_mask is not None and tuple(head_mask.shape) != (self.num_layers, self.num_heads):
+            raise ValueError(f"head_mask must have shape (num_layers, num_heads) = "
+                             f"({self.num_layers}, {self.num_heads}); got {tuple(head_mask.shape)}")
+        T = tokens.shape[1]
+        x = self.tok_emb(tokens) + self.pos_emb(torch.arange(T, device=tokens.device))  # (B, T, D)
+        all_weights = []
+        for i, layer in enumerate(self.layers):
+            x, weights = layer(x, None if head_mask is None else head_mask[i])
+            all_weights.append(weights)  # (B, H, T, T)
+        logits = self.readout(self.norm(x))  # (B, T, C)
+        return (logits, all_weights) if need_weights else logits
+
+    @classmethod
+    def for_task(cls, task: LookupTask, **kwargs) -> HeadGatedTransformer:
+        return cls(task.vocab, task.num_classes, task.seq_len, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    task: str = "two_lookups"
+    num_heads: int = 4
+    d_model: int = 32
+    num_layers: int = 1
+    d_ff: int = 128
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_every: int = 50
+    eval_size: int = 512
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head_mask: torch.Tensor | None = None
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, per-position accuracy) on a fixed batch."""
+    was_training = model.training
+    model.eval()
+    logits = model(x, head_mask=head_mask)
+    model.train(was_training)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return float(loss), float((logits.argmax(-1) == y).float().mean())
+
+
+def eval_batch(task: LookupTask, size: int = 512, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed held-out batch (its own generator, so every run is scored on the same data)."""
+    return make_batch(task, size, torch.Generator().manual_seed(seed))
+
+
+def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTransformer, dict]:
+    """Train on fresh random batches (no data is seen twice); return the model and its curves."""
+    task = TASKS[cfg.task]
+    torch.manual_seed(cfg.seed)
+    model = HeadGatedTransformer.for_task(task, d_model=cfg.d_model, num_heads=cfg.num_heads,
+                                          num_layers=cfg.num_layers, d_ff=cfg.d_ff)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine decay
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    gen = torch.Generator().manual_seed(1000 + cfg.seed)
+    x_eval, y_eval = eval_batch(task, cfg.eval_size)
+    curve = {"step": [], "train_loss": [], "eval_loss": [], "eval_acc": []}
+    steps = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"{cfg.task} H={cfg.num_heads} seed={cfg.seed}")
+    running = []
+    for step in steps:
+        x, y = make_batch(task, cfg.batch_size, gen)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        running.append(loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            eval_loss, eval_acc = evaluate(model, x_eval, y_eval)
+            curve["step"].append(step + 1)
+            curve["train_loss"].append(float(np.mean(running)))
+            curve["eval_loss"].append(eval_loss)
+            curve["eval_acc"].append(eval_acc)
+            running = []
+    model.eval()
+    return model, curve
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- importance
+def head_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor,
+                    head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Michel et al. 2019: I_h = | dL/dxi_h | at xi = head_mask (all ones by default), (num_layers, num_heads).
+
+    L is the mean cross-entropy over the batch. (Michel et al. average |dL/dxi_h| over examples; with one
+    batch the absolute value of the batch-mean gradient is the cheaper variant used here.)
+    """
+    dtype = model.readout.weight.dtype
+    gate = (torch.ones(model.num_layers, model.num_heads) if head_mask is None else head_mask.clone()).to(dtype)
+    gate.requires_grad_(True)
+    logits = model(x, head_mask=gate)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    (grad,) = torch.autograd.grad(loss, gate)
+    return grad.abs().detach()
+
+
+def pruning_curve(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor, order: list[tuple[int, int]]
+                  ) -> list[float]:
+    """Accuracy after removing 0, 1, ..., all heads, in the given order of (layer, head)."""
+    mask = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    accs = [evaluate(model, x, y, mask)[1]]
+    for layer, head in order:
+        mask[layer, head] = 0.0
+        accs.append(evaluate(model, x, y, mask)[1])
+    return accs
+
+
+def importance_order(importance: torch.Tensor) -> list[tuple[int, int]]:
+    """(layer, head) pairs from least to most important (the order in which to prune)."""
+    flat = importance.flatten().argsort(stable=True).tolist()
+    H = importance.shape[1]
+    return [(i // H, i % H) for i in flat]
+
+
+def iterative_pruning_curve(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor
+                            ) -> tuple[list[float], list[tuple[int, int]]]:
+    """Michel et al.'s procedure: remove the least important head, recompute importances, repeat."""
+    mask = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    accs, order = [evaluate(model, x, y, mask)[1]], []
+    for _ in range(mask.numel()):
+        imp = head_importance(model, x, y, mask)
+        imp[mask == 0] = float("inf")
+        layer, head = importance_order(imp)[0]
+        mask[layer, head] = 0.0
+        order.append((layer, head))
+        accs.append(evaluate(model, x, y, mask)[1])
+    return accs, order
+
+
+# --------------------------------------------------------------------------------------------- low rank
+def score_matrix_rank(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, tol: float = 1e-5) -> int:
+    """Numerical rank of Q K^T = (x W_q)(x W_k)^T, x (T, d_model), W (d_model, d_head): at most d_head."""
+    scores = (x @ w_q) @ (x @ w_k).T  # (T, T)
+    s = torch.linalg.svdvals(scores.double())
+    return int((s > tol * s[0]).sum())
+
+
+def fit_attention_pattern(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
+                          seed: int = 0) -> float:
+    """Fit one head's W_q, W_k (d_model, d_head) so that softmax(x W_q (x W_k)^T / sqrt(d_head)) matches a
+    target attention matrix (T, T); return the final mean KL(target || fitted) per row, in nats.
+
+    The logits are a rank <= d_head matrix, so targets that need a high-rank logit matrix cannot be fitted
+    when d_head is small, however long we train.
+    """
+    T, d_model = x.shape
+    if target.shape != (T, T):
+        raise ValueError(f"target must have shape (T, T) = ({T}, {T}); got {tuple(target.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
+    w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
+    opt = torch.optim.Adam([w_q, w_k], lr=lr)
+    log_target = torch.log(target.clamp_min(1e-12))
+    for _ in range(steps):
+        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+        kl = (target * (log_target - log_p)).sum(-1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    with torch.no_grad():
+        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+        return float((target * (log_target - log_p)).sum(-1).mean())
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,152 @@
+"""Tasks, the head-gated model, Michel et al.'s head importance, pruning, the low-rank bound, the sweep script."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from course_lib import MultiHeadAttention
+from course_lib.head_ablation import (
+    TASKS,
+    HeadGatedTransformer,
+    evaluate,
+    fit_attention_pattern,
+    head_importance,
+    importance_order,
+    make_batch,
+    pruning_curve,
+    score_matrix_rank,
+)
+
+
+def small_model(num_heads=4, num_layers=2, seed=0, task="two_lookups"):
+    torch.manual_seed(seed)
+    return HeadGatedTransformer.for_task(TASKS[task], d_model=16, num_heads=num_heads, num_layers=num_layers,
+                                         d_ff=32).double().eval()
+
+
+def test_labels_are_the_tokens_at_the_offsets():
+    task = TASKS["three_lookups"]
+    x, y = make_batch(task, 3, torch.Generator().manual_seed(0))
+    for b in range(3):
+        for t in range(task.seq_len):
+            digits = [int(x[b, (t - o) % task.seq_len]) for o in task.offsets]
+            assert int(y[b, t]) == (digits[0] * task.vocab + digits[1]) * task.vocab + digits[2]
+    assert int(y.max()) < task.num_classes
+
+
+def test_model_matches_course_mha_when_ungated():
+    """The gated attention is course_lib.MultiHeadAttention's computation when every gate is 1."""
+    model = small_model(num_layers=1)
+    attn = model.layers[0].attn
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    ours, weights = attn(x, torch.ones(4, dtype=torch.float64))
+    ref, ref_weights = attn.mha(x, need_weights=True)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(weights, ref_weights)
+    assert isinstance(attn.mha, MultiHeadAttention)
+
+
+def test_keeping_all_heads_equals_the_unpruned_model():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(x, head_mask=torch.ones(2, 4, dtype=torch.float64)), model(x))
+    curve = pruning_curve(model, x, y, [])
+    assert curve == [evaluate(model, x, y)[1]]
+
+
+def test_a_zero_gate_removes_exactly_that_head():
+    model = small_model(num_layers=1)
+    attn = model.layers[0].attn
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    out, _ = attn(x, gate)
+    W = attn.mha.out_proj.weight  # (D, D): columns 4..7 read head 1
+    with torch.no_grad():
+        W_without = W.clone()
+        W_without[:, 4:8] = 0
+        attn.mha.out_proj.weight.copy_(W_without)
+    ref, _ = attn(x)
+    torch.testing.assert_close(out, ref)
+
+
+def test_head_mask_gradient_matches_finite_differences():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 4, dtype=torch.float64)
+    mask[1, 2] = 0.3  # away from the all-ones point too
+
+    def loss(m):
+        return F.cross_entropy(model(x, head_mask=m).flatten(0, 1), y.flatten())
+
+    gate = mask.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(gate), gate)
+    eps = 1e-6
+    for layer in range(2):
+        for head in range(4):
+            e = torch.zeros_like(mask)
+            e[layer, head] = eps
+            fd = (loss(mask + e) - loss(mask - e)) / (2 * eps)
+            assert abs(fd.item() - grad[layer, head].item()) < 1e-7
+    torch.testing.assert_close(head_importance(model, x, y, mask), grad.abs())
+
+
+def test_importance_order_and_bad_mask():
+    assert importance_order(torch.tensor([[3.0, 1.0], [2.0, 0.5]])) == [(1, 1), (0, 1), (1, 0), (0, 0)]
+    model = small_model()
+    with pytest.raises(ValueError, match="head_mask must have shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), head_mask=torch.ones(4))
+
+
+def test_pruning_every_head_leaves_no_attention():
+    model = small_model(num_layers=1)
+    x, y = make_batch(TASKS["two_lookups"], 4, torch.Generator().manual_seed(3))
+    order = [(0, h) for h in range(4)]
+    curve = pruning_curve(model, x, y, order)
+    assert len(curve) == 5
+    # with every head gated off, the output no longer depends on the other positions' tokens
+    x2 = x.clone()
+    x2[:, 1:] = (x2[:, 1:] + 1) % TASKS["two_lookups"].vocab
+    off = torch.zeros(1, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x, head_mask=off)[:, 0], model(x2, head_mask=off)[:, 0])
+
+
+@pytest.mark.parametrize("d_head", [1, 2, 4, 8])
+def test_score_matrix_rank_is_at_most_d_head(d_head):
+    g = torch.Generator().manual_seed(d_head)
+    x = torch.randn(20, 32, generator=g, dtype=torch.float64)
+    w_q, w_k = (torch.randn(32, d_head, generator=g, dtype=torch.float64) for _ in range(2))
+    assert score_matrix_rank(x, w_q, w_k) == d_head
+
+
+def test_fitting_a_permutation_pattern_needs_more_than_one_dimension():
+    g = torch.Generator().manual_seed(0)
+    T = 8
+    x = torch.randn(T, 16, generator=g)
+    target = torch.eye(T)[torch.randperm(T, generator=g)] * 0.9 + 0.1 / T  # a random one-to-one pattern
+    kl_small = fit_attention_pattern(target, x, d_head=1, steps=200)
+    kl_large = fit_attention_pattern(target, x, d_head=8, steps=200)
+    assert kl_large < 0.5 * kl_small
+    with pytest.raises(ValueError, match="target must have shape"):
+        fit_attention_pattern(torch.eye(3), x, d_head=2)
+
+
+def test_sweep_script_runs_on_a_tiny_configuration(tmp_path):
+    import importlib.util
+
+    from course_lib.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location("run_head_ablation", REPO_ROOT / "scripts" / "run_head_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module.main(["--tiny", "--out", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert [r["config"]["num_heads"] for r in record["runs"]] == [1, 2]
+    assert len({r["params"] for r in record["runs"]}) == 1  # same parameter count for every head count
+    assert all(math.isfinite(r["final_loss"]) and 0 <= r["final_acc"] <= 1 for r in record["runs"])
+    assert record["command"].startswith("python scripts/run_head_ablation.py --tiny")
+    state = load_file(str(tmp_path / "heads_two_lookups_attn_mlp_h2.safetensors"))
+    model = HeadGatedTransformer.for_task(TASKS["two_lookups"], d_model=32, num_heads=2, d_ff=128)
+    model.load_state_dict(state)
