@@ -13,7 +13,15 @@ import torch
 
 from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
 
-__all__ = ["causal_mask", "padding_mask", "combine_masks", "to_torch_mha_mask", "to_additive_mask"]
+__all__ = [
+    "causal_mask",
+    "padding_mask",
+    "combine_masks",
+    "to_torch_mha_mask",
+    "from_torch_mha_mask",
+    "from_key_padding_mask",
+    "to_additive_mask",
+]
 
 
 def causal_mask(T: int, S: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -62,11 +70,35 @@ def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
     return out
 
 
-def to_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Our polarity (True = may attend) -> nn.MultiheadAttention's (True = ignore)."""
+def _check_bool(mask: object, name: str = "mask") -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be boolean; got dtype {mask.dtype}")
-    return ~mask
+        raise TypeError(f"{name} must be boolean; got dtype {mask.dtype}")
+    return mask
+
+
+def to_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Our polarity (True = may attend) -> nn.MultiheadAttention's (True = ignore): the negation.
+
+    Use it for nn.MultiheadAttention's `attn_mask` ((T, S) or (B*H, T, S)) and, applied to a
+    (B, S) row of keys, for its `key_padding_mask`. Handing our mask over unconverted masks
+    exactly the keys that should be seen and lets through the ones that should not.
+    """
+    return ~_check_bool(mask)
+
+
+def from_torch_mha_mask(mask: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention's boolean mask (True = ignore) -> ours (True = may attend)."""
+    return ~_check_bool(mask)
+
+
+def from_key_padding_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """nn.MultiheadAttention's key_padding_mask (B, S), True = padding -> ours (B, 1, 1, S), True = real."""
+    key_padding_mask = _check_bool(key_padding_mask, "key_padding_mask")
+    if key_padding_mask.ndim != 2:
+        raise ValueError(f"key_padding_mask must be (B, S); got shape {shape_str(key_padding_mask.shape)}")
+    return ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
 
 
 def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -76,6 +108,7 @@ def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     float16 anyway, and finfo.min + a negative score overflows too. Fully masked rows must be
     handled by the softmax (course_lib's give zeros), not by a large finite constant.
     """
-    if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be boolean; got dtype {mask.dtype}")
+    mask = _check_bool(mask)
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype (the mask is added to scores); got {dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))

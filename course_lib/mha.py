@@ -7,6 +7,9 @@
 
 The heads are not a loop: splitting is a view + transpose, and one batched SDPA call runs all
 B*H heads at once (torch's fused kernel unless need_weights asks for the weights).
+
+Every argument is checked before the first matmul (and before a KV cache is touched), so a
+wrong shape, dtype, device or mask gets a message naming it instead of a failure deep inside.
 """
 
 from __future__ import annotations
@@ -20,7 +23,22 @@ from course_lib.attention import scaled_dot_product_attention
 from course_lib.kv_cache import KVCache
 from course_lib.masks import causal_mask
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "split_heads", "merge_heads"]
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, L, H * d_head) -> (B, H, L, d_head): a view and a transpose, no copy."""
+    B, L, D = x.shape
+    if D % num_heads:
+        raise ValueError(f"the last dimension ({D}) of x {shape_str(x.shape)} must be divisible by "
+                         f"num_heads={num_heads}")
+    return x.view(B, L, num_heads, D // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d_head) -> (B, L, H * d_head): head h fills features h*d_head ... (h+1)*d_head - 1."""
+    B, H, L, d_head = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d_head)
 
 
 class MultiHeadAttention(nn.Module):
@@ -68,14 +86,20 @@ class MultiHeadAttention(nn.Module):
         bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         return F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (B, T, D)
 
-    def _check_inputs(self, query, key, value, attn_mask) -> None:
-        for name, t, feat in (("query", query, self.d_model), ("key", key, self.kdim), ("value", value, self.vdim)):
+    def _check_inputs(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
+        """Validate everything before any arithmetic; return (B, T, S) with S counting cached keys."""
+        for name, flag in (("is_causal", is_causal), ("need_weights", need_weights)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool; got {flag!r} ({type(flag).__name__})")
+        dims = {"query": ("d_model", self.d_model), "key": ("kdim", self.kdim), "value": ("vdim", self.vdim)}
+        for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            feat_name, feat = dims[name]
             if t.ndim != 3 or t.shape[-1] != feat:
                 raise ValueError(
-                    f"{name} must have shape (B, L, {feat}) (batch first, last dim = "
-                    f"{ {'query': 'd_model', 'key': 'kdim', 'value': 'vdim'}[name]}={feat}); got {shape_str(t.shape)}"
+                    f"{name} must have shape (B, L, {feat}) (batch first, last dim = {feat_name}={feat}); "
+                    f"got {shape_str(t.shape)}"
                 )
         if not query.shape[0] == key.shape[0] == value.shape[0]:
             raise ValueError(
@@ -93,14 +117,43 @@ class MultiHeadAttention(nn.Module):
             if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
                 raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {weight.dtype}; "
                                 f"convert one, or run under torch.autocast for mixed precision")
+        B, T, S = query.shape[0], query.shape[1], key.shape[1]
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a course_lib.KVCache; got {type(cache).__name__}")
+            if cache.is_filled:
+                expected = (B, self.num_heads, self.d_head)
+                got = (cache.key.shape[0], cache.key.shape[1], cache.key.shape[-1])
+                if got != expected:
+                    raise ValueError(f"cache holds keys {shape_str(cache.key.shape)} (B, H, S, d_head) but this call "
+                                     f"needs B={B}, H={self.num_heads}, d_head={self.d_head}")
+                S = len(cache) if cache.static else len(cache) + S
+        if is_causal and T != S and cache is None:
+            raise ValueError(
+                f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which position?); "
+                f"pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the last T positions) instead; "
+                f"query {shape_str(query.shape)}, key {shape_str(key.shape)}"
+            )
         if attn_mask is not None:
             if not isinstance(attn_mask, torch.Tensor):
                 raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
+            if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+                raise TypeError(
+                    f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); got "
+                    f"dtype {attn_mask.dtype} (for a 0/1 mask use mask.bool(); 1 = may attend)"
+                )
             if attn_mask.ndim not in (2, 4):
                 raise ValueError(
                     f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {attn_mask.ndim}-D "
                     f"{shape_str(attn_mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])"
                 )
+            check_mask_shape(tuple(attn_mask.shape), (B, self.num_heads, T, S), name="attn_mask")
+            if attn_mask.device != query.device:
+                raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+            if attn_mask.dtype.is_floating_point and torch.isnan(attn_mask).any():
+                raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend' "
+                                 "(or a boolean mask, True = may attend)")
+        return B, T, S
 
     # ----------------------------------------------------------------------------- forward
     def forward(
@@ -117,44 +170,48 @@ class MultiHeadAttention(nn.Module):
         """query (B, T, d_model); key (B, S, kdim) and value (B, S, vdim) default to query.
 
         attn_mask: bool (True = may attend) or additive float, (T, S) or (B|1, H|1, T|1, S).
+        is_causal: query i sees keys j <= i (T == S), or, with a cache, the T new queries are the
+        last T of the S positions. A query row with every key masked gives attention output 0
+        (so the module returns out_proj's bias there) and weights 0, never NaN.
         cache: a KVCache; new keys/values are appended (self-attention) or, for a static cache
         that is already filled (cross-attention memory), key/value are not projected again.
-        Returns out (B, T, d_model), or (out, weights (B, H, T, S)) if need_weights.
+        Returns out (B, T, d_model), or (out, weights (B, H, T, S)) if need_weights; the weights are
+        float32 (float64 for float64 inputs), whatever the input dtype.
         """
         self_attention = key is None and value is None
         key = query if key is None else key
         value = key if value is None else value
-        self._check_inputs(query, key, value, attn_mask)
-        B, T, _ = query.shape
+        B, T, S = self._check_inputs(query, key, value, attn_mask, is_causal, need_weights, cache)
 
         if self_attention and self.kdim == self.vdim == self.d_model:
-            q, k, v = self._project_self(query)
+            q, k, v = self._project_self(query)  # 3 x (B, T, d_model)
         else:
-            q = self.q_proj(query)
+            q = self.q_proj(query)  # (B, T, d_model)
             k = v = None
             if not (cache is not None and cache.static and cache.is_filled):
-                k, v = self.k_proj(key), self.v_proj(value)
+                k, v = self.k_proj(key), self.v_proj(value)  # (B, S_new, d_model)
         q = self._split_heads(q)  # (B, H, T, d_head)
         k = None if k is None else self._split_heads(k)  # (B, H, S_new, d_head)
         v = None if v is None else self._split_heads(v)
         if cache is not None:
             k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
-        S = k.shape[-2]
 
-        if attn_mask is not None:
-            check_mask_shape(tuple(attn_mask.shape), (B, self.num_heads, T, S), name="attn_mask")
-        if is_causal and T != S and cache is not None:
-            # the T new queries are the last T of S positions (bottom-right aligned)
-            causal = causal_mask(T, S, device=query.device)
-            attn_mask = causal if attn_mask is None else attn_mask & causal if attn_mask.dtype == torch.bool \
-                else attn_mask.masked_fill(~causal, float("-inf"))
+        if is_causal and T != S:
+            # with a cache: the T new queries are the last T of S positions (bottom-right aligned)
+            causal = causal_mask(T, S, device=query.device)  # (T, S)
+            if attn_mask is None:
+                attn_mask = causal
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & causal
+            else:
+                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
             is_causal = False
 
         result = scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
         )
-        out, weights = result if need_weights else (result, None)
+        out, weights = result if need_weights else (result, None)  # (B, H, T, d_head)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))  # concat heads, then W_O
         return (out, weights) if need_weights else out
 
@@ -195,6 +252,9 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"attention must be a BertAttention (with .self.query/key/value and .output.dense); "
                             f"got {type(attention).__name__}")
         d_model, num_heads = self_attn.query.in_features, self_attn.num_attention_heads
+        if self_attn.query.out_features != d_model or output.dense.out_features != d_model:
+            raise ValueError(f"from_hf_bert expects query and output.dense to map {d_model} -> {d_model} features; got "
+                             f"query {self_attn.query.out_features}, output.dense {output.dense.out_features}")
         w = self_attn.query.weight
         new = cls(d_model, num_heads, dropout=float(self_attn.dropout.p), bias=self_attn.query.bias is not None,
                   device=w.device, dtype=w.dtype)

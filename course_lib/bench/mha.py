@@ -1,0 +1,191 @@
+"""Benchmark: forward + backward of three multi-head self-attention modules with the same weights.
+
+    python -m course_lib.bench mha [--batch 8 --seq 512 --d-model 768 --heads 12]
+                                   [--repeats 10 --warmup 2 --device auto|cpu|cuda --json PATH]
+
+- course_lib   `course_lib.MultiHeadAttention`
+- torch_mha    `torch.nn.MultiheadAttention(batch_first=True)` called with need_weights=False
+- plain_sdpa   the shortest module that does the job: one packed QKV Linear, a view/permute,
+               `F.scaled_dot_product_attention`, the output Linear
+
+The three are timed *interleaved* (one step of each, in rotating order, per repeat), so a burst
+of load from elsewhere on a shared machine hits all three alike. A step is the forward pass,
+then backward with a fixed output gradient (gradients for the input and every parameter).
+The table gives median/min/max per step, each median divided by the faster of the two
+baselines' medians (torch_mha, plain_sdpa; below 1.00 is faster than both), and the same
+ratio of the fastest repeats, which other load on a shared machine disturbs less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.bench.timing import device_info, time_fn
+from course_lib.mha import MultiHeadAttention
+
+__all__ = ["PlainSDPAttention", "build_modules", "run", "main"]
+
+BASELINES = ("torch_mha", "plain_sdpa")
+
+
+class PlainSDPAttention(nn.Module):
+    """Self-attention in a dozen lines: the reference point for what the fused kernel alone costs."""
+
+    def __init__(self, d_model: int, num_heads: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, device=device, dtype=dtype)  # packed W_Q, W_K, W_V
+        self.out = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d_head)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, T, d_head)
+        return self.out(out.transpose(1, 2).reshape(B, T, D))
+
+
+def build_modules(d_model: int, num_heads: int, device, dtype) -> dict[str, nn.Module]:
+    """Three modules computing the same function with the same weights."""
+    torch_mha = nn.MultiheadAttention(d_model, num_heads, batch_first=True, device=device, dtype=dtype)
+    ours = MultiHeadAttention.from_torch(torch_mha)
+    plain = PlainSDPAttention(d_model, num_heads, device=device, dtype=dtype)
+    with torch.no_grad():
+        plain.qkv.weight.copy_(torch_mha.in_proj_weight)
+        plain.qkv.bias.copy_(torch_mha.in_proj_bias)
+        plain.out.weight.copy_(torch_mha.out_proj.weight)
+        plain.out.bias.copy_(torch_mha.out_proj.bias)
+    return {"course_lib": ours, "torch_mha": torch_mha, "plain_sdpa": plain}
+
+
+def _forward(name: str, module: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    if name == "torch_mha":
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device) if causal else None
+        return module(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
+    return module(x, is_causal=causal)
+
+
+def _step(name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, causal: bool) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        for p in module.parameters():
+            p.grad = None
+        _forward(name, module, x, causal).backward(grad_out)
+
+    return step
+
+
+def run(
+    *,
+    batch: int = 8,
+    seq: int = 512,
+    d_model: int = 768,
+    heads: int = 12,
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    causal: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Time one forward+backward step of each module; return config, per-module timings and ratios."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    modules = build_modules(d_model, heads, device, dtype)
+    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)  # (B, T, d_model)
+    grad_out = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
+    with torch.no_grad():  # the three must agree before their speed means anything
+        outs = {name: _forward(name, m, x, causal) for name, m in modules.items()}
+    max_diff = max(float((o - outs["torch_mha"]).abs().max()) for o in outs.values())
+    steps = {name: _step(name, m, x, grad_out, causal) for name, m in modules.items()}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in itertools.islice(itertools.cycle(names), r % len(names), r % len(names) + len(names)):
+            samples[name].append(time_fn(steps[name], device=device, warmup=0, repeats=1).median_s)
+    timings = {}
+    for name, times in samples.items():
+        timings[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                         "repeats": len(times), "samples_s": times}
+    best_baseline = min(timings[b]["median_s"] for b in BASELINES)
+    best_baseline_min = min(timings[b]["min_s"] for b in BASELINES)
+    for t in timings.values():
+        t["ratio_to_best_baseline"] = t["median_s"] / best_baseline
+        t["min_ratio_to_best_baseline"] = t["min_s"] / best_baseline_min
+    return {
+        "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
+                   "dtype": str(dtype).replace("torch.", ""), "causal": causal,
+                   "repeats": repeats, "warmup": warmup, "step": "forward+backward"},
+        "device": device_info(device),
+        "max_abs_output_difference": max_diff,
+        "timings": timings,
+    }
+
+
+def format_table(result: dict) -> str:
+    c, dev = result["config"], result["device"]
+    lines = [
+        f"MHA forward+backward  B={c['batch']} T={c['seq']} d_model={c['d_model']} H={c['heads']} {c['dtype']}"
+        f"{' causal' if c['causal'] else ''}  on {dev['device_name']}  ({c['repeats']} interleaved repeats)",
+        f"outputs agree to {result['max_abs_output_difference']:.1e} (max abs difference)",
+        f"{'module':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} {'ratio of mins':>14}",
+    ]
+    for name, t in result["timings"].items():
+        lines.append(f"{name:<12} {t['median_s'] * 1e3:>10.1f} {t['min_s'] * 1e3:>9.1f} {t['max_s'] * 1e3:>9.1f} "
+                     f"{t['ratio_to_best_baseline']:>7.3f} {t['min_ratio_to_best_baseline']:>14.3f}")
+    lines.append("ratio = median / median of the faster baseline (torch_mha, plain_sdpa); ratio of mins likewise "
+                 "with the fastest repeat (less sensitive to other load on a shared machine)")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m course_lib.bench mha", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the CPU, and the GPU when there is one)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--causal", action="store_true", help="causal self-attention instead of unmasked")
+    p.add_argument("--json", type=Path, default=None, help="save the results (with the device info) to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("batch", "seq", "d_model", "heads", "repeats"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
+    if args.d_model % args.heads:
+        raise SystemExit(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    else:
+        devices = [args.device]
+    results = []
+    for device in devices:
+        result = run(batch=args.batch, seq=args.seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
+                     warmup=args.warmup, device=device, dtype=getattr(torch, args.dtype), causal=args.causal)
+        print(format_table(result), flush=True)
+        results.append(result)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"suite": "mha", "results": results}, indent=2) + "\n")
+        print(f"saved {args.json}")
+    return 0

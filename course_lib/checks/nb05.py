@@ -1,0 +1,185 @@
+"""Checkers for notebook 05 (masking and cross-attention).
+
+Masks are booleans with the course's polarity (True = may attend). On a wrong answer the
+checkers try the classic mistakes (flipped polarity, the upper triangle, padding applied to
+queries instead of keys, a (B, T, T) mask that broadcasts against the head axis, -1e9 in
+float16, NaN or uniform weights in a fully masked row) and say which one was made.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from course_lib._validate import broadcast_shapes
+from course_lib.checks._core import CheckFailure, call, checker
+from course_lib.masks import causal_mask, padding_mask
+
+__all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_masked_softmax"]
+
+
+def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor:
+    """The learner's mask, checked for type and shape, expanded to target_shape."""
+    if got is None:
+        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+    if got.dtype != torch.bool:
+        raise CheckFailure(f"{name} has dtype {got.dtype}; return a BOOLEAN mask (True = may attend), e.g. "
+                           f"with comparisons like j <= i, combined with &")
+    shape = tuple(got.shape)
+    if len(shape) > len(target_shape) or broadcast_shapes(shape, target_shape) != target_shape:
+        extra = ""
+        if len(shape) == 3 and shape[0] == target_shape[0]:
+            extra = (" A (B, T, T) mask lines up B with the HEAD axis of (B, H, T, T) scores (broadcasting aligns "
+                     "from the right): add the head axis, mask[:, None]")
+        raise CheckFailure(f"{name} has shape {shape}, which does not broadcast to the scores' {target_shape} "
+                           f"without changing them.{extra}")
+    return got.expand(target_shape)
+
+
+# ----------------------------------------------------------------------------- causal + padding
+@checker("causal_padding_mask")
+def check_causal_padding_mask(fn):
+    """fn(lengths: list[int], T: int) -> bool mask (B, 1, T, T): query i may attend to key j iff
+    j <= i (causal) and key j is a real token (j < lengths[b])."""
+    cases = [([3, 1, 4], 4), ([2], 2), ([5, 5], 5), ([1, 3], 3)]
+    for lengths, T in cases:
+        B = len(lengths)
+        target = (B, 1, T, T)
+        got = _as_bool_mask(f"your mask for lengths={lengths}, T={T}", call(fn, list(lengths), T), target)
+        pad = padding_mask(lengths, T)  # (B, 1, 1, T): keys
+        causal = causal_mask(T)  # (T, T)
+        expected = (pad & causal).expand(target)
+        if torch.equal(got, expected):
+            continue
+        pad_rows = pad.transpose(-1, -2)  # (B, 1, T, 1): the same lengths applied to queries
+        mistakes = {
+            "the polarity is flipped: in this course True = MAY attend (torch SDPA's convention); "
+            "nn.MultiheadAttention's True = ignore is the opposite": ~expected,
+            "the causal part is the upper triangle (query i sees j >= i, the future): use j <= i (tril)":
+                (pad & causal.T).expand(target),
+            "the causal part is missing: query i must not see keys j > i": pad.expand(target),
+            "the padding part is missing: keys j >= lengths[b] are padding and must be masked": causal.expand(target),
+            "the padding is applied to the QUERIES (rows) instead of the KEYS (columns): a padded key must not be "
+            "attended to by anyone; shape the padding as (B, 1, 1, T)": (pad_rows & causal).expand(target),
+            "the padding is applied to queries and keys: masking whole rows of padded queries makes them fully "
+            "masked; only the keys (columns) need it": (pad_rows & pad & causal).expand(target),
+        }
+        for message, wrong in mistakes.items():
+            if torch.equal(got, wrong):
+                raise CheckFailure(f"for lengths={lengths}, T={T}: {message}.")
+        b, _, i, j = (int(t) for t in torch.nonzero(got != expected)[0])
+        raise CheckFailure(f"for lengths={lengths}, T={T}: entry [b={b}, 0, query {i}, key {j}] is "
+                           f"{bool(got[b, 0, i, j])}, expected {bool(expected[b, 0, i, j])} "
+                           f"({int((got != expected).sum())} entries wrong). "
+                           f"Hint: causal (j <= i) AND key j < lengths[b].")
+    return "4 batches: causal AND key padding, True = may attend, broadcasts over heads"
+
+
+# ----------------------------------------------------------------------------- polarity for nn.MultiheadAttention
+@checker("to_key_padding_mask")
+def check_to_key_padding_mask(fn):
+    """fn(mask (B, 1, 1, S) ours, True = real token) -> key_padding_mask (B, S) for nn.MultiheadAttention,
+    where True = IGNORE this key."""
+    cases = [[3, 1, 4], [2], [5, 5, 1, 2]]
+    for lengths in cases:
+        S = max(lengths)
+        ours = padding_mask(lengths, S)  # (B, 1, 1, S)
+        got = call(fn, ours.clone())
+        expected = ~ours[:, 0, 0]  # (B, S)
+        name = f"your key_padding_mask for lengths={lengths}"
+        if got is None:
+            raise CheckFailure(f"{name} is None: did you forget to `return` it?")
+        if not isinstance(got, torch.Tensor):
+            raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+        if tuple(got.shape) != tuple(expected.shape):
+            raise CheckFailure(f"{name} has shape {tuple(got.shape)}; nn.MultiheadAttention wants key_padding_mask "
+                               f"of shape (B, S) = {tuple(expected.shape)}: drop the two broadcast axes, "
+                               f"mask[:, 0, 0]")
+        if got.dtype != torch.bool:
+            raise CheckFailure(f"{name} has dtype {got.dtype}; give nn.MultiheadAttention a boolean mask "
+                               f"(a float one would be ADDED to the scores)")
+        if torch.equal(got, ~expected):
+            raise CheckFailure(f"for lengths={lengths}: this is the polarity trap. Your mask is True for real tokens, "
+                               f"but nn.MultiheadAttention reads True as 'ignore': it would attend only to padding. "
+                               f"Negate it (~mask).")
+        if not torch.equal(got, expected):
+            raise CheckFailure(f"for lengths={lengths}: {int((got != expected).sum())} entries differ; True must mark "
+                               f"the padded keys (j >= length).")
+    return "3 batches: True marks exactly the padded keys, shape (B, S)"
+
+
+# ----------------------------------------------------------------------------- masked softmax
+_TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    s = scores.to(torch.float64).masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, dim=-1)
+    return torch.nan_to_num(w, nan=0.0)  # rows with nothing allowed: 0
+
+
+@checker("masked_softmax")
+def check_masked_softmax(fn):
+    """fn(scores (..., T, S) float, mask bool broadcastable to it, True = may attend) -> weights (..., T, S):
+    softmax over the allowed keys, exactly 0 elsewhere, and all 0 (never NaN) in a row with nothing allowed.
+    Must work for float16 and bfloat16 scores too."""
+    g = torch.Generator().manual_seed(5)
+    fully_masked = torch.ones(4, 5, dtype=torch.bool)
+    fully_masked[2] = False
+    cases = [
+        ("float32 scores (2, T=4, S=6) with a causal mask", torch.randn(2, 4, 6, generator=g), causal_mask(4, 6)),
+        ("float16 scores with a fully masked row (query 2)", (torch.randn(4, 5, generator=g) * 4).half(),
+         fully_masked),
+        ("float64 scores with a fully masked row (query 2)", torch.randn(4, 5, generator=g, dtype=torch.float64),
+         fully_masked),
+        ("bfloat16 scores (B, H, T, S) with padding", (torch.randn(2, 3, 4, 5, generator=g) * 50).bfloat16(),
+         padding_mask([5, 2], 5)),
+    ]
+    for what, scores, mask in cases:
+        try:
+            got = call(fn, scores.clone(), mask.clone())
+        except CheckFailure as failure:
+            if "overflow" in str(failure) and scores.dtype == torch.float16:
+                raise CheckFailure(f"for {what}: {failure} -- a literal like -1e9 does not fit in float16 "
+                                   f"(largest magnitude 65504). Fill with float('-inf') instead, and give rows with "
+                                   f"nothing to attend to weights 0.") from None
+            raise
+        expected = _reference_masked_softmax(scores, mask)
+        name = f"your weights ({what})"
+        if got is None:
+            raise CheckFailure(f"{name} are None: did you forget to `return` them?")
+        if not isinstance(got, torch.Tensor) or not got.dtype.is_floating_point:
+            raise CheckFailure(f"{name} should be a floating-point torch.Tensor; got "
+                               f"{getattr(got, 'dtype', type(got).__name__)}")
+        if tuple(got.shape) != tuple(expected.shape):
+            raise CheckFailure(f"{name} have shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        got64 = got.detach().to(torch.float64)
+        full_mask = mask.expand(expected.shape)
+        empty_rows = ~full_mask.any(dim=-1)  # (..., T)
+        if torch.isnan(got64).any():
+            hint = ("a row with every key masked is softmax of all -inf = 0/0 = NaN: find such rows "
+                    "(mask.any(-1) is False) and set their weights to 0") if empty_rows.any() else \
+                "NaN appeared: subtract the row max before exp, and do not fill with a finite value that overflows"
+            raise CheckFailure(f"{name} contain NaN. {hint}.")
+        if empty_rows.any():
+            empty = got64[empty_rows]
+            if torch.allclose(empty, torch.full_like(empty, 1.0 / expected.shape[-1]), atol=1e-2):
+                raise CheckFailure(f"{name}: the fully masked row got uniform weights 1/S. That is what a large finite "
+                                   f"fill (-1e9, finfo.min) gives: every entry equal, softmax spreads evenly, and the "
+                                   f"query silently averages padding. Its weights must be 0.")
+        if not (got64[~full_mask] == 0).all():
+            flipped = _reference_masked_softmax(scores, ~mask)
+            if torch.allclose(got64, flipped, atol=_TOL[scores.dtype] * 10):
+                raise CheckFailure(f"{name}: the mask polarity is flipped: True = MAY attend, so fill where the "
+                                   f"mask is False (~mask).")
+            raise CheckFailure(f"{name}: masked keys must get weight exactly 0; "
+                               f"{int((got64[~full_mask] != 0).sum())} masked entries are nonzero.")
+        tol = _TOL[scores.dtype]
+        if not torch.allclose(got64, expected, atol=tol, rtol=0):
+            err = float((got64 - expected).abs().max())
+            raise CheckFailure(f"{name} differ from the reference by up to {err:.2e} (tolerance {tol:.0e} for "
+                               f"{scores.dtype}). Hint: softmax over the last axis (the keys) of the masked scores; "
+                               f"compute it in float32 for half-precision inputs "
+                               f"and keep float64 inputs in float64.")
+    return "4 cases in float32, float64, float16 and bfloat16, incl. fully masked rows (weights 0, no NaN)"

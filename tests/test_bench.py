@@ -1,0 +1,64 @@
+"""`python -m course_lib.bench mha` at a tiny shape: it runs, prints the table, saves the JSON."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from course_lib.bench import __main__ as bench_cli
+from course_lib.bench import mha as bench_mha
+
+TINY = ["--batch", "2", "--seq", "8", "--d-model", "16", "--heads", "2", "--repeats", "3", "--warmup", "1"]
+
+
+def test_mha_suite_is_listed():
+    assert "mha" in bench_cli.suites()
+
+
+def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
+    path = tmp_path / "bench" / "mha.json"
+    assert bench_cli.main(["mha", *TINY, "--device", "cpu", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("course_lib", "torch_mha", "plain_sdpa", "median ms", "ratio"):
+        assert name in out
+    saved = json.loads(path.read_text())
+    (result,) = saved["results"]
+    assert result["config"]["batch"] == 2 and result["config"]["step"] == "forward+backward"
+    assert result["device"]["device_type"] == "cpu" and "torch" in result["device"]
+    assert result["max_abs_output_difference"] < 1e-5  # the three modules compute the same function
+    timings = result["timings"]
+    assert set(timings) == {"course_lib", "torch_mha", "plain_sdpa"}
+    for t in timings.values():
+        assert t["repeats"] == 3 and len(t["samples_s"]) == 3 and 0 < t["min_s"] <= t["median_s"] <= t["max_s"]
+    assert min(timings[b]["ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
+    assert min(timings[b]["min_ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
+
+
+def test_causal_variant_runs_and_modules_agree():
+    result = bench_mha.run(batch=1, seq=6, d_model=8, heads=2, repeats=1, warmup=0, causal=True)
+    assert result["config"]["causal"] and result["max_abs_output_difference"] < 1e-5
+
+
+def test_the_three_modules_share_weights_and_outputs():
+    mods = bench_mha.build_modules(16, 4, "cpu", torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref = mods["torch_mha"](x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(mods["course_lib"](x), ref)
+    torch.testing.assert_close(mods["plain_sdpa"](x), ref)
+
+
+@pytest.mark.parametrize("bad", [["--heads", "5"], ["--batch", "0"], ["--device", "cuda"]])
+def test_bad_arguments_exit_with_a_message(bad):
+    if bad[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as info:
+        bench_mha.main([*TINY, *bad])
+    assert info.value.code != 0
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, "-m", "course_lib.bench", "mha", "--help"], capture_output=True, text=True,
+                          check=True)
+    assert "--d-model" in done.stdout and "--json" in done.stdout

@@ -1,0 +1,110 @@
+"""The notebook-05 checkers accept the reference and reject planted wrong solutions with useful messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import checks
+from course_lib.checks import nb05
+from course_lib.masks import causal_mask, combine_masks, padding_mask, to_torch_mha_mask
+
+
+def _stub(*args, **kwargs):
+    raise NotImplementedError
+
+
+def test_checkers_are_reexported_by_the_package():
+    for name in nb05.__all__:
+        assert getattr(checks, name) is getattr(nb05, name)
+
+
+@pytest.mark.parametrize("check", [getattr(nb05, name) for name in nb05.__all__])
+def test_stub_is_reported_as_not_implemented(check):
+    result = check(_stub)
+    assert not result.passed and "not implemented yet" in result.message
+    assert repr(result).startswith("[NOT YET]")
+
+
+@pytest.mark.parametrize("check", [getattr(nb05, name) for name in nb05.__all__])
+def test_passing_a_result_instead_of_a_function_is_explained(check):
+    result = check(torch.zeros(3))
+    assert not result.passed and "pass your function itself" in result.message
+
+
+# ----------------------------------------------------------------------------- causal + padding mask
+def mask_ref(lengths, T):
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    keys = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]  # (B, T)
+    return (j <= i)[None, None] & keys[:, None, None, :]  # (B, 1, T, T)
+
+
+def test_causal_padding_mask_accepts_reference_and_course_lib():
+    assert nb05.check_causal_padding_mask(mask_ref).passed
+    assert nb05.check_causal_padding_mask(lambda lengths, T: combine_masks(padding_mask(lengths, T),
+                                                                           causal_mask(T))).passed
+
+
+def _pad_rows(lengths, T):
+    return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None])[:, None, :, None]  # (B, 1, T, 1)
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda lengths, T: ~mask_ref(lengths, T), "polarity is flipped"),
+    (lambda lengths, T: mask_ref(lengths, T).transpose(-1, -2) & padding_mask(lengths, T), "upper triangle"),
+    (lambda lengths, T: padding_mask(lengths, T), "causal part is missing"),
+    (lambda lengths, T: causal_mask(T), "padding part is missing"),
+    (lambda lengths, T: _pad_rows(lengths, T) & causal_mask(T), "applied to the QUERIES"),
+    (lambda lengths, T: mask_ref(lengths, T)[:, 0], "add the head axis"),
+    (lambda lengths, T: mask_ref(lengths, T).float(), "BOOLEAN"),
+    (lambda lengths, T: mask_ref(lengths, T).numpy(), "should be a torch.Tensor"),
+])
+def test_causal_padding_mask_rejects_planted_mistakes(wrong, words):
+    result = nb05.check_causal_padding_mask(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- polarity
+def test_to_key_padding_mask_accepts_reference():
+    assert nb05.check_to_key_padding_mask(lambda m: ~m[:, 0, 0]).passed
+    assert nb05.check_to_key_padding_mask(lambda m: to_torch_mha_mask(m).view(m.shape[0], -1)).passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda m: m[:, 0, 0], "polarity trap"),
+    (lambda m: ~m, "wants key_padding_mask of shape (B, S)"),
+    (lambda m: (~m[:, 0, 0]).float(), "boolean"),
+    (lambda m: torch.zeros_like(m[:, 0, 0]), "entries differ"),
+])
+def test_to_key_padding_mask_rejects_planted_mistakes(wrong, words):
+    result = nb05.check_to_key_padding_mask(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- masked softmax
+def softmax_ref(scores, mask):
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
+    allowed = mask.expand(s.shape).any(dim=-1, keepdim=True)
+    w = torch.softmax(s.masked_fill(~allowed, 0.0), dim=-1)
+    return (w * allowed).to(scores.dtype)
+
+
+def test_masked_softmax_accepts_reference_and_course_lib_safe_softmax():
+    assert nb05.check_masked_softmax(softmax_ref).passed
+    from course_lib.attention import safe_softmax
+    assert nb05.check_masked_softmax(lambda s, m: safe_softmax(s.double().masked_fill(~m, float("-inf")))).passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda s, m: torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1), "0/0 = NaN"),
+    (lambda s, m: torch.softmax(s.masked_fill(~m, -1e9), dim=-1), "does not fit in float16"),
+    (lambda s, m: torch.softmax(s.float().masked_fill(~m, -1e9), dim=-1), "uniform weights 1/S"),
+    (lambda s, m: torch.softmax(s.float().masked_fill(~m, torch.finfo(torch.float32).min), dim=-1), "uniform"),
+    (lambda s, m: softmax_ref(s, ~m), "polarity is flipped"),
+    (lambda s, m: torch.softmax(s.float(), dim=-1), "exactly 0"),
+    (lambda s, m: softmax_ref(s, m).transpose(-1, -2), "shape"),
+])
+def test_masked_softmax_rejects_planted_mistakes(wrong, words):
+    result = nb05.check_masked_softmax(wrong)
+    assert not result.passed and words in result.message, result.message
