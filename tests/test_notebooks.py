@@ -38,7 +38,7 @@ def test_notebook_has_the_promised_sections(path):
     assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"][0].startswith("# ")
     assert re.search(r"you will be able to", markdown, re.I), f"{path.name}: no 'what you will be able to do'"
     if not path.name.startswith("00"):
-        assert re.search(r"^#+ .*exercises", markdown, re.I | re.M), f"{path.name}: no Exercises section"
+        assert re.search(r"^#+ .*exercise", markdown, re.I | re.M), f"{path.name}: no Exercises section"
         assert re.search(r"^#+ .*what we measured", markdown, re.I | re.M), f"{path.name}: no 'What we measured'"
         images = sum(
             "image/png" in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]
