@@ -63,9 +63,21 @@ def test_every_notebook_is_named_in_the_readme_map():
         assert nb.name in readme, f"{nb.name} is missing from the README's notebook map"
 
 
+def _says_where_it_ran(data: dict) -> bool:
+    if data.get("device_info") or data.get("device"):
+        return True
+    results = data.get("results")
+    return isinstance(results, list) and bool(results) and all(r.get("device") for r in results)
+
+
 def test_recorded_benchmarks_say_where_they_ran():
-    for path in sorted((REPO_ROOT / "data").rglob("*.json")):
+    recorded = sorted((REPO_ROOT / "data" / "benchmarks").glob("*.json"))
+    assert recorded, "data/benchmarks/ holds no recorded runs"
+    for path in recorded:
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and "benchmarks" in str(path.parent):
-            info = data.get("device_info") or data.get("device") or {}
-            assert info, f"{path.relative_to(REPO_ROOT)} records benchmark numbers without the device they ran on"
+        assert _says_where_it_ran(data), f"{path.name} records benchmark numbers without the device they ran on"
+
+
+def test_where_it_ran_check_rejects_a_bare_record():
+    assert not _says_where_it_ran({"results": [{"median_s": 1.0}]})
+    assert _says_where_it_ran({"results": [{"median_s": 1.0, "device": {"device_name": "CPU"}}]})
