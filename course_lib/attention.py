@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
-from course_lib.masks import causal_mask
+from course_lib.masks import with_causal
 
 __all__ = ["scaled_dot_product_attention", "safe_softmax"]
 
@@ -139,13 +139,7 @@ def scaled_dot_product_attention(
                 f"last T positions) instead; q {shape_str(q.shape)}, k {shape_str(k.shape)}"
             )
         if mask is not None or need_weights:
-            causal = causal_mask(T, S, device=q.device)  # (T, S)
-            if mask is None:
-                mask = causal
-            elif mask.dtype == torch.bool:
-                mask = mask & causal
-            else:
-                mask = mask.masked_fill(~causal, float("-inf"))
+            mask = with_causal(mask, T, S, device=q.device)
             is_causal = False
     if need_weights:
         return _math_attention(q, k, v, mask, dropout_p)

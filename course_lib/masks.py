@@ -15,6 +15,7 @@ from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
 
 __all__ = [
     "causal_mask",
+    "with_causal",
     "padding_mask",
     "combine_masks",
     "to_torch_mha_mask",
@@ -36,6 +37,16 @@ def causal_mask(T: int, S: int | None = None, device: torch.device | str | None 
     i = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
     j = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
     return j <= i + (S - T)  # (T, S)
+
+
+def with_causal(mask: torch.Tensor | None, T: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """`mask` restricted to causal_mask(T, S): AND for a bool mask, -inf added for an additive float mask."""
+    causal = causal_mask(T, S, device=device)  # (T, S)
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
 
 
 def padding_mask(lengths: Sequence[int] | torch.Tensor, max_len: int) -> torch.Tensor:

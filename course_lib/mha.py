@@ -21,7 +21,7 @@ from torch import nn
 from course_lib._validate import check_mask_shape, check_positive_int, check_probability, shape_str
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.kv_cache import KVCache
-from course_lib.masks import causal_mask
+from course_lib.masks import with_causal
 
 __all__ = ["MultiHeadAttention", "split_heads", "merge_heads"]
 
@@ -198,13 +198,7 @@ class MultiHeadAttention(nn.Module):
 
         if is_causal and T != S:
             # with a cache: the T new queries are the last T of S positions (bottom-right aligned)
-            causal = causal_mask(T, S, device=query.device)  # (T, S)
-            if attn_mask is None:
-                attn_mask = causal
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & causal
-            else:
-                attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
+            attn_mask = with_causal(attn_mask, T, S, device=query.device)
             is_causal = False
 
         result = scaled_dot_product_attention(

@@ -106,3 +106,14 @@ def test_bad_input_gets_a_clear_error(name):
     with pytest.raises(error) as info:
         make_call()
     assert words in str(info.value), str(info.value)
+
+
+def test_with_causal_restricts_bool_and_additive_masks_alike():
+    from course_lib.masks import causal_mask, to_additive_mask, with_causal
+
+    pad = torch.tensor([[True, True, False, True]])  # (1, S): key 2 is padding
+    combined = with_causal(pad, 2, 4)  # queries are the last 2 of 4 positions
+    assert combined.tolist() == [[True, True, False, False], [True, True, False, True]]
+    additive = with_causal(to_additive_mask(pad), 2, 4)
+    assert torch.equal(additive == 0, combined)
+    assert torch.equal(with_causal(None, 3, 3), causal_mask(3))
