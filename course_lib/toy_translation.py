@@ -20,6 +20,7 @@ non-trivial alignment rather than a copy:
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -272,8 +273,12 @@ def target_vocab() -> Vocab:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    out_dir = Path(argv[0]) if argv else DATA_SUBDIR
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.toy_translation",
+        description="Regenerate the toy translation splits (fixed seed: the same bytes every time).",
+    )
+    parser.add_argument("out_dir", nargs="?", type=Path, default=DATA_SUBDIR, help=f"default: {DATA_SUBDIR}")
+    out_dir = parser.parse_args(argv).out_dir
     for name, path in write_splits(out_dir).items():
         print(f"wrote {name}: {len(load_split(name, out_dir))} pairs -> {path}")
     return 0

@@ -66,3 +66,16 @@ def test_vocab_and_errors():
 def test_jsonl_lines_are_objects_with_src_and_tgt():
     line = (tt.DATA_SUBDIR / "test.jsonl").read_text().splitlines()[0]
     assert set(json.loads(line)) == {"src", "tgt"}
+
+
+def test_cli_writes_the_same_bytes_and_help_writes_nothing(tmp_path, monkeypatch, capsys):
+    from course_lib import toy_translation
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        toy_translation.main(["--help"])
+    assert exit_info.value.code == 0 and list(tmp_path.iterdir()) == []
+    assert toy_translation.main([str(tmp_path / "out")]) == 0
+    for name in ("train", "validation", "test"):
+        written = (tmp_path / "out" / f"{name}.jsonl").read_bytes()
+        assert written == (toy_translation.DATA_SUBDIR / f"{name}.jsonl").read_bytes()
