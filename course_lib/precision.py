@@ -33,6 +33,7 @@ __all__ = [
     "sdpa_backend_report",
     "SDPA_BACKENDS",
     "sdpa_backend_enum",
+    "sdpa_with_backend",
 ]
 
 
@@ -159,15 +160,24 @@ def sdpa_backend_enum(name: str):
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
 
 
-def _try_backend(name: str, q, k, v, attn_mask, dropout_p, is_causal) -> tuple[bool, str]:
-    """Run SDPA restricted to one backend on the given inputs: does it run?"""
+def sdpa_with_backend(name: str, q, k, v, *, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False):
+    """F.scaled_dot_product_attention restricted to one backend: "flash", "efficient", "cudnn" or "math".
+
+    Raises RuntimeError when that backend cannot run these inputs on this device.
+    """
     from torch.nn.attention import sdpa_kernel
 
+    with sdpa_kernel(sdpa_backend_enum(name)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def _try_backend(name: str, q, k, v, attn_mask, dropout_p, is_causal) -> tuple[bool, str]:
+    """Run SDPA restricted to one backend on the given inputs: does it run?"""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with torch.no_grad(), sdpa_kernel(sdpa_backend_enum(name)):
-                F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+            with torch.no_grad():
+                sdpa_with_backend(name, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
         except RuntimeError as e:
             reasons = [str(w.message).strip() for w in caught] or [str(e).splitlines()[0]]
             return False, "; ".join(reasons)

@@ -35,13 +35,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.bench.timing import device_info, matmul_peak, peak_memory, time_fn
 from course_lib.masks import causal_mask
 from course_lib.paths import DATA_DIR
-from course_lib.precision import attention_error_table, sdpa_backend_enum, tensor_core_settings
+from course_lib.precision import attention_error_table, sdpa_with_backend, tensor_core_settings
 
 __all__ = [
     "CORE_IMPLS",
@@ -103,15 +102,8 @@ def _core_fn(impl: str, is_causal: bool) -> Callable:
         return lambda q, k, v: naive_attention(q, k, v, is_causal)
     if impl == "course_lib":
         return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    from torch.nn.attention import sdpa_kernel
-
-    backend = sdpa_backend_enum(impl.removeprefix("sdpa_"))
-
-    def run(q, k, v):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-
-    return run
+    backend = impl.removeprefix("sdpa_")
+    return lambda q, k, v: sdpa_with_backend(backend, q, k, v, is_causal=is_causal)
 
 
 def _step(fn: Callable, q, k, v, grad_out, pass_: str) -> Callable[[], None]:

@@ -23,20 +23,14 @@ import torch.nn.functional as F
 from course_lib.bench.attention import attention_flops
 from course_lib.bench.timing import device_info, time_fn
 from course_lib.paths import DATA_DIR
+from course_lib.precision import sdpa_with_backend
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 def _sdpa_runner(name: str, q, k, v, causal: bool):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, name)
-
-    def run():
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    return run
+    backend = name.removesuffix("_ATTENTION").lower()  # SDPBackend member name -> "flash", "cudnn", ...
+    return lambda: sdpa_with_backend(backend, q, k, v, is_causal=causal)
 
 
 def _ours_runner(q, k, v, causal: bool):
