@@ -200,3 +200,14 @@ def test_attention_backward_without_mask_argument():
         return correct_backward(q, k, v, d_out)
 
     _not_yet(checks.check_attention_backward(no_mask), "TypeError", "the last one is the mask")
+
+
+def test_a_torch_answer_that_still_requires_grad_is_checked_not_crashed():
+    import torch
+
+    def jacobian_in_torch(x):
+        p = torch.softmax(torch.tensor(x, requires_grad=True), dim=-1)
+        return torch.diag(p) - torch.outer(p, p)  # requires grad: numpy cannot read it without detach()
+
+    result = checks.check_softmax_jacobian(jacobian_in_torch)
+    assert result.passed, result.message

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CheckResult", "CheckFailure", "checker", "call", "compare"]
+__all__ = ["CheckResult", "CheckFailure", "checker", "call", "compare", "is_close", "to_numpy"]
 
 
 class CheckFailure(Exception):
@@ -72,15 +72,31 @@ def call(learner_fn: Callable, *args, what: str = "", **kwargs):
         ) from None
 
 
+def to_numpy(x):
+    """A torch tensor (any device, requiring grad or not) as a numpy array; anything else unchanged."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def is_close(got, expected, *, atol: float = 1e-10, rtol: float = 1e-8) -> bool:
+    """Does `got` have the shape and (within atol/rtol) the values of `expected`? False for non-numbers.
+
+    The defaults suit float64 answers, where a correct solution agrees with the reference to ~1e-15.
+    """
+    try:
+        got = np.asarray(to_numpy(got), dtype=np.float64)
+    except (TypeError, ValueError):
+        return False
+    expected = np.asarray(to_numpy(expected), dtype=np.float64)
+    return got.shape == expected.shape and bool(np.allclose(got, expected, atol=atol, rtol=rtol))
+
+
 def compare(name: str, got, expected, *, atol: float = 1e-8, rtol: float = 1e-6, hint: str = "") -> None:
     """Raise CheckFailure describing the first way `got` differs from `expected`."""
     suffix = f" Hint: {hint}" if hint else ""
     if got is None:
         raise CheckFailure(f"{name} is None: did you forget to `return` it?{suffix}")
-    if hasattr(got, "detach"):  # a torch tensor
-        got = got.detach().cpu().numpy()
     try:
-        got = np.asarray(got, dtype=np.float64)
+        got = np.asarray(to_numpy(got), dtype=np.float64)
     except (TypeError, ValueError):
         raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}{suffix}") from None
     expected = np.asarray(expected, dtype=np.float64)

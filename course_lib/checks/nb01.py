@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, to_numpy
 
 __all__ = ["check_scaled_scores", "check_softmax", "check_attention", "check_masked_attention"]
 
@@ -24,10 +24,8 @@ def _rng() -> np.random.Generator:
 def _as_array(name: str, got) -> np.ndarray:
     if got is None:
         raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    if hasattr(got, "detach"):  # a torch tensor
-        got = got.detach().cpu().numpy()
     try:
-        return np.asarray(got, dtype=np.float64)
+        return np.asarray(to_numpy(got), dtype=np.float64)
     except (TypeError, ValueError):
         raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}") from None
 

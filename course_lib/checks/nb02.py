@@ -10,26 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, is_close
 
 __all__ = ["check_softmax_jacobian", "check_softmax_backward", "check_attention_backward"]
 
 _ATOL, _RTOL = 1e-10, 1e-8  # float64 arithmetic: the reference and a correct answer agree to ~1e-15
 
 
-def _close(a, b) -> bool:
-    try:
-        a = np.asarray(a, dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    b = np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and bool(np.allclose(a, b, atol=_ATOL, rtol=_RTOL))
-
-
 def _diagnose(got, candidates: dict[str, np.ndarray | None]) -> str | None:
     """The message of the first planted mistake whose result equals `got`, if any."""
     for message, wrong in candidates.items():
-        if wrong is not None and _close(got, wrong):
+        if wrong is not None and is_close(got, wrong):
             return message
     return None
 
@@ -49,7 +40,7 @@ def check_softmax_jacobian(fn):
         got = call(fn, x.copy())
         p = numpy_ref.softmax(x)
         expected = _reference_jacobian(x)
-        if got is not None and np.shape(got) == expected.shape and not _close(got, expected):
+        if got is not None and np.shape(got) == expected.shape and not is_close(got, expected):
             mistake = _diagnose(got, {
                 "you have -p p^T only: the diagonal term diag(p) is missing (d p_i / d x_i = p_i - p_i^2)":
                     -np.outer(p, p),
@@ -91,7 +82,7 @@ def check_softmax_backward(fn):
             "the row sum must be of d_p * p (elementwise product), not of d_p alone":
                 p * (d_p - np.sum(d_p, axis=-1, keepdims=True)),
             "the sign is flipped: d_x = p * (d_p - rowsum(d_p * p))": -expected,
-        }) if not _close(got, expected) else None
+        }) if not is_close(got, expected) else None
         if mistake:
             raise CheckFailure(f"for inputs of shape {shape}: {mistake}.")
         compare(f"d_x for p of shape {shape}", got, expected, atol=_ATOL, rtol=_RTOL,
@@ -167,7 +158,7 @@ def check_attention_backward(fn):
         expected = numpy_ref.scaled_dot_product_attention_backward(q, k, v, d_out, mask)
         wrong = _wrong_backwards(q, k, v, d_out, mask)
         for name, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
-            if not _close(g, e):
+            if not is_close(g, e):
                 mistake = _diagnose(g, wrong[name])
                 if mistake:
                     raise CheckFailure(f"{description}: {mistake}.")

@@ -12,26 +12,11 @@ import numpy as np
 import torch
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy
 
 __all__ = ["check_torch_attention", "check_autograd_grads"]
 
 _ATOL, _RTOL = 1e-10, 1e-8  # float64 vs float64: a correct answer agrees to ~1e-15
-
-
-def _to_numpy(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return x
-
-
-def _close(a, b, atol: float = _ATOL, rtol: float = _RTOL) -> bool:
-    try:
-        a = np.asarray(_to_numpy(a), dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    b = np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and bool(np.allclose(a, b, atol=atol, rtol=rtol))
 
 
 def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mask=False):
@@ -71,7 +56,7 @@ def check_torch_attention(fn):
                                "input dtype (do not call .float() or create float32 tensors along the way)")
         if isinstance(got, tuple):
             raise CheckFailure(f"{description}: return only the output tensor (not a tuple)")
-        if not _close(got, expected):
+        if not is_close(got, expected):
             variants = {
                 f"softmax over dim {axis} of the scores; it must run over the LAST dim (the keys), "
                 "so each query's weights sum to 1": {"softmax_axis": axis}
@@ -89,7 +74,7 @@ def check_torch_attention(fn):
                     continue
                 with np.errstate(invalid="ignore"):
                     wrong = _attention_variant(q, k, v, mask, **change)
-                if _close(got, wrong) or _close(np.nan_to_num(_to_numpy(got)), np.nan_to_num(wrong)):
+                if is_close(got, wrong) or is_close(np.nan_to_num(to_numpy(got)), np.nan_to_num(wrong)):
                     raise CheckFailure(f"{description}: {message}.")
             if mask is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape:
                 if torch.isnan(got).any():
@@ -128,12 +113,12 @@ def check_autograd_grads(fn):
         expected = numpy_ref.scaled_dot_product_attention_backward(q, k, v, d_out, mask)
         of_sum = numpy_ref.scaled_dot_product_attention_backward(q, k, v, np.ones_like(d_out), mask)
         for name, g, e, e_sum in zip(("dq", "dk", "dv"), got, expected, of_sum, strict=True):
-            if _close(g, e):
+            if is_close(g, e):
                 continue
-            if _close(g, e_sum):
+            if is_close(g, e_sum):
                 raise CheckFailure(f"{description}: {name} is the gradient of out.sum(), not of sum(out * d_out): "
                                    "call out.backward(d_out) (or torch.autograd.grad(out, (q, k, v), d_out))")
-            if _close(g, e, atol=1e-5, rtol=1e-4):
+            if is_close(g, e, atol=1e-5, rtol=1e-4):
                 raise CheckFailure(f"{description}: {name} agrees only to ~1e-6, the precision of float32: create the "
                                    "tensors in float64 (torch.from_numpy keeps float64; torch.tensor(x, "
                                    "dtype=torch.float32) or .float() throws the precision away)")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, is_close
 
 __all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check_mha_param_count"]
 
@@ -21,9 +21,7 @@ _ATOL, _RTOL = 1e-10, 1e-8
 
 
 def _close(got, expected) -> bool:
-    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(expected.shape):
-        return False
-    return bool(torch.allclose(got.detach().to(torch.float64), expected.to(torch.float64), atol=_ATOL, rtol=_RTOL))
+    return isinstance(got, torch.Tensor) and is_close(got, expected, atol=_ATOL, rtol=_RTOL)
 
 
 def _diagnose(got, candidates: dict[str, torch.Tensor]) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, to_numpy
 from course_lib.masks import causal_mask
 from course_lib.positional import sinusoidal_table
 
@@ -13,9 +13,7 @@ __all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
 
 
 def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.asarray(to_numpy(x), dtype=np.float64)
 
 
 @checker("sinusoidal positional encoding")
