@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
 from course_lib.masks import with_causal
 
-__all__ = ["scaled_dot_product_attention", "safe_softmax"]
+__all__ = ["scaled_dot_product_attention", "safe_softmax", "check_attn_mask"]
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
@@ -33,19 +33,28 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[i
     return check_qkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape))
 
 
-def _check_mask(attn_mask: torch.Tensor, scores_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def check_attn_mask(
+    attn_mask: object, scores_shape: tuple[int, ...], device: torch.device, allowed_ndim: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """A bool or additive float mask that broadcasts to the scores (..., T, S), on `device`, without NaN."""
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
         raise TypeError(
-            f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); "
-            f"got dtype {attn_mask.dtype}"
+            f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); got "
+            f"dtype {attn_mask.dtype} (for a 0/1 mask use mask.bool(); 1 = may attend)"
+        )
+    if allowed_ndim is not None and attn_mask.ndim not in allowed_ndim:
+        raise ValueError(
+            f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {attn_mask.ndim}-D "
+            f"{shape_str(attn_mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])"
         )
     check_mask_shape(tuple(attn_mask.shape), scores_shape, name="attn_mask")
     if attn_mask.device != device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q, k, v are on {device}")
+        raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {device}")
     if attn_mask.dtype.is_floating_point and torch.isnan(attn_mask).any():
-        raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend'")
+        raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend' "
+                         "(or a boolean mask, True = may attend)")
     return attn_mask
 
 
@@ -117,7 +126,7 @@ def scaled_dot_product_attention(
     """
     scores_shape = _check_tensors(q, k, v)
     dropout_p = check_probability("dropout_p", dropout_p)
-    mask = None if attn_mask is None else _check_mask(attn_mask, scores_shape, q.device)
+    mask = None if attn_mask is None else check_attn_mask(attn_mask, scores_shape, q.device)
     T, S = scores_shape[-2:]
     if backend == "triton":
         if mask is not None or dropout_p > 0 or need_weights:

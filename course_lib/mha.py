@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib._validate import check_mask_shape, check_positive_int, check_probability, shape_str
-from course_lib.attention import scaled_dot_product_attention
+from course_lib._validate import check_positive_int, check_probability, shape_str
+from course_lib.attention import check_attn_mask, scaled_dot_product_attention
 from course_lib.kv_cache import KVCache
 from course_lib.masks import with_causal
 
@@ -76,10 +76,6 @@ class MultiHeadAttention(nn.Module):
         return f"d_model={self.d_model}, num_heads={self.num_heads}, d_head={self.d_head}, dropout={self.dropout}"
 
     # ----------------------------------------------------------------------------- helpers
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, _ = x.shape
-        return x.view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, L, D) -> (B, H, L, d_head)
-
     def _project_self(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused QKV: one (3*D, D) matmul instead of three (D, D) ones when q = k = v = x."""
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
@@ -135,24 +131,7 @@ class MultiHeadAttention(nn.Module):
                 f"query {shape_str(query.shape)}, key {shape_str(key.shape)}"
             )
         if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor):
-                raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
-            if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-                raise TypeError(
-                    f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); got "
-                    f"dtype {attn_mask.dtype} (for a 0/1 mask use mask.bool(); 1 = may attend)"
-                )
-            if attn_mask.ndim not in (2, 4):
-                raise ValueError(
-                    f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {attn_mask.ndim}-D "
-                    f"{shape_str(attn_mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])"
-                )
-            check_mask_shape(tuple(attn_mask.shape), (B, self.num_heads, T, S), name="attn_mask")
-            if attn_mask.device != query.device:
-                raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-            if attn_mask.dtype.is_floating_point and torch.isnan(attn_mask).any():
-                raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend' "
-                                 "(or a boolean mask, True = may attend)")
+            check_attn_mask(attn_mask, (B, self.num_heads, T, S), query.device, allowed_ndim=(2, 4))
         return B, T, S
 
     # ----------------------------------------------------------------------------- forward
@@ -190,9 +169,9 @@ class MultiHeadAttention(nn.Module):
             k = v = None
             if not (cache is not None and cache.static and cache.is_filled):
                 k, v = self.k_proj(key), self.v_proj(value)  # (B, S_new, d_model)
-        q = self._split_heads(q)  # (B, H, T, d_head)
-        k = None if k is None else self._split_heads(k)  # (B, H, S_new, d_head)
-        v = None if v is None else self._split_heads(v)
+        q = split_heads(q, self.num_heads)  # (B, H, T, d_head)
+        k = None if k is None else split_heads(k, self.num_heads)  # (B, H, S_new, d_head)
+        v = None if v is None else split_heads(v, self.num_heads)
         if cache is not None:
             k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
 
@@ -206,7 +185,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
         )
         out, weights = result if need_weights else (result, None)  # (B, H, T, d_head)
-        out = self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))  # concat heads, then W_O
+        out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
         return (out, weights) if need_weights else out
 
     # ----------------------------------------------------------------------------- conversions
