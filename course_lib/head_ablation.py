@@ -29,7 +29,7 @@ from torch import nn
 
 from course_lib._validate import check_positive_int
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.mha import MultiHeadAttention
+from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 
 __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
@@ -79,17 +79,15 @@ class GatedSelfAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int) -> None:
         super().__init__()
         self.mha = MultiHeadAttention(d_model, num_heads)
-        self.num_heads, self.d_head = num_heads, d_model // num_heads
+        self.num_heads = num_heads
 
     def forward(self, x: torch.Tensor, head_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, D = x.shape
         m = self.mha
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.d_head).transpose(1, 2)
-                   for proj in (m.q_proj, m.k_proj, m.v_proj))  # 3 x (B, H, T, d_head)
+        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (m.q_proj, m.k_proj, m.v_proj))  # (B, H, T, d_head)
         heads, weights = scaled_dot_product_attention(q, k, v, need_weights=True)  # (B, H, T, d_head), (B, H, T, T)
         if head_gate is not None:
             heads = heads * head_gate.view(1, self.num_heads, 1, 1)
-        return m.out_proj(heads.transpose(1, 2).reshape(B, T, D)), weights
+        return m.out_proj(merge_heads(heads)), weights  # (B, T, d_model), (B, H, T, T)
 
 
 class _Layer(nn.Module):
