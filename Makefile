@@ -14,12 +14,13 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install lab test lint pytest nbval execute clean
+.PHONY: help install lab test lint pytest nbval execute gpu-check clean
 
 help:
 	@echo "make lab      create .venv if needed, install the course, start JupyterLab on notebooks/"
 	@echo "make test     install if needed, lint, run every test and re-execute every notebook (nbval)"
 	@echo "make execute  re-run every notebook in place, top to bottom (refreshes committed outputs)"
+	@echo "make gpu-check OUT=dir  GPU tests + benchmarks into dir (no install: runs on a bare torch + triton image)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +58,12 @@ execute: install
 		$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.kernel_name=$(KERNEL) --ExecutePreprocessor.timeout=900 $$nb || exit 1; \
 	done
+
+# The whole GPU check (tests, then benchmarks; at most 8 minutes, at most 8 files in $(OUT)).
+# Deliberately not tied to .venv: it runs from the working tree on any python3 with torch and triton.
+OUT ?= gpu-check-results
+gpu-check:
+	PYTHONPATH=. $(PYTHON) scripts/gpu_check.py $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

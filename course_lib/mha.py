@@ -76,10 +76,30 @@ class MultiHeadAttention(nn.Module):
         return f"d_model={self.d_model}, num_heads={self.num_heads}, d_head={self.d_head}, dropout={self.dropout}"
 
     # ----------------------------------------------------------------------------- helpers
+    def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (3D, D) weight and (3D,) bias of the three projections, stacked.
+
+        With gradients on, the stacking is part of the graph (its backward splits the gradient
+        back into the three weights), so it is redone each call. Without gradients (inference,
+        decoding token by token, where a call is short and this copy would be a visible part of
+        it) it is computed once and reused until a weight changes: moved, replaced or updated in
+        place (tensor._version counts in-place writes).
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        params = [p.weight for p in projections] + ([] if self.q_proj.bias is None else [p.bias for p in projections])
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), None if len(params) == 3 else torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_qkv_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                fused = (torch.cat(params[:3]), None if len(params) == 3 else torch.cat(params[3:]))
+            self.__dict__["_qkv_cache"] = cached = (key, fused)  # not a buffer: never saved in state_dict
+        return cached[1]
+
     def _project_self(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused QKV: one (3*D, D) matmul instead of three (D, D) ones when q = k = v = x."""
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3D, D)
-        bias = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        weight, bias = self._fused_qkv()  # (3D, D), (3D,) or None
         return F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (B, T, D)
 
     def _check_inputs(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
@@ -176,8 +196,10 @@ class MultiHeadAttention(nn.Module):
             k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
 
         if is_causal and T != S:
-            # with a cache: the T new queries are the last T of S positions (bottom-right aligned)
-            attn_mask = with_causal(attn_mask, T, S, device=query.device)
+            # with a cache: the T new queries are the last T of S positions (bottom-right aligned).
+            # One new query is the last position and sees every key: there is nothing to mask.
+            if T > 1 or attn_mask is not None:
+                attn_mask = with_causal(attn_mask, T, S, device=query.device)
             is_causal = False
 
         result = scaled_dot_product_attention(

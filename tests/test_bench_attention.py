@@ -79,6 +79,10 @@ def test_json_has_device_versions_config_and_records(tiny_run):
         assert r["scores_bytes"] == 1 * 2 * r["T"] * r["T"] * 4
         if r["impl"] in ("sdpa_efficient", "sdpa_cudnn"):
             assert r["status"] == "unsupported" and "CUDA" in r["reason"] and r["median_s"] is None
+        elif r["impl"] == "triton":  # the interpreter's times would say nothing about a GPU
+            assert r["status"] == "skipped" and "interpreter" in r["reason"] and r["median_s"] is None
+            assert r["executed_flops"] == {"fwd": 1.0, "fwd+bwd": 4.5}[r["pass"]] * r["flops"] / (
+                1.0 if r["pass"] == "fwd" else 3.5)
         else:
             assert r["status"] == "ok", r
             assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]

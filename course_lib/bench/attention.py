@@ -11,12 +11,17 @@ Attention core (q, k, v of shape (B, H, T, d_head) -> out), timed forward and fo
                `F.scaled_dot_product_attention` restricted to one backend with
                `torch.nn.attention.sdpa_kernel`; a backend that refuses the inputs is recorded
                as "unsupported" with the reason, never dropped silently
+- triton       the course's Triton kernel, `course_lib.kernels.flash_attention` (GPU only: on a
+               CPU it runs in Triton's interpreter, whose times say nothing, so it is skipped)
 Modules (x of shape (B, T, H * d_head) -> out, forward+backward): course_lib.MultiHeadAttention,
 a plain SDPA module and nn.MultiheadAttention, timed by `course_lib.bench.mha.run` (interleaved).
 
 Each timing is the median of many repeats after warm-up (CUDA events on a GPU, perf_counter on
 the CPU; see timing.py). FLOPs: 4 B H T S d_head forward (two matmuls), halved when causal;
-backward = 2.5 x forward. TFLOP/s is divided by the matmul peak *measured* on the same device
+backward = 2.5 x forward (the FlashAttention papers' convention, used for every implementation so
+that TFLOP/s compare like with like). The course's Triton backward *executes* 3.5 x forward (it
+recomputes the scores and dP in both of its kernels, seven matmuls to the forward's two): its
+records also carry "executed_flops". TFLOP/s is divided by the matmul peak *measured* on the same device
 in the same dtype. Peak memory is measured on CUDA (torch does not track CPU allocations: there
 the JSON holds None, plus the analytic size of the T x S score matrix). On CUDA a run that
 exhausts memory is recorded as "oom"; on the CPU cases whose score matrix would exceed
@@ -30,6 +35,7 @@ import contextlib
 import datetime
 import json
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -54,7 +60,7 @@ __all__ = [
     "main",
 ]
 
-CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton")
 MODULE_IMPLS = ("course_lib", "plain_sdpa", "torch_mha")  # the names course_lib.bench.mha uses
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -102,6 +108,10 @@ def _core_fn(impl: str, is_causal: bool) -> Callable:
         return lambda q, k, v: naive_attention(q, k, v, is_causal)
     if impl == "course_lib":
         return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    if impl == "triton":
+        from course_lib.kernels import flash_attention  # lazy: triton is optional
+
+        return lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal)
     backend = impl.removeprefix("sdpa_")
     return lambda q, k, v: sdpa_with_backend(backend, q, k, v, is_causal=is_causal)
 
@@ -128,6 +138,13 @@ def _oom_errors() -> tuple[type[BaseException], ...]:
     return (torch.cuda.OutOfMemoryError,)
 
 
+def triton_executed_flops(B: int, H: int, T: int, S: int, d_head: int, *, causal: bool, pass_: str) -> float:
+    """FLOPs the course's Triton kernel really executes: 2 matmuls forward, 7 backward (4 in the dK/dV
+    kernel: S, P^T dO, dP, dS^T Q; 3 in the dQ kernel: S, dP, dS K), each 2 T S d per head."""
+    forward = attention_flops(B, H, T, S, d_head, causal=causal)
+    return {"fwd": 1.0, "bwd": 3.5, "fwd+bwd": 4.5}[pass_] * forward
+
+
 def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str, dtype: torch.dtype,
                device: torch.device, warmup: int, repeats: int, peak_tflops: float | None,
                cpu_max_bytes: float) -> dict:
@@ -144,6 +161,17 @@ def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, 
     if device.type != "cuda" and impl in ("sdpa_efficient", "sdpa_cudnn"):
         record |= {"status": "unsupported", "reason": f"the {impl.removeprefix('sdpa_')} kernel needs a CUDA device"}
         return record
+    if impl == "triton":
+        from course_lib.kernels import triton_available
+
+        record["executed_flops"] = triton_executed_flops(B, H, T, T, d_head, causal=causal, pass_=pass_)
+        if device.type != "cuda":
+            record |= {"status": "skipped", "reason": "without a GPU the Triton kernel runs in Triton's CPU "
+                                                      "interpreter, whose times say nothing"}
+            return record
+        if not triton_available():
+            record |= {"status": "unsupported", "reason": "the triton package is not installed"}
+            return record
     generator = torch.Generator().manual_seed(T * 1000 + d_head)
     q, k, v, grad_out = (torch.randn(B, H, T, d_head, generator=generator).to(device, dtype) for _ in range(4))
     if pass_ == "fwd+bwd":
@@ -167,6 +195,8 @@ def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, 
         record |= {"status": "oom", "reason": str(e).splitlines()[0][:300]}
     except RuntimeError as e:
         record |= {"status": "unsupported", "reason": str(e)[:300]}
+    except Exception as e:  # e.g. a kernel that fails to compile: recorded, and the suite goes on
+        record |= {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
     else:
         tflops = record["flops"] / timing.median_s / 1e12
         record |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "tflops": tflops,
@@ -222,12 +252,13 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
               heads: int = 8, causal: tuple[bool, ...] = (False, True), passes: tuple[str, ...] = PASSES,
               impls: tuple[str, ...] = CORE_IMPLS, modules: bool = True, warmup: int = 3, repeats: int = 10,
               measure_peak: bool = True, accuracy: bool = True, cpu_max_gib: float = 2.0, threads: int | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, deadline: float | None = None) -> dict:
     """Run every case; return the JSON-ready dict (device info, config, measured peak, records).
 
     accuracy=True also records `course_lib.precision.attention_error_table` on this device (the
     error vs a float64 reference per precision setting) under the key "accuracy". threads sets
     torch's CPU thread count for the run (on a shared machine one thread gives steadier times).
+    deadline: a time.monotonic() value; cases not started by then are recorded as "skipped".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
@@ -248,6 +279,15 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         peak_tflops = peak["tflops"] if peak else None
         iterator = tqdm(cases, desc="attention bench", disable=not progress) if tqdm else cases
         for T, d_head, is_causal in iterator:
+            if deadline is not None and time.monotonic() > deadline:
+                base = {"T": T, "S": T, "d_head": d_head, "causal": is_causal, "B": batch, "H": heads,
+                        "status": "skipped", "reason": "time budget of the run spent", "median_s": None,
+                        "tflops": None, "frac_peak": None, "peak_memory_bytes": None,
+                        "scores_bytes": batch * heads * T * T * torch.empty((), dtype=torch_dtype).element_size()}
+                records += [base | {"level": "core", "impl": i, "pass": p} for p in passes for i in impls]
+                records += [base | {"level": "module", "impl": i, "pass": "fwd+bwd"} for i in MODULE_IMPLS
+                            if modules]
+                continue
             for pass_ in passes:
                 for impl in impls:
                     records.append(_core_case(impl, B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
@@ -269,7 +309,8 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
                    "warmup": warmup, "repeats": repeats, "threads": info["cpu_threads"],
                    "tensor_core_settings": settings},
         "matmul_peak": peak,
-        "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd",
+        "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
+                           "the Triton kernel executes bwd = 3.5*fwd (recorded as executed_flops)",
         "results": records,
         "accuracy": errors,
     }

@@ -32,7 +32,7 @@ from torch import nn
 from course_lib.bench.timing import device_info, time_fn
 from course_lib.mha import MultiHeadAttention
 
-__all__ = ["PlainSDPAttention", "build_modules", "run", "main"]
+__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main"]
 
 BASELINES = ("torch_mha", "plain_sdpa")
 
@@ -51,6 +51,16 @@ class PlainSDPAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, d_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d_head)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, T, d_head)
+        return self.out(out.transpose(1, 2).reshape(B, T, D))
+
+    def decode(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
+        """One new token x (B, 1, D) against cache = [keys, values] (B, H, S, d_head), appended in place."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, 1, 3, H, d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, 1, d_head)
+        cache[0] = torch.cat([cache[0], k], dim=2)  # (B, H, S + 1, d_head)
+        cache[1] = torch.cat([cache[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, cache[0], cache[1])  # the newest token sees every key: no mask
         return self.out(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -107,6 +117,20 @@ def run(
         outs = {name: _forward(name, m, x, causal) for name, m in modules.items()}
     max_diff = max(float((o - outs["torch_mha"]).abs().max()) for o in outs.values())
     steps = {name: _step(name, m, x, grad_out, causal) for name, m in modules.items()}
+    timings = _interleaved(steps, device=device, warmup=warmup, repeats=repeats, baselines=BASELINES)
+    return {
+        "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
+                   "dtype": str(dtype).replace("torch.", ""), "causal": causal,
+                   "repeats": repeats, "warmup": warmup, "step": "forward+backward"},
+        "device": device_info(device),
+        "max_abs_output_difference": max_diff,
+        "timings": timings,
+    }
+
+
+def _interleaved(steps: dict[str, Callable[[], object]], *, device, warmup: int, repeats: int,
+                 baselines: tuple[str, ...]) -> dict[str, dict]:
+    """Warm each step up, then time one call of each per repeat in rotating order; ratios to the best baseline."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -119,15 +143,60 @@ def run(
     for name, times in samples.items():
         timings[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                          "repeats": len(times), "samples_s": times}
-    best_baseline = min(timings[b]["median_s"] for b in BASELINES)
-    best_baseline_min = min(timings[b]["min_s"] for b in BASELINES)
+    best_baseline = min(timings[b]["median_s"] for b in baselines)
+    best_baseline_min = min(timings[b]["min_s"] for b in baselines)
     for t in timings.values():
         t["ratio_to_best_baseline"] = t["median_s"] / best_baseline
         t["min_ratio_to_best_baseline"] = t["min_s"] / best_baseline_min
+    return timings
+
+
+def run_decode(
+    *,
+    batch: int = 1,
+    cache_len: int = 1024,
+    d_model: int = 768,
+    heads: int = 12,
+    repeats: int = 50,
+    warmup: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict:
+    """Time one decoding step: one new token per sequence against a KV cache of `cache_len` positions.
+
+    course_lib: `MultiHeadAttention(x, cache=KVCache, is_causal=True)`, as a decoder calls it;
+    plain_sdpa: `PlainSDPAttention.decode`, the same work with no checks. Both append to their cache
+    (a copy of it, as KVCache does); before each timed step the cache is reset to the same
+    `cache_len` entries, so every step does the same work. No gradients (inference).
+    """
+    from course_lib.kv_cache import KVCache
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    modules = build_modules(d_model, heads, device, dtype)
+    ours, plain = modules["course_lib"], modules["plain_sdpa"]
+    d_head = d_model // heads
+    keys, values = (torch.randn(batch, heads, cache_len, d_head, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)  # (B, 1, d_model): the newest token
+    our_cache, plain_cache = KVCache(), [keys, values]
+
+    def ours_step() -> torch.Tensor:
+        our_cache.key, our_cache.value = keys, values
+        return ours(x, cache=our_cache, is_causal=True)
+
+    def plain_step() -> torch.Tensor:
+        plain_cache[:] = [keys, values]
+        return plain.decode(x, plain_cache)
+
+    with torch.no_grad():
+        max_diff = float((ours_step() - plain_step()).abs().max())  # same weights, same cache: same answer
+        timings = _interleaved({"course_lib": ours_step, "plain_sdpa": plain_step}, device=device, warmup=warmup,
+                               repeats=repeats, baselines=("plain_sdpa",))
     return {
-        "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
-                   "dtype": str(dtype).replace("torch.", ""), "causal": causal,
-                   "repeats": repeats, "warmup": warmup, "step": "forward+backward"},
+        "config": {"batch": batch, "cache_len": cache_len, "d_model": d_model, "heads": heads,
+                   "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
+                   "step": "decode one token (no grad)"},
         "device": device_info(device),
         "max_abs_output_difference": max_diff,
         "timings": timings,

@@ -25,10 +25,51 @@ import torch
 
 from course_lib._validate import shape_str
 
-__all__ = ["flash_attention", "FlashAttentionFunction", "triton_available", "interpreter_active"]
+__all__ = [
+    "flash_attention",
+    "FlashAttentionFunction",
+    "triton_available",
+    "interpreter_active",
+    "kernel_tolerance",
+    "unit_roundoff",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D_HEAD = 256
+_PRECISIONS = ("ieee", "tf32")
+
+
+def unit_roundoff(dtype: torch.dtype, input_precision: str = "ieee") -> float:
+    """u = 2^-(significand bits): the largest relative error of one rounding to the nearest number.
+
+    The significand bits count the implicit leading 1: float32 24, TF32 11 (what a Tensor Core keeps
+    of a float32 input when input_precision="tf32"), float16 11, bfloat16 8.
+    """
+    bits = {torch.float32: 11 if input_precision == "tf32" else 24, torch.float16: 11, torch.bfloat16: 8}
+    if dtype not in bits:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32; got {dtype}")
+    return 2.0 ** -bits[dtype]
+
+
+def kernel_tolerance(dtype: torch.dtype, input_precision: str = "ieee", *, length: int = 1) -> float:
+    """Bound on ||kernel - float64 reference|| / ||reference|| for outputs and gradients of random inputs.
+
+    Derived from the roundings the kernel makes, each at most u (`unit_roundoff`) relative, the
+    reference being computed in float64 from the same (already rounded) q, k, v and dO:
+    - forward: the probabilities P rounded to the input dtype before P V, the output rounded to it,
+      and, for TF32, q, k and v rounded inside the dot products (the score error u * |q| |k| / sqrt(d)
+      moves each weight by that much, relative): at most ~4 roundings of size u;
+    - backward: dS = P (dP - delta) is rounded before dS K and dS^T Q, and dP - delta cancels
+      leading digits (|dP - delta| is smaller than |dP|), which a factor 2 covers;
+    - float32 accumulation over `length` terms adds ~sqrt(length) * 2^-24 (random rounding errors add
+      like a random walk; Higham's probabilistic bound).
+    Hence 8 u + 2 sqrt(length) 2^-24. It is a bound on typical random inputs, not on adversarial ones.
+    """
+    if input_precision not in _PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_PRECISIONS}; got {input_precision!r}")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int; got {length!r}")
+    return 8 * unit_roundoff(dtype, input_precision) + 2 * length**0.5 * 2.0**-24
 
 
 def triton_available() -> bool:
@@ -63,7 +104,7 @@ def _kernels():
     return _flash_triton
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, input_precision: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -82,6 +123,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -
             f"the Triton kernel needs q (..., T, d), k and v (..., S, d) with the same leading dimensions "
             f"and d (no broadcasting); got q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}"
         )
+    if input_precision not in _PRECISIONS:
+        raise ValueError(
+            f"input_precision must be 'ieee' (float32 products, exact) or 'tf32' (float32 inputs rounded to "
+            f"10 mantissa bits on the Tensor Cores); got {input_precision!r}"
+        )
+    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+        raise TypeError(
+            "bfloat16 needs a GPU for the Triton kernel: Triton's CPU interpreter cannot multiply bfloat16 tiles "
+            "(tl.dot returns garbage there); use float16 or float32 on the CPU"
+        )
+    if q.numel() == 0 or k.numel() == 0:
+        raise ValueError(f"q, k and v must not be empty; got q {shape_str(q.shape)}, k {shape_str(k.shape)}")
     if not 1 <= q.shape[-1] <= _MAX_D_HEAD:
         raise ValueError(f"d_head (last dimension of q) must be in [1, {_MAX_D_HEAD}]; got {q.shape[-1]}")
     if is_causal and q.shape[-2] != k.shape[-2]:
@@ -95,15 +148,15 @@ class FlashAttentionFunction(torch.autograd.Function):
     """autograd wrapper: forward saves (q, k, v, out, lse) — O(T) extra, not the (T, S) weights."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal: bool):
+    def forward(ctx, q, k, v, is_causal: bool, input_precision: str):
         kernels = _kernels()
         batch, T, S, d = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
         q3 = q.reshape(-1, T, d).contiguous()  # (N, T, d), N = product of the leading dims
         k3 = k.reshape(-1, S, d).contiguous()  # (N, S, d)
         v3 = v.reshape(-1, S, d).contiguous()  # (N, S, d)
-        out, lse = kernels.forward(q3, k3, v3, is_causal, interpreter_active())
+        out, lse = kernels.forward(q3, k3, v3, is_causal, input_precision, interpreter_active())
         ctx.save_for_backward(q3, k3, v3, out, lse)
-        ctx.is_causal = is_causal
+        ctx.is_causal, ctx.input_precision = is_causal, input_precision
         ctx.shapes = (q.shape, k.shape)
         return out.reshape(*batch, T, d)
 
@@ -112,16 +165,23 @@ class FlashAttentionFunction(torch.autograd.Function):
         q3, k3, v3, out, lse = ctx.saved_tensors
         q_shape, k_shape = ctx.shapes
         d_out3 = d_out.reshape(out.shape).to(out.dtype)
-        dq, dk, dv = _kernels().backward(q3, k3, v3, out, lse, d_out3, ctx.is_causal, interpreter_active())
-        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape), None
+        dq, dk, dv = _kernels().backward(q3, k3, v3, out, lse, d_out3, ctx.is_causal, ctx.input_precision,
+                                         interpreter_active())
+        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape), None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *, input_precision: str = "ieee"
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v by the tiled FlashAttention algorithm, in Triton; differentiable.
 
     q (..., T, d), k and v (..., S, d) with the same leading dims, float16/bfloat16/float32
     (accumulation in float32). is_causal: query i sees keys j <= i (needs T == S).
+    input_precision (float32 inputs only): "ieee" multiplies in float32, like torch's default
+    matmul; "tf32" lets the Tensor Cores round the inputs to TF32 first (faster, relative error
+    ~1e-3, see `kernel_tolerance`). Triton's own default on a GPU is TF32; this kernel never
+    picks it silently. The CPU interpreter always multiplies in float32.
     No other masks, no dropout: use `course_lib.attention.scaled_dot_product_attention` for those.
     """
-    _check(q, k, v, is_causal)
-    return FlashAttentionFunction.apply(q, k, v, bool(is_causal))
+    _check(q, k, v, is_causal, input_precision)
+    return FlashAttentionFunction.apply(q, k, v, bool(is_causal), input_precision)

@@ -3,194 +3,413 @@
 Imported only through `course_lib.kernels` (which decides whether Triton runs compiled on a GPU
 or in its CPU interpreter before this module, and so triton, is imported).
 
-Layout: q (N, T, D), k (N, S, D), v (N, S, D), contiguous, N = batch * heads; one program
-handles one block of BLOCK_M queries of one (batch, head). D is padded to BLOCK_D, a power of 2.
-Every tl.dot accumulates in float32, whatever the input dtype (float16, bfloat16 or float32).
+Layout: q (N, T, D), k (N, S, D), v (N, S, D), contiguous, N = batch * heads. The grid is
+one-dimensional: program `pid` handles query block `pid % num_blocks` of head `pid // num_blocks`,
+so N may be as large as 2^31 / num_blocks (the second and third grid axes of CUDA stop at 65535),
+and the programs of one head run side by side (its keys and values stay in L2). Offsets to the
+start of a head are computed in int64: N * T * D may pass 2^31 elements.
+D is padded to BLOCK_D, a power of 2. Every tl.dot accumulates in float32; DOT_PRECISION says
+what the Tensor Cores may do to float32 inputs ("ieee": nothing, exact float32 products;
+"tf32": round them to 10 mantissa bits first). float16/bfloat16 inputs are not rounded further.
+
+Causal attention splits each loop into the tiles that are fully visible (no mask arithmetic at
+all) and the tiles on the diagonal (masked); the unmasked non-causal loop also stops before a
+last, partial key tile, which is the only one that needs a bounds mask.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E); exp2 is the GPU's native instruction
+SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (Hopper: 227 KiB per block)
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _load_rows(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, masking only what can be out of bounds."""
+    if CHECK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
 
 @triton.jit
-def _attn_fwd(
-    Q, K, V, O, LSE,  # pointers; LSE (N, T) float32 saves log-sum-exp of each score row for backward
-    T, S, D,  # sizes (runtime ints)
-    scale,  # 1 / sqrt(D)
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_tiles(
+    acc, l_i, m_i, q, K, V, offs_m, offs_n, offs_d, d_ok, S, D, qk_scale, lo, hi,
+    MASK_CAUSAL: tl.constexpr, MASK_COLS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0)  # which block of queries
-    bh = tl.program_id(1)  # which (batch, head)
+    """Fold key tiles lo, lo + BLOCK_N, ... < hi into the running (acc, l_i, m_i) of one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,)
+        col_ok = cols < S
+        kv_off = cols[:, None] * D + offs_d[None, :]
+        k = _load_rows(K + kv_off, col_ok, d_ok, MASK_COLS, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(V + kv_off, col_ok, d_ok, MASK_COLS, EVEN_D)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        if MASK_CAUSAL:
+            s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
+        elif MASK_COLS:
+            s = tl.where(col_ok[None, :], s, float("-inf"))  # keys past S do not exist
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,) finite: every row sees key 0 in its first tile
+        alpha = tl.math.exp2(m_i - m_new)  # rescale what was accumulated under the old max
+        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # p in v's dtype
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "S"])
+def _attn_fwd(
+    Q, K, V, O, LSE,  # pointers; LSE (N, T) float32: log2-sum-exp2 of each scaled score row, for the backward
+    T, S, D,  # sizes (runtime ints)
+    qk_scale,  # log2(e) / sqrt(D)
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    num_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_blocks).to(tl.int64)  # which (batch, head); int64 so bh * T * D cannot overflow
+    start_m = pid % num_blocks
+    if IS_CAUSAL:
+        start_m = num_blocks - 1 - start_m  # longest rows first: the short ones fill the tail of the launch
+    Q += bh * T * D
+    K += bh * S * D
+    V += bh * S * D
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows of this program
-    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key columns within a block
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key columns within a tile
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) features (padded to a power of 2)
     row_ok = offs_m < T  # the last block may run past T
     d_ok = offs_d < D
-
-    q_ptrs = Q + bh * T * D + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D), stays on chip
-    qk_scale = scale * 1.4426950408889634  # fold 1/sqrt(D) and log2(e) into one multiply: use exp2
+    q_off = offs_m[:, None] * D + offs_d[None, :]
+    q = _load_rows(Q + q_off, row_ok, d_ok, True, EVEN_D)  # (BLOCK_M, BLOCK_D), stays on chip
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (base-2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp2(s - m_i) * v
 
-    # Causal: keys after the last query of this block are never needed; skip those blocks entirely.
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (start_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n  # (BLOCK_N,)
-        col_ok = cols < S
-        kv_off = bh * S * D + cols[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) float32 scores, base-2 units
-        keep = col_ok[None, :]  # keys past S do not exist
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,) finite: every row sees key 0 in block 0
-        alpha = tl.math.exp2(m_i - m_new)  # rescale what was accumulated under the old max
-        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # p in v's dtype feeds the tensor cores
-        m_i = m_new
+    if IS_CAUSAL:  # T == S; BLOCK_M is a multiple of BLOCK_N
+        diag = start_m * BLOCK_M  # keys before the diagonal block: every row of this block sees them all
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, offs_m, offs_n, offs_d, d_ok, S, D, qk_scale,
+                                   0, diag, False, False, EVEN_D, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, offs_m, offs_n, offs_d, d_ok, S, D, qk_scale,
+                                   diag, tl.minimum(diag + BLOCK_M, S), True, True, EVEN_D, DOT_PRECISION, BLOCK_N)
+    else:
+        full = (S // BLOCK_N) * BLOCK_N  # whole key tiles: no bounds mask
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, offs_m, offs_n, offs_d, d_ok, S, D, qk_scale,
+                                   0, full, False, False, EVEN_D, DOT_PRECISION, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, offs_m, offs_n, offs_d, d_ok, S, D, qk_scale,
+                                   full, S, False, True, EVEN_D, DOT_PRECISION, BLOCK_N)
 
     acc = acc / l_i[:, None]
-    o_ptrs = O + bh * T * D + offs_m[:, None] * D + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    # log-sum-exp in natural-log units: lse = (m + log2(l)) / log2(e)
-    tl.store(LSE + bh * T + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
+    O += bh * T * D
+    if EVEN_D:
+        tl.store(O + q_off, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(O + q_off, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2: lse * ln 2 is the natural one
 
 
+# ----------------------------------------------------------------------------- backward
 @triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, offs_m, offs_d, d_ok, T, D, qk_scale, lo, hi,
+    MASK_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Add the query tiles lo, lo + BLOCK_M, ... < hi to dK, dV of one key block.
+
+    Rows past T load as zeros (q, dO, lse and delta all 0): their dO = 0 makes every contribution 0.
+    """
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < T
+        q_off = rows[:, None] * D + offs_d[None, :]
+        q = _load_rows(Q + q_off, row_ok, d_ok, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
+        do = _load_rows(DO + q_off, row_ok, d_ok, True, EVEN_D)
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)  # (BLOCK_M,) base 2
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)  # rowsum(dO * O)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        p = tl.math.exp2(s - lse[:, None])  # recomputed probabilities, no T x S stored
+        if MASK_CAUSAL:
+            p = tl.where(offs_n[None, :] <= rows[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])  # softmax backward, row by row
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["T", "S"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    T, S, D, scale,
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    T, S, D, qk_scale, sm_scale,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per block of keys: dV = sum_i P_i^T dO_i, dK = scale * sum_i dS_i^T Q_i over query blocks."""
-    start_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    """One program per block of keys: dV = sum_i P_i^T dO_i, dK = scale * sum_i dS_i^T Q_i over query blocks.
+
+    Keys past S load as zeros; their dK, dV are computed and never stored.
+    """
+    num_blocks = tl.cdiv(S, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = (pid // num_blocks).to(tl.int64)
+    start_n = pid % num_blocks
+    Q += bh * T * D
+    DO += bh * T * D
+    K += bh * S * D
+    V += bh * S * D
+    LSE += bh * T
+    DELTA += bh * T
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_n < S
     d_ok = offs_d < D
-    kv_off = bh * S * D + offs_n[:, None] * D + offs_d[None, :]
-    k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_off = offs_n[:, None] * D + offs_d[None, :]
+    k = _load_rows(K + kv_off, col_ok, d_ok, True, EVEN_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + kv_off, col_ok, d_ok, True, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo = 0
-    if IS_CAUSAL:  # queries before this key block never see it: start at the query block holding row start_n * BLOCK_N
-        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, T, BLOCK_M):
-        rows = start_m + offs_m
-        row_ok = rows < T
-        q_off = bh * T * D + rows[:, None] * D + offs_d[None, :]
-        q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
-        delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)  # rowsum(dO * O)
-        s = tl.dot(q, tl.trans(k)) * scale  # (BLOCK_M, BLOCK_N)
-        keep = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= rows[:, None])
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)  # recomputed probabilities, no T x S stored
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])  # softmax backward, row by row
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    if IS_CAUSAL:  # T == S; BLOCK_N is a multiple of BLOCK_M. Queries before this key block never see it.
+        diag = start_n * BLOCK_N
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, offs_m, offs_d, d_ok, T, D, qk_scale,
+                             diag, tl.minimum(diag + BLOCK_N, T), True, EVEN_D, DOT_PRECISION, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, offs_m, offs_d, d_ok, T, D, qk_scale,
+                             diag + BLOCK_N, T, False, EVEN_D, DOT_PRECISION, BLOCK_M)
+    else:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, offs_m, offs_d, d_ok, T, D, qk_scale,
+                             0, T, False, EVEN_D, DOT_PRECISION, BLOCK_M)
+    DK += bh * S * D
+    DV += bh * S * D
+    if EVEN_D:
+        store_mask = col_ok[:, None]
+    else:
+        store_mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, K, V, offs_m, offs_n, offs_d, d_ok, D, qk_scale, lo, hi,
+    MASK_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Add the key tiles lo, lo + BLOCK_N, ... < hi to dQ of one query block.
+
+    Keys past S need no mask here: they load as zeros, so dS @ K adds nothing for them.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * D + offs_d[None, :]
+        col_ok = cols < hi
+        k = _load_rows(K + kv_off, col_ok, d_ok, True, EVEN_D)
+        v = _load_rows(V + kv_off, col_ok, d_ok, True, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["T", "S"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    T, S, D, scale,
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    T, S, D, qk_scale, sm_scale,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program per block of queries: dQ = scale * sum_j dS_j K_j over key blocks."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    num_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_blocks).to(tl.int64)
+    start_m = pid % num_blocks
+    if IS_CAUSAL:
+        start_m = num_blocks - 1 - start_m  # longest rows first
+    Q += bh * T * D
+    DO += bh * T * D
+    DQ += bh * T * D
+    K += bh * S * D
+    V += bh * S * D
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < T
     d_ok = offs_d < D
-    q_off = bh * T * D + offs_m[:, None] * D + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_off = offs_m[:, None] * D + offs_d[None, :]
+    q = _load_rows(Q + q_off, row_ok, d_ok, True, EVEN_D)
+    do = _load_rows(DO + q_off, row_ok, d_ok, True, EVEN_D)
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, (start_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        kv_off = bh * S * D + cols[:, None] * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_off, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        keep = row_ok[:, None] & col_ok[None, :]
-        if IS_CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
-        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + q_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if IS_CAUSAL:  # BLOCK_M is a multiple of BLOCK_N
+        diag = start_m * BLOCK_M
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, offs_m, offs_n, offs_d, d_ok, D, qk_scale,
+                       0, diag, False, EVEN_D, DOT_PRECISION, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, offs_m, offs_n, offs_d, d_ok, D, qk_scale,
+                       diag, tl.minimum(diag + BLOCK_M, S), True, EVEN_D, DOT_PRECISION, BLOCK_N)
+    else:
+        dq = _dq_tiles(dq, q, do, lse, delta, K, V, offs_m, offs_n, offs_d, d_ok, D, qk_scale,
+                       0, S, False, EVEN_D, DOT_PRECISION, BLOCK_N)
+    if EVEN_D:
+        tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _block_sizes(D: int, device: torch.device, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small tiles in the interpreter (it is slow per element)."""
-    if interpret or device.type != "cuda":
-        return 16, 16, 1, 1
-    if D <= 64:
-        return 128, 64, 4, 3
-    return 128, 32, 8, 2
+# ----------------------------------------------------------------------------- block sizes
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper's wgmma wants 4 or 8 warps and an M tile of
+# 64 or more; the causal split needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M
+# == 0 (dK/dV). A small set per kernel, timed once per (BLOCK_D, causal, dtype, precision) by the autotuner.
+FWD_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2))
+DKDV_CONFIGS = ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2))
+DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2))
+INTERPRETER_CONFIG = (16, 16, 1, 1)  # the interpreter is slow per element: small tiles
+TUNED_D = (64, 128)  # the fast path: several configs are timed; other head sizes take the first that fits
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, interpret: bool):
-    """q (N, T, D), k (N, S, D), v (N, S, D) contiguous -> (out (N, T, D), lse (N, T) float32)."""
+def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize: int, stages: int) -> int:
+    """Bytes of shared memory a config plans for: the streamed tiles times the pipeline depth, plus the resident ones.
+
+    An upper-bound model (Triton may keep resident tiles in registers), used to drop configs that
+    cannot fit before anything is compiled; the compiled kernels' real numbers are checked by the tests.
+    """
+    if kind == "fwd":  # streams K, V tiles; q resident
+        return stages * 2 * block_n * block_d * itemsize + block_m * block_d * itemsize
+    if kind == "dkdv":  # streams q, dO tiles; k, v resident
+        return stages * 2 * block_m * block_d * itemsize + 2 * block_n * block_d * itemsize
+    if kind == "dq":  # streams k, v tiles; q, dO resident
+        return stages * 2 * block_n * block_d * itemsize + 2 * block_m * block_d * itemsize
+    raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq'; got {kind!r}")
+
+
+def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -> list[tuple[int, int, int, int]]:
+    """The configs worth timing for one kernel specialisation, best guess first; never empty."""
+    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    fits = []
+    for m, n, warps, stages in table:
+        if is_causal and ((kind != "dkdv" and m % n) or (kind == "dkdv" and n % m)):
+            continue
+        if smem_estimate(kind, m, n, block_d, itemsize, stages) <= SMEM_BUDGET:
+            fits.append((m, n, warps, stages))
+    if not fits:  # large float32 heads: the smallest tiles, one stage
+        fits = [(32, 32, 4, 1)]
+    if itemsize == 4:  # float32 multiplies on the ordinary units (or TF32): small tiles, quick to compile
+        return fits[-1:]
+    return fits if block_d in TUNED_D else fits[:1]
+
+
+def _prune(kind: str):
+    def prune(configs, named_args, **kwargs):
+        itemsize = named_args["Q"].element_size()
+        wanted = candidate_configs(kind, kwargs["BLOCK_D"], itemsize, kwargs["IS_CAUSAL"])
+        chosen = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                  in wanted]
+        return chosen
+
+    return prune
+
+
+def _configs(table) -> list[triton.Config]:
+    every = {*table, (32, 32, 4, 1)}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(every)]
+
+
+_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "DOT_PRECISION"]  # the autotuner adds the tensors' dtypes itself
+_attn_fwd_tuned = triton.autotune(_configs(FWD_CONFIGS), key=_TUNE_KEY,
+                                  prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(_configs(DKDV_CONFIGS), key=_TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(_configs(DQ_CONFIGS), key=_TUNE_KEY,
+                                     prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq)
+
+
+def grid_size(num_heads: int, length: int, block: int) -> tuple[int]:
+    """The one-dimensional launch grid: one program per (head, block of `length`)."""
+    return (num_heads * triton.cdiv(length, block),)
+
+
+def autotune_enabled() -> bool:
+    """COURSE_LIB_AUTOTUNE=0 takes the first candidate config instead of timing them (tests: fewer compiles)."""
+    return os.environ.get("COURSE_LIB_AUTOTUNE", "1") != "0"
+
+
+def _launch(tuned, plain, kind: str, grid_len: int, N: int, args: tuple, meta: dict, interpret: bool,
+            config: tuple[int, int, int, int] | None = None) -> None:
+    """Run one kernel: with `config` when given, the interpreter's small tiles, the only candidate (or
+    the first, when autotuning is off) directly; otherwise through the autotuner, which times the candidates
+    once per key and remembers the fastest."""
+    candidates = candidate_configs(kind, meta["BLOCK_D"], args[0].element_size(), meta["IS_CAUSAL"])
+    if config is None and interpret:
+        config = INTERPRETER_CONFIG
+    if config is None and (len(candidates) == 1 or not autotune_enabled()):
+        config = candidates[0]
+    block = 1 if kind == "dkdv" else 0  # dK/dV programs walk the keys, the others the queries
+    if config is not None:
+        m, n, warps, stages = config
+        plain[grid_size(N, grid_len, (m, n)[block])](*args, **meta, BLOCK_M=m, BLOCK_N=n, num_warps=warps,
+                                                     num_stages=stages)
+    else:
+        tuned[lambda cfg: grid_size(N, grid_len, cfg[("BLOCK_M", "BLOCK_N")[block]])](*args, **meta)
+
+
+def chosen_configs() -> dict[str, dict[tuple, tuple[int, int, int, int]]]:
+    """What the autotuner picked so far, per kernel and key (BLOCK_D, causal, precision, dtypes...)."""
+    out = {}
+    for kind, tuned in (("fwd", _attn_fwd_tuned), ("dkdv", _attn_bwd_dkdv_tuned), ("dq", _attn_bwd_dq_tuned)):
+        out[kind] = {key: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                     for key, c in tuned.cache.items()}
+    return out
+
+
+def _meta(q: torch.Tensor, is_causal: bool, precision: str) -> dict:
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return {"IS_CAUSAL": is_causal, "DOT_PRECISION": precision, "EVEN_D": D == block_d, "BLOCK_D": block_d}
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, precision: str, interpret: bool,
+            config: tuple[int, int, int, int] | None = None):
+    """q (N, T, D), k (N, S, D), v (N, S, D) contiguous -> (out (N, T, D), lse (N, T) float32, base 2)."""
     N, T, D = q.shape
     S = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((N, T), device=q.device, dtype=torch.float32)
-    block_m, block_n, warps, stages = _block_sizes(D, q.device, interpret)
-    grid = (triton.cdiv(T, block_m), N)
-    _attn_fwd[grid](
-        q, k, v, out, lse, T, S, D, 1.0 / math.sqrt(D),
-        IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        num_warps=warps, num_stages=stages,
-    )
+    qk_scale = LOG2E / math.sqrt(D)
+    _launch(_attn_fwd_tuned, _attn_fwd, "fwd", T, N, (q, k, v, out, lse, T, S, D, qk_scale),
+            _meta(q, is_causal, precision), interpret, config)
     return out, lse
 
 
-def backward(q, k, v, out, lse, d_out, is_causal: bool, interpret: bool):
+def backward(q, k, v, out, lse, d_out, is_causal: bool, precision: str, interpret: bool,
+             configs: tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None] = (None, None)):
     """Gradients from the saved log-sum-exp: P is recomputed tile by tile, never stored."""
     N, T, D = q.shape
     S = k.shape[1]
     d_out = d_out.contiguous()
     delta = (d_out.float() * out.float()).sum(-1)  # (N, T): rowsum(dO * O) = rowsum(dP * P)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, warps, stages = _block_sizes(D, q.device, interpret)
-    if not interpret and q.device.type == "cuda":
-        block_m, block_n = 64, 64 if D <= 64 else 32
-    block_d = max(16, triton.next_power_of_2(D))
-    scale = 1.0 / math.sqrt(D)
-    common = dict(IS_CAUSAL=is_causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  num_warps=warps, num_stages=stages)
-    _attn_bwd_dkdv[(triton.cdiv(S, block_n), N)](q, k, v, d_out, lse, delta, dk, dv, T, S, D, scale, **common)
-    _attn_bwd_dq[(triton.cdiv(T, block_m), N)](q, k, v, d_out, lse, delta, dq, T, S, D, scale, **common)
+    sm_scale = 1.0 / math.sqrt(D)
+    meta = _meta(q, is_causal, precision)
+    _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, "dkdv", S, N,
+            (q, k, v, d_out, lse, delta, dk, dv, T, S, D, sm_scale * LOG2E, sm_scale), meta, interpret, configs[0])
+    _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "dq", T, N,
+            (q, k, v, d_out, lse, delta, dq, T, S, D, sm_scale * LOG2E, sm_scale), meta, interpret, configs[1])
     return dq, dk, dv

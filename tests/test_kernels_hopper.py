@@ -1,0 +1,104 @@
+"""The Triton kernels compiled for Hopper (sm_90) on this machine, no GPU needed.
+
+Triton can compile a kernel for a GPU that is not there (ahead of time, with the ptxas it ships),
+which shows what the CPU interpreter cannot: the precision of each tl.dot, whether the
+matrix products became Hopper's wgmma instructions, the 64-bit offsets, and the shared memory
+each block size needs. Every config the launcher may pick must fit in the 227 KiB a block can
+have on an H100 or H200; a config that did not would fail at launch on the GPU.
+
+COURSE_LIB_HOPPER_SWEEP=1 compiles every candidate config of every kernel, dtype and head size
+(minutes); by default a subset: the largest configs, float32 at d_head 256, each kernel once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia")
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_SHARED_PER_BLOCK = 232448  # 227 KiB: the opt-in limit of compute capability 9.0
+
+
+def compile_for_hopper(cases: list[dict]) -> list[dict]:
+    """Compile each case in a fresh process: in this one Triton may be in interpreter mode
+    (TRITON_INTERPRET=1 is read once, at import), where kernels cannot be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "hopper_compile.py")], input=json.dumps(cases),
+                         env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def _cases():
+    from course_lib.kernels import _flash_triton as fk  # interpreter or not: only the config tables are read
+
+    sweep = os.environ.get("COURSE_LIB_HOPPER_SWEEP") == "1"
+    cases = []
+    for kind in ("fwd", "dkdv", "dq"):
+        for dtype in ("bfloat16", "float16", "float32") if sweep else ("bfloat16", "float32"):
+            for d_head in (32, 64, 128, 256) if sweep else ((128,) if dtype == "bfloat16" else (256,)):
+                for causal in (False, True) if sweep else (kind == "dq",):
+                    block_d = max(16, 1 << (d_head - 1).bit_length())
+                    itemsize = 4 if dtype == "float32" else 2
+                    configs = fk.candidate_configs(kind, block_d, itemsize, causal)
+                    for config in configs if sweep else configs[:1]:
+                        cases.append({"kind": kind, "dtype": dtype, "d_head": d_head, "causal": causal,
+                                      "precision": "ieee", "config": list(config)})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cases = _cases()
+    cases += [  # precision and 64-bit offsets
+        {"kind": "fwd", "dtype": "float32", "d_head": 32, "causal": False, "precision": p, "config": [32, 32, 4, 1]}
+        for p in ("ieee", "tf32")
+    ] + [{"kind": k, "dtype": "float16", "d_head": 64, "causal": False, "precision": "ieee", "config": [64, 64, 4, 1]}
+         for k in ("fwd", "dkdv", "dq")]
+    return compile_for_hopper(cases)
+
+
+def test_candidate_configs_fit_hopper_shared_memory(compiled):
+    for case in compiled:
+        assert 0 < case["shared"] <= MAX_SHARED_PER_BLOCK, case
+        if case["dtype"] != "float32":  # 16-bit tiles must reach the Tensor Cores through Hopper's wgmma
+            assert case["wgmma"] > 0, case
+
+
+def test_float32_products_are_exact_unless_tf32_is_asked_for(compiled):
+    """Triton's default for a float32 tl.dot on a GPU is TF32; the kernel must say what it wants."""
+    by = {c["precision"]: c for c in compiled if c["dtype"] == "float32" and c["d_head"] == 32}
+    assert by["ieee"]["tf32_dots"] == 0 and by["ieee"]["tf32_mma"] == 0
+    assert by["tf32"]["tf32_dots"] > 0 and by["tf32"]["tf32_mma"] > 0
+
+
+def test_offsets_to_each_head_are_64_bit(compiled):
+    """bh * T * D passes 2^31 for large batches: the per-head base pointers must move by an int64."""
+    cases = [c for c in compiled if c["dtype"] == "float16" and c["d_head"] == 64]
+    assert {c["kind"] for c in cases} == {"fwd", "dkdv", "dq"}
+    for case in cases:
+        assert case["head_offsets"] and set(case["head_offsets"]) == {"i64"}, case
+
+
+def test_grid_is_one_dimensional_for_any_number_of_heads():
+    """CUDA caps grid axes 1 and 2 at 65535; axis 0 at 2^31 - 1."""
+    from course_lib.kernels import _flash_triton as fk
+
+    (programs,) = fk.grid_size(70_000, 1000, 128)
+    assert programs == 70_000 * 8 and programs < 2**31 - 1
+
+
+def test_the_offset_check_would_see_32_bit_offsets():
+    """The regex of test_offsets_to_each_head_are_64_bit reads i32 offsets as such (it can fail)."""
+    line = "%Q_13 = tt.addptr %Q, %Q_12 : !tt.ptr<f16>, i32 loc(#loc96)"
+    assert re.findall(r"tt\.addptr %(?:Q|K|V|O|DO|DK|DV|DQ), %\S+ : !tt\.ptr<\w+>, (i\d+)", line) == ["i32"]
