@@ -214,14 +214,27 @@ def tune_at_target_shape() -> dict:
     """Let the autotuner choose at the shape the targets are about (its choice is kept per d_head, causal, dtype)."""
     from course_lib.kernels import _flash_triton, flash_attention
 
+    def timings(tuned) -> dict:  # the autotuner's median ms per config for the key it just tuned
+        return {f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}": t
+                for c, t in getattr(tuned, "configs_timings", {}).items()}
+
+    measured = {}
     for d_head in (64, 128):
         for causal in (False, True):
             q, k, v = (torch.randn(4, 16, 4096, d_head, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
-            flash_attention(q, k, v, is_causal=causal).backward(torch.randn_like(q))
+            out = flash_attention(q, k, v, is_causal=causal)
+            fwd = timings(_flash_triton._attn_fwd_tuned)
+            out.backward(torch.randn_like(q))
+            measured[f"d_head={d_head} causal={causal}"] = {
+                "fwd": fwd, "dkdv": timings(_flash_triton._attn_bwd_dkdv_tuned),
+                "dq": timings(_flash_triton._attn_bwd_dq_tuned)}
+            print(f"  tuned d_head={d_head} causal={causal}: {measured[f'd_head={d_head} causal={causal}']}",
+                  flush=True)
     torch.cuda.synchronize()
-    return {kind: {str(key): config for key, config in table.items()}
-            for kind, table in _flash_triton.chosen_configs().items()}
+    return {"config_timings_ms": measured,
+            "chosen": {kind: {str(key): config for key, config in table.items()}
+                       for kind, table in _flash_triton.chosen_configs().items()}}
 
 
 def attention_benchmarks(run: Run, out: Path, deadline: float, with_triton: bool) -> dict:
