@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
 from course_lib.masks import with_causal
 
-__all__ = ["scaled_dot_product_attention", "safe_softmax", "check_attn_mask"]
+__all__ = ["scaled_dot_product_attention", "attention_core", "safe_softmax", "check_attn_mask"]
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
@@ -140,16 +140,35 @@ def scaled_dot_product_attention(
         return flash_attention(q, k, v, is_causal=is_causal)
     if backend != "auto":
         raise ValueError(f"backend must be 'auto' or 'triton'; got {backend!r}")
-    if is_causal:
-        if T != S:
-            raise ValueError(
-                f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which "
-                f"position?); pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the "
-                f"last T positions) instead; q {shape_str(q.shape)}, k {shape_str(k.shape)}"
-            )
-        if mask is not None or need_weights:
-            mask = with_causal(mask, T, S, device=q.device)
-            is_causal = False
+    if is_causal and T != S:
+        raise ValueError(
+            f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which "
+            f"position?); pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the "
+            f"last T positions) instead; q {shape_str(q.shape)}, k {shape_str(k.shape)}"
+        )
+    out, weights = attention_core(q, k, v, mask, is_causal, dropout_p, need_weights)
+    return (out, weights) if need_weights else out
+
+
+def attention_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    dropout_p: float,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The computation behind `scaled_dot_product_attention`, with no checks: (out, weights or None).
+
+    For callers that validated their inputs already (MultiHeadAttention checks everything once,
+    before its projections); is_causal needs T == S. Calling it with unchecked inputs gives
+    torch's errors, or silently broadcast masks: use the public function instead.
+    """
+    if is_causal and (mask is not None or need_weights):
+        T, S = q.shape[-2], k.shape[-2]
+        mask = with_causal(mask, T, S, device=q.device)  # one boolean mask: the causal part folded in
+        is_causal = False
     if need_weights:
         return _math_attention(q, k, v, mask, dropout_p)
-    return _fused_attention(q, k, v, mask, is_causal, dropout_p)
+    return _fused_attention(q, k, v, mask, is_causal, dropout_p), None

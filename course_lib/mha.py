@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib._validate import check_positive_int, check_probability, shape_str
-from course_lib.attention import check_attn_mask, scaled_dot_product_attention
+from course_lib.attention import attention_core, check_attn_mask
 from course_lib.kv_cache import KVCache
 from course_lib.masks import with_causal
 
@@ -108,7 +108,9 @@ class MultiHeadAttention(nn.Module):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool; got {flag!r} ({type(flag).__name__})")
         dims = {"query": ("d_model", self.d_model), "key": ("kdim", self.kdim), "value": ("vdim", self.vdim)}
-        for name, t in (("query", query), ("key", key), ("value", value)):
+        same = key is query and value is query and self.kdim == self.vdim == self.d_model  # self-attention
+        inputs = (("query", query),) if same else (("query", query), ("key", key), ("value", value))
+        for name, t in inputs:
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
             feat_name, feat = dims[name]
@@ -126,7 +128,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"key and value must have the same length S; got key {shape_str(key.shape)}, "
                              f"value {shape_str(value.shape)}")
         weight = self.q_proj.weight
-        for name, t in (("query", query), ("key", key), ("value", value)):
+        for name, t in inputs:
             if t.device != weight.device:
                 raise ValueError(f"{name} is on {t.device} but the module's weights are on {weight.device}; "
                                  f"move one of them (module.to(device) or {name}.to(device))")
@@ -202,11 +204,9 @@ class MultiHeadAttention(nn.Module):
                 attn_mask = with_causal(attn_mask, T, S, device=query.device)
             is_causal = False
 
-        result = scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, need_weights=need_weights,
-        )
-        out, weights = result if need_weights else (result, None)  # (B, H, T, d_head)
+        out, weights = attention_core(  # everything was checked above: no second validation
+            q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
+        )  # (B, H, T, d_head), (B, H, T, S) or None
         out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
         return (out, weights) if need_weights else out
 

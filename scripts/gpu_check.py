@@ -113,8 +113,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- 1. tests
-def run_tests(run: Run, timeout_s: float) -> dict:
-    files = GPU_TESTS if ON_GPU else ["tests/test_kernels_gpu.py"]  # dry run: the plumbing, not the CPU suite
+def run_tests(run: Run, timeout_s: float, files: list[str] | None = None) -> dict:
+    files = files or (GPU_TESTS if ON_GPU else ["tests/test_kernels_gpu.py"])  # dry run: the plumbing only
     junit = Path("/tmp") / f"gpu_check_junit_{os.getpid()}.xml"
     workers = ["-n", "8", "--dist", "load"] if run.summary["versions"]["xdist"] else []
     env = os.environ | {"PYTHONPATH": str(ROOT), "COURSE_LIB_AUTOTUNE": "0"}  # tests: one config per kernel
@@ -237,13 +237,14 @@ def tune_at_target_shape() -> dict:
                        for kind, table in _flash_triton.chosen_configs().items()}}
 
 
-def attention_benchmarks(run: Run, out: Path, deadline: float, with_triton: bool) -> dict:
+def attention_benchmarks(run: Run, out: Path, deadline: float, with_triton: bool,
+                         impls: tuple[str, ...] = attention_suite.CORE_IMPLS) -> dict:
     if ON_GPU:
         cfg = {"seqs": [1024, 2048, 4096, 8192, 16384], "d_heads": [64, 128], "batch": 4, "heads": 16,
                "warmup": 2, "repeats": 8}
     else:
         cfg = {"seqs": [64, 128], "d_heads": [16], "batch": 1, "heads": 2, "warmup": 1, "repeats": 2}
-    impls = tuple(i for i in attention_suite.CORE_IMPLS if with_triton or i != "triton")
+    impls = tuple(i for i in impls if with_triton or i != "triton")
     data = attention_suite.run_suite(**cfg, impls=impls, dtype="bfloat16" if ON_GPU else "float32",
                                      device="cuda" if ON_GPU else "cpu", modules=False, progress=False,
                                      deadline=deadline)
@@ -353,27 +354,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder for the result files (created)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this many seconds")
+    parser.add_argument("--stages", default="tests,accuracy,tune,attention,modules,oom",
+                        help="comma-separated subset of the stages, for a follow-up run")
+    parser.add_argument("--tests", nargs="+", default=None, help="test files (default: every test with a CUDA path)")
+    parser.add_argument("--tests-timeout-s", type=float, default=170.0)
+    parser.add_argument("--impls", default=",".join(attention_suite.CORE_IMPLS),
+                        help="attention-core implementations for the attention stage")
     args = parser.parse_args(argv)
+    stages = set(args.stages.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out, args.budget_s)
     info = run.summary["device_info"]
     print(f"gpu-check on {info['device_name']} | torch {torch.__version__} | triton {run.summary['versions']['triton']}"
           f"{'' if ON_GPU else ' | NO GPU: dry run, the CUDA parts are skipped'}", flush=True)
     end = lambda reserve: time.monotonic() + run.left() - reserve  # noqa: E731
-    tests = run.stage("tests", lambda: run_tests(run, timeout_s=min(170.0, run.left() - 230)), needs_s=260) or {}
+    tests, accuracy, attention, modules = {}, None, None, None
+    if "tests" in stages:
+        tests = run.stage("tests", lambda: run_tests(run, args.tests_timeout_s, args.tests),
+                          needs_s=args.tests_timeout_s + 60) or {}
     # A kernel that corrupts memory would poison this process's CUDA context for every later stage:
     # leave the Triton kernel out of the benchmarks if the tests saw that (any other failure is only reported).
     fatal = ("illegal memory", "CUDA error", "misaligned address", "unspecified launch failure")
     kernel_ok = not any(word in f["message"] for f in tests.get("failures", []) for word in fatal)
     run.summary["triton_benchmarked"] = kernel_ok
-    if kernel_ok:
+    if kernel_ok and "accuracy" in stages:
         accuracy = run.stage("accuracy", kernel_accuracy, needs_s=150)
         run.summary["kernel_accuracy"] = accuracy
-        if ON_GPU:
-            run.summary["kernel_configs_tuned_at_T4096"] = run.stage("tune", tune_at_target_shape, needs_s=140)
-    attention = run.stage("attention", lambda: attention_benchmarks(run, args.out, end(75), kernel_ok), needs_s=100)
-    modules = run.stage("modules", lambda: module_benchmarks(args.out, end(15)), needs_s=30)
-    run.summary["naive_oom"] = run.stage("oom", naive_oom_probe, needs_s=10)
+    if kernel_ok and ON_GPU and "tune" in stages:
+        run.summary["kernel_configs_tuned_at_T4096"] = run.stage("tune", tune_at_target_shape, needs_s=140)
+    if "attention" in stages:
+        impls = tuple(i for i in args.impls.split(",") if i)
+        attention = run.stage("attention", lambda: attention_benchmarks(
+            run, args.out, end(15 + 20 * ("modules" in stages) + 40 * ("oom" in stages)), kernel_ok, impls),
+                              needs_s=100)
+    if "modules" in stages:
+        modules = run.stage("modules", lambda: module_benchmarks(args.out, end(15)), needs_s=30)
+    if "oom" in stages:
+        run.summary["naive_oom"] = run.stage("oom", naive_oom_probe, needs_s=10)
     if ON_GPU and kernel_ok:
         from course_lib.kernels import _flash_triton
 
@@ -383,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     run.summary["seconds"] = round(time.monotonic() - run.start, 1)
     run.save()
     print(json.dumps({k: run.summary[k] for k in ("stages", "verdicts", "seconds")}, indent=1, default=str))
-    return 0 if tests.get("returncode") == 0 and all(s["status"] == "ok" for s in run.summary["stages"].values()) \
+    return 0 if tests.get("returncode", 0) == 0 and all(s["status"] == "ok" for s in run.summary["stages"].values()) \
         else 1
 
 

@@ -370,3 +370,34 @@ def test_bad_input_gets_a_clear_error_before_any_arithmetic(name, monkeypatch):
     with pytest.raises(error) as info:
         make_call()
     assert words in str(info.value), str(info.value)
+
+
+def test_fused_qkv_weight_is_reused_without_grad_and_refreshed_when_a_weight_changes():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        before = mha(x)
+        first = mha._fused_qkv()[0]
+        assert mha._fused_qkv()[0] is first  # computed once, reused
+        mha.k_proj.weight.mul_(2.0)  # an in-place update (an optimizer step, load_state_dict)
+        after = mha(x)
+        assert mha._fused_qkv()[0] is not first
+        mha.v_proj.weight = torch.nn.Parameter(torch.zeros(16, 16))  # a replaced parameter
+        zeroed = mha(x)
+    reference = MultiHeadAttention(16, 4)
+    reference.load_state_dict(mha.state_dict())
+    assert set(mha.state_dict()) == set(reference.state_dict())  # the cached stack is not saved
+    with torch.no_grad():
+        assert torch.allclose(zeroed, reference(x), atol=1e-6)
+    assert not torch.allclose(before, after)
+    # values = v_proj's bias alone: every position gets the same output (a stale stack would not)
+    assert torch.allclose(zeroed, zeroed[:, :1].expand_as(zeroed), atol=1e-6)
+
+
+def test_fused_qkv_weight_keeps_gradients_flowing_when_training():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4)
+    mha(torch.randn(2, 5, 16)).sum().backward()
+    for proj in (mha.q_proj, mha.k_proj, mha.v_proj):
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0

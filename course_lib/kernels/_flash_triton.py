@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E); exp2 is the GPU's native instruction
-SMEM_BUDGET = 200 * 1024  # bytes of shared memory a config may plan for (Hopper: 227 KiB per block)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -133,24 +132,28 @@ def _dkdv_tiles(
 ):
     """Add the query tiles lo, lo + BLOCK_M, ... < hi to dK, dV of one key block.
 
+    Works on transposed tiles (keys along the rows, as dK and dV are): S^T = K Q^T, so that every
+    tl.dot takes tiles as they were loaded, never the transpose of a tile computed in registers.
     Rows past T load as zeros (q, dO, lse and delta all 0): their dO = 0 makes every contribution 0.
     """
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < T
-        q_off = rows[:, None] * D + offs_d[None, :]
-        q = _load_rows(Q + q_off, row_ok, d_ok, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
-        do = _load_rows(DO + q_off, row_ok, d_ok, True, EVEN_D)
+        if EVEN_D:
+            qT = tl.load(Q + rows[None, :] * D + offs_d[:, None], mask=row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M)
+        else:
+            qT = tl.load(Q + rows[None, :] * D + offs_d[:, None], mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+        do = _load_rows(DO + rows[:, None] * D + offs_d[None, :], row_ok, d_ok, True, EVEN_D)  # (BLOCK_M, BLOCK_D)
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)  # (BLOCK_M,) base 2
         delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)  # rowsum(dO * O)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        p = tl.math.exp2(s - lse[:, None])  # recomputed probabilities, no T x S stored
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
+        pT = tl.math.exp2(sT - lse[None, :])  # recomputed probabilities, no T x S stored
         if MASK_CAUSAL:
-            p = tl.where(offs_n[None, :] <= rows[:, None], p, 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])  # softmax backward, row by row
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+            pT = tl.where(offs_n[:, None] <= rows[None, :], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = pT * (dpT - delta[None, :])  # softmax backward, column by column of S^T
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
     return dk, dv
 
 
@@ -277,26 +280,30 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------- block sizes
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper's wgmma wants 4 or 8 warps and an M tile of
 # 64 or more; the causal split needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M
-# == 0 (dK/dV). A small set per kernel, timed once per (BLOCK_D, causal, dtype, precision) by the autotuner.
-FWD_CONFIGS = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2))
-DKDV_CONFIGS = ((64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2))
+# == 0 (dK/dV). A small set per kernel, timed once per (BLOCK_D, causal, dtype, precision) by the
+# autotuner; the first is the default when autotuning is off (measured on an H200: the fastest or
+# within 10% of it at d_head 64 and 128, data/benchmarks/gpu_check_run1.json).
+FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2))
+DKDV_CONFIGS = ((64, 64, 4, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 2))
 DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2))
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # the interpreter is slow per element: small tiles
 TUNED_D = (64, 128)  # the fast path: several configs are timed; other head sizes take the first that fits
+SMEM_LIMIT = 232448  # bytes of shared memory one block may use on compute capability 9.0 (227 KiB)
 
 
 def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize: int, stages: int) -> int:
-    """Bytes of shared memory a config plans for: the streamed tiles times the pipeline depth, plus the resident ones.
+    """Bytes of shared memory a config needs: the streamed tiles times the pipeline depth, plus the resident ones.
 
-    An upper-bound model (Triton may keep resident tiles in registers), used to drop configs that
-    cannot fit before anything is compiled; the compiled kernels' real numbers are checked by the tests.
+    Checked against what Triton 3.6 allocates for sm_90, for every candidate config of every kernel,
+    dtype and head size (tests/test_kernels_hopper.py, COURSE_LIB_HOPPER_SWEEP=1): exact for the
+    forward kernel, within 4 KiB for the backward ones. The largest candidate needs 229376 bytes.
     """
     if kind == "fwd":  # streams K, V tiles; q resident
         return stages * 2 * block_n * block_d * itemsize + block_m * block_d * itemsize
-    if kind == "dkdv":  # streams q, dO tiles; k, v resident
-        return stages * 2 * block_m * block_d * itemsize + 2 * block_n * block_d * itemsize
+    if kind == "dkdv":  # streams q, dO tiles (and lse, delta rows); k, v resident
+        return stages * (2 * block_m * block_d * itemsize + 2 * 4 * block_m) + 2 * block_n * block_d * itemsize
     if kind == "dq":  # streams k, v tiles; q, dO resident
-        return stages * 2 * block_n * block_d * itemsize + 2 * block_m * block_d * itemsize
+        return stages * 2 * block_n * block_d * itemsize + 2 * block_m * block_d * itemsize + 2 * 4 * block_m
     raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq'; got {kind!r}")
 
 
@@ -307,7 +314,7 @@ def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -
     for m, n, warps, stages in table:
         if is_causal and ((kind != "dkdv" and m % n) or (kind == "dkdv" and n % m)):
             continue
-        if smem_estimate(kind, m, n, block_d, itemsize, stages) <= SMEM_BUDGET:
+        if smem_estimate(kind, m, n, block_d, itemsize, stages) <= SMEM_LIMIT:
             fits.append((m, n, warps, stages))
     if not fits:  # large float32 heads: the smallest tiles, one stage
         fits = [(32, 32, 4, 1)]
