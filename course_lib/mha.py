@@ -85,11 +85,14 @@ class MultiHeadAttention(nn.Module):
         it) it is computed once and reused until a weight changes: moved, replaced or updated in
         place (tensor._version counts in-place writes).
         """
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        params = [p.weight for p in projections] + ([] if self.q_proj.bias is None else [p.bias for p in projections])
+        mods = self._modules  # plain dict lookups: nn.Module.__getattr__ is slow, and decoding calls this per token
+        names = ("q_proj", "k_proj", "v_proj")
+        params = [mods[name]._parameters[kind] for kind in ("weight", "bias") for name in names]
+        if params[3] is None:
+            params = params[:3]
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return torch.cat(params[:3]), None if len(params) == 3 else torch.cat(params[3:])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = [p.data_ptr() for p in params] + [p._version for p in params]  # moved or written in place
         cached = self.__dict__.get("_qkv_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -330,23 +330,7 @@ def evaluate_targets(attention: dict | None, modules: dict | None) -> dict:
         verdicts["module_fwd_bwd_vs_best_baseline_worst"] = max(ratios) if ratios else None
         verdicts["decode_vs_plain_sdpa_worst"] = max(decode) if decode else None
     if attention:
-        core = [r for r in attention["results"] if r["level"] == "core" and r["status"] == "ok"]
-        rows = []
-        for T in sorted({r["T"] for r in core if r["T"] >= 4096}):
-            for causal in (False, True):
-                for pass_ in ("fwd", "fwd+bwd"):
-                    key = (T, 128, causal, pass_)
-                    group = [r for r in core if (r["T"], r["d_head"], r["causal"], r["pass"]) == key]
-                    sdpa = [r for r in group if r["impl"].startswith("sdpa_")]
-                    ours = [r for r in group if r["impl"] == "triton"]
-                    if not sdpa:
-                        continue
-                    best = max(sdpa, key=lambda r: r["tflops"])
-                    rows.append({"T": T, "causal": causal, "pass": pass_, "best_sdpa": best["impl"],
-                                 "best_sdpa_tflops": best["tflops"], "best_sdpa_frac_peak": best["frac_peak"],
-                                 "triton_tflops": ours[0]["tflops"] if ours else None,
-                                 "triton_vs_best_sdpa": ours[0]["tflops"] / best["tflops"] if ours else None})
-        verdicts["core_d128"] = rows
+        verdicts["core_d128"] = attention_suite.versus_best_sdpa(attention, impl="triton", d_head=128, min_T=4096)
     return verdicts
 
 

@@ -62,3 +62,15 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "course_lib.bench", "mha", "--help"], capture_output=True, text=True,
                           check=True)
     assert "--d-model" in done.stdout and "--json" in done.stdout
+
+
+def test_decode_step_benchmark_compares_the_same_computation(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert bench_cli.main(["mha", "--decode", "--batch", "2", "--cache-len", "8", "--d-model", "16", "--heads", "2",
+                 "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
+    assert "decode step" in capsys.readouterr().out
+    result = json.loads(out.read_text())["results"][0]
+    assert result["config"]["cache_len"] == 8 and result["config"]["step"].startswith("decode")
+    assert result["max_abs_output_difference"] < 1e-6  # same weights, same cache: same next-token output
+    assert set(result["timings"]) == {"course_lib", "plain_sdpa"}
+    assert all(t["median_s"] > 0 and t["repeats"] == 3 for t in result["timings"].values())

@@ -401,3 +401,14 @@ def test_fused_qkv_weight_keeps_gradients_flowing_when_training():
     mha(torch.randn(2, 5, 16)).sum().backward()
     for proj in (mha.q_proj, mha.k_proj, mha.v_proj):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_fused_qkv_weight_keeps_gradients_when_only_some_projections_train():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4)
+    mha.q_proj.requires_grad_(False)  # frozen queries, trainable keys and values
+    with torch.no_grad():
+        mha(torch.randn(1, 3, 16))  # fills the no-grad cache
+    mha(torch.randn(2, 5, 16)).sum().backward()
+    assert mha.k_proj.weight.grad is not None and mha.v_proj.weight.grad is not None
+    assert mha.q_proj.weight.grad is None

@@ -57,6 +57,7 @@ __all__ = [
     "run_suite",
     "plot_results",
     "recorded_runs",
+    "versus_best_sdpa",
     "main",
 ]
 
@@ -427,6 +428,27 @@ def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -
         if device_type is None or data["device_info"]["device_type"] == device_type:
             runs.append(data | {"file": file.name})
     return runs
+
+
+def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = None, min_T: int = 0) -> list[dict]:
+    """Per (T, d_head, causal, pass) of a suite run: the fastest SDPA backend that ran, its TFLOP/s and
+    fraction of the measured peak, and `impl`'s TFLOP/s and ratio to it (None where impl did not run)."""
+    core = [r for r in data["results"] if r["level"] == "core" and r["status"] == "ok"]
+    keys = sorted({(r["T"], r["d_head"], r["causal"], r["pass"]) for r in core
+                   if r["T"] >= min_T and (d_head is None or r["d_head"] == d_head)})
+    rows = []
+    for T, d, causal, pass_ in keys:
+        group = [r for r in core if (r["T"], r["d_head"], r["causal"], r["pass"]) == (T, d, causal, pass_)]
+        sdpa = [r for r in group if r["impl"].startswith("sdpa_")]
+        ours = [r for r in group if r["impl"] == impl]
+        if not sdpa:
+            continue
+        best = max(sdpa, key=lambda r: r["tflops"])
+        rows.append({"T": T, "d_head": d, "causal": causal, "pass": pass_, "best_sdpa": best["impl"],
+                     "best_sdpa_tflops": best["tflops"], "best_sdpa_frac_peak": best["frac_peak"],
+                     f"{impl}_tflops": ours[0]["tflops"] if ours else None,
+                     "ratio": ours[0]["tflops"] / best["tflops"] if ours else None})
+    return rows
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -219,6 +219,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_decode(result: dict) -> str:
+    c, t = result["config"], result["timings"]
+    return (f"decode step  B={c['batch']} cache={c['cache_len']} d_model={c['d_model']} H={c['heads']} {c['dtype']} "
+            f"on {result['device']['device_name']} ({c['repeats']} interleaved repeats)\n"
+            f"course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
+            f"plain_sdpa {t['plain_sdpa']['median_s'] * 1e6:.1f} us "
+            f"(medians; ratio {t['course_lib']['ratio_to_best_baseline']:.2f}, ratio of mins "
+            f"{t['course_lib']['min_ratio_to_best_baseline']:.2f}); outputs agree to "
+            f"{result['max_abs_output_difference']:.1e}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib.bench mha", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -230,13 +241,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the CPU, and the GPU when there is one)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--causal", action="store_true", help="causal self-attention instead of unmasked")
+    p.add_argument("--decode", action="store_true",
+                   help="time one decoding step (one new token, a KV cache of --cache-len) instead of training")
+    p.add_argument("--cache-len", type=int, default=1024)
     p.add_argument("--json", type=Path, default=None, help="save the results (with the device info) to this file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("batch", "seq", "d_model", "heads", "repeats"):
+    for name in ("batch", "seq", "d_model", "heads", "repeats", "cache_len"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
     if args.d_model % args.heads:
@@ -249,9 +263,16 @@ def main(argv: list[str] | None = None) -> int:
         devices = [args.device]
     results = []
     for device in devices:
-        result = run(batch=args.batch, seq=args.seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
-                     warmup=args.warmup, device=device, dtype=getattr(torch, args.dtype), causal=args.causal)
-        print(format_table(result), flush=True)
+        if args.decode:
+            result = run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
+                                repeats=args.repeats, warmup=args.warmup, device=device,
+                                dtype=getattr(torch, args.dtype))
+            print(format_decode(result), flush=True)
+        else:
+            result = run(batch=args.batch, seq=args.seq, d_model=args.d_model, heads=args.heads,
+                         repeats=args.repeats, warmup=args.warmup, device=device, dtype=getattr(torch, args.dtype),
+                         causal=args.causal)
+            print(format_table(result), flush=True)
         results.append(result)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
