@@ -90,13 +90,16 @@ class MultiHeadAttention(nn.Module):
         params = [mods[name]._parameters[kind] for kind in ("weight", "bias") for name in names]
         if params[3] is None:
             params = params[:3]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        def stack() -> tuple[torch.Tensor, torch.Tensor | None]:
             return torch.cat(params[:3]), None if len(params) == 3 else torch.cat(params[3:])
+
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return stack()
         key = [p.data_ptr() for p in params] + [p._version for p in params]  # moved or written in place
         cached = self.__dict__.get("_qkv_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                fused = (torch.cat(params[:3]), None if len(params) == 3 else torch.cat(params[3:]))
+                fused = stack()
             self.__dict__["_qkv_cache"] = cached = (key, fused)  # not a buffer: never saved in state_dict
         return cached[1]
 

@@ -49,6 +49,7 @@ if not ON_GPU:
 from course_lib.bench import attention as attention_suite  # noqa: E402
 from course_lib.bench import mha as mha_bench  # noqa: E402
 from course_lib.bench.timing import device_info  # noqa: E402
+from course_lib.precision import relative_error  # noqa: E402
 
 GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_bench.py",
              "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py", "tests/test_kv_cache.py"]
@@ -188,8 +189,7 @@ def _kernel_accuracy(T, d_head, flash_attention, kernel_tolerance) -> list[dict]
                 out.backward(d_out)
                 for part, got, exp in zip(("out", "dq", "dk", "dv"), (out, *(t.grad for t in leaves)), ref,
                                           strict=True):
-                    err = torch.linalg.vector_norm(got.double() - exp) / torch.linalg.vector_norm(exp)
-                    row[f"{name}_{part}"] = float(err)
+                    row[f"{name}_{part}"] = relative_error(got, exp)
             row["triton_within_tolerance"] = all(row[f"triton_{p}"] < row["tolerance"] for p in ("out", "dq", "dk",
                                                                                                  "dv"))
             rows.append(row)

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("triton")
 
 from course_lib.kernels import _flash_triton, flash_attention, kernel_tolerance  # noqa: E402
+from course_lib.precision import relative_error  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -32,10 +33,6 @@ def reference(q, k, v, d_out, causal):
     out = torch.softmax(scores, dim=-1) @ v64
     out.backward(d_out.double())
     return out.detach(), q64.grad, k64.grad, v64.grad
-
-
-def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(got.double() - ref) / torch.linalg.vector_norm(ref))
 
 
 def poison_free_memory(n_bytes: int = 256 * 2**20) -> None:

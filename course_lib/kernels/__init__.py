@@ -39,6 +39,14 @@ _MAX_D_HEAD = 256
 _PRECISIONS = ("ieee", "tf32")
 
 
+def _check_precision(input_precision: object) -> None:
+    if input_precision not in _PRECISIONS:
+        raise ValueError(
+            f"input_precision must be 'ieee' (float32 products, exact) or 'tf32' (float32 inputs rounded to "
+            f"10 mantissa bits on the Tensor Cores); got {input_precision!r}"
+        )
+
+
 def unit_roundoff(dtype: torch.dtype, input_precision: str = "ieee") -> float:
     """u = 2^-(significand bits): the largest relative error of one rounding to the nearest number.
 
@@ -65,8 +73,7 @@ def kernel_tolerance(dtype: torch.dtype, input_precision: str = "ieee", *, lengt
       like a random walk; Higham's probabilistic bound).
     Hence 8 u + 2 sqrt(length) 2^-24. It is a bound on typical random inputs, not on adversarial ones.
     """
-    if input_precision not in _PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_PRECISIONS}; got {input_precision!r}")
+    _check_precision(input_precision)
     if not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive int; got {length!r}")
     return 8 * unit_roundoff(dtype, input_precision) + 2 * length**0.5 * 2.0**-24
@@ -123,11 +130,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, i
             f"the Triton kernel needs q (..., T, d), k and v (..., S, d) with the same leading dimensions "
             f"and d (no broadcasting); got q {shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}"
         )
-    if input_precision not in _PRECISIONS:
-        raise ValueError(
-            f"input_precision must be 'ieee' (float32 products, exact) or 'tf32' (float32 inputs rounded to "
-            f"10 mantissa bits on the Tensor Cores); got {input_precision!r}"
-        )
+    _check_precision(input_precision)
     if q.dtype == torch.bfloat16 and q.device.type != "cuda":
         raise TypeError(
             "bfloat16 needs a GPU for the Triton kernel: Triton's CPU interpreter cannot multiply bfloat16 tiles "
