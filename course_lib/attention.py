@@ -11,13 +11,15 @@ Both give output 0 for a query row with nothing to attend to, never NaN, in ever
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
-from course_lib.masks import with_causal
+from course_lib.masks import causal_mask, with_causal
 
-__all__ = ["scaled_dot_product_attention", "attention_core", "safe_softmax", "check_attn_mask"]
+__all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask"]
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
@@ -56,6 +58,29 @@ def check_attn_mask(
         raise ValueError("attn_mask (floating-point, additive) contains NaN; use -inf for 'may not attend' "
                          "(or a boolean mask, True = may attend)")
     return attn_mask
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    """The textbook formula, in the input dtype, with no checks and no care: softmax(q k^T / sqrt(d)) v.
+
+    It materialises the (..., T, S) scores and weights, overflows where float16 scores pass 65504,
+    and gives NaN for a row with nothing to attend to: the baseline that notebooks 09 and 10 measure
+    the fused kernels against, not a function to build on (use `scaled_dot_product_attention`).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., T, S)
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (..., T, d_v)
+
+
+def check_causal_lengths(is_causal: bool, T: int, S: int, q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> None:
+    """is_causal needs T == S: with T != S, which query is which position is ambiguous."""
+    if is_causal and T != S:
+        raise ValueError(
+            f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which "
+            f"position?); pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the "
+            f"last T positions) instead; query {shape_str(q_shape)}, key {shape_str(k_shape)}"
+        )
 
 
 def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -140,12 +165,7 @@ def scaled_dot_product_attention(
         return flash_attention(q, k, v, is_causal=is_causal)
     if backend != "auto":
         raise ValueError(f"backend must be 'auto' or 'triton'; got {backend!r}")
-    if is_causal and T != S:
-        raise ValueError(
-            f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which "
-            f"position?); pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the "
-            f"last T positions) instead; q {shape_str(q.shape)}, k {shape_str(k.shape)}"
-        )
+    check_causal_lengths(is_causal, T, S, q.shape, k.shape)
     out, weights = attention_core(q, k, v, mask, is_causal, dropout_p, need_weights)
     return (out, weights) if need_weights else out
 

@@ -51,8 +51,8 @@ from course_lib.bench import mha as mha_bench  # noqa: E402
 from course_lib.bench.timing import device_info  # noqa: E402
 from course_lib.precision import relative_error  # noqa: E402
 
-GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_bench.py",
-             "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py", "tests/test_kv_cache.py"]
+GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_device.py",
+             "tests/test_bench.py", "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py", "tests/test_kv_cache.py"]
 TARGETS = {
     "module_fwd_bwd_ratio_max": 1.10,  # course_lib.MultiHeadAttention / plain SDPA module, T >= 1024, bf16
     "decode_ratio_max": 1.10,

@@ -1,5 +1,5 @@
-"""Mixed precision, Tensor Core settings and the device report (course_lib.precision), and the
-autocast behaviour of course_lib's attention on the CPU (and on a GPU when there is one)."""
+"""Number formats, errors and mixed precision (course_lib.precision), and the autocast behaviour
+of course_lib's attention on the CPU (and on a GPU when there is one)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,8 @@ import torch
 from torch import nn
 
 from course_lib import MultiHeadAttention, numpy_ref
-from course_lib.attention import scaled_dot_product_attention
-from course_lib.bench.attention import naive_attention
-from course_lib.precision import (
-    amp_train_step,
-    attention_error_table,
-    device_report,
-    enable_tensor_cores,
-    number_formats,
-    relative_error,
-    restore_settings,
-    sdpa_backend_report,
-    tensor_core_friendly,
-    tensor_core_settings,
-)
+from course_lib.attention import naive_attention, scaled_dot_product_attention
+from course_lib.precision import amp_train_step, attention_error_table, number_formats, relative_error
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -54,63 +42,6 @@ def test_relative_error_hand_count():
         relative_error(out, torch.zeros(2))
     with pytest.raises(ValueError, match="same shape"):
         relative_error(out, torch.ones(3))
-
-
-# ----------------------------------------------------------------------------- settings
-def test_tensor_core_settings_turn_on_and_restore():
-    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-              torch.backends.cudnn.allow_tf32)
-    with tensor_core_settings() as inside:
-        assert torch.get_float32_matmul_precision() == "high"
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        assert inside["float32_matmul_precision"] == "high"
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32) == before
-    previous = enable_tensor_cores(tf32=False)
-    try:
-        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
-    finally:
-        restore_settings(previous)
-    assert torch.get_float32_matmul_precision() == before[0]
-
-
-def test_tensor_core_friendly_sizes():
-    assert tensor_core_friendly(64, 72, 100, dtype=torch.float16) == {64: True, 72: True, 100: False}
-    assert tensor_core_friendly(100, dtype=torch.float32) == {100: True}  # 4-byte elements: multiples of 4
-    assert tensor_core_friendly(24, dtype=torch.float8_e4m3fn) == {24: False}
-
-
-# ----------------------------------------------------------------------------- device report
-def test_device_report_on_cpu():
-    report = device_report("cpu", shape=(1, 2, 32, 16), dtype=torch.float32)
-    assert report["device_type"] == "cpu" and report["compute_capability"] is None
-    assert report["tensor_cores"] is False and report["tf32_supported"] is False
-    backends = report["sdpa_backends"]
-    assert set(backends) == {"flash", "efficient", "cudnn", "math"}
-    assert backends["math"] == {"eligible": True, "reasons": []}
-    assert backends["flash"]["eligible"] is True  # torch's CPU flash kernel
-    for name in ("efficient", "cudnn"):
-        assert backends[name]["eligible"] is False
-        assert "CUDA" in backends[name]["reasons"][0]
-
-
-def test_sdpa_backend_report_cpu_with_mask():
-    q = torch.randn(1, 2, 8, 16)
-    mask = torch.ones(8, 8, dtype=torch.bool).tril()
-    report = sdpa_backend_report(q, q, q, attn_mask=mask)
-    assert report["math"]["eligible"] and not report["efficient"]["eligible"]
-
-
-@cuda
-def test_device_report_on_cuda_gives_reasons():
-    report = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.float32)
-    assert report["compute_capability"] is not None
-    flash = report["sdpa_backends"]["flash"]
-    assert flash["eligible"] is False and flash["reasons"]  # flash takes float16/bfloat16 only
-    assert report["sdpa_backends"]["math"]["eligible"] is True
-    if report["bf16_supported"]:
-        ok = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.bfloat16)["sdpa_backends"]
-        assert ok["flash"]["eligible"] or ok["flash"]["reasons"]
 
 
 # ----------------------------------------------------------------------------- autocast dtypes (CPU)

@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -42,18 +41,17 @@ from pathlib import Path
 
 import torch
 
-from course_lib.attention import scaled_dot_product_attention
+from course_lib.attention import naive_attention, scaled_dot_product_attention
 from course_lib.bench.timing import device_info, matmul_peak, peak_memory, time_fn
-from course_lib.masks import causal_mask
+from course_lib.device import sdpa_with_backend, tensor_core_settings
 from course_lib.paths import DATA_DIR
-from course_lib.precision import attention_error_table, sdpa_with_backend, tensor_core_settings
+from course_lib.precision import attention_error_table
 
 __all__ = [
     "CORE_IMPLS",
     "MODULE_IMPLS",
     "attention_flops",
     "module_flops",
-    "naive_attention",
     "run_suite",
     "plot_results",
     "recorded_runs",
@@ -96,14 +94,6 @@ def module_flops(B: int, T: int, d_model: int, H: int, *, causal: bool = False, 
 
 
 # ----------------------------------------------------------------------------- implementations
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-    """The textbook formula, in the input dtype: materialises the (..., T, S) scores and weights."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    if is_causal:
-        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, d_head)
-
-
 def _core_fn(impl: str, is_causal: bool) -> Callable:
     if impl == "naive":
         return lambda q, k, v: naive_attention(q, k, v, is_causal)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from course_lib.bench.attention import attention_flops
 from course_lib.bench.timing import device_info, time_fn
+from course_lib.device import sdpa_with_backend
 from course_lib.paths import DATA_DIR
-from course_lib.precision import sdpa_with_backend
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 

@@ -1,0 +1,97 @@
+"""What the device is and can run (course_lib.device): Tensor Core settings, SDPA backends, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from course_lib import device
+from course_lib.device import (
+    SDPA_BACKENDS,
+    device_facts,
+    device_report,
+    enable_tensor_cores,
+    restore_settings,
+    sdpa_backend_report,
+    tensor_core_friendly,
+    tensor_core_settings,
+)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ----------------------------------------------------------------------------- settings
+def test_tensor_core_settings_turn_on_and_restore():
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    with tensor_core_settings() as inside:
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert inside["float32_matmul_precision"] == "high"
+    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32) == before
+    previous = enable_tensor_cores(tf32=False)
+    try:
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        restore_settings(previous)
+    assert torch.get_float32_matmul_precision() == before[0]
+
+
+def test_tensor_core_friendly_sizes():
+    assert tensor_core_friendly(64, 72, 100, dtype=torch.float16) == {64: True, 72: True, 100: False}
+    assert tensor_core_friendly(100, dtype=torch.float32) == {100: True}  # 4-byte elements: multiples of 4
+    assert tensor_core_friendly(24, dtype=torch.float8_e4m3fn) == {24: False}
+
+
+# ----------------------------------------------------------------------------- device report
+def test_device_report_on_cpu():
+    report = device_report("cpu", shape=(1, 2, 32, 16), dtype=torch.float32)
+    assert report["device_type"] == "cpu" and report["compute_capability"] is None
+    assert report["tensor_cores"] is False and report["tf32_supported"] is False
+    backends = report["sdpa_backends"]
+    assert set(backends) == {"flash", "efficient", "cudnn", "math"}
+    assert backends["math"] == {"eligible": True, "reasons": []}
+    assert backends["flash"]["eligible"] is True  # torch's CPU flash kernel
+    for name in ("efficient", "cudnn"):
+        assert backends[name]["eligible"] is False
+        assert "CUDA" in backends[name]["reasons"][0]
+
+
+def test_sdpa_backend_report_cpu_with_mask():
+    q = torch.randn(1, 2, 8, 16)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    report = sdpa_backend_report(q, q, q, attn_mask=mask)
+    assert report["math"]["eligible"] and not report["efficient"]["eligible"]
+
+
+@cuda
+def test_device_report_on_cuda_gives_reasons():
+    report = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.float32)
+    assert report["compute_capability"] is not None
+    flash = report["sdpa_backends"]["flash"]
+    assert flash["eligible"] is False and flash["reasons"]  # flash takes float16/bfloat16 only
+    assert report["sdpa_backends"]["math"]["eligible"] is True
+    if report["bf16_supported"]:
+        ok = device_report("cuda", shape=(1, 2, 128, 64), dtype=torch.bfloat16)["sdpa_backends"]
+        assert ok["flash"]["eligible"] or ok["flash"]["reasons"]
+
+
+def test_device_facts_carry_what_a_recorded_result_needs():
+    facts = device_facts("cpu")
+    for key in ("device_type", "device_name", "torch", "python", "cpu", "cpu_threads", "tensor_cores"):
+        assert key in facts
+    assert facts["device_name"] == f"CPU ({facts['cpu']}, {facts['cpu_threads']} threads)"
+
+
+def test_one_spelling_for_sdpa_backends():
+    assert SDPA_BACKENDS == ("flash", "efficient", "cudnn", "math")
+    assert set(device_report("cpu", shape=(1, 1, 8, 8), dtype=torch.float32)["sdpa_backends"]) == set(SDPA_BACKENDS)
+
+
+def test_python_m_course_lib_device_prints_the_report_as_json(capsys):
+    assert device.main(["cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device_type"] == "cpu" and set(report["sdpa_backends"]) == set(SDPA_BACKENDS)
