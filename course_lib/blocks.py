@@ -90,15 +90,17 @@ class EncoderLayer(nn.Module):
         self.ff_block = _Residual(d_model, dropout, norm_first)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *, need_weights: bool = False):
-        _check_sequence("x", x, self.self_attn.d_model)
-        x, weights = self.attn_block(
-            x, lambda h: self._attend(h, attn_mask, need_weights))  # (B, S, d_model)
-        x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
+        x, weights = self.run(x, attn_mask, need_weights=need_weights)
         return (x, weights) if need_weights else x
 
-    def _attend(self, h, attn_mask, need_weights):
-        result = self.self_attn(h, attn_mask=attn_mask, need_weights=need_weights)
-        return result if need_weights else (result, None)
+    def run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+            need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, always returning the pair (x (B, S, d_model), weights (B, H, S, S) or None)."""
+        _check_sequence("x", x, self.self_attn.d_model)
+        x, weights = self.attn_block(
+            x, lambda h: self.self_attn.attend(h, attn_mask=attn_mask, need_weights=need_weights))  # (B, S, d_model)
+        x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
+        return x, weights
 
 
 class DecoderLayer(nn.Module):
@@ -127,6 +129,16 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor, *, memory_mask: torch.Tensor | None = None,
                 tgt_mask: torch.Tensor | None = None, self_cache: KVCache | None = None,
                 cross_cache: KVCache | None = None, need_weights: bool = False):
+        x, self_weights, cross_weights = self.run(x, memory, memory_mask=memory_mask, tgt_mask=tgt_mask,
+                                                  self_cache=self_cache, cross_cache=cross_cache,
+                                                  need_weights=need_weights)
+        return (x, self_weights, cross_weights) if need_weights else x
+
+    def run(self, x: torch.Tensor, memory: torch.Tensor, *, memory_mask: torch.Tensor | None = None,
+            tgt_mask: torch.Tensor | None = None, self_cache: KVCache | None = None,
+            cross_cache: KVCache | None = None,
+            need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`forward`, always returning (x (B, T, d_model), self weights or None, cross weights or None)."""
         _check_sequence("x", x, self.self_attn.d_model)
         _check_sequence("memory", memory, self.self_attn.d_model)
         if cross_cache is not None and not cross_cache.static:
@@ -134,16 +146,9 @@ class DecoderLayer(nn.Module):
         if self_cache is not None and self_cache.static:
             raise ValueError("self_cache must be a growing KVCache() (static=False): each new token is appended")
 
-        def self_attention(h):
-            r = self.self_attn(h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache)
-            return r if need_weights else (r, None)
-
-        def cross_attention(h):
-            r = self.cross_attn(h, memory, memory, attn_mask=memory_mask, need_weights=need_weights,
-                                cache=cross_cache)
-            return r if need_weights else (r, None)
-
-        x, self_weights = self.self_block(x, self_attention)  # (B, T, d_model)
-        x, cross_weights = self.cross_block(x, cross_attention)  # (B, T, d_model)
+        x, self_weights = self.self_block(x, lambda h: self.self_attn.attend(  # (B, T, d_model)
+            h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache))
+        x, cross_weights = self.cross_block(x, lambda h: self.cross_attn.attend(  # (B, T, d_model)
+            h, memory, memory, attn_mask=memory_mask, need_weights=need_weights, cache=cross_cache))
         x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
-        return (x, self_weights, cross_weights) if need_weights else x
+        return x, self_weights, cross_weights

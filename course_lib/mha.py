@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib._validate import check_positive_int, check_probability, shape_str
-from course_lib.attention import attention_core, check_attn_mask
+from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.kv_cache import KVCache
 from course_lib.masks import with_causal
 
@@ -152,12 +152,8 @@ class MultiHeadAttention(nn.Module):
                     raise ValueError(f"cache holds keys {shape_str(cache.key.shape)} (B, H, S, d_head) but this call "
                                      f"needs B={B}, H={self.num_heads}, d_head={self.d_head}")
                 S = len(cache) if cache.static else len(cache) + S
-        if is_causal and T != S and cache is None:
-            raise ValueError(
-                f"is_causal=True with T={T} queries and S={S} keys is ambiguous (which query is which position?); "
-                f"pass attn_mask=course_lib.masks.causal_mask({T}, {S}) (queries are the last T positions) instead; "
-                f"query {shape_str(query.shape)}, key {shape_str(key.shape)}"
-            )
+        if cache is None:
+            check_causal_lengths(is_causal, T, S, query.shape, key.shape)
         if attn_mask is not None:
             check_attn_mask(attn_mask, (B, self.num_heads, T, S), query.device, allowed_ndim=(2, 4))
         return B, T, S
@@ -183,12 +179,40 @@ class MultiHeadAttention(nn.Module):
         cache: a KVCache; new keys/values are appended (self-attention) or, for a static cache
         that is already filled (cross-attention memory), key/value are not projected again.
         Returns out (B, T, d_model), or (out, weights (B, H, T, S)) if need_weights; the weights are
-        float32 (float64 for float64 inputs), whatever the input dtype.
+        float32 (float64 for float64 inputs), whatever the input dtype. `attend` takes the same
+        arguments and always returns the pair (out, weights or None).
+        """
+        out, weights = self.attend(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                   need_weights=need_weights, cache=cache)
+        return (out, weights) if need_weights else out
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`, always returning (out (B, T, d_model), weights (B, H, T, S) or None).
+
+        For code that passes need_weights through (the encoder and decoder layers) and should not
+        branch on the type of the result. Called directly, it skips the module's forward hooks.
         """
         self_attention = key is None and value is None
         key = query if key is None else key
         value = key if value is None else value
         B, T, S = self._check_inputs(query, key, value, attn_mask, is_causal, need_weights, cache)
+        # The mask is final from here: checked once above, the causal part folded in at most once below.
+        if is_causal and T != S:
+            # with a cache: the T new queries are the last T of S positions (bottom-right aligned).
+            # One new query is the last position and sees every key: there is nothing to mask.
+            if T > 1 or attn_mask is not None:
+                attn_mask = with_causal(attn_mask, T, S, device=query.device)
+            is_causal = False
 
         if self_attention and self.kdim == self.vdim == self.d_model:
             q, k, v = self._project_self(query)  # 3 x (B, T, d_model)
@@ -203,18 +227,10 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
 
-        if is_causal and T != S:
-            # with a cache: the T new queries are the last T of S positions (bottom-right aligned).
-            # One new query is the last position and sees every key: there is nothing to mask.
-            if T > 1 or attn_mask is not None:
-                attn_mask = with_causal(attn_mask, T, S, device=query.device)
-            is_causal = False
-
-        out, weights = attention_core(  # everything was checked above: no second validation
+        out, weights = attention_core(  # no second validation
             q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
         )  # (B, H, T, d_head), (B, H, T, S) or None
-        out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
-        return (out, weights) if need_weights else out
+        return self.out_proj(merge_heads(out)), weights  # concat heads (B, T, d_model), then W_O
 
     # ----------------------------------------------------------------------------- conversions
     @classmethod

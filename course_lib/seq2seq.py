@@ -121,11 +121,8 @@ class Seq2SeqTransformer(nn.Module):
         x = self.src_pos(self.src_embed(src) * math.sqrt(self.config.d_model))  # (B, S, d_model)
         weights = []
         for layer in self.encoder_layers:
-            if need_weights:
-                x, w = layer(x, memory_mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, memory_mask)
+            x, w = layer.run(x, memory_mask, need_weights=need_weights)
+            weights.append(w)
         memory = self.encoder_norm(x)
         return (memory, memory_mask, weights) if need_weights else (memory, memory_mask)
 
@@ -149,14 +146,10 @@ class Seq2SeqTransformer(nn.Module):
         self_weights, cross_weights = [], []
         for i, layer in enumerate(self.decoder_layers):
             self_cache, cross_cache = (None, None) if caches is None else caches[i]
-            out = layer(x, memory, memory_mask=memory_mask, self_cache=self_cache, cross_cache=cross_cache,
-                        need_weights=need_weights)
-            if need_weights:
-                x, sw, cw = out
-                self_weights.append(sw)
-                cross_weights.append(cw)
-            else:
-                x = out
+            x, sw, cw = layer.run(x, memory, memory_mask=memory_mask, self_cache=self_cache, cross_cache=cross_cache,
+                                  need_weights=need_weights)
+            self_weights.append(sw)
+            cross_weights.append(cw)
         logits = self.generator(self.decoder_norm(x))  # (B, T, tgt_vocab)
         return (logits, self_weights, cross_weights) if need_weights else logits
 

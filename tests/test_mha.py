@@ -412,3 +412,66 @@ def test_fused_qkv_weight_keeps_gradients_when_only_some_projections_train():
     mha(torch.randn(2, 5, 16)).sum().backward()
     assert mha.k_proj.weight.grad is not None and mha.v_proj.weight.grad is not None
     assert mha.q_proj.weight.grad is None
+
+
+# ----------------------------------------------------------------------------- one route for the mask
+def _count_mask_work(monkeypatch) -> dict[str, int]:
+    """Count mask validations, causal folds and NaN scans (a host sync on a GPU) made by one call."""
+    import course_lib.attention as attention_module
+    import course_lib.masks as masks_module
+    import course_lib.mha as mha_module
+
+    counts = {"check_attn_mask": 0, "with_causal": 0, "isnan": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    check, fold, isnan = attention_module.check_attn_mask, masks_module.with_causal, torch.isnan
+    for module in (attention_module, mha_module):
+        monkeypatch.setattr(module, "check_attn_mask", counting("check_attn_mask", check), raising=False)
+    for module in (masks_module, attention_module, mha_module):
+        monkeypatch.setattr(module, "with_causal", counting("with_causal", fold), raising=False)
+    monkeypatch.setattr(torch, "isnan", counting("isnan", isnan))
+    return counts
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("additive", [False, True])
+def test_mask_is_validated_and_causal_folded_once_per_call(monkeypatch, need_weights, additive):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    mask = course_lib.masks.padding_mask([5, 3], 5)
+    if additive:
+        mask = course_lib.masks.to_additive_mask(mask)
+    counts = _count_mask_work(monkeypatch)
+    mha(x, attn_mask=mask, is_causal=True, need_weights=need_weights)
+    assert counts == {"check_attn_mask": 1, "with_causal": 1, "isnan": int(additive)}
+
+    cache = KVCache()
+    mha(x[:, :3], cache=cache, is_causal=True)
+    counts.update(dict.fromkeys(counts, 0))
+    mha(x[:, 3:], attn_mask=mask[..., :5], cache=cache, is_causal=True, need_weights=need_weights)  # T=2, S=5
+    assert counts == {"check_attn_mask": 1, "with_causal": 1, "isnan": int(additive)}
+
+
+def test_functional_attention_validates_the_mask_once(monkeypatch):
+    from course_lib.attention import scaled_dot_product_attention
+
+    q = torch.randn(2, 4, 5, 8)
+    mask = course_lib.masks.to_additive_mask(course_lib.masks.padding_mask([5, 3], 5))
+    counts = _count_mask_work(monkeypatch)
+    scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=True)
+    assert counts == {"check_attn_mask": 1, "with_causal": 1, "isnan": 1}
+
+
+def test_attend_always_returns_a_pair():
+    mha = MultiHeadAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    out, weights = mha.attend(x)
+    assert weights is None and torch.equal(out, mha(x))
+    out_w, weights = mha.attend(x, need_weights=True)
+    assert weights.shape == (2, 4, 5, 5) and torch.allclose(out_w, out, atol=1e-6)
