@@ -5,21 +5,14 @@
     save_checkpoint("m.safetensors", model, config=cfg.to_dict())
     load_checkpoint("m.safetensors", model)   # clear errors on wrong shapes or a non-checkpoint file
 
-The capstone recipe (notebook 11) is a command:
-
-    python -m course_lib.training capstone [--steps N] [--seed S] [--threads T]
-
-It trains the toy translation model and writes data/checkpoints/capstone.safetensors plus
-capstone.json (config, seed, accuracy, loss curve, the command and how long it took).
+The recipe that trains notebook 11's translator with this loop is `course_lib.capstone`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import platform
-import sys
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then falls back to a text bar: fine
@@ -36,16 +31,13 @@ with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then fall
     from tqdm.auto import tqdm
 
 from course_lib._validate import check_positive_int, shape_str
-from course_lib.paths import DATA_DIR
 
 __all__ = [
     "TrainResult", "set_seed", "train", "collate_pairs", "batch_iterator", "seq2seq_loss",
     "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError",
-    "encode_pairs", "exact_match", "load_capstone", "train_capstone", "CAPSTONE_PATH",
 ]
 
 CHECKPOINT_FORMAT = "course_lib.checkpoint/1"
-CAPSTONE_PATH = DATA_DIR / "checkpoints" / "capstone.safetensors"
 
 
 # =========================================================================== the loop
@@ -58,8 +50,6 @@ class TrainResult:
 
 def set_seed(seed: int) -> None:
     """Seed python's, numpy's and torch's global generators (model init, dropout)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - the legacy global generator is what notebooks' np.random uses
     torch.manual_seed(seed)
@@ -173,8 +163,6 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: Path | str, model: nn.Module, *, config: dict | None = None,
                     metadata: dict | None = None) -> Path:
     """Write the model's state_dict as safetensors; config/metadata (JSON-able) go in the header."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -186,9 +174,6 @@ def save_checkpoint(path: Path | str, model: nn.Module, *, config: dict | None =
 
 def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, {"config": dict, "metadata": dict}) of a checkpoint written by save_checkpoint."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path.name!r} not found (looked for {path})")
@@ -225,97 +210,3 @@ def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
                               + "; ".join(problems) + "." + hint)
     model.load_state_dict(tensors)
     return info
-
-
-# =========================================================================== the capstone recipe
-CAPSTONE_RECIPE = {"d_model": 64, "num_heads": 4, "d_ff": 256, "num_encoder_layers": 2, "num_decoder_layers": 2,
-                   "dropout": 0.0, "max_len": 32, "norm_first": True, "positional": "sinusoidal"}
-
-
-def encode_pairs(pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab) -> list[tuple[list[int], list[int]]]:
-    return [(src_vocab.encode(p["src"]), tgt_vocab.encode(p["tgt"])) for p in pairs]
-
-
-@torch.no_grad()
-def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *, batch_size: int = 250,
-                use_cache: bool = True) -> tuple[float, list[str]]:
-    """(fraction of sentences translated exactly, the predicted translations) with batched greedy decoding."""
-    predictions = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start: start + batch_size]
-        src, _, _ = collate_pairs(encode_pairs(chunk, src_vocab, tgt_vocab))
-        out = model.greedy_decode(src, max_new_tokens=model.config.max_len - 1, use_cache=use_cache)
-        predictions += [tgt_vocab.decode(row.tolist()) for row in out]
-    correct = sum(p == q["tgt"] for p, q in zip(predictions, pairs, strict=True))
-    return correct / max(1, len(pairs)), predictions
-
-
-def load_capstone(path: Path | str = CAPSTONE_PATH):
-    """(model in eval mode, source vocab, target vocab, info) from the capstone checkpoint."""
-    from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-    from course_lib.toy_translation import source_vocab, target_vocab
-
-    _, info = read_checkpoint(path)
-    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(info["config"]))
-    load_checkpoint(path, model)
-    return model.eval(), source_vocab(), target_vocab(), info
-
-
-def build_capstone_model(seed: int, **overrides):
-    from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-    from course_lib.toy_translation import source_vocab, target_vocab
-
-    src_vocab, tgt_vocab = source_vocab(), target_vocab()
-    config = Seq2SeqConfig(len(src_vocab), len(tgt_vocab), **{**CAPSTONE_RECIPE, **overrides})
-    set_seed(seed)
-    return Seq2SeqTransformer(config), src_vocab, tgt_vocab
-
-
-def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
-                   warmup_steps: int = 200, out: Path | str = CAPSTONE_PATH, progress: bool = True,
-                   command: str = "") -> dict:
-    from course_lib.toy_translation import load_split
-
-    model, src_vocab, tgt_vocab = build_capstone_model(seed)
-    train_examples = encode_pairs(load_split("train"), src_vocab, tgt_vocab)
-    batches = batch_iterator(train_examples, batch_size, seed=seed)
-    result = train(model, batches, seq2seq_loss, steps=steps, lr=lr, seed=seed, warmup_steps=warmup_steps,
-                   progress=progress, desc="capstone")
-    val_acc, _ = exact_match(model, load_split("validation"), src_vocab, tgt_vocab)
-    test_acc, _ = exact_match(model, load_split("test"), src_vocab, tgt_vocab)
-    info = {
-        "config": model.config.to_dict(), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "warmup_steps": warmup_steps, "optimizer": "AdamW(betas=(0.9, 0.98)), linear warm-up + cosine to 0.1 lr",
-        "train_seconds": round(result.seconds, 1), "torch_threads": torch.get_num_threads(),
-        "device": f"cpu ({platform.machine()})", "torch": torch.__version__,
-        "validation_exact_match": val_acc, "test_exact_match": test_acc,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "loss_every_10_steps": [round(x, 5) for x in result.losses[::10]],
-        "command": command,
-    }
-    out = Path(out)
-    save_checkpoint(out, model, config=model.config.to_dict(),
-                    metadata={k: info[k] for k in ("seed", "steps", "test_exact_match", "command")})
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    return info
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m course_lib.training")
-    parser.add_argument("recipe", choices=["capstone"])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(CAPSTONE_PATH))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    command = "python -m course_lib.training " + " ".join(argv)
-    info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command)
-    print(f"trained {info['steps']} steps in {info['train_seconds']} s on {info['torch_threads']} threads; "
-          f"validation exact match {info['validation_exact_match']:.3f}, test {info['test_exact_match']:.3f}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from course_lib.capstone import CAPSTONE_PATH, exact_match, load_capstone
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from course_lib.toy_translation import load_split
-from course_lib.training import CAPSTONE_PATH, exact_match, load_capstone
 
 
 def _model(**kw):
@@ -67,7 +67,7 @@ def test_capstone_checkpoint_is_small_and_documented():
     for key in ("config", "seed", "steps", "test_exact_match", "validation_exact_match", "command",
                 "train_seconds", "loss_every_10_steps"):
         assert key in info
-    assert info["command"].startswith("python -m course_lib.training capstone")
+    assert info["command"].startswith("python -m course_lib.capstone")
 
 
 def test_capstone_checkpoint_reaches_95_percent_exact_match_on_the_test_split():

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from course_lib.capstone import encode_pairs
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from course_lib.toy_translation import load_split, source_vocab, target_vocab
 from course_lib.training import (
     CheckpointError,
     batch_iterator,
     collate_pairs,
-    encode_pairs,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,

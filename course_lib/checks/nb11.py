@@ -46,8 +46,9 @@ def check_greedy_decode(fn, model=None, src=None):
     By default it decodes 8 test sentences with the capstone model and compares with course_lib's greedy_decode.
     """
     if model is None:
+        from course_lib.capstone import encode_pairs, load_capstone
         from course_lib.toy_translation import load_split
-        from course_lib.training import collate_pairs, encode_pairs, load_capstone
+        from course_lib.training import collate_pairs
 
         model, src_vocab, tgt_vocab, _ = load_capstone()
         pairs = load_split("test")[:8]
