@@ -26,7 +26,6 @@ __all__ = [
     "pooled_attention",
     "exact_attention",
     "truncated_svd_attention",
-    "relative_error",
     "attention_flops",
     "linformer_flops",
 ]
@@ -118,15 +117,6 @@ def truncated_svd_attention(weights: np.ndarray, v: np.ndarray, rank: int | list
     v = np.asarray(v, dtype=np.float64)
     outs = [((u[..., :, :r] * s[..., None, :r]) @ vt[..., :r, :]) @ v for r in ranks]  # (..., T, d_v) each
     return outs[0] if isinstance(rank, int) else outs
-
-
-def relative_error(approx: np.ndarray, exact: np.ndarray, per_matrix: bool = False) -> float | np.ndarray:
-    """||approx - exact||_F / ||exact||_F, over everything, or per matrix (last two axes) if per_matrix."""
-    exact = np.asarray(exact, dtype=np.float64)
-    diff = np.asarray(approx, dtype=np.float64) - exact
-    if per_matrix:
-        return np.linalg.norm(diff, axis=(-2, -1)) / np.linalg.norm(exact, axis=(-2, -1))
-    return float(np.linalg.norm(diff) / np.linalg.norm(exact))
 
 
 def attention_flops(T: int, S: int, d: int, d_v: int | None = None) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,15 +73,29 @@ def number_formats() -> list[NumberFormat]:
 
 
 # ----------------------------------------------------------------------------- error metric
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| (Frobenius norms, in float64). ref must not be all zeros."""
-    if out.shape != ref.shape:
-        raise ValueError(f"out and ref must have the same shape; got out {tuple(out.shape)}, ref {tuple(ref.shape)}")
-    ref64 = ref.detach().to("cpu", torch.float64)
-    denom = torch.linalg.vector_norm(ref64)
-    if denom == 0:
-        raise ValueError("ref is all zeros: a relative error is undefined (use fresh random inputs, not zeros)")
-    return float(torch.linalg.vector_norm(out.detach().to("cpu", torch.float64) - ref64) / denom)
+def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, *,
+                   per_matrix: bool = False) -> float | np.ndarray:
+    """||out - ref||_F / ||ref||_F, computed in float64; torch tensors (any device) or numpy arrays.
+
+    per_matrix=True gives one error per matrix (over the last two axes), shape out.shape[:-2].
+    ref must not be all zeros (per matrix, with per_matrix): a relative error is undefined there.
+    """
+    out64, ref64 = (x.detach().to("cpu", torch.float64).numpy() if isinstance(x, torch.Tensor)
+                    else np.asarray(x, dtype=np.float64) for x in (out, ref))
+    if out64.shape != ref64.shape:
+        raise ValueError(f"out and ref must have the same shape; got out {out64.shape}, ref {ref64.shape}")
+    if per_matrix:
+        if ref64.ndim < 2:
+            raise ValueError(f"per_matrix=True needs matrices (..., T, S); got ref of shape {ref64.shape}")
+        axes: tuple[int, ...] | None = (-2, -1)
+    else:
+        axes = None
+    denom = np.linalg.norm(ref64.reshape(-1) if axes is None else ref64, axis=axes)
+    if np.any(denom == 0):
+        raise ValueError("ref is all zeros" + (" in some matrix" if per_matrix else "")
+                         + ": a relative error is undefined (use fresh random inputs, not zeros)")
+    err = np.linalg.norm((out64 - ref64).reshape(-1) if axes is None else out64 - ref64, axis=axes) / denom
+    return err if per_matrix else float(err)
 
 
 # ----------------------------------------------------------------------------- accuracy per dtype

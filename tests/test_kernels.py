@@ -25,13 +25,9 @@ pytest.importorskip("triton")
 from course_lib import numpy_ref  # noqa: E402
 from course_lib.attention import scaled_dot_product_attention  # noqa: E402
 from course_lib.kernels import flash_attention, interpreter_active, kernel_tolerance, unit_roundoff  # noqa: E402
+from course_lib.precision import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def relative_error(got, expected) -> float:
-    got = np.asarray(got, dtype=np.float64)
-    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
 
 
 def _reference(q, k, v, d_out, causal):

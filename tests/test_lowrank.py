@@ -5,6 +5,7 @@ import pytest
 
 from course_lib import lowrank
 from course_lib.numpy_ref import scaled_dot_product_attention
+from course_lib.precision import relative_error
 
 
 def _qkv(seed=0, T=12, S=16, d=4):
@@ -42,9 +43,9 @@ def test_full_rank_approximations_are_exact():
 def test_truncated_svd_error_falls_with_rank_and_bounds_pooling():
     q, k, v = _qkv(1, T=20, S=20)
     exact, weights = scaled_dot_product_attention(q, k, v)
-    svd_err = [lowrank.relative_error(lowrank.truncated_svd_attention(weights, v, r), exact) for r in (2, 5, 10, 20)]
+    svd_err = [relative_error(lowrank.truncated_svd_attention(weights, v, r), exact) for r in (2, 5, 10, 20)]
     assert all(a >= b - 1e-12 for a, b in zip(svd_err, svd_err[1:], strict=False)) and svd_err[-1] < 1e-10
-    pooled = lowrank.relative_error(lowrank.pooled_attention(q, k, v, 5), exact)
+    pooled = relative_error(lowrank.pooled_attention(q, k, v, 5), exact)
     assert pooled > 0.0
 
 

@@ -44,6 +44,19 @@ def test_relative_error_hand_count():
         relative_error(out, torch.ones(3))
 
 
+def test_relative_error_takes_numpy_and_mixed_inputs_and_per_matrix():
+    import numpy as np
+
+    ref = np.array([[[3.0, 4.0]], [[1.0, 0.0]]])  # two (1, 2) matrices, norms 5 and 1
+    out = ref + np.array([[[0.0, 0.5]], [[0.0, 0.5]]])
+    assert relative_error(out, ref, per_matrix=True) == pytest.approx([0.1, 0.5])
+    assert relative_error(torch.from_numpy(out).float(), ref) == pytest.approx(np.sqrt(0.5) / np.sqrt(26))
+    with pytest.raises(ValueError, match="some matrix"):
+        relative_error(out, ref * np.array([[[1.0]], [[0.0]]]), per_matrix=True)
+    with pytest.raises(ValueError, match="per_matrix"):
+        relative_error(np.ones(3), np.ones(3), per_matrix=True)
+
+
 # ----------------------------------------------------------------------------- autocast dtypes (CPU)
 def test_mha_under_cpu_bf16_autocast_keeps_float32_params_and_float32_weights():
     torch.manual_seed(0)
