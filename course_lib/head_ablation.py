@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +31,12 @@ from torch import nn
 from course_lib._validate import check_positive_int
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
+from course_lib.training import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, train
 
 __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
-    "head_importance", "pruning_curve", "fit_attention_pattern", "score_matrix_rank",
+    "head_importance", "pruning_curve", "importance_order", "iterative_pruning_curve", "count_parameters",
+    "lr_factor", "DATA_SEED_OFFSET", "save_head_model", "load_head_model",
 ]
 
 
@@ -106,7 +109,11 @@ class _Layer(nn.Module):
 
 
 class HeadGatedTransformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, num_classes); `head_mask` (num_layers, num_heads) gates each head."""
+    """tokens (B, T) -> logits (B, T, num_classes); `head_gate` (num_layers, num_heads) scales each head.
+
+    The gate is a float multiplier, not a boolean mask: 1 keeps a head, 0 removes it, and gradients with
+    respect to it are Michel et al.'s head importances.
+    """
 
     def __init__(self, vocab: int, num_classes: int, seq_len: int, d_model: int = 32, num_heads: int = 4,
                  num_layers: int = 1, d_ff: int = 128) -> None:
@@ -121,18 +128,18 @@ class HeadGatedTransformer(nn.Module):
         self.layers = nn.ModuleList(_Layer(d_model, num_heads, d_ff) for _ in range(num_layers))
         self.norm, self.readout = nn.LayerNorm(d_model), nn.Linear(d_model, num_classes)
 
-    def forward(self, tokens: torch.Tensor, head_mask: torch.Tensor | None = None, need_weights: bool = False):
+    def forward(self, tokens: torch.Tensor, head_gate: torch.Tensor | None = None, need_weights: bool = False):
         if tokens.ndim != 2 or tokens.shape[1] > self.config["seq_len"]:
             raise ValueError(f"tokens must have shape (B, T) with T <= {self.config['seq_len']}; "
                              f"got {tuple(tokens.shape)}")
-        if head_mask is not None and tuple(head_mask.shape) != (self.num_layers, self.num_heads):
-            raise ValueError(f"head_mask must have shape (num_layers, num_heads) = "
-                             f"({self.num_layers}, {self.num_heads}); got {tuple(head_mask.shape)}")
+        if head_gate is not None and tuple(head_gate.shape) != (self.num_layers, self.num_heads):
+            raise ValueError(f"head_gate must have shape (num_layers, num_heads) = "
+                             f"({self.num_layers}, {self.num_heads}); got {tuple(head_gate.shape)}")
         T = tokens.shape[1]
         x = self.tok_emb(tokens) + self.pos_emb(torch.arange(T, device=tokens.device))  # (B, T, D)
         all_weights = []
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, None if head_mask is None else head_mask[i])
+            x, weights = layer(x, None if head_gate is None else head_gate[i])
             all_weights.append(weights)  # (B, H, T, T)
         logits = self.readout(self.norm(x))  # (B, T, C)
         return (logits, all_weights) if need_weights else logits
@@ -143,6 +150,9 @@ class HeadGatedTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- training
+DATA_SEED_OFFSET = 1000  # the batches' generator is seeded apart from the model's initialisation
+
+
 @dataclass
 class TrainConfig:
     task: str = "two_lookups"
@@ -155,18 +165,19 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     seed: int = 0
+    warmup_steps: int = 50
     eval_every: int = 50
     eval_size: int = 512
     extra: dict = field(default_factory=dict)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head_mask: torch.Tensor | None = None
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head_gate: torch.Tensor | None = None
              ) -> tuple[float, float]:
     """(mean cross-entropy, per-position accuracy) on a fixed batch."""
     was_training = model.training
     model.eval()
-    logits = model(x, head_mask=head_mask)
+    logits = model(x, head_gate=head_gate)
     model.train(was_training)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     return float(loss), float((logits.argmax(-1) == y).float().mean())
@@ -177,39 +188,44 @@ def eval_batch(task: LookupTask, size: int = 512, seed: int = 12345) -> tuple[to
     return make_batch(task, size, torch.Generator().manual_seed(seed))
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The sweep's schedule: a linear warm-up multiplied onto a cosine decay to 0 over the whole run."""
+    warmup = min(1.0, (step + 1) / warmup_steps)
+    return warmup * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+
 def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTransformer, dict]:
-    """Train on fresh random batches (no data is seen twice); return the model and its curves."""
+    """Train with `course_lib.training.train` on fresh random batches (no data is seen twice).
+
+    The model is initialised from seed cfg.seed, the batches come from their own generator
+    (seed cfg.seed + DATA_SEED_OFFSET), and the fixed evaluation batch from `eval_batch`.
+    Returns the model (eval mode) and its curves: every cfg.eval_every steps, the mean training
+    loss since the last point and the loss and accuracy on the evaluation batch.
+    """
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
     model = HeadGatedTransformer.for_task(task, d_model=cfg.d_model, num_heads=cfg.num_heads,
                                           num_layers=cfg.num_layers, d_ff=cfg.d_ff)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # short warm-up, then cosine decay
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    gen = torch.Generator().manual_seed(1000 + cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
+    batches = (make_batch(task, cfg.batch_size, generator) for _ in range(cfg.steps))
     x_eval, y_eval = eval_batch(task, cfg.eval_size)
-    curve = {"step": [], "train_loss": [], "eval_loss": [], "eval_acc": []}
-    steps = range(cfg.steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"{cfg.task} H={cfg.num_heads} seed={cfg.seed}")
-    running = []
-    for step in steps:
-        x, y = make_batch(task, cfg.batch_size, gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        running.append(loss.item())
+    curve: dict[str, list] = {"step": [], "train_loss": [], "eval_loss": [], "eval_acc": []}
+    running: list[float] = []
+
+    def record(step: int, loss: float) -> None:
+        running.append(loss)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             eval_loss, eval_acc = evaluate(model, x_eval, y_eval)
             curve["step"].append(step + 1)
             curve["train_loss"].append(float(np.mean(running)))
             curve["eval_loss"].append(eval_loss)
             curve["eval_acc"].append(eval_acc)
-            running = []
-    model.eval()
+            running.clear()
+
+    train(model, batches, lambda m, batch: F.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten()),
+          steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+          grad_clip=None, schedule=lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps),
+          progress=progress, desc=f"{cfg.task} H={cfg.num_heads} seed={cfg.seed}", callback=record)
     return model, curve
 
 
@@ -219,16 +235,16 @@ def count_parameters(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------------------------- importance
 def head_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor,
-                    head_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Michel et al. 2019: I_h = | dL/dxi_h | at xi = head_mask (all ones by default), (num_layers, num_heads).
+                    head_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Michel et al. 2019: I_h = | dL/dxi_h | at xi = head_gate (all ones by default), (num_layers, num_heads).
 
     L is the mean cross-entropy over the batch. (Michel et al. average |dL/dxi_h| over examples; with one
     batch the absolute value of the batch-mean gradient is the cheaper variant used here.)
     """
     dtype = model.readout.weight.dtype
-    gate = (torch.ones(model.num_layers, model.num_heads) if head_mask is None else head_mask.clone()).to(dtype)
+    gate = (torch.ones(model.num_layers, model.num_heads) if head_gate is None else head_gate.clone()).to(dtype)
     gate.requires_grad_(True)
-    logits = model(x, head_mask=gate)
+    logits = model(x, head_gate=gate)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     (grad,) = torch.autograd.grad(loss, gate)
     return grad.abs().detach()
@@ -237,11 +253,11 @@ def head_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tenso
 def pruning_curve(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor, order: list[tuple[int, int]]
                   ) -> list[float]:
     """Accuracy after removing 0, 1, ..., all heads, in the given order of (layer, head)."""
-    mask = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
-    accs = [evaluate(model, x, y, mask)[1]]
+    gate = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    accs = [evaluate(model, x, y, gate)[1]]
     for layer, head in order:
-        mask[layer, head] = 0.0
-        accs.append(evaluate(model, x, y, mask)[1])
+        gate[layer, head] = 0.0
+        accs.append(evaluate(model, x, y, gate)[1])
     return accs
 
 
@@ -255,51 +271,33 @@ def importance_order(importance: torch.Tensor) -> list[tuple[int, int]]:
 def iterative_pruning_curve(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor
                             ) -> tuple[list[float], list[tuple[int, int]]]:
     """Michel et al.'s procedure: remove the least important head, recompute importances, repeat."""
-    mask = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
-    accs, order = [evaluate(model, x, y, mask)[1]], []
-    for _ in range(mask.numel()):
-        imp = head_importance(model, x, y, mask)
-        imp[mask == 0] = float("inf")
+    gate = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    accs, order = [evaluate(model, x, y, gate)[1]], []
+    for _ in range(gate.numel()):
+        imp = head_importance(model, x, y, gate)
+        imp[gate == 0] = float("inf")
         layer, head = importance_order(imp)[0]
-        mask[layer, head] = 0.0
+        gate[layer, head] = 0.0
         order.append((layer, head))
-        accs.append(evaluate(model, x, y, mask)[1])
+        accs.append(evaluate(model, x, y, gate)[1])
     return accs, order
 
 
-# --------------------------------------------------------------------------------------------- low rank
-def score_matrix_rank(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, tol: float = 1e-5) -> int:
-    """Numerical rank of Q K^T = (x W_q)(x W_k)^T, x (T, d_model), W (d_model, d_head): at most d_head."""
-    scores = (x @ w_q) @ (x @ w_k).T  # (T, T)
-    s = torch.linalg.svdvals(scores.double())
-    return int((s > tol * s[0]).sum())
+def save_head_model(path: Path | str, model: HeadGatedTransformer, *, metadata: dict | None = None) -> Path:
+    """A course_lib checkpoint of the model, with the config that rebuilds it (see `load_head_model`)."""
+    return save_checkpoint(path, model, config=model.config, metadata=metadata)
 
 
-def fit_attention_pattern(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
-                          seed: int = 0) -> float:
-    """Fit one head's W_q, W_k (d_model, d_head) so that softmax(x W_q (x W_k)^T / sqrt(d_head)) matches a
-    target attention matrix (T, T); return the final mean KL(target || fitted) per row, in nats.
-
-    The logits are a rank <= d_head matrix, so targets that need a high-rank logit matrix cannot be fitted
-    when d_head is small, however long we train.
-    """
-    T, d_model = x.shape
-    if target.shape != (T, T):
-        raise ValueError(f"target must have shape (T, T) = ({T}, {T}); got {tuple(target.shape)}")
-    g = torch.Generator().manual_seed(seed)
-    w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
-    w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
-    opt = torch.optim.Adam([w_q, w_k], lr=lr)
-    log_target = torch.log(target.clamp_min(1e-12))
-    for _ in range(steps):
-        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
-        kl = (target * (log_target - log_p)).sum(-1).mean()
-        opt.zero_grad()
-        kl.backward()
-        opt.step()
-    with torch.no_grad():
-        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
-        return float((target * (log_target - log_p)).sum(-1).mean())
+def load_head_model(path: Path | str) -> tuple[HeadGatedTransformer, dict]:
+    """(model in eval mode, {"config", "metadata"}) from a checkpoint written by `save_head_model`."""
+    _, info = read_checkpoint(path)
+    try:
+        model = HeadGatedTransformer(**info["config"])
+    except TypeError as e:
+        raise CheckpointError(f"{Path(path).name} is not a HeadGatedTransformer checkpoint: its config "
+                              f"{info['config']} does not build one ({e})") from None
+    load_checkpoint(path, model)
+    return model.eval(), info
 
 
 def config_dict(cfg: TrainConfig) -> dict:

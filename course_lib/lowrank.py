@@ -1,9 +1,11 @@
 """Matrix decomposition and attention: how low-rank are attention matrices, and what does a low-rank shortcut cost?
 
-Two questions, kept apart:
+Three questions, kept apart:
 - Spectrum: the scores Q K^T of one head have rank <= d_head (a product through d_head
   dimensions); the weights P = softmax(Q K^T / sqrt(d)) need not (exp is applied entry by
   entry). `singular_values` and `rank_for_energy` measure both.
+- Fitting: `score_matrix_rank` of (x W_q)(x W_k)^T, and `fit_attention_pattern`, which trains one
+  head's W_q, W_k (d_head columns) to reproduce a target attention matrix (notebook 07).
 - Shortcut: Linformer (Wang et al. 2020) projects the S keys and values down to k rows,
   K' = E K, V' = E V with E (k, S), and attends over those: cost O(T k d) instead of O(T S d).
   `linformer_attention` does it in numpy; `truncated_svd_attention` is the best any rank-k
@@ -12,7 +14,10 @@ Two questions, kept apart:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
 from course_lib._validate import check_positive_int, shape_str
 from course_lib.numpy_ref import scaled_dot_product_attention, softmax
@@ -28,6 +33,8 @@ __all__ = [
     "truncated_svd_attention",
     "attention_flops",
     "linformer_flops",
+    "score_matrix_rank",
+    "fit_attention_pattern",
 ]
 
 
@@ -134,3 +141,38 @@ def linformer_flops(T: int, S: int, d: int, rank: int, d_v: int | None = None) -
 def exact_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Convenience: the exact output (..., T, d_v), from the numpy reference."""
     return scaled_dot_product_attention(q, k, v)[0]
+
+
+# ----------------------------------------------------------------------------- one head's rank, fitted (notebook 07)
+def score_matrix_rank(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, tol: float = 1e-5) -> int:
+    """Numerical rank of Q K^T = (x W_q)(x W_k)^T, x (T, d_model), W (d_model, d_head): at most d_head."""
+    scores = (x @ w_q) @ (x @ w_k).T  # (T, T)
+    s = torch.linalg.svdvals(scores.double())
+    return int((s > tol * s[0]).sum())
+
+
+def fit_attention_pattern(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
+                          seed: int = 0) -> float:
+    """Fit one head's W_q, W_k (d_model, d_head) so that softmax(x W_q (x W_k)^T / sqrt(d_head)) matches a
+    target attention matrix (T, T); return the final mean KL(target || fitted) per row, in nats.
+
+    The logits are a rank <= d_head matrix, so targets that need a high-rank logit matrix cannot be fitted
+    when d_head is small, however long we train.
+    """
+    T, d_model = x.shape
+    if target.shape != (T, T):
+        raise ValueError(f"target must have shape (T, T) = ({T}, {T}); got {tuple(target.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
+    w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
+    opt = torch.optim.Adam([w_q, w_k], lr=lr)
+    log_target = torch.log(target.clamp_min(1e-12))
+    for _ in range(steps):
+        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+        kl = (target * (log_target - log_p)).sum(-1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    with torch.no_grad():
+        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+        return float((target * (log_target - log_p)).sum(-1).mean())

@@ -33,7 +33,7 @@ with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then fall
 from course_lib._validate import check_positive_int, shape_str
 
 __all__ = [
-    "TrainResult", "set_seed", "train", "collate_pairs", "batch_iterator", "seq2seq_loss",
+    "TrainResult", "set_seed", "train", "warmup_cosine", "collate_pairs", "batch_iterator", "seq2seq_loss",
     "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError",
 ]
 
@@ -55,7 +55,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to min_ratio * lr."""
 
     def factor(step: int) -> float:
@@ -69,20 +69,23 @@ def _schedule(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> Ca
 
 def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor], *,
           steps: int, lr: float = 1e-3, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
-          grad_clip: float | None = 1.0, progress: bool = True, desc: str = "training",
+          betas: tuple[float, float] = (0.9, 0.98), grad_clip: float | None = 1.0,
+          schedule: Callable[[int], float] | None = None, progress: bool = True, desc: str = "training",
           callback: Callable[[int, float], None] | None = None) -> TrainResult:
     """AdamW for `steps` steps over `batches` (an iterable yielding at least `steps` batches).
 
     Seeds torch before the first step (dropout), so the same model initialisation, batches and
     seed give the same loss curve. loss_fn(model, batch) returns a scalar tensor.
+    schedule(step) multiplies lr; by default `warmup_cosine(warmup_steps, steps)`. grad_clip=None
+    does not clip (the norm is still recorded). callback(step, loss) runs after each step.
     Returns TrainResult(losses, grad_norms, seconds).
     """
     check_positive_int("steps", steps)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(warmup_steps, steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or warmup_cosine(warmup_steps, steps))
     result = TrainResult()
     model.train()
     start = time.perf_counter()

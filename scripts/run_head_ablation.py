@@ -5,7 +5,8 @@
 
 Every run: one of TASKS, a model with H heads at a fixed d_model (so the parameter count does not depend
 on H), trained from a seed on fresh random batches; the held-out accuracy and loss curves are recorded.
-The H = 8 model of each (task, variant), seed 0, is also saved as a safetensors checkpoint for notebook 08.
+The H = 8 model of each (task, variant), seed 0, is also saved as a checkpoint for notebooks 07 and 08
+(`course_lib.head_ablation.load_head_model` reads it back with its config).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from course_lib.head_ablation import TASKS, TrainConfig, config_dict, count_parameters, train_model
+from course_lib.head_ablation import TASKS, TrainConfig, config_dict, count_parameters, save_head_model, train_model
 from course_lib.paths import DATA_DIR
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> Path:
                           f"loss={curve['eval_loss'][-1]:.3f} ({time.time() - t0:.1f} s)", flush=True)
                     if seed == args.seeds[0] and heads == max(args.heads):
                         name = f"heads_{task}_{variant}_h{heads}.safetensors"
-                        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                                  str(args.checkpoint_dir / name), metadata={"config": json.dumps(model.config)})
+                        save_head_model(args.checkpoint_dir / name, model, metadata={
+                            "task": task, "variant": variant, "seed": seed, "steps": args.steps,
+                            "final_acc": curve["eval_acc"][-1]})
     record = {
         "command": " ".join(["python scripts/run_head_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
         "tasks": {name: {"offsets": list(t.offsets), "vocab": t.vocab, "seq_len": t.seq_len,

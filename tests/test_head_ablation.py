@@ -6,20 +6,23 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from course_lib import MultiHeadAttention
 from course_lib.head_ablation import (
     TASKS,
     HeadGatedTransformer,
+    TrainConfig,
     evaluate,
-    fit_attention_pattern,
     head_importance,
     importance_order,
+    load_head_model,
     make_batch,
     pruning_curve,
-    score_matrix_rank,
+    save_head_model,
+    train_model,
 )
+from course_lib.lowrank import fit_attention_pattern, score_matrix_rank
+from course_lib.training import CheckpointError, save_checkpoint
 
 
 def small_model(num_heads=4, num_layers=2, seed=0, task="two_lookups"):
@@ -53,7 +56,7 @@ def test_model_matches_course_mha_when_ungated():
 def test_keeping_all_heads_equals_the_unpruned_model():
     model = small_model()
     x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(1))
-    torch.testing.assert_close(model(x, head_mask=torch.ones(2, 4, dtype=torch.float64)), model(x))
+    torch.testing.assert_close(model(x, head_gate=torch.ones(2, 4, dtype=torch.float64)), model(x))
     curve = pruning_curve(model, x, y, [])
     assert curve == [evaluate(model, x, y)[1]]
 
@@ -73,14 +76,14 @@ def test_a_zero_gate_removes_exactly_that_head():
     torch.testing.assert_close(out, ref)
 
 
-def test_head_mask_gradient_matches_finite_differences():
+def test_head_gate_gradient_matches_finite_differences():
     model = small_model()
     x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(2))
     mask = torch.ones(2, 4, dtype=torch.float64)
     mask[1, 2] = 0.3  # away from the all-ones point too
 
     def loss(m):
-        return F.cross_entropy(model(x, head_mask=m).flatten(0, 1), y.flatten())
+        return F.cross_entropy(model(x, head_gate=m).flatten(0, 1), y.flatten())
 
     gate = mask.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(gate), gate)
@@ -97,8 +100,8 @@ def test_head_mask_gradient_matches_finite_differences():
 def test_importance_order_and_bad_mask():
     assert importance_order(torch.tensor([[3.0, 1.0], [2.0, 0.5]])) == [(1, 1), (0, 1), (1, 0), (0, 0)]
     model = small_model()
-    with pytest.raises(ValueError, match="head_mask must have shape"):
-        model(torch.zeros(1, 4, dtype=torch.long), head_mask=torch.ones(4))
+    with pytest.raises(ValueError, match="head_gate must have shape"):
+        model(torch.zeros(1, 4, dtype=torch.long), head_gate=torch.ones(4))
 
 
 def test_pruning_every_head_leaves_no_attention():
@@ -111,7 +114,7 @@ def test_pruning_every_head_leaves_no_attention():
     x2 = x.clone()
     x2[:, 1:] = (x2[:, 1:] + 1) % TASKS["two_lookups"].vocab
     off = torch.zeros(1, 4, dtype=torch.float64)
-    torch.testing.assert_close(model(x, head_mask=off)[:, 0], model(x2, head_mask=off)[:, 0])
+    torch.testing.assert_close(model(x, head_gate=off)[:, 0], model(x2, head_gate=off)[:, 0])
 
 
 @pytest.mark.parametrize("d_head", [1, 2, 4, 8])
@@ -147,6 +150,36 @@ def test_sweep_script_runs_on_a_tiny_configuration(tmp_path):
     assert len({r["params"] for r in record["runs"]}) == 1  # same parameter count for every head count
     assert all(math.isfinite(r["final_loss"]) and 0 <= r["final_acc"] <= 1 for r in record["runs"])
     assert record["command"].startswith("python scripts/run_head_ablation.py --tiny")
-    state = load_file(str(tmp_path / "heads_two_lookups_attn_mlp_h2.safetensors"))
-    model = HeadGatedTransformer.for_task(TASKS["two_lookups"], d_model=32, num_heads=2, d_ff=128)
-    model.load_state_dict(state)
+    model, info = load_head_model(tmp_path / "heads_two_lookups_attn_mlp_h2.safetensors")
+    assert (model.num_heads, model.config["d_model"], model.config["d_ff"]) == (2, 32, 128)
+    assert info["metadata"]["task"] == "two_lookups" and info["metadata"]["variant"] == "attn_mlp"
+
+
+@pytest.mark.parametrize("name", ["heads_two_lookups_attn_only_h8", "heads_three_lookups_attn_mlp_h8"])
+def test_recorded_head_checkpoints_load_with_their_config(name):
+    from course_lib.paths import DATA_DIR
+
+    model, info = load_head_model(DATA_DIR / "checkpoints" / f"{name}.safetensors")
+    assert model.num_heads == 8 and not model.training
+    task = TASKS[info["metadata"]["task"]]
+    x, y = make_batch(task, 256, torch.Generator().manual_seed(0))
+    assert evaluate(model, x, y)[1] > 0.9  # the trained H = 8 models solve their task
+
+
+def test_head_model_checkpoint_round_trip_and_a_foreign_checkpoint(tmp_path):
+    model = small_model()
+    path = save_head_model(tmp_path / "m.safetensors", model, metadata={"note": "x"})
+    loaded, info = load_head_model(path)
+    x, _ = make_batch(TASKS["two_lookups"], 4, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.double()(x), model(x))
+    assert info["metadata"] == {"note": "x"}
+    other = save_checkpoint(tmp_path / "other.safetensors", torch.nn.Linear(2, 2), config={"in_features": 2})
+    with pytest.raises(CheckpointError, match="not a HeadGatedTransformer"):
+        load_head_model(other)
+
+
+def test_train_model_uses_the_shared_loop_and_is_reproducible():
+    cfg = TrainConfig(task="two_lookups", num_heads=2, d_model=16, d_ff=32, steps=12, eval_every=4)
+    (m1, c1), (m2, c2) = train_model(cfg), train_model(cfg)
+    assert c1 == c2 and c1["step"] == [4, 8, 12]
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
