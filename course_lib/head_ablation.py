@@ -20,7 +20,7 @@ xi = 1 is the ordinary model; xi_h = 0 removes head h; dL/dxi_h is Michel et al.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +298,3 @@ def load_head_model(path: Path | str) -> tuple[HeadGatedTransformer, dict]:
                               f"{info['config']} does not build one ({e})") from None
     load_checkpoint(path, model)
     return model.eval(), info
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

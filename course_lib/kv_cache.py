@@ -44,8 +44,3 @@ class KVCache:
         self.key = torch.cat([self.key, key], dim=-2)
         self.value = torch.cat([self.value, value], dim=-2)
         return self.key, self.value
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (e.g. to drop finished sequences)."""
-        if self.key is not None:
-            self.key, self.value = self.key[index], self.value[index]

@@ -66,18 +66,42 @@ def padding_mask(lengths: Sequence[int] | torch.Tensor, max_len: int) -> torch.T
 
 
 def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
-    """AND of boolean masks (a key is allowed only if every mask allows it); None entries are skipped."""
+    """One mask that allows a key only where every mask allows it; None entries are skipped.
+
+    Boolean masks (True = may attend) are ANDed, and the result is boolean. If any mask is an
+    additive float mask, the boolean ones become 0 / -inf in its dtype and all are added. Each mask
+    is 2-D (T, S) or 4-D (B|1, H|1, T|1, S), as `MultiHeadAttention` takes them: a 3-D mask is
+    refused, because (B, T, S) would broadcast its batch axis against the heads.
+    """
+    for i, m in enumerate(masks):
+        if m is None:
+            continue
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"mask {i} must be a torch.Tensor (bool or float) or None; got {type(m).__name__}")
+        if m.dtype != torch.bool and not m.dtype.is_floating_point:
+            raise TypeError(f"mask {i} must be boolean (True = may attend) or floating-point (additive); "
+                            f"got dtype {m.dtype}")
+        if m.ndim not in (2, 4):
+            raise ValueError(f"mask {i} must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {m.ndim}-D "
+                             f"{shape_str(m.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])")
     present = [m for m in masks if m is not None]
-    for i, m in enumerate(present):
-        if m.dtype != torch.bool:
-            raise TypeError(f"combine_masks takes boolean masks; mask {i} has dtype {m.dtype}")
     if not present:
         return None
     if broadcast_shapes(*(tuple(m.shape) for m in present)) is None:
         raise ValueError("masks do not broadcast together: " + ", ".join(shape_str(m.shape) for m in present))
-    out = present[0]
-    for m in present[1:]:
-        out = out & m
+    additive = [m for m in present if m.dtype.is_floating_point]
+    if not additive:
+        out = present[0]
+        for m in present[1:]:
+            out = out & m
+        return out
+    dtype = additive[0].dtype
+    for m in additive[1:]:
+        dtype = torch.promote_types(dtype, m.dtype)
+    out = None
+    for m in present:
+        term = to_additive_mask(m, dtype) if m.dtype == torch.bool else m.to(dtype)
+        out = term if out is None else out + term
     return out
 
 

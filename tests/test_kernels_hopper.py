@@ -48,7 +48,7 @@ def _cases():
         for dtype in ("bfloat16", "float16", "float32") if sweep else ("bfloat16", "float32"):
             for d_head in (32, 64, 128, 256) if sweep else ((128,) if dtype == "bfloat16" else (256,)):
                 for causal in (False, True) if sweep else (kind == "dq",):
-                    block_d = max(16, 1 << (d_head - 1).bit_length())
+                    block_d = fk.block_d_for(d_head)
                     itemsize = 4 if dtype == "float32" else 2
                     configs = fk.candidate_configs(kind, block_d, itemsize, causal)
                     for config in configs if sweep else configs[:1]:

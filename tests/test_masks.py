@@ -77,21 +77,17 @@ def test_additive_mask_is_zero_or_minus_inf_in_every_dtype(dtype):
     assert torch.isfinite(p).all() and (p[~m] == 0).all()
 
 
-def test_why_not_minus_1e9_or_finfo_min_in_float16():
-    assert torch.tensor(-1e9, dtype=torch.float16).item() == float("-inf")  # -1e9 is not representable
-    lowest = torch.finfo(torch.float16).min  # -65504
-    score = torch.tensor([-100.0], dtype=torch.float16)
-    assert torch.isneginf(score + lowest).all()  # the dtype minimum plus a negative score overflows
-    assert torch.isnan(torch.softmax(torch.full((3,), float("-inf")), dim=-1)).all()  # plain softmax of -inf row
-
-
 BAD = {
     "causal_T_zero": (lambda: causal_mask(0), ValueError, "T must be a positive int"),
     "causal_T_float": (lambda: causal_mask(2.5), ValueError, "T must be a positive int"),
     "padding_length_too_long": (lambda: padding_mask([5], 4), ValueError, "lengths must lie in [0, max_len=4]"),
     "padding_lengths_2d": (lambda: padding_mask([[1, 2]], 4), ValueError, "1-D sequence of ints"),
     "padding_lengths_float": (lambda: padding_mask([1.5], 4), ValueError, "1-D sequence of ints"),
-    "combine_float": (lambda: combine_masks(causal_mask(2), torch.zeros(2, 2)), TypeError, "boolean masks"),
+    "combine_int": (lambda: combine_masks(causal_mask(2), torch.zeros(2, 2, dtype=torch.int64)), TypeError,
+                    "boolean (True = may attend) or floating-point"),
+    "combine_3d": (lambda: combine_masks(torch.ones(2, 4, 4, dtype=torch.bool), padding_mask([3, 1], 4)), ValueError,
+                   "3-D mask is ambiguous"),
+    "combine_list": (lambda: combine_masks([[True]]), TypeError, "mask 0 must be a torch.Tensor"),
     "combine_no_broadcast": (lambda: combine_masks(causal_mask(2), causal_mask(3)), ValueError, "do not broadcast"),
     "polarity_float": (lambda: to_torch_mha_mask(torch.zeros(2, 2)), TypeError, "must be boolean"),
     "polarity_not_tensor": (lambda: to_torch_mha_mask([[True]]), TypeError, "must be a torch.Tensor"),
@@ -117,3 +113,15 @@ def test_with_causal_restricts_bool_and_additive_masks_alike():
     additive = with_causal(to_additive_mask(pad), 2, 4)
     assert torch.equal(additive == 0, combined)
     assert torch.equal(with_causal(None, 3, 3), causal_mask(3))
+
+
+def test_combine_masks_takes_additive_float_masks():
+    pad, causal = padding_mask([3, 2], 3), causal_mask(3)
+    bias = torch.tensor([[0.0, -1.0, -2.0]] * 3)  # an additive (T, S) bias, e.g. a position bias
+    combined = combine_masks(pad, causal, bias)  # (B, 1, T, S) float
+    assert combined.dtype == torch.float32 and combined.shape == (2, 1, 3, 3)
+    allowed = combine_masks(pad, causal)
+    assert torch.equal(torch.isfinite(combined), allowed.expand(2, 1, 3, 3))
+    assert torch.equal(combined[allowed.expand(2, 1, 3, 3)], bias.expand(2, 1, 3, 3)[allowed.expand(2, 1, 3, 3)])
+    half = combine_masks(to_additive_mask(causal, torch.float16), pad)
+    assert half.dtype == torch.float16 and torch.equal(torch.isfinite(half), combine_masks(causal, pad))

@@ -475,3 +475,11 @@ def test_attend_always_returns_a_pair():
     assert weights is None and torch.equal(out, mha(x))
     out_w, weights = mha.attend(x, need_weights=True)
     assert weights.shape == (2, 4, 5, 5) and torch.allclose(out_w, out, atol=1e-6)
+
+
+def test_value_defaults_to_key_and_key_to_query():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4).eval()
+    x, memory = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
+    torch.testing.assert_close(mha(x, memory), mha(x, memory, memory))
+    torch.testing.assert_close(mha(x), mha(x, x, x))

@@ -144,17 +144,6 @@ def test_backward_sums_over_broadcast_batch_dims():
     np.testing.assert_allclose(dk, fd, rtol=1e-6, atol=1e-8)
 
 
-# ---------------------------------------------------------------- online softmax (smoke; full tests elsewhere)
-def test_online_softmax_attention_equals_naive_for_several_block_sizes():
-    rng = np.random.default_rng(6)
-    q, k, v = rng.normal(size=(2, 7, 4)), rng.normal(size=(2, 11, 4)), rng.normal(size=(2, 11, 3))
-    mask = rng.random((2, 7, 11)) < 0.5
-    mask[1, 3] = False
-    ref, _ = nr.scaled_dot_product_attention(q, k, v, mask)
-    for block in (1, 3, 4, 64):
-        np.testing.assert_allclose(nr.online_softmax_attention(q, k, v, mask, block_size=block), ref, atol=1e-12)
-
-
 # ----------------------------------------------------------------------------- bad input
 rng = np.random.default_rng(7)
 Q, K, V = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 5, 6))

@@ -68,3 +68,17 @@ def test_from_hf_bert_reproduces_each_attention_layer_and_its_weights(minilm_run
     with torch.no_grad():
         unmasked = ours(hidden)
     assert not torch.allclose(unmasked[2], expected[2], atol=1e-3)
+
+
+@pytest.mark.parametrize("bar_on", [False, True])
+def test_loading_leaves_hugging_faces_logging_settings_as_they_were(bar_on):
+    from transformers.utils import logging
+
+    before = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if bar_on else logging.disable_progress_bar)()
+    try:
+        load_minilm()
+        assert logging.is_progress_bar_enabled() is bar_on
+        assert logging.get_verbosity() == before[0]
+    finally:
+        (logging.enable_progress_bar if before[1] else logging.disable_progress_bar)()

@@ -386,9 +386,14 @@ def chosen_configs() -> dict[str, dict[tuple, tuple[int, int, int, int]]]:
     return out
 
 
+def block_d_for(d_head: int) -> int:
+    """The feature tile: d_head padded to a power of 2, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(d_head))
+
+
 def _meta(q: torch.Tensor, is_causal: bool, precision: str) -> dict:
     D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = block_d_for(D)
     return {"IS_CAUSAL": is_causal, "DOT_PRECISION": precision, "EVEN_D": D == block_d, "BLOCK_D": block_d}
 
 
