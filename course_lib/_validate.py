@@ -8,6 +8,7 @@ The checks work on plain shapes, so numpy arrays and torch tensors share them.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 Shape = tuple[int, ...]
@@ -37,6 +38,8 @@ def check_qkv_shapes(q: Shape, k: Shape, v: Shape) -> Shape:
                 f"{name} must have at least 2 dimensions {what}; got shape {shape_str(shape)} "
                 f"with {len(shape)} dimension(s)"
             )
+    if q[-1] == 0:
+        raise ValueError(f"q and k must have at least one feature (d >= 1) to take dot products; got q {shape_str(q)}")
     if q[-1] != k[-1]:
         raise ValueError(
             f"q and k must have the same feature size d (last dimension) to take dot products; "
@@ -71,8 +74,16 @@ def check_mask_shape(mask: Shape, scores: Shape, name: str = "mask") -> None:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """A positive integer (Python or numpy; not a bool), returned as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive int; got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A real bool: a string such as "False" is truthy, so it is refused rather than guessed at."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False); got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -80,3 +91,10 @@ def check_probability(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
     return float(value)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for this device type? False for types without autocast (e.g. "meta")."""
+    import torch  # the shape checks above work without torch; only this one needs it
+
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

@@ -11,12 +11,20 @@ Both give output 0 for a query row with nothing to attend to, never NaN, in ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
-from course_lib._validate import check_mask_shape, check_probability, check_qkv_shapes, shape_str
+from course_lib._validate import (
+    autocast_on,
+    check_bool,
+    check_mask_shape,
+    check_probability,
+    check_qkv_shapes,
+    shape_str,
+)
 from course_lib.masks import causal_mask, with_causal
 
 __all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask"]
@@ -84,7 +92,13 @@ def check_causal_lengths(is_causal: bool, T: int, S: int, q_shape: tuple[int, ..
 
 
 def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last axis; a row that is all -inf gives zeros (not NaN), gradients included."""
+    """softmax over the last axis; a row that is all -inf gives zeros (not NaN), gradients included.
+
+    A row with a NaN stays NaN (a NaN in the inputs is a bug to see, not to hide); an empty last
+    axis (no keys) gives an empty result.
+    """
+    if scores.shape[-1] == 0:
+        return scores
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)
@@ -94,7 +108,7 @@ def safe_softmax(scores: torch.Tensor) -> torch.Tensor:
 
 def _output_dtype(q: torch.Tensor) -> torch.dtype:
     kind = q.device.type
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+    if q.dtype == torch.float32 and autocast_on(kind):
         return torch.get_autocast_dtype(kind)
     return q.dtype
 
@@ -102,11 +116,16 @@ def _output_dtype(q: torch.Tensor) -> torch.dtype:
 def _math_attention(q, k, v, mask, dropout_p):
     out_dtype = _output_dtype(q)
     compute = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 -> float32; float64 stays
-    with torch.autocast(q.device.type, enabled=False):
+    no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
+                   else contextlib.nullcontext())  # e.g. the meta device, which has no autocast
+    with no_autocast:
         scale = q.shape[-1] ** -0.5
         scores = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)  # (..., T, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
+            # an additive mask is rounded to the inputs' dtype first, as the fused kernels require:
+            # both paths then see the same mask (-1e9 is -inf in float16 on both).
+            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask.to(q.dtype).to(compute))
         weights = safe_softmax(scores)  # (..., T, S)
         p = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
         out = p @ v.to(compute)  # (..., T, d_v)
@@ -150,6 +169,8 @@ def scaled_dot_product_attention(
     no dropout, no weights; is_causal is supported).
     """
     scores_shape = _check_tensors(q, k, v)
+    check_bool("is_causal", is_causal)
+    check_bool("need_weights", need_weights)
     dropout_p = check_probability("dropout_p", dropout_p)
     mask = None if attn_mask is None else check_attn_mask(attn_mask, scores_shape, q.device)
     T, S = scores_shape[-2:]
@@ -185,8 +206,10 @@ def attention_core(
     before its projections); is_causal needs T == S. Calling it with unchecked inputs gives
     torch's errors, or silently broadcast masks: use the public function instead.
     """
+    T, S = q.shape[-2], k.shape[-2]
+    if T == 0 or S == 0:
+        is_causal = False  # no query or no key: nothing to mask (and rows with no keys give 0)
     if is_causal and (mask is not None or need_weights):
-        T, S = q.shape[-2], k.shape[-2]
         mask = with_causal(mask, T, S, device=q.device)  # one boolean mask: the causal part folded in
         is_causal = False
     if need_weights:

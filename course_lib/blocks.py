@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from course_lib._validate import check_positive_int, check_probability, shape_str
+from course_lib._validate import autocast_on, check_positive_int, check_probability, shape_str
 from course_lib.kv_cache import KVCache
 from course_lib.mha import MultiHeadAttention
 
@@ -65,11 +65,18 @@ def _check_norm_first(norm_first: object) -> bool:
     return norm_first
 
 
-def _check_sequence(name: str, x: object, d_model: int) -> None:
+def _check_sequence(name: str, x: object, attn: MultiHeadAttention) -> None:
+    """x (B, L, d_model) in the layer's dtype (or under autocast) and on its device: before the first LayerNorm."""
+    d_model, weight = attn.d_model, attn.q_proj.weight
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if x.ndim != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{name} must have shape (B, L, d_model={d_model}); got {shape_str(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{name} is on {x.device} but the layer's weights are on {weight.device}")
+    if x.dtype != weight.dtype and not autocast_on(x.device.type):
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer's weights are {weight.dtype}; convert one, "
+                        f"or run under torch.autocast for mixed precision")
 
 
 class EncoderLayer(nn.Module):
@@ -96,7 +103,7 @@ class EncoderLayer(nn.Module):
     def run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward`, always returning the pair (x (B, S, d_model), weights (B, H, S, S) or None)."""
-        _check_sequence("x", x, self.self_attn.d_model)
+        _check_sequence("x", x, self.self_attn)
         x, weights = self.attn_block(
             x, lambda h: self.self_attn.attend(h, attn_mask=attn_mask, need_weights=need_weights))  # (B, S, d_model)
         x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
@@ -139,12 +146,15 @@ class DecoderLayer(nn.Module):
             cross_cache: KVCache | None = None,
             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`forward`, always returning (x (B, T, d_model), self weights or None, cross weights or None)."""
-        _check_sequence("x", x, self.self_attn.d_model)
-        _check_sequence("memory", memory, self.self_attn.d_model)
+        _check_sequence("x", x, self.self_attn)
+        _check_sequence("memory", memory, self.self_attn)
         if cross_cache is not None and not cross_cache.static:
             raise ValueError("cross_cache must be a KVCache(static=True): the memory is projected once, not appended")
         if self_cache is not None and self_cache.static:
             raise ValueError("self_cache must be a growing KVCache() (static=False): each new token is appended")
+        # Everything the cross-attention will check, checked now: a bad memory_mask (or memory) must fail
+        # before the self-attention has appended this step to self_cache.
+        self.cross_attn._check_inputs(x, memory, memory, memory_mask, False, need_weights, cross_cache)
 
         x, self_weights = self.self_block(x, lambda h: self.self_attn.attend(  # (B, T, d_model)
             h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache))

@@ -44,6 +44,12 @@ def with_causal(mask: torch.Tensor | None, T: int, S: int, device: torch.device 
     causal = causal_mask(T, S, device=device)  # (T, S)
     if mask is None:
         return causal
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        raise TypeError(f"mask must be None or a bool / floating-point torch.Tensor; got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if mask.ndim == 0 or mask.shape[-1] not in (1, S) or (mask.ndim >= 2 and mask.shape[-2] not in (1, T)):
+        raise ValueError(f"mask of shape {shape_str(mask.shape)} does not broadcast to the (T, S) = ({T}, {S}) "
+                         f"causal mask")
     if mask.dtype == torch.bool:
         return mask & causal
     return mask.masked_fill(~causal, float("-inf"))
@@ -55,7 +61,11 @@ def padding_mask(lengths: Sequence[int] | torch.Tensor, max_len: int) -> torch.T
     Shaped to broadcast over heads and queries against scores of shape (B, H, T, max_len).
     """
     max_len = check_positive_int("max_len", max_len)
-    lengths = torch.as_tensor(lengths)
+    try:
+        lengths = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"lengths must be a 1-D sequence of ints (one per batch element); "
+                        f"got {lengths!r:.60}") from None
     if lengths.ndim != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise ValueError(f"lengths must be a 1-D sequence of ints (one per batch element); got shape "
                          f"{shape_str(lengths.shape)} dtype {lengths.dtype}")
@@ -144,6 +154,6 @@ def to_additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     handled by the softmax (course_lib's give zeros), not by a large finite constant.
     """
     mask = _check_bool(mask)
-    if not dtype.is_floating_point:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype (the mask is added to scores); got {dtype}")
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib._validate import check_positive_int, check_probability, shape_str
+from course_lib._validate import autocast_on, check_bool, check_positive_int, check_probability, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.kv_cache import KVCache
 from course_lib.masks import with_causal
@@ -66,6 +66,8 @@ class MultiHeadAttention(nn.Module):
         self.kdim = d_model if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = d_model if vdim is None else check_positive_int("vdim", vdim)
         self.dropout = check_probability("dropout", dropout)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype (or None for the default); got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
         self.k_proj = nn.Linear(self.kdim, d_model, bias=bias, **factory)
@@ -110,9 +112,8 @@ class MultiHeadAttention(nn.Module):
 
     def _check_inputs(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
         """Validate everything before any arithmetic; return (B, T, S) with S counting cached keys."""
-        for name, flag in (("is_causal", is_causal), ("need_weights", need_weights)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool; got {flag!r} ({type(flag).__name__})")
+        check_bool("is_causal", is_causal)
+        check_bool("need_weights", need_weights)
         dims = {"query": ("d_model", self.d_model), "key": ("kdim", self.kdim), "value": ("vdim", self.vdim)}
         same = key is query and value is query and self.kdim == self.vdim == self.d_model  # self-attention
         inputs = (("query", query),) if same else (("query", query), ("key", key), ("value", value))
@@ -138,13 +139,20 @@ class MultiHeadAttention(nn.Module):
             if t.device != weight.device:
                 raise ValueError(f"{name} is on {t.device} but the module's weights are on {weight.device}; "
                                  f"move one of them (module.to(device) or {name}.to(device))")
-            if t.dtype != weight.dtype and not torch.is_autocast_enabled(t.device.type):
+            if t.dtype != weight.dtype and not autocast_on(t.device.type):
                 raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {weight.dtype}; "
                                 f"convert one, or run under torch.autocast for mixed precision")
         B, T, S = query.shape[0], query.shape[1], key.shape[1]
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be a course_lib.KVCache; got {type(cache).__name__}")
+            if cache.static and key is query:
+                raise ValueError("a static KVCache holds cross-attention memory; self-attention needs a growing "
+                                 "KVCache() (static=False)")
+            if cache.static and cache.is_filled and (key.shape[1] != len(cache) or
+                                                     (cache.source is not None and key is not cache.source)):
+                raise ValueError(f"this static KVCache was filled from another memory (length {len(cache)}); "
+                                 f"got key {shape_str(key.shape)}: use a new KVCache(static=True) per memory")
             if cache.is_filled:
                 expected = (B, self.num_heads, self.d_head)
                 got = (cache.key.shape[0], cache.key.shape[1], cache.key.shape[-1])
@@ -227,13 +235,19 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(q, self.num_heads)  # (B, H, T, d_head)
         k = None if k is None else split_heads(k, self.num_heads)  # (B, H, S_new, d_head)
         v = None if v is None else split_heads(v, self.num_heads)
+        fill = cache is not None and k is not None
         if cache is not None:
-            k, v = (cache.key, cache.value) if k is None else cache.update(k, v)  # (B, H, S, d_head)
+            k, v = (cache.key, cache.value) if k is None else cache.extend(k, v)  # (B, H, S, d_head), not stored yet
 
         out, weights = attention_core(  # no second validation
             q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
         )  # (B, H, T, d_head), (B, H, T, S) or None
-        return self.out_proj(merge_heads(out)), weights  # concat heads (B, T, d_model), then W_O
+        out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
+        if fill:  # only now that nothing can fail: a failed call leaves the cache as it was
+            cache.store(k, v)
+            if cache.static:
+                cache.source = key
+        return out, weights
 
     # ----------------------------------------------------------------------------- conversions
     @classmethod

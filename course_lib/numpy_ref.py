@@ -3,10 +3,18 @@
 Conventions (see notebooks/00): q (..., T, d), k (..., S, d), v (..., S, d_v); leading
 batch dimensions broadcast. A boolean mask is True where a query *may attend* to a key
 (torch SDPA's polarity); a float mask is added to the scores. A query row with nothing to
-attend to gets weights 0 and output 0, never NaN.
+attend to (every key masked, or no keys at all) gets weights 0 and output 0; a NaN in the
+inputs gives NaN where it reaches, as in torch: it is never hidden.
+
+Precision: softmax, scaled_dot_product_attention and its backward are the reference, so they
+compute in float64 whatever the input dtype and return float64 (float16 inputs are converted
+first: q k^T cannot overflow where the scores fit). online_softmax_attention models a kernel: it
+computes and returns in the inputs' dtype, at least float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -21,13 +29,18 @@ __all__ = [
 ]
 
 
-def _as_float_array(name: str, x: object) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.dtype.kind in "iub":  # ints and bools are promoted, so [[1, 0], [0, 1]] just works
-        return arr.astype(np.float64)
-    if arr.dtype.kind != "f":
+def _as_float_array(name: str, x: object, dtype: type | None = np.float64) -> np.ndarray:
+    """x as a float array in `dtype` (None: its own float dtype, at least float32)."""
+    if getattr(x, "requires_grad", False):
+        raise TypeError(f"{name} is a torch.Tensor that requires grad; numpy_ref takes numpy arrays: "
+                        f"pass {name}.detach().cpu().numpy()")
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError, RuntimeError) as e:  # ragged lists, GPU tensors, ...
+        raise TypeError(f"{name} must be a numpy array (or convertible to one); got {type(x).__name__}: {e}") from None
+    if arr.dtype.kind not in "iubf":  # ints and bools are promoted, so [[1, 0], [0, 1]] just works
         raise TypeError(f"{name} must be a real floating-point array; got dtype {arr.dtype} (kind '{arr.dtype.kind}')")
-    return arr
+    return arr.astype(dtype or np.promote_types(arr.dtype, np.float32), copy=False)
 
 
 def _as_mask(mask: object, scores_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -49,14 +62,18 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
     Subtracting the row maximum leaves the result unchanged (softmax is shift-invariant) and
     makes every exponent <= 0, so exp never overflows, even for logits of 1e4. A row that is
-    all -inf (nothing to attend to) gives zeros instead of 0/0 = NaN.
+    all -inf (nothing to attend to) gives zeros instead of 0/0 = NaN; a row with a NaN gives NaN.
     """
     x = _as_float_array("x", x)
+    if not -x.ndim <= axis < max(x.ndim, 1):
+        raise ValueError(f"axis={axis} is out of range for x of shape {shape_str(x.shape)}")
+    if x.shape[axis] == 0:
+        return x.copy()  # an empty row: nothing to normalise
     row_max = np.max(x, axis=axis, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # all -inf rows: shift by 0
     e = np.exp(x - row_max)
     total = np.sum(e, axis=axis, keepdims=True)
-    return np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return np.divide(e, total, out=np.zeros_like(e), where=(total > 0) | np.isnan(total))  # NaN stays NaN
 
 
 def _masked_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -68,8 +85,8 @@ def _masked_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.
     return scores + mask
 
 
-def _check_inputs(q, k, v, mask):
-    q, k, v = (_as_float_array(n, a) for n, a in (("q", q), ("k", k), ("v", v)))
+def _check_inputs(q, k, v, mask, dtype: type | None = np.float64):
+    q, k, v = (_as_float_array(n, a, dtype) for n, a in (("q", q), ("k", k), ("v", v)))
     scores_shape = check_qkv_shapes(q.shape, k.shape, v.shape)
     return q, k, v, _as_mask(mask, scores_shape), scores_shape
 
@@ -151,13 +168,13 @@ def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.nda
     whose keys are all masked gets output 0. Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
     """
     check_positive_int("block_size", block_size)
-    q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask)
+    q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask, dtype=None)
     batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
     q = np.broadcast_to(q, (*batch, T, q.shape[-1]))  # views: no copy
     k = np.broadcast_to(k, (*batch, S, k.shape[-1]))
     v = np.broadcast_to(v, (*batch, S, v.shape[-1]))
     dtype = np.result_type(q, k, v)
-    scale = 1.0 / np.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float: it does not promote float32 scores
     d_v = v.shape[-1]
     out = np.zeros((*batch, T, d_v), dtype=dtype)  # (..., T, d_v)
     for t0 in range(0, T, block_size):
@@ -175,5 +192,5 @@ def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.nda
                 tile = mask[..., rows, cols]
                 scores = np.where(tile, scores, -np.inf) if mask.dtype == np.bool_ else scores + tile
             m, l, acc = online_softmax_step(m, l, acc, scores, v[..., s0:s1, :])
-        out[..., t0:t1, :] = np.divide(acc, l, out=np.zeros_like(acc), where=l > 0)
+        out[..., t0:t1, :] = np.divide(acc, l, out=np.zeros_like(acc), where=(l > 0) | np.isnan(l))
     return out

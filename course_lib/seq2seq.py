@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from course_lib._validate import check_positive_int, shape_str
+from course_lib._validate import check_bool, check_positive_int, check_probability, shape_str
 from course_lib.blocks import DecoderLayer, EncoderLayer
 from course_lib.kv_cache import KVCache
 from course_lib.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
@@ -46,8 +46,18 @@ class Seq2SeqConfig:
     eos_id: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len",
+                     "num_encoder_layers", "num_decoder_layers"):
             check_positive_int(name, getattr(self, name))
+        check_probability("dropout", self.dropout)
+        check_bool("norm_first", self.norm_first)
+        for name, vocab in (("pad_id", min(self.src_vocab_size, self.tgt_vocab_size)),
+                            ("bos_id", self.tgt_vocab_size), ("eos_id", self.tgt_vocab_size)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+                raise ValueError(f"{name} must be a token id in [0, {vocab}); got {value!r}")
+        if len({self.pad_id, self.bos_id, self.eos_id}) < 3:
+            raise ValueError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
         if self.positional not in ("sinusoidal", "learned", "none"):
             raise ValueError(f"positional must be 'sinusoidal', 'learned' or 'none'; got {self.positional!r}")
 
@@ -126,6 +136,21 @@ class Seq2SeqTransformer(nn.Module):
         memory = self.encoder_norm(x)
         return (memory, memory_mask, weights) if need_weights else (memory, memory_mask)
 
+    def _check_caches(self, caches: object) -> None:
+        n = len(self.decoder_layers)
+        if not isinstance(caches, (list, tuple)) or len(caches) != n:
+            raise ValueError(f"caches must be a list of one (self, cross) pair per decoder layer ({n}), "
+                             f"of KVCaches, as new_caches() makes; got {type(caches).__name__} of length "
+                             f"{len(caches) if isinstance(caches, (list, tuple)) else '-'}")
+        for i, pair in enumerate(caches):
+            ok = (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(c, KVCache) for c in pair)
+                  and not pair[0].static and pair[1].static)
+            if not ok:
+                raise TypeError(f"caches[{i}] must be a pair (KVCache(), KVCache(static=True)), as new_caches() "
+                                f"makes; got {pair!r:.80}")
+        if len({len(self_cache) for self_cache, _ in caches}) > 1:
+            raise ValueError("the self-attention caches hold different lengths: they were not filled by one decode")
+
     def new_caches(self) -> DecoderCaches:
         """Empty caches for incremental decoding: (growing self-attention, static cross-attention) per layer."""
         return [(KVCache(), KVCache(static=True)) for _ in self.decoder_layers]
@@ -138,9 +163,8 @@ class Seq2SeqTransformer(nn.Module):
         the number of tokens already cached, and the caches are extended in place.
         """
         self._check_ids("tgt", tgt, self.config.tgt_vocab_size)
-        if caches is not None and len(caches) != len(self.decoder_layers):
-            raise ValueError(f"caches must hold one (self, cross) pair per decoder layer "
-                             f"({len(self.decoder_layers)}); got {len(caches)}")
+        if caches is not None:
+            self._check_caches(caches)
         offset = 0 if caches is None else len(caches[0][0])
         x = self.tgt_pos(self.tgt_embed(tgt) * math.sqrt(self.config.d_model), offset)  # (B, T, d_model)
         self_weights, cross_weights = [], []
@@ -185,6 +209,11 @@ def greedy_decode(model: Seq2SeqTransformer, src: torch.Tensor, *, max_new_token
     Returns (B, L) ids (without <bos>; positions after a sequence's <eos> are <pad>), and with
     return_logits=True also the (B, L, tgt_vocab) logits of every step.
     """
+    if not isinstance(model, Seq2SeqTransformer):
+        raise TypeError(f"model must be a Seq2SeqTransformer; got {type(model).__name__}")
+    model._check_ids("src", src, model.config.src_vocab_size)  # before the model is switched to eval mode
+    check_bool("use_cache", use_cache)
+    check_bool("return_logits", return_logits)
     c = model.config
     max_new_tokens = c.max_len - 1 if max_new_tokens is None else check_positive_int("max_new_tokens",
                                                                                         max_new_tokens)

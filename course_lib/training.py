@@ -10,6 +10,7 @@ The recipe that trains notebook 11's translator with this loop is `course_lib.ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -83,11 +84,25 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
     check_positive_int("steps", steps)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch); got {type(loss_fn).__name__}")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or warmup_cosine(warmup_steps, steps))
     result = TrainResult()
+    was_training = model.training
     model.train()
+    try:
+        _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, progress, desc, callback, result)
+    except BaseException:
+        model.train(was_training)  # a failed call leaves the module's mode as it was
+        raise
+    model.eval()
+    return result
+
+
+def _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, progress, desc, callback,
+               result: TrainResult) -> None:
     start = time.perf_counter()
     iterator = iter(batches)
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
@@ -97,6 +112,9 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
         except StopIteration:
             raise ValueError(f"batches ran out after {step} of {steps} steps") from None
         loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.dtype.is_floating_point:
+            got = f"{shape_str(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise TypeError(f"loss_fn must return a scalar floating-point tensor (a mean over the batch); got {got}")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -112,8 +130,6 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
         if callback is not None:
             callback(step, result.losses[-1])
     result.seconds = time.perf_counter() - start
-    model.eval()
-    return result
 
 
 # =========================================================================== seq2seq batches
@@ -170,9 +186,19 @@ def save_checkpoint(path: Path | str, model: nn.Module, *, config: dict | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config or {}, sort_keys=True),
-              "metadata": json.dumps(metadata or {}, sort_keys=True)}
+              "metadata": json.dumps(metadata or {}, sort_keys=True), "sha256": tensors_digest(tensors)}
     save_file(tensors, str(path), metadata=header)
     return path
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: safetensors itself has no checksum."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -190,8 +216,17 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     if header.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path.name} is a safetensors file but not a course_lib checkpoint "
                               f"(header 'format' is {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
-    return tensors, {"config": json.loads(header.get("config", "{}")),
-                     "metadata": json.loads(header.get("metadata", "{}"))}
+    if "sha256" in header and header["sha256"] != tensors_digest(tensors):
+        raise CheckpointError(f"{path.name} is corrupted: its tensors do not match the checksum saved with them")
+    info = {}
+    for key in ("config", "metadata"):
+        try:
+            info[key] = json.loads(header.get(key, "{}"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path.name}: the {key} in its header is not valid JSON ({e})") from None
+        if not isinstance(info[key], dict):
+            raise CheckpointError(f"{path.name}: the {key} in its header must be a JSON object; got {info[key]!r:.60}")
+    return tensors, info
 
 
 def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
@@ -202,6 +237,16 @@ def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in expected.items()
              if k in tensors and tensors[k].shape != v.shape]
+    kinds = [(k, tensors[k].dtype, v.dtype) for k, v in expected.items()
+             if k in tensors and tensors[k].dtype.is_floating_point != v.dtype.is_floating_point]
+    if kinds:
+        k, got, want = kinds[0]
+        raise CheckpointError(f"{Path(path).name}: tensor {k} is {got} but the model's is {want} "
+                              f"({len(kinds)} such tensors); it would be cast silently")
+    bad = [k for k, t in tensors.items() if t.dtype.is_floating_point and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{Path(path).name}: tensors with NaN or inf values, e.g. {bad[:3]}: a corrupted "
+                              f"file or a run that diverged")
     if missing or unexpected or wrong:
         problems = [f"{k}: checkpoint {shape_str(got)} vs model {shape_str(want)}" for k, got, want in wrong[:5]]
         if missing:

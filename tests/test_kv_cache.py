@@ -101,3 +101,17 @@ def test_wrong_number_of_caches_is_rejected():
     memory, mask = model.encode(src)
     with pytest.raises(ValueError, match="one \\(self, cross\\) pair per decoder layer"):
         model.decode(tgt[:, :1], memory, mask, caches=model.new_caches()[:1])
+
+
+def test_update_checks_key_and_value_before_writing_either():
+    from course_lib import KVCache
+
+    cache = KVCache()
+    with pytest.raises(ValueError, match="must share"):
+        cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4))  # first update: 3 keys, 2 values
+    assert not cache.is_filled
+    cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    key, value = cache.key, cache.value
+    with pytest.raises(ValueError, match="new values"):
+        cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 5))  # a d_head mismatch in the values only
+    assert cache.key is key and cache.value is value and len(cache) == 3

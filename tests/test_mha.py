@@ -298,9 +298,40 @@ def test_static_cache_for_cross_attention_is_projected_once():
     memory, q = torch.randn(2, 5, 10), torch.randn(2, 3, 16)
     cache = KVCache(static=True)
     first = mha(q, memory, memory, cache=cache)
-    second = mha(q, memory * 0 + 99, memory * 0 + 99, cache=cache)  # ignored: the cache is filled
+    calls = []
+    hook = mha.k_proj.register_forward_hook(lambda *args: calls.append(1))
+    second = mha(q, memory, memory, cache=cache)  # the same memory: read from the cache, not projected again
+    hook.remove()
+    assert calls == []
     torch.testing.assert_close(first, second, atol=0, rtol=0)
     torch.testing.assert_close(first, mha(q, memory, memory), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("other", ["same_length", "other_length"])
+def test_a_filled_static_cache_refuses_another_memory(other):
+    mha = MultiHeadAttention(16, 4).eval()
+    memory, q = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    cache = KVCache(static=True)
+    mha(q, memory, memory, cache=cache)
+    new_memory = memory + 1 if other == "same_length" else torch.randn(2, 7, 16)
+    with pytest.raises(ValueError, match="filled from another memory"):
+        mha(q, new_memory, new_memory, cache=cache)
+    assert cache.source is memory and len(cache) == 5
+
+
+def test_a_static_cache_is_refused_for_self_attention():
+    with pytest.raises(ValueError, match="static KVCache holds cross-attention memory"):
+        MultiHeadAttention(16, 4)(torch.randn(1, 3, 16), cache=KVCache(static=True))
+
+
+def test_a_failed_decoding_step_leaves_the_cache_as_it_was():
+    mha = MultiHeadAttention(16, 4).eval()
+    cache = KVCache()
+    mha(torch.randn(1, 3, 16), is_causal=True, cache=cache)
+    key, value = cache.key, cache.value
+    with pytest.raises(TypeError, match="fill and extend a cache in one dtype"), torch.autocast("cpu", torch.bfloat16):
+        mha(torch.randn(1, 1, 16), is_causal=True, cache=cache)  # autocast after a float32 prefill
+    assert cache.key is key and cache.value is value
 
 
 def test_a_bad_mask_is_refused_before_the_cache_is_touched():
