@@ -1,12 +1,15 @@
 """`python -m course_lib.bench mha` at a tiny shape: it runs, prints the table, saves the JSON."""
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import course_lib.bench
 from course_lib.bench import __main__ as bench_cli
 from course_lib.bench import mha as bench_mha
 
@@ -15,6 +18,19 @@ TINY = ["--batch", "2", "--seq", "8", "--d-model", "16", "--heads", "2", "--repe
 
 def test_mha_suite_is_listed():
     assert "mha" in bench_cli.suites()
+
+
+def test_every_suite_module_is_registered_and_every_registered_suite_has_a_main():
+    modules = {m.name for m in pkgutil.iter_modules(course_lib.bench.__path__) if not m.name.startswith("_")}
+    assert set(course_lib.bench.SUITES) == modules - {"timing"}  # timing is shared, not a suite
+    for name in course_lib.bench.SUITES:
+        assert callable(importlib.import_module(f"course_lib.bench.{name}").main), name
+
+
+def test_an_unknown_suite_is_refused_with_the_list(capsys):
+    assert bench_cli.main(["no_such_suite"]) == 2
+    out = capsys.readouterr().out
+    assert all(name in out for name in course_lib.bench.SUITES)
 
 
 def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
