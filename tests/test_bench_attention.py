@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import course_lib
 from course_lib.bench import attention as suite
 from course_lib.bench.__main__ import main as bench_main
 from course_lib.bench.attention import attention_flops, module_flops, naive_attention, recorded_runs
@@ -28,6 +30,13 @@ def test_attention_flops_hand_count():
     assert attention_flops(1, 1, 2, 3, 4, pass_="fwd+bwd") == 3.5 * 96
     with pytest.raises(ValueError, match="pass_"):
         attention_flops(1, 1, 2, 3, 4, pass_="backward")
+
+
+def test_attention_flops_is_defined_once_in_course_lib():
+    root = Path(course_lib.__file__).parent
+    homes = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                   if "def attention_flops(" in p.read_text())
+    assert homes == ["bench/attention.py"]
 
 
 def test_attention_flops_equals_torch_flop_counter_on_naive_attention():
