@@ -52,6 +52,37 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
     assert min(timings[b]["min_ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
 
 
+def test_one_record_per_call_with_a_run_per_sequence_length(tmp_path):
+    path = tmp_path / "mha.json"
+    assert bench_cli.main(["mha", *TINY, "--seq", "8,12", "--device", "cpu", "--json", str(path)]) == 0
+    assert [r["config"]["seq"] for r in json.loads(path.read_text())["results"]] == [8, 12]
+
+
+def _help(suite: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        bench_cli.main([suite, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suite", sorted(course_lib.bench.SUITES))
+def test_every_suite_speaks_the_same_flags(suite, capsys):
+    text = _help(suite, capsys)
+    assert "--json" in text and "--seq" in text
+    assert ("--d-head" in text) == (suite != "mha")  # mha sizes heads by --d-model and --heads
+    for old in ("--out", "--lengths", "--d-heads", "--d "):
+        assert old not in text, f"{suite} still takes {old}"
+
+
+def test_nothing_is_written_unless_asked(capsys):
+    from course_lib.bench import tiled_memory
+    from course_lib.paths import DATA_DIR
+
+    before = {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()}
+    assert tiled_memory.main(["--seq", "32", "--d-head", "8", "--block-size", "16"]) == 0
+    assert "wrote" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()} == before
+
+
 def test_causal_variant_runs_and_modules_agree():
     result = bench_mha.run(batch=1, seq=6, d_model=8, heads=2, repeats=1, warmup=0, causal=True)
     assert result["config"]["causal"] and result["max_abs_output_difference"] < 1e-5

@@ -102,9 +102,9 @@ def test_benchmark_suite_runs_on_tiny_shapes_and_records_the_device(tmp_path):
     from course_lib.bench import flash
 
     out = tmp_path / "flash.json"
-    argv = ["--device", DEVICE, "--lengths", "16", "--d-heads", "32", "--batch", "1", "--heads", "1",
+    argv = ["--device", DEVICE, "--seq", "16", "--d-head", "32", "--batch", "1", "--heads", "1",
             "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--backends", "MATH", "triton_course",
-            "--out", str(out)]
+            "--json", str(out)]
     assert flash.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["device_info"]["device_type"] == torch.device(DEVICE).type

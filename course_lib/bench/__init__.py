@@ -1,8 +1,25 @@
-"""Benchmarks: `python -m course_lib.bench <suite> [options]`, one suite per module, listed in SUITES."""
+"""Benchmarks: `python -m course_lib.bench <suite> [options]`, one suite per module, listed in SUITES.
+
+Every suite speaks the same vocabulary, so a command or a recorded file reads the same whichever
+suite made it.
+
+Flags (each suite takes those that apply to it; `<suite> --help` lists them):
+    --seq T[,T...]         sequence lengths, comma-separated (--seq 1024,2048)
+    --d-head D[,D...]      head dimensions, comma-separated (--d-head 64,128)
+    --batch, --heads, --dtype, --device, --repeats, --warmup
+                           one value each; --device defaults to cuda when there is a GPU, else cpu
+    --json PATH            write the results to PATH as JSON. Nothing is written unless this is
+                           given: a suite never writes into data/ on its own (the recorded runs there
+                           were written with --json data/benchmarks/<name>.json, or by make gpu-check)
+"""
 
 from __future__ import annotations
 
-__all__ = ["SUITES"]
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["SUITES", "int_list", "write_record"]
 
 # Registered explicitly (name -> what it measures): `python -m course_lib.bench` runs only these.
 SUITES = {
@@ -13,3 +30,21 @@ SUITES = {
     "tiled_memory": "extra memory of naive vs tiled (online-softmax) attention in numpy",
 }
 
+
+def int_list(text: str) -> list[int]:
+    """argparse type of --seq and --d-head: comma-separated positive ints."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
+    return values
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a suite's record as JSON (creating the folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
+from course_lib.bench import int_list, write_record
 from course_lib.bench.timing import device_info, matmul_peak, peak_memory, time_fn
 from course_lib.masks import causal_mask
 from course_lib.paths import DATA_DIR
@@ -452,22 +453,12 @@ def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = N
 
 
 # ----------------------------------------------------------------------------- CLI
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
-    return values
-
-
 def _parser() -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m course_lib.bench attention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq", type=_ints, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
+    p.add_argument("--seq", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
                    help="comma-separated sequence lengths T")
-    p.add_argument("--d-head", type=_ints, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
+    p.add_argument("--d-head", type=int_list, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
     p.add_argument("--batch", type=int, default=4 if on_gpu else 2)
     p.add_argument("--heads", type=int, default=16 if on_gpu else 4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32",
@@ -483,7 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-accuracy", action="store_true", help="do not record the error table")
     p.add_argument("--cpu-max-gib", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: unchanged)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
     p.add_argument("--plot", type=Path, default=None, help="draw the four panels here (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -528,14 +519,12 @@ def main(argv: list[str] | None = None) -> int:
                      progress=not args.quiet)
     print(format_table(data), flush=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"saved {args.json}")
+        write_record(args.json, data)
     if args.plot is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_results(data, args.plot)
-        print(f"saved {args.plot}")
+        print(f"wrote {args.plot}")
     return 0

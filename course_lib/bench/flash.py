@@ -1,28 +1,28 @@
 """The course's Triton FlashAttention kernel vs torch SDPA's backends: forward time and TFLOP/s.
 
     python -m course_lib.bench flash                           # on a GPU: T = 1k..16k, d_head 64 and 128, fp16
-    python -m course_lib.bench flash --lengths 4096 8192 --d-heads 64 --causal
-    python -m course_lib.bench flash --device cpu --lengths 32 --d-heads 32 --batch 1 --heads 1 --out /tmp/f.json
+    python -m course_lib.bench flash --seq 4096,8192 --d-head 64 --causal --json flash.json
+    python -m course_lib.bench flash --device cpu --seq 32 --d-head 32 --batch 1 --heads 1 --json /tmp/f.json
 
 Each backend (SDPA's flash, cuDNN, memory-efficient and math kernels, and ours) runs the
 same forward pass on the same inputs; a backend that refuses the inputs is recorded with its
 error, not dropped silently. FLOPs counted: 4 T S d per (batch, head) (two matmuls), halved
 when causal. On the CPU our kernel runs in Triton's interpreter: only tiny shapes make sense
-and the times say nothing about a GPU. The JSON written carries device_info and versions.
+and the times say nothing about a GPU. With --json the record (see course_lib.bench) also carries
+the versions of torch and triton.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from course_lib.bench import int_list, write_record
 from course_lib.bench.attention import attention_flops
 from course_lib.bench.timing import device_info, time_fn
-from course_lib.paths import DATA_DIR
 from course_lib.precision import sdpa_with_backend
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
@@ -97,8 +97,10 @@ def _versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench flash", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", help="default: 1024 ... 16384 on a GPU, 16 32 on the CPU")
-    parser.add_argument("--d-heads", type=int, nargs="+", help="default: 64 128 on a GPU, 32 on the CPU")
+    parser.add_argument("--seq", type=int_list, help="comma-separated sequence lengths "
+                                                      "(default: 1024,...,16384 on a GPU, 16,32 on the CPU)")
+    parser.add_argument("--d-head", type=int_list, help="comma-separated head dims (default: 64,128 on a GPU, "
+                                                         "32 on the CPU)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--batch", type=int, help="default: 4 on a GPU, 1 on the CPU")
     parser.add_argument("--heads", type=int, help="default: 16 on a GPU, 2 on the CPU")
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=[*SDPA_BACKENDS, "triton_course"])
-    parser.add_argument("--out", type=Path, default=None, help="default: data/benchmarks/flash_<device>.json")
+    parser.add_argument("--json", type=Path, default=None, help="write the record here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: pass --device cpu (tiny shapes only; our kernel runs in the interpreter)")
@@ -114,16 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = args.device.startswith("cuda")
     if not on_gpu:
         print("CPU: our kernel runs in Triton's interpreter; tiny shapes only, and the times say nothing about a GPU")
-    args.lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32])
-    args.d_heads = args.d_heads or ([64, 128] if on_gpu else [32])
+    args.seq = args.seq or ([1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32])
+    args.d_head = args.d_head or ([64, 128] if on_gpu else [32])
     args.batch = args.batch or (4 if on_gpu else 1)
     args.heads = args.heads or (16 if on_gpu else 2)
     dtype = getattr(torch, args.dtype)
     info = device_info(args.device)
-    out_path = args.out or DATA_DIR / "benchmarks" / f"flash_{info['device_type']}.json"
     rows = []
-    for d_head in args.d_heads:
-        for T in args.lengths:
+    for d_head in args.d_head:
+        for T in args.seq:
             for row in bench_one(args.batch, args.heads, T, d_head, dtype, args.causal, args.device,
                                  args.repeats, args.warmup, tuple(args.backends)):
                 rows.append(row)
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                          "flops_per_call": "4*B*H*T*S*d_head (halved if causal)", "repeats": args.repeats,
                          "warmup": args.warmup},
               "rows": rows, "summary": summarize(rows)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out_path}")
+    if args.json is not None:
+        write_record(args.json, record)
     return 0

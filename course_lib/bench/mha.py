@@ -1,7 +1,8 @@
 """Benchmark: forward + backward of three multi-head self-attention modules with the same weights.
 
-    python -m course_lib.bench mha [--batch 8 --seq 512 --d-model 768 --heads 12]
-                                   [--repeats 10 --warmup 2 --device auto|cpu|cuda --json PATH]
+    python -m course_lib.bench mha [--batch 8 --seq 512,1024 --d-model 768 --heads 12]
+                                   [--repeats 10 --warmup 2 --device cpu|cuda --json PATH]
+    python -m course_lib.bench mha --decode [--batch 1 --cache-len 1024 ...]
 
 - course_lib   `course_lib.MultiHeadAttention`
 - torch_mha    `torch.nn.MultiheadAttention(batch_first=True)` called with need_weights=False
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.bench import int_list, write_record
 from course_lib.bench.timing import device_info, time_fn
 from course_lib.mha import MultiHeadAttention
 
@@ -233,49 +234,43 @@ def format_decode(result: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib.bench mha", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int_list, default=[512], help="comma-separated sequence lengths (training step)")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the CPU, and the GPU when there is one)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--causal", action="store_true", help="causal self-attention instead of unmasked")
     p.add_argument("--decode", action="store_true",
                    help="time one decoding step (one new token, a KV cache of --cache-len) instead of training")
     p.add_argument("--cache-len", type=int, default=1024)
-    p.add_argument("--json", type=Path, default=None, help="save the results (with the device info) to this file")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("batch", "seq", "d_model", "heads", "repeats", "cache_len"):
+    for name in ("batch", "d_model", "heads", "repeats", "cache_len"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
     if args.d_model % args.heads:
         raise SystemExit(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
-    if args.device == "auto":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
-    else:
-        devices = [args.device]
+    dtype = getattr(torch, args.dtype)
     results = []
-    for device in devices:
-        if args.decode:
-            result = run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
-                                repeats=args.repeats, warmup=args.warmup, device=device,
-                                dtype=getattr(torch, args.dtype))
-            print(format_decode(result), flush=True)
-        else:
-            result = run(batch=args.batch, seq=args.seq, d_model=args.d_model, heads=args.heads,
-                         repeats=args.repeats, warmup=args.warmup, device=device, dtype=getattr(torch, args.dtype),
-                         causal=args.causal)
-            print(format_table(result), flush=True)
+    if args.decode:
+        result = run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
+                            repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=dtype)
+        print(format_decode(result), flush=True)
         results.append(result)
+    else:
+        for seq in args.seq:
+            result = run(batch=args.batch, seq=seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
+                         warmup=args.warmup, device=args.device, dtype=dtype, causal=args.causal)
+            print(format_table(result), flush=True)
+            results.append(result)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"suite": "mha", "results": results}, indent=2) + "\n")
-        print(f"saved {args.json}")
+        write_record(args.json, {"suite": "mha", "results": results})
     return 0
