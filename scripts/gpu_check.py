@@ -249,7 +249,7 @@ def attention_benchmarks(run: Run, out: Path, deadline: float, with_triton: bool
                                      device="cuda" if ON_GPU else "cpu", modules=False, progress=False,
                                      deadline=deadline)
     data["command"] = "scripts/gpu_check.py (stage attention)"
-    name = f"attention_{data['device_info']['device_type']}_{data['dtype']}"
+    name = f"attention_{data['device_info']['device_type']}_{data['config']['dtype']}"
     write_json(out / f"{name}.json", data)
     print(attention_suite.format_table(data), flush=True)
     import matplotlib
@@ -266,8 +266,11 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
     train_shapes = [(4, 1024, 2048, 16), (4, 4096, 2048, 16), (8, 1024, 1024, 16)] if ON_GPU else [(2, 32, 64, 4)]
     decode_shapes = [(1, 1024), (8, 1024), (1, 4096), (8, 4096)] if ON_GPU else [(1, 32), (2, 64)]
     d_model, heads = (2048, 16) if ON_GPU else (64, 4)
-    results = {"suite": "mha_gpu_check", "device_info": device_info(device), "dtype": str(dtype).removeprefix("torch."),
-               "training": [], "decoding": []}
+    # the mha suite's record: training-step rows, then decoding-step rows (told apart by config["step"])
+    dtype_name = str(dtype).removeprefix("torch.")
+    record = {"suite": "mha", "device_info": device_info(device), "config": {"dtype": dtype_name}, "rows": [],
+              "command": "scripts/gpu_check.py (stage modules)"}
+    path = out / f"mha_{record['device_info']['device_type']}_{record['config']['dtype']}.json"
     for batch, seq, width, n_heads in train_shapes:
         for causal in (False, True):
             if time.monotonic() > deadline:
@@ -275,8 +278,8 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
             r = mha_bench.run(batch=batch, seq=seq, d_model=width, heads=n_heads, repeats=10 if ON_GPU else 2,
                               warmup=3 if ON_GPU else 1, device=device, dtype=dtype, causal=causal)
             print(mha_bench.format_table(r), flush=True)
-            results["training"].append(r)
-            write_json(out / f"mha_{results['device_info']['device_type']}_{results['dtype']}.json", results)
+            record["rows"].append(r)
+            write_json(path, record)
     for batch, cache_len in decode_shapes:
         if time.monotonic() > deadline:
             break
@@ -286,9 +289,9 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
         print(f"decode B={batch} cache={cache_len}: course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
               f"plain {t['plain_sdpa']['median_s'] * 1e6:.1f} us, ratio {t['course_lib']['ratio_to_best_baseline']:.3f}"
               f" (max |diff| {r['max_abs_output_difference']:.1e})", flush=True)
-        results["decoding"].append(r)
-        write_json(out / f"mha_{results['device_info']['device_type']}_{results['dtype']}.json", results)
-    return results
+        record["rows"].append(r)
+        write_json(path, record)
+    return record
 
 
 # ----------------------------------------------------------------------------- 5. naive OOM
@@ -321,11 +324,12 @@ def evaluate_targets(attention: dict | None, modules: dict | None) -> dict:
     """Each target of the GPU chapter, measured value and verdict; None where it was not measured."""
     verdicts: dict = {"targets": TARGETS}
     if modules:
-        ratios = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in modules["training"]
-                  if r["config"]["seq"] >= 1024]
+        training = [r for r in modules["rows"] if r["config"]["step"] == mha_bench.TRAINING_STEP]
+        decoding = [r for r in modules["rows"] if r["config"]["step"] == mha_bench.DECODE_STEP]
+        ratios = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in training if r["config"]["seq"] >= 1024]
         plain = [r["timings"]["course_lib"]["median_s"] / r["timings"]["plain_sdpa"]["median_s"]
-                 for r in modules["training"] if r["config"]["seq"] >= 1024]
-        decode = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in modules["decoding"]]
+                 for r in training if r["config"]["seq"] >= 1024]
+        decode = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in decoding]
         verdicts["module_fwd_bwd_vs_plain_sdpa_worst"] = max(plain) if plain else None
         verdicts["module_fwd_bwd_vs_best_baseline_worst"] = max(ratios) if ratios else None
         verdicts["decode_vs_plain_sdpa_worst"] = max(decode) if decode else None

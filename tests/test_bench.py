@@ -40,9 +40,11 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
     for name in ("course_lib", "torch_mha", "plain_sdpa", "median ms", "ratio"):
         assert name in out
     saved = json.loads(path.read_text())
-    (result,) = saved["results"]
+    assert saved["suite"] == "mha" and saved["device_info"]["device_type"] == "cpu" and "torch" in saved["device_info"]
+    assert saved["config"]["seqs"] == [8] and saved["config"]["step"] == bench_mha.TRAINING_STEP
+    (result,) = saved["rows"]
     assert result["config"]["batch"] == 2 and result["config"]["step"] == "forward+backward"
-    assert result["device"]["device_type"] == "cpu" and "torch" in result["device"]
+    assert result["device_info"] == saved["device_info"]
     assert result["max_abs_output_difference"] < 1e-5  # the three modules compute the same function
     timings = result["timings"]
     assert set(timings) == {"course_lib", "torch_mha", "plain_sdpa"}
@@ -55,7 +57,7 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
 def test_one_record_per_call_with_a_run_per_sequence_length(tmp_path):
     path = tmp_path / "mha.json"
     assert bench_cli.main(["mha", *TINY, "--seq", "8,12", "--device", "cpu", "--json", str(path)]) == 0
-    assert [r["config"]["seq"] for r in json.loads(path.read_text())["results"]] == [8, 12]
+    assert [r["config"]["seq"] for r in json.loads(path.read_text())["rows"]] == [8, 12]
 
 
 def _help(suite: str, capsys) -> str:
@@ -81,6 +83,17 @@ def test_nothing_is_written_unless_asked(capsys):
     assert tiled_memory.main(["--seq", "32", "--d-head", "8", "--block-size", "16"]) == 0
     assert "wrote" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()} == before
+
+
+def test_recorded_runs_use_the_same_vocabulary():
+    from course_lib.paths import DATA_DIR
+
+    recorded = {p.name: json.loads(p.read_text()) for p in sorted((DATA_DIR / "benchmarks").glob("*.json"))}
+    suites = {name: data for name, data in recorded.items() if data.get("suite") in course_lib.bench.SUITES}
+    assert {data["suite"] for data in suites.values()} == {"attention", "mha", "tiled_memory"}
+    for name, data in suites.items():
+        assert {"device_info", "config", "rows"} <= set(data) and "dtype" in data["config"], name
+        assert "results" not in data and "median_ms" not in json.dumps(data), name
 
 
 def test_causal_variant_runs_and_modules_agree():
@@ -116,7 +129,9 @@ def test_decode_step_benchmark_compares_the_same_computation(tmp_path, capsys):
     assert bench_cli.main(["mha", "--decode", "--batch", "2", "--cache-len", "8", "--d-model", "16", "--heads", "2",
                  "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
     assert "decode step" in capsys.readouterr().out
-    result = json.loads(out.read_text())["results"][0]
+    saved = json.loads(out.read_text())
+    assert saved["config"]["cache_len"] == 8 and saved["config"]["step"] == bench_mha.DECODE_STEP
+    (result,) = saved["rows"]
     assert result["config"]["cache_len"] == 8 and result["config"]["step"].startswith("decode")
     assert result["max_abs_output_difference"] < 1e-6  # same weights, same cache: same next-token output
     assert set(result["timings"]) == {"course_lib", "plain_sdpa"}

@@ -70,12 +70,12 @@ def tiny_run(tmp_path_factory):
 
 def test_json_has_device_versions_config_and_records(tiny_run):
     data = json.loads((tiny_run / "run.json").read_text())
-    assert data["suite"] == "attention" and data["dtype"] == "float32"
+    assert data["suite"] == "attention" and data["config"]["dtype"] == "float32"
     info = data["device_info"]
     assert info["device_type"] == "cpu" and info["torch"] == torch.__version__ and "device_name" in info
     assert data["config"]["seqs"] == [16, 32] and data["config"]["d_heads"] == [8]
     assert data["matmul_peak"]["tflops"] > 0 and data["matmul_peak"]["dtype"] == "float32"
-    records = data["results"]
+    records = data["rows"]
     core = [r for r in records if r["level"] == "core"]
     assert {r["impl"] for r in core} == set(suite.CORE_IMPLS)
     assert {(r["T"], r["causal"], r["pass"]) for r in core} == {
@@ -129,7 +129,7 @@ def test_cpu_guard_skips_huge_score_matrices():
     data = suite.run_suite(seqs=[64], d_heads=[8], batch=1, heads=1, causal=(False,), passes=("fwd",),
                            impls=("naive", "course_lib"), modules=False, warmup=0, repeats=1, measure_peak=False,
                            cpu_max_gib=1e-6, progress=False)
-    by = {r["impl"]: r for r in data["results"]}
+    by = {r["impl"]: r for r in data["rows"]}
     assert by["naive"]["status"] == "skipped" and "GiB" in by["naive"]["reason"]
     assert by["course_lib"]["status"] == "ok" and by["course_lib"]["frac_peak"] is None
 
@@ -156,7 +156,7 @@ def test_plot_handles_measured_memory_and_oom(tiny_run):
     import matplotlib.pyplot as plt
 
     data = json.loads((tiny_run / "run.json").read_text())
-    for i, r in enumerate(data["results"]):
+    for i, r in enumerate(data["rows"]):
         if r["level"] == "core" and r["status"] == "ok":
             r["peak_memory_bytes"] = 2**20 * (i + 1)
         if r["impl"] == "naive" and r["T"] == 32:

@@ -121,7 +121,7 @@ def test_recorded_sweep_shows_tiled_peak_at_most_a_twentieth_of_naive_at_8192():
     record = json.loads((DATA_DIR / "benchmarks" / "tiled_memory_numpy.json").read_text())
     rows = {r["T"]: r for r in record["rows"]}
     assert {1024, 2048, 4096, 8192, 16384} <= set(rows)
-    assert all(r["d"] == 64 for r in rows.values())
+    assert all(r["d_head"] == 64 for r in rows.values())
     assert rows[8192]["tiled_bytes"] * 20 <= rows[8192]["naive_bytes"]
     # growth per doubling of T: naive ~4x, tiled ~2x at most
     for T in (2048, 4096, 8192, 16384):

@@ -8,9 +8,21 @@ Flags (each suite takes those that apply to it; `<suite> --help` lists them):
     --d-head D[,D...]      head dimensions, comma-separated (--d-head 64,128)
     --batch, --heads, --dtype, --device, --repeats, --warmup
                            one value each; --device defaults to cuda when there is a GPU, else cpu
-    --json PATH            write the results to PATH as JSON. Nothing is written unless this is
-                           given: a suite never writes into data/ on its own (the recorded runs there
-                           were written with --json data/benchmarks/<name>.json, or by make gpu-check)
+    --json PATH            write the record (below) to PATH. Nothing is written unless this is
+                           given: a suite never writes into data/ on its own (to remake a recorded
+                           run, pass --json data/benchmarks/<name>.json; README.md gives each command)
+
+Record (the JSON that --json writes; data/benchmarks/ holds recorded ones):
+    {"suite": name,             the suite's name in SUITES
+     "device_info": {...},      where it ran: device, versions (course_lib.bench.timing.device_info)
+     "config": {...},           every setting of the run, dtype included; lists are plural
+                                ("seqs", "d_heads")
+     "rows": [{...}, ...],      one dict per measurement (mha: per comparison of its modules);
+                                shapes as T, S, d_head, and B, H where a row has them
+     ...}                       then what only that suite has (a measured peak, a summary, ...)
+Times are in seconds, as `timing.Timing` measures them: "median_s", "min_s", "max_s" (and
+"samples_s"); a case that did not run carries None, or no time, and says why ("status" and
+"reason", or "error").
 """
 
 from __future__ import annotations

@@ -255,7 +255,8 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
               impls: tuple[str, ...] = CORE_IMPLS, modules: bool = True, warmup: int = 3, repeats: int = 10,
               measure_peak: bool = True, accuracy: bool = True, cpu_max_gib: float = 2.0, threads: int | None = None,
               progress: bool = True, deadline: float | None = None) -> dict:
-    """Run every case; return the JSON-ready dict (device info, config, measured peak, records).
+    """Run every case; return the record (course_lib.bench's vocabulary: device_info, config, rows; plus the
+    measured matmul peak, the FLOP convention and the error table).
 
     accuracy=True also records `course_lib.precision.attention_error_table` on this device (the
     error vs a float64 reference per precision setting) under the key "accuracy". threads sets
@@ -305,15 +306,14 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         "suite": "attention",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_info": info,
-        "dtype": dtype,
-        "config": {"seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
+        "config": {"dtype": dtype, "seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
                    "causal": list(causal), "passes": list(passes), "impls": list(impls), "modules": modules,
                    "warmup": warmup, "repeats": repeats, "threads": info["cpu_threads"],
                    "tensor_core_settings": settings},
         "matmul_peak": peak,
         "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
                            "the Triton kernel executes bwd = 3.5*fwd (recorded as executed_flops)",
-        "results": records,
+        "rows": records,
         "accuracy": errors,
     }
 
@@ -332,7 +332,7 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
     implementations side by side at the longest sequence. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
-    records = data["results"]
+    records = data["rows"]
     cfg = data["config"]
     d_head = d_head if d_head is not None else max(cfg["d_heads"])
     causal = causal if causal is not None else (False if False in cfg["causal"] else cfg["causal"][0])
@@ -406,7 +406,7 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     kind = "GPU" if info["device_type"] == "cuda" else "CPU"
-    fig.suptitle(f"{kind}: {info['device_name']}, torch {info['torch']}, {data['dtype']}, "
+    fig.suptitle(f"{kind}: {info['device_name']}, torch {info['torch']}, {cfg['dtype']}, "
                  f"B={cfg['batch']}, H={cfg['heads']}, d_head={d_head}{', causal' if causal else ''}", fontsize=10)
     fig.tight_layout()
     if path is not None:
@@ -434,7 +434,7 @@ def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -
 def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = None, min_T: int = 0) -> list[dict]:
     """Per (T, d_head, causal, pass) of a suite run: the fastest SDPA backend that ran, its TFLOP/s and
     fraction of the measured peak, and `impl`'s TFLOP/s and ratio to it (None where impl did not run)."""
-    core = [r for r in data["results"] if r["level"] == "core" and r["status"] == "ok"]
+    core = [r for r in data["rows"] if r["level"] == "core" and r["status"] == "ok"]
     keys = sorted({(r["T"], r["d_head"], r["causal"], r["pass"]) for r in core
                    if r["T"] >= min_T and (d_head is None or r["d_head"] == d_head)})
     rows = []
@@ -481,13 +481,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def format_table(data: dict) -> str:
-    lines = [f"{data['device_info']['device_name']}  torch {data['device_info']['torch']}  {data['dtype']}"]
+    info = data["device_info"]
+    lines = [f"{info['device_name']}  torch {info['torch']}  {data['config']['dtype']}"]
     if data.get("matmul_peak"):
         pk = data["matmul_peak"]
         lines.append(f"measured matmul peak: {pk['tflops']:.3f} TFLOP/s ({pk['n']}x{pk['n']} {pk['dtype']})")
     lines.append(f"{'level':<7}{'impl':<15}{'T':>7}{'d':>5}{'causal':>7}{'pass':>9}{'ms':>11}{'TFLOP/s':>10}"
                  f"{'%peak':>7}{'MiB':>9}  status")
-    for r in data["results"]:
+    for r in data["rows"]:
         ms = f"{r['median_s'] * 1e3:.3f}" if r.get("median_s") is not None else "-"
         tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
         fp = f"{100 * r['frac_peak']:.0f}" if r.get("frac_peak") is not None else "-"

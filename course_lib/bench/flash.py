@@ -47,7 +47,7 @@ def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, c
     reference = None
     rows = []
     for name in backends:
-        row = {"backend": name, "batch": batch, "heads": heads, "T": T, "d_head": d_head,
+        row = {"backend": name, "B": batch, "H": heads, "T": T, "S": T, "d_head": d_head,
                "dtype": str(dtype).removeprefix("torch."), "causal": causal}
         try:
             run = _ours_runner(q, k, v, causal) if name == "triton_course" else _sdpa_runner(name, q, k, v, causal)
@@ -61,7 +61,7 @@ def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, c
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             rows.append(row)
             continue
-        row |= {"median_ms": timing.median_s * 1e3, "min_ms": timing.min_s * 1e3, "repeats": timing.repeats,
+        row |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "repeats": timing.repeats,
                 "tflops": flops / timing.median_s / 1e12}
         rows.append(row)
     return rows
@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             for row in bench_one(args.batch, args.heads, T, d_head, dtype, args.causal, args.device,
                                  args.repeats, args.warmup, tuple(args.backends)):
                 rows.append(row)
-                what = f"{row['tflops']:8.2f} TFLOP/s {row['median_ms']:9.3f} ms" if "tflops" in row else row["error"]
+                what = (f"{row['tflops']:8.2f} TFLOP/s {row['median_s'] * 1e3:9.3f} ms" if "tflops" in row
+                        else row["error"])
                 print(f"d_head={d_head:4d} T={T:6d} {row['backend']:20s} {what}")
     record = {"suite": "flash", "device_info": info, "versions": _versions(),
-              "config": {"batch": args.batch, "heads": args.heads, "dtype": args.dtype, "causal": args.causal,
+              "config": {"dtype": args.dtype, "seqs": args.seq, "d_heads": args.d_head, "batch": args.batch,
+                         "heads": args.heads, "causal": args.causal, "backends": args.backends,
                          "flops_per_call": "4*B*H*T*S*d_head (halved if causal)", "repeats": args.repeats,
                          "warmup": args.warmup},
               "rows": rows, "summary": summarize(rows)}

@@ -15,6 +15,11 @@ then backward with a fixed output gradient (gradients for the input and every pa
 The table gives median/min/max per step, each median divided by the faster of the two
 baselines' medians (torch_mha, plain_sdpa; below 1.00 is faster than both), and the same
 ratio of the fastest repeats, which other load on a shared machine disturbs less.
+
+The record (--json; the vocabulary of course_lib.bench) has one row per comparison: a `run` or
+`run_decode` result, i.e. its config (with "step": TRAINING_STEP or DECODE_STEP), device_info,
+the largest output difference between the modules, and per module its times in seconds
+(median_s, min_s, max_s, samples_s) and ratios.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from course_lib.bench import int_list, write_record
 from course_lib.bench.timing import device_info, time_fn
 from course_lib.mha import MultiHeadAttention
 
-__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main"]
+__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP"]
 
 BASELINES = ("torch_mha", "plain_sdpa")
+TRAINING_STEP = "forward+backward"  # config["step"] of a run() row
+DECODE_STEP = "decode one token (no grad)"  # config["step"] of a run_decode() row
 
 
 class PlainSDPAttention(nn.Module):
@@ -122,8 +129,8 @@ def run(
     return {
         "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
                    "dtype": str(dtype).replace("torch.", ""), "causal": causal,
-                   "repeats": repeats, "warmup": warmup, "step": "forward+backward"},
-        "device": device_info(device),
+                   "repeats": repeats, "warmup": warmup, "step": TRAINING_STEP},
+        "device_info": device_info(device),
         "max_abs_output_difference": max_diff,
         "timings": timings,
     }
@@ -197,15 +204,15 @@ def run_decode(
     return {
         "config": {"batch": batch, "cache_len": cache_len, "d_model": d_model, "heads": heads,
                    "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
-                   "step": "decode one token (no grad)"},
-        "device": device_info(device),
+                   "step": DECODE_STEP},
+        "device_info": device_info(device),
         "max_abs_output_difference": max_diff,
         "timings": timings,
     }
 
 
 def format_table(result: dict) -> str:
-    c, dev = result["config"], result["device"]
+    c, dev = result["config"], result["device_info"]
     lines = [
         f"MHA forward+backward  B={c['batch']} T={c['seq']} d_model={c['d_model']} H={c['heads']} {c['dtype']}"
         f"{' causal' if c['causal'] else ''}  on {dev['device_name']}  ({c['repeats']} interleaved repeats)",
@@ -223,7 +230,7 @@ def format_table(result: dict) -> str:
 def format_decode(result: dict) -> str:
     c, t = result["config"], result["timings"]
     return (f"decode step  B={c['batch']} cache={c['cache_len']} d_model={c['d_model']} H={c['heads']} {c['dtype']} "
-            f"on {result['device']['device_name']} ({c['repeats']} interleaved repeats)\n"
+            f"on {result['device_info']['device_name']} ({c['repeats']} interleaved repeats)\n"
             f"course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
             f"plain_sdpa {t['plain_sdpa']['median_s'] * 1e6:.1f} us "
             f"(medians; ratio {t['course_lib']['ratio_to_best_baseline']:.2f}, ratio of mins "
@@ -259,18 +266,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     dtype = getattr(torch, args.dtype)
-    results = []
+    rows = []
     if args.decode:
-        result = run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
-                            repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=dtype)
-        print(format_decode(result), flush=True)
-        results.append(result)
+        shape = {"cache_len": args.cache_len}
+        rows.append(run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
+                               repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=dtype))
+        print(format_decode(rows[-1]), flush=True)
     else:
+        shape = {"seqs": args.seq}
         for seq in args.seq:
-            result = run(batch=args.batch, seq=seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
-                         warmup=args.warmup, device=args.device, dtype=dtype, causal=args.causal)
-            print(format_table(result), flush=True)
-            results.append(result)
+            rows.append(run(batch=args.batch, seq=seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
+                            warmup=args.warmup, device=args.device, dtype=dtype, causal=args.causal))
+            print(format_table(rows[-1]), flush=True)
     if args.json is not None:
-        write_record(args.json, {"suite": "mha", "results": results})
+        config = {"batch": args.batch, **shape, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
+                  **({} if args.decode else {"causal": args.causal}), "repeats": args.repeats, "warmup": args.warmup,
+                  "step": DECODE_STEP if args.decode else TRAINING_STEP}
+        write_record(args.json, {"suite": "mha", "device_info": device_info(args.device), "config": config,
+                                 "rows": rows})
     return 0

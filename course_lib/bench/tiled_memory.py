@@ -36,10 +36,11 @@ def extra_peak_bytes(fn) -> int:
     return peak - base
 
 
-def measure(T: int, d: int, block_size: int, seed: int = 0, naive: bool = True) -> dict:
+def measure(T: int, d_head: int, block_size: int, seed: int = 0, naive: bool = True) -> dict:
+    """Extra bytes of tiled (and naive) attention on one head: q, k, v of shape (T, d_head), float64."""
     rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((T, d)) for _ in range(3))  # (T, d) float64
-    row = {"T": T, "d": d, "block_size": block_size,
+    q, k, v = (rng.standard_normal((T, d_head)) for _ in range(3))  # (T, d_head) float64
+    row = {"T": T, "d_head": d_head, "block_size": block_size,
            "tiled_bytes": extra_peak_bytes(lambda: online_softmax_attention(q, k, v, block_size=block_size))}
     row["naive_bytes"] = extra_peak_bytes(lambda: scaled_dot_product_attention(q, k, v)) if naive else None
     return row
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"d={d:4d} T={T:6d}  naive {row['naive_bytes'] / 2**20:10.1f} MiB   "
                   f"tiled {row['tiled_bytes'] / 2**20:8.2f} MiB")
-    record = {"suite": "tiled_memory", "dtype": "float64", "tool": "tracemalloc", "device_info": device_info("cpu"),
+    record = {"suite": "tiled_memory", "device_info": device_info("cpu"),
+              "config": {"dtype": "float64", "tool": "tracemalloc", "seqs": args.seq, "d_heads": args.d_head,
+                         "block_size": args.block_size},
               "numpy": np.__version__, "rows": rows}
     if args.json is not None:
         write_record(args.json, record)
