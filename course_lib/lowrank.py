@@ -31,7 +31,6 @@ __all__ = [
     "pooled_attention",
     "exact_attention",
     "truncated_svd_attention",
-    "attention_flops",
     "linformer_flops",
     "score_matrix_rank",
     "fit_attention_pattern",
@@ -126,14 +125,14 @@ def truncated_svd_attention(weights: np.ndarray, v: np.ndarray, rank: int | list
     return outs[0] if isinstance(rank, int) else outs
 
 
-def attention_flops(T: int, S: int, d: int, d_v: int | None = None) -> int:
-    """Multiply-adds x 2 of exact attention: q k^T (2 T S d) and P v (2 T S d_v); softmax ignored."""
-    d_v = d if d_v is None else d_v
-    return 2 * T * S * d + 2 * T * S * d_v
 
 
 def linformer_flops(T: int, S: int, d: int, rank: int, d_v: int | None = None) -> int:
-    """Projecting k and v (2 rank S (d + d_v)) plus attending over rank keys (2 T rank (d + d_v))."""
+    """Projecting k and v (2 rank S (d + d_v)) plus attending over rank keys (2 T rank (d + d_v)).
+
+    Exact attention, for comparison, is `course_lib.bench.attention.attention_flops(1, 1, T, S, d)`
+    per head (4 T S d when d_v = d).
+    """
     d_v = d if d_v is None else d_v
     return 2 * rank * S * (d + d_v) + 2 * T * rank * (d + d_v)
 

@@ -48,11 +48,12 @@ if not ON_GPU:
 
 from course_lib.bench import attention as attention_suite  # noqa: E402
 from course_lib.bench import mha as mha_bench  # noqa: E402
-from course_lib.bench.timing import device_info  # noqa: E402
+from course_lib.device import device_facts  # noqa: E402
 from course_lib.precision import relative_error  # noqa: E402
 
 GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_device.py",
-             "tests/test_bench.py", "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py", "tests/test_kv_cache.py"]
+             "tests/test_bench.py", "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py",
+             "tests/test_kv_cache.py"]
 TARGETS = {
     "module_fwd_bwd_ratio_max": 1.10,  # course_lib.MultiHeadAttention / plain SDPA module, T >= 1024, bf16
     "decode_ratio_max": 1.10,
@@ -67,7 +68,7 @@ class Run:
 
     def __init__(self, out: Path, budget_s: float) -> None:
         self.out, self.start, self.budget_s = out, time.monotonic(), budget_s
-        self.summary: dict = {"suite": "gpu_check", "device_info": device_info("cuda" if ON_GPU else "cpu"),
+        self.summary: dict = {"suite": "gpu_check", "device_info": device_facts("cuda" if ON_GPU else "cpu"),
                               "versions": versions(), "budget_s": budget_s, "stages": {}}
         self.save()
 
@@ -249,7 +250,7 @@ def attention_benchmarks(run: Run, out: Path, deadline: float, with_triton: bool
                                      device="cuda" if ON_GPU else "cpu", modules=False, progress=False,
                                      deadline=deadline)
     data["command"] = "scripts/gpu_check.py (stage attention)"
-    name = f"attention_{data['device_info']['device_type']}_{data['dtype']}"
+    name = f"attention_{data['device_info']['device_type']}_{data['config']['dtype']}"
     write_json(out / f"{name}.json", data)
     print(attention_suite.format_table(data), flush=True)
     import matplotlib
@@ -266,8 +267,11 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
     train_shapes = [(4, 1024, 2048, 16), (4, 4096, 2048, 16), (8, 1024, 1024, 16)] if ON_GPU else [(2, 32, 64, 4)]
     decode_shapes = [(1, 1024), (8, 1024), (1, 4096), (8, 4096)] if ON_GPU else [(1, 32), (2, 64)]
     d_model, heads = (2048, 16) if ON_GPU else (64, 4)
-    results = {"suite": "mha_gpu_check", "device_info": device_info(device), "dtype": str(dtype).removeprefix("torch."),
-               "training": [], "decoding": []}
+    # the mha suite's record: training-step rows, then decoding-step rows (told apart by config["step"])
+    dtype_name = str(dtype).removeprefix("torch.")
+    record = {"suite": "mha", "device_info": device_facts(device), "config": {"dtype": dtype_name}, "rows": [],
+              "command": "scripts/gpu_check.py (stage modules)"}
+    path = out / f"mha_{record['device_info']['device_type']}_{record['config']['dtype']}.json"
     for batch, seq, width, n_heads in train_shapes:
         for causal in (False, True):
             if time.monotonic() > deadline:
@@ -275,8 +279,8 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
             r = mha_bench.run(batch=batch, seq=seq, d_model=width, heads=n_heads, repeats=10 if ON_GPU else 2,
                               warmup=3 if ON_GPU else 1, device=device, dtype=dtype, causal=causal)
             print(mha_bench.format_table(r), flush=True)
-            results["training"].append(r)
-            write_json(out / f"mha_{results['device_info']['device_type']}_{results['dtype']}.json", results)
+            record["rows"].append(r)
+            write_json(path, record)
     for batch, cache_len in decode_shapes:
         if time.monotonic() > deadline:
             break
@@ -286,9 +290,9 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
         print(f"decode B={batch} cache={cache_len}: course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
               f"plain {t['plain_sdpa']['median_s'] * 1e6:.1f} us, ratio {t['course_lib']['ratio_to_best_baseline']:.3f}"
               f" (max |diff| {r['max_abs_output_difference']:.1e})", flush=True)
-        results["decoding"].append(r)
-        write_json(out / f"mha_{results['device_info']['device_type']}_{results['dtype']}.json", results)
-    return results
+        record["rows"].append(r)
+        write_json(path, record)
+    return record
 
 
 # ----------------------------------------------------------------------------- 5. naive OOM
@@ -321,11 +325,12 @@ def evaluate_targets(attention: dict | None, modules: dict | None) -> dict:
     """Each target of the GPU chapter, measured value and verdict; None where it was not measured."""
     verdicts: dict = {"targets": TARGETS}
     if modules:
-        ratios = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in modules["training"]
-                  if r["config"]["seq"] >= 1024]
+        training = [r for r in modules["rows"] if r["config"]["step"] == mha_bench.TRAINING_STEP]
+        decoding = [r for r in modules["rows"] if r["config"]["step"] == mha_bench.DECODE_STEP]
+        ratios = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in training if r["config"]["seq"] >= 1024]
         plain = [r["timings"]["course_lib"]["median_s"] / r["timings"]["plain_sdpa"]["median_s"]
-                 for r in modules["training"] if r["config"]["seq"] >= 1024]
-        decode = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in modules["decoding"]]
+                 for r in training if r["config"]["seq"] >= 1024]
+        decode = [r["timings"]["course_lib"]["ratio_to_best_baseline"] for r in decoding]
         verdicts["module_fwd_bwd_vs_plain_sdpa_worst"] = max(plain) if plain else None
         verdicts["module_fwd_bwd_vs_best_baseline_worst"] = max(ratios) if ratios else None
         verdicts["decode_vs_plain_sdpa_worst"] = max(decode) if decode else None

@@ -1,12 +1,15 @@
 """`python -m course_lib.bench mha` at a tiny shape: it runs, prints the table, saves the JSON."""
 
+import importlib
 import json
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import course_lib.bench
 from course_lib.bench import __main__ as bench_cli
 from course_lib.bench import mha as bench_mha
 
@@ -17,6 +20,19 @@ def test_mha_suite_is_listed():
     assert "mha" in bench_cli.suites()
 
 
+def test_every_suite_module_is_registered_and_every_registered_suite_has_a_main():
+    modules = {m.name for m in pkgutil.iter_modules(course_lib.bench.__path__) if not m.name.startswith("_")}
+    assert set(course_lib.bench.SUITES) == modules - {"timing"}  # timing is shared, not a suite
+    for name in course_lib.bench.SUITES:
+        assert callable(importlib.import_module(f"course_lib.bench.{name}").main), name
+
+
+def test_an_unknown_suite_is_refused_with_the_list(capsys):
+    assert bench_cli.main(["no_such_suite"]) == 2
+    out = capsys.readouterr().out
+    assert all(name in out for name in course_lib.bench.SUITES)
+
+
 def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
     path = tmp_path / "bench" / "mha.json"
     assert bench_cli.main(["mha", *TINY, "--device", "cpu", "--json", str(path)]) == 0
@@ -24,9 +40,11 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
     for name in ("course_lib", "torch_mha", "plain_sdpa", "median ms", "ratio"):
         assert name in out
     saved = json.loads(path.read_text())
-    (result,) = saved["results"]
+    assert saved["suite"] == "mha" and saved["device_info"]["device_type"] == "cpu" and "torch" in saved["device_info"]
+    assert saved["config"]["seqs"] == [8] and saved["config"]["step"] == bench_mha.TRAINING_STEP
+    (result,) = saved["rows"]
     assert result["config"]["batch"] == 2 and result["config"]["step"] == "forward+backward"
-    assert result["device"]["device_type"] == "cpu" and "torch" in result["device"]
+    assert result["device_info"] == saved["device_info"]
     assert result["max_abs_output_difference"] < 1e-5  # the three modules compute the same function
     timings = result["timings"]
     assert set(timings) == {"course_lib", "torch_mha", "plain_sdpa"}
@@ -34,6 +52,48 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
         assert t["repeats"] == 3 and len(t["samples_s"]) == 3 and 0 < t["min_s"] <= t["median_s"] <= t["max_s"]
     assert min(timings[b]["ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
     assert min(timings[b]["min_ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
+
+
+def test_one_record_per_call_with_a_run_per_sequence_length(tmp_path):
+    path = tmp_path / "mha.json"
+    assert bench_cli.main(["mha", *TINY, "--seq", "8,12", "--device", "cpu", "--json", str(path)]) == 0
+    assert [r["config"]["seq"] for r in json.loads(path.read_text())["rows"]] == [8, 12]
+
+
+def _help(suite: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        bench_cli.main([suite, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suite", sorted(course_lib.bench.SUITES))
+def test_every_suite_speaks_the_same_flags(suite, capsys):
+    text = _help(suite, capsys)
+    assert "--json" in text and "--seq" in text
+    assert ("--d-head" in text) == (suite != "mha")  # mha sizes heads by --d-model and --heads
+    for old in ("--out", "--lengths", "--d-heads", "--d "):
+        assert old not in text, f"{suite} still takes {old}"
+
+
+def test_nothing_is_written_unless_asked(capsys):
+    from course_lib.bench import tiled_memory
+    from course_lib.paths import DATA_DIR
+
+    before = {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()}
+    assert tiled_memory.main(["--seq", "32", "--d-head", "8", "--block-size", "16"]) == 0
+    assert "wrote" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()} == before
+
+
+def test_recorded_runs_use_the_same_vocabulary():
+    from course_lib.paths import DATA_DIR
+
+    recorded = {p.name: json.loads(p.read_text()) for p in sorted((DATA_DIR / "benchmarks").glob("*.json"))}
+    suites = {name: data for name, data in recorded.items() if data.get("suite") in course_lib.bench.SUITES}
+    assert {data["suite"] for data in suites.values()} == {"attention", "mha", "tiled_memory"}
+    for name, data in suites.items():
+        assert {"device_info", "config", "rows"} <= set(data) and "dtype" in data["config"], name
+        assert "results" not in data and "median_ms" not in json.dumps(data), name
 
 
 def test_causal_variant_runs_and_modules_agree():
@@ -69,7 +129,9 @@ def test_decode_step_benchmark_compares_the_same_computation(tmp_path, capsys):
     assert bench_cli.main(["mha", "--decode", "--batch", "2", "--cache-len", "8", "--d-model", "16", "--heads", "2",
                  "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
     assert "decode step" in capsys.readouterr().out
-    result = json.loads(out.read_text())["results"][0]
+    saved = json.loads(out.read_text())
+    assert saved["config"]["cache_len"] == 8 and saved["config"]["step"] == bench_mha.DECODE_STEP
+    (result,) = saved["rows"]
     assert result["config"]["cache_len"] == 8 and result["config"]["step"].startswith("decode")
     assert result["max_abs_output_difference"] < 1e-6  # same weights, same cache: same next-token output
     assert set(result["timings"]) == {"course_lib", "plain_sdpa"}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import course_lib
 from course_lib.bench import attention as suite
 from course_lib.bench.__main__ import main as bench_main
 from course_lib.bench.attention import attention_flops, module_flops, naive_attention, recorded_runs
@@ -28,6 +30,13 @@ def test_attention_flops_hand_count():
     assert attention_flops(1, 1, 2, 3, 4, pass_="fwd+bwd") == 3.5 * 96
     with pytest.raises(ValueError, match="pass_"):
         attention_flops(1, 1, 2, 3, 4, pass_="backward")
+
+
+def test_attention_flops_is_defined_once_in_course_lib():
+    root = Path(course_lib.__file__).parent
+    homes = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                   if "def attention_flops(" in p.read_text())
+    assert homes == ["bench/attention.py"]
 
 
 def test_attention_flops_equals_torch_flop_counter_on_naive_attention():
@@ -61,12 +70,12 @@ def tiny_run(tmp_path_factory):
 
 def test_json_has_device_versions_config_and_records(tiny_run):
     data = json.loads((tiny_run / "run.json").read_text())
-    assert data["suite"] == "attention" and data["dtype"] == "float32"
+    assert data["suite"] == "attention" and data["config"]["dtype"] == "float32"
     info = data["device_info"]
     assert info["device_type"] == "cpu" and info["torch"] == torch.__version__ and "device_name" in info
     assert data["config"]["seqs"] == [16, 32] and data["config"]["d_heads"] == [8]
     assert data["matmul_peak"]["tflops"] > 0 and data["matmul_peak"]["dtype"] == "float32"
-    records = data["results"]
+    records = data["rows"]
     core = [r for r in records if r["level"] == "core"]
     assert {r["impl"] for r in core} == set(suite.CORE_IMPLS)
     assert {(r["T"], r["causal"], r["pass"]) for r in core} == {
@@ -120,7 +129,7 @@ def test_cpu_guard_skips_huge_score_matrices():
     data = suite.run_suite(seqs=[64], d_heads=[8], batch=1, heads=1, causal=(False,), passes=("fwd",),
                            impls=("naive", "course_lib"), modules=False, warmup=0, repeats=1, measure_peak=False,
                            cpu_max_gib=1e-6, progress=False)
-    by = {r["impl"]: r for r in data["results"]}
+    by = {r["impl"]: r for r in data["rows"]}
     assert by["naive"]["status"] == "skipped" and "GiB" in by["naive"]["reason"]
     assert by["course_lib"]["status"] == "ok" and by["course_lib"]["frac_peak"] is None
 
@@ -147,7 +156,7 @@ def test_plot_handles_measured_memory_and_oom(tiny_run):
     import matplotlib.pyplot as plt
 
     data = json.loads((tiny_run / "run.json").read_text())
-    for i, r in enumerate(data["results"]):
+    for i, r in enumerate(data["rows"]):
         if r["level"] == "core" and r["status"] == "ok":
             r["peak_memory_bytes"] = 2**20 * (i + 1)
         if r["impl"] == "naive" and r["T"] == 32:

@@ -98,17 +98,17 @@ def test_benchmark_suite_runs_on_tiny_shapes_and_records_the_device(tmp_path):
     from course_lib.bench import flash
 
     out = tmp_path / "flash.json"
-    argv = ["--device", DEVICE, "--lengths", "16", "--d-heads", "32", "--batch", "1", "--heads", "1",
-            "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--backends", "MATH", "triton_course",
-            "--out", str(out)]
+    argv = ["--device", DEVICE, "--seq", "16", "--d-head", "32", "--batch", "1", "--heads", "1",
+            "--dtype", "float32", "--repeats", "1", "--warmup", "0", "--impls", "sdpa_math,triton",
+            "--json", str(out)]
     assert flash.main(argv) == 0
     record = json.loads(out.read_text())
     assert record["device_info"]["device_type"] == torch.device(DEVICE).type
     assert record["versions"]["triton"] and record["versions"]["torch"] == torch.__version__
-    backends = {r["backend"]: r for r in record["rows"]}
-    assert set(backends) == {"MATH", "triton_course"}
+    backends = {r["impl"]: r for r in record["rows"]}
+    assert set(backends) == {"sdpa_math", "triton"}
     for row in backends.values():
-        assert row["median_ms"] > 0 and row["tflops"] > 0
+        assert row["median_s"] > 0 and row["tflops"] > 0
         assert row["max_abs_err_vs_fp32_sdpa"] < 1e-5  # float32 products on every device (no silent TF32)
     assert len(record["summary"]) == 1 and record["summary"][0]["ratio"] > 0
 

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from course_lib.bench import tiled_memory
 from course_lib.numpy_ref import online_softmax_attention, online_softmax_step, scaled_dot_product_attention
+from course_lib.paths import DATA_DIR
 
 TOL = 1e-10
 
@@ -109,7 +110,7 @@ def test_extra_memory_grows_linearly_not_quadratically():
 
 def test_memory_script_runs_on_a_tiny_configuration(tmp_path):
     out = tmp_path / "m.json"
-    assert tiled_memory.main(["--lengths", "64", "128", "--d", "8", "--block-size", "16", "--out", str(out)]) == 0
+    assert tiled_memory.main(["--seq", "64,128", "--d-head", "8", "--block-size", "16", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert [r["T"] for r in record["rows"]] == [64, 128]
     assert record["device_info"]["device_type"] == "cpu"
@@ -117,10 +118,10 @@ def test_memory_script_runs_on_a_tiny_configuration(tmp_path):
 
 
 def test_recorded_sweep_shows_tiled_peak_at_most_a_twentieth_of_naive_at_8192():
-    record = json.loads(tiled_memory.DEFAULT_OUT.read_text())
+    record = json.loads((DATA_DIR / "benchmarks" / "tiled_memory_numpy.json").read_text())
     rows = {r["T"]: r for r in record["rows"]}
     assert {1024, 2048, 4096, 8192, 16384} <= set(rows)
-    assert all(r["d"] == 64 for r in rows.values())
+    assert all(r["d_head"] == 64 for r in rows.values())
     assert rows[8192]["tiled_bytes"] * 20 <= rows[8192]["naive_bytes"]
     # growth per doubling of T: naive ~4x, tiled ~2x at most
     for T in (2048, 4096, 8192, 16384):

@@ -1,1 +1,62 @@
-"""Benchmarks: `python -m course_lib.bench <suite> [options]`; suites are the modules of this package."""
+"""Benchmarks: `python -m course_lib.bench <suite> [options]`, one suite per module, listed in SUITES.
+
+Every suite speaks the same vocabulary, so a command or a recorded file reads the same whichever
+suite made it.
+
+Flags (each suite takes those that apply to it; `<suite> --help` lists them):
+    --seq T[,T...]         sequence lengths, comma-separated (--seq 1024,2048)
+    --d-head D[,D...]      head dimensions, comma-separated (--d-head 64,128)
+    --batch, --heads, --dtype, --device, --repeats, --warmup
+                           one value each; --device defaults to cuda when there is a GPU, else cpu
+    --json PATH            write the record (below) to PATH. Nothing is written unless this is
+                           given: a suite never writes into data/ on its own (to remake a recorded
+                           run, pass --json data/benchmarks/<name>.json; README.md gives each command)
+
+Record (the JSON that --json writes; data/benchmarks/ holds recorded ones):
+    {"suite": name,             the suite's name in SUITES
+     "device_info": {...},      where it ran: device, versions (course_lib.bench.timing.device_info)
+     "config": {...},           every setting of the run, dtype included; lists are plural
+                                ("seqs", "d_heads")
+     "rows": [{...}, ...],      one dict per measurement (mha: per comparison of its modules);
+                                shapes as T, S, d_head, and B, H where a row has them
+     ...}                       then what only that suite has (a measured peak, a summary, ...)
+Times are in seconds, as `timing.Timing` measures them: "median_s", "min_s", "max_s" (and
+"samples_s"); a case that did not run carries None, or no time, and says why ("status" and
+"reason", or "error").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["SUITES", "int_list", "write_record"]
+
+# Registered explicitly (name -> what it measures): `python -m course_lib.bench` runs only these.
+SUITES = {
+    "attention": "attention core and modules: naive, course_lib, each SDPA backend, the Triton kernel; "
+                 "time, TFLOP/s, % of the measured peak, memory",
+    "flash": "the course's Triton FlashAttention kernel vs each SDPA backend, forward",
+    "mha": "three multi-head attention modules with the same weights: a training step or a decoding step",
+    "tiled_memory": "extra memory of naive vs tiled (online-softmax) attention in numpy",
+}
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of --seq and --d-head: comma-separated positive ints."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
+    return values
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a suite's record as JSON (creating the folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")

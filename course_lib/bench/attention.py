@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 
 from course_lib.attention import naive_attention, scaled_dot_product_attention
-from course_lib.bench.timing import device_info, matmul_peak, peak_memory, time_fn
-from course_lib.device import sdpa_with_backend, tensor_core_settings
+from course_lib.bench import int_list, write_record
+from course_lib.bench.timing import matmul_peak, peak_memory, time_fn
+from course_lib.device import device_facts, sdpa_with_backend, tensor_core_settings
 from course_lib.paths import DATA_DIR
 from course_lib.precision import attention_error_table
 
@@ -244,7 +245,8 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
               impls: tuple[str, ...] = CORE_IMPLS, modules: bool = True, warmup: int = 3, repeats: int = 10,
               measure_peak: bool = True, accuracy: bool = True, cpu_max_gib: float = 2.0, threads: int | None = None,
               progress: bool = True, deadline: float | None = None) -> dict:
-    """Run every case; return the JSON-ready dict (device info, config, measured peak, records).
+    """Run every case; return the record (course_lib.bench's vocabulary: device_info, config, rows; plus the
+    measured matmul peak, the FLOP convention and the error table).
 
     accuracy=True also records `course_lib.precision.attention_error_table` on this device (the
     error vs a float64 reference per precision setting) under the key "accuracy". threads sets
@@ -265,7 +267,7 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         tqdm = None
     records: list[dict] = []
     with _cpu_threads(threads), tensor_core_settings(tf32=dtype == "tf32", cudnn_benchmark=False) as settings:
-        info = device_info(device_)
+        info = device_facts(device_)
         peak = matmul_peak(device_, torch_dtype, warmup=2, repeats=5) if measure_peak else None
         peak_tflops = peak["tflops"] if peak else None
         iterator = tqdm(cases, desc="attention bench", disable=not progress) if tqdm else cases
@@ -294,15 +296,14 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         "suite": "attention",
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_info": info,
-        "dtype": dtype,
-        "config": {"seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
+        "config": {"dtype": dtype, "seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
                    "causal": list(causal), "passes": list(passes), "impls": list(impls), "modules": modules,
                    "warmup": warmup, "repeats": repeats, "threads": info["cpu_threads"],
                    "tensor_core_settings": settings},
         "matmul_peak": peak,
         "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
                            "the Triton kernel executes bwd = 3.5*fwd (recorded as executed_flops)",
-        "results": records,
+        "rows": records,
         "accuracy": errors,
     }
 
@@ -321,7 +322,7 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
     implementations side by side at the longest sequence. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
-    records = data["results"]
+    records = data["rows"]
     cfg = data["config"]
     d_head = d_head if d_head is not None else max(cfg["d_heads"])
     causal = causal if causal is not None else (False if False in cfg["causal"] else cfg["causal"][0])
@@ -395,7 +396,7 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     kind = "GPU" if info["device_type"] == "cuda" else "CPU"
-    fig.suptitle(f"{kind}: {info['device_name']}, torch {info['torch']}, {data['dtype']}, "
+    fig.suptitle(f"{kind}: {info['device_name']}, torch {info['torch']}, {cfg['dtype']}, "
                  f"B={cfg['batch']}, H={cfg['heads']}, d_head={d_head}{', causal' if causal else ''}", fontsize=10)
     fig.tight_layout()
     if path is not None:
@@ -423,7 +424,7 @@ def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -
 def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = None, min_T: int = 0) -> list[dict]:
     """Per (T, d_head, causal, pass) of a suite run: the fastest SDPA backend that ran, its TFLOP/s and
     fraction of the measured peak, and `impl`'s TFLOP/s and ratio to it (None where impl did not run)."""
-    core = [r for r in data["results"] if r["level"] == "core" and r["status"] == "ok"]
+    core = [r for r in data["rows"] if r["level"] == "core" and r["status"] == "ok"]
     keys = sorted({(r["T"], r["d_head"], r["causal"], r["pass"]) for r in core
                    if r["T"] >= min_T and (d_head is None or r["d_head"] == d_head)})
     rows = []
@@ -442,22 +443,12 @@ def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = N
 
 
 # ----------------------------------------------------------------------------- CLI
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
-    return values
-
-
 def _parser() -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m course_lib.bench attention", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq", type=_ints, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
+    p.add_argument("--seq", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
                    help="comma-separated sequence lengths T")
-    p.add_argument("--d-head", type=_ints, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
+    p.add_argument("--d-head", type=int_list, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
     p.add_argument("--batch", type=int, default=4 if on_gpu else 2)
     p.add_argument("--heads", type=int, default=16 if on_gpu else 4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32",
@@ -473,20 +464,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-accuracy", action="store_true", help="do not record the error table")
     p.add_argument("--cpu-max-gib", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: unchanged)")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
     p.add_argument("--plot", type=Path, default=None, help="draw the four panels here (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def format_table(data: dict) -> str:
-    lines = [f"{data['device_info']['device_name']}  torch {data['device_info']['torch']}  {data['dtype']}"]
+    info = data["device_info"]
+    lines = [f"{info['device_name']}  torch {info['torch']}  {data['config']['dtype']}"]
     if data.get("matmul_peak"):
         pk = data["matmul_peak"]
         lines.append(f"measured matmul peak: {pk['tflops']:.3f} TFLOP/s ({pk['n']}x{pk['n']} {pk['dtype']})")
     lines.append(f"{'level':<7}{'impl':<15}{'T':>7}{'d':>5}{'causal':>7}{'pass':>9}{'ms':>11}{'TFLOP/s':>10}"
                  f"{'%peak':>7}{'MiB':>9}  status")
-    for r in data["results"]:
+    for r in data["rows"]:
         ms = f"{r['median_s'] * 1e3:.3f}" if r.get("median_s") is not None else "-"
         tf = f"{r['tflops']:.3f}" if r.get("tflops") is not None else "-"
         fp = f"{100 * r['frac_peak']:.0f}" if r.get("frac_peak") is not None else "-"
@@ -518,14 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                      progress=not args.quiet)
     print(format_table(data), flush=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
-        print(f"saved {args.json}")
+        write_record(args.json, data)
     if args.plot is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_results(data, args.plot)
-        print(f"saved {args.plot}")
+        print(f"wrote {args.plot}")
     return 0

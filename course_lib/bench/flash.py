@@ -1,36 +1,35 @@
 """The course's Triton FlashAttention kernel vs torch SDPA's backends: forward time and TFLOP/s.
 
     python -m course_lib.bench flash                           # on a GPU: T = 1k..16k, d_head 64 and 128, fp16
-    python -m course_lib.bench flash --lengths 4096 8192 --d-heads 64 --causal
-    python -m course_lib.bench flash --device cpu --lengths 32 --d-heads 32 --batch 1 --heads 1 --out /tmp/f.json
+    python -m course_lib.bench flash --seq 4096,8192 --d-head 64 --causal --json flash.json
+    python -m course_lib.bench flash --device cpu --seq 32 --d-head 32 --batch 1 --heads 1 --json /tmp/f.json
 
 Each backend (SDPA's flash, cuDNN, memory-efficient and math kernels, and ours) runs the
 same forward pass on the same inputs; a backend that refuses the inputs is recorded with its
 error, not dropped silently. FLOPs counted: 4 T S d per (batch, head) (two matmuls), halved
 when causal. On the CPU our kernel runs in Triton's interpreter: only tiny shapes make sense
-and the times say nothing about a GPU. The JSON written carries device_info and versions.
+and the times say nothing about a GPU. With --json the record (see course_lib.bench) also carries
+the versions of torch and triton.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from course_lib.bench import int_list, write_record
 from course_lib.bench.attention import attention_flops
-from course_lib.bench.timing import device_info, time_fn
-from course_lib.device import sdpa_with_backend
-from course_lib.paths import DATA_DIR
+from course_lib.bench.timing import time_fn
+from course_lib.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
 
-SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+IMPLS = (*(f"sdpa_{name}" for name in SDPA_BACKENDS), "triton")  # the attention suite's names
 
 
 def _sdpa_runner(name: str, q, k, v, causal: bool):
-    backend = name.removesuffix("_ATTENTION").lower()  # SDPBackend member name -> "flash", "cudnn", ...
-    return lambda: sdpa_with_backend(backend, q, k, v, is_causal=causal)
+    return lambda: sdpa_with_backend(name.removeprefix("sdpa_"), q, k, v, is_causal=causal)
 
 
 def _ours_runner(q, k, v, causal: bool):
@@ -40,17 +39,17 @@ def _ours_runner(q, k, v, causal: bool):
 
 
 def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, causal: bool, device: str,
-              repeats: int, warmup: int, backends: tuple[str, ...]) -> list[dict]:
+              repeats: int, warmup: int, impls: tuple[str, ...]) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, T, d_head, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     flops = attention_flops(batch, heads, T, T, d_head, causal=causal)
     reference = None
     rows = []
-    for name in backends:
-        row = {"backend": name, "batch": batch, "heads": heads, "T": T, "d_head": d_head,
+    for name in impls:
+        row = {"impl": name, "B": batch, "H": heads, "T": T, "S": T, "d_head": d_head,
                "dtype": str(dtype).removeprefix("torch."), "causal": causal}
         try:
-            run = _ours_runner(q, k, v, causal) if name == "triton_course" else _sdpa_runner(name, q, k, v, causal)
+            run = _ours_runner(q, k, v, causal) if name == "triton" else _sdpa_runner(name, q, k, v, causal)
             with torch.no_grad():
                 out = run()
                 if reference is None:
@@ -61,7 +60,7 @@ def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, c
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             rows.append(row)
             continue
-        row |= {"median_ms": timing.median_s * 1e3, "min_ms": timing.min_s * 1e3, "repeats": timing.repeats,
+        row |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "repeats": timing.repeats,
                 "tflops": flops / timing.median_s / 1e12}
         rows.append(row)
     return rows
@@ -73,12 +72,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     keys = sorted({(r["T"], r["d_head"], r["dtype"], r["causal"]) for r in rows})
     for key in keys:
         group = [r for r in rows if (r["T"], r["d_head"], r["dtype"], r["causal"]) == key and "tflops" in r]
-        ours = [r for r in group if r["backend"] == "triton_course"]
-        sdpa = [r for r in group if r["backend"] != "triton_course"]
+        ours = [r for r in group if r["impl"] == "triton"]
+        sdpa = [r for r in group if r["impl"] != "triton"]
         if ours and sdpa:
             best = max(sdpa, key=lambda r: r["tflops"])
             out.append({"T": key[0], "d_head": key[1], "dtype": key[2], "causal": key[3],
-                        "ours_tflops": ours[0]["tflops"], "best_sdpa_backend": best["backend"],
+                        "ours_tflops": ours[0]["tflops"], "best_sdpa": best["impl"],
                         "best_sdpa_tflops": best["tflops"], "ratio": ours[0]["tflops"] / best["tflops"]})
     return out
 
@@ -97,16 +96,18 @@ def _versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench flash", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lengths", type=int, nargs="+", help="default: 1024 ... 16384 on a GPU, 16 32 on the CPU")
-    parser.add_argument("--d-heads", type=int, nargs="+", help="default: 64 128 on a GPU, 32 on the CPU")
+    parser.add_argument("--seq", type=int_list, help="comma-separated sequence lengths "
+                                                      "(default: 1024,...,16384 on a GPU, 16,32 on the CPU)")
+    parser.add_argument("--d-head", type=int_list, help="comma-separated head dims (default: 64,128 on a GPU, "
+                                                         "32 on the CPU)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--batch", type=int, help="default: 4 on a GPU, 1 on the CPU")
     parser.add_argument("--heads", type=int, help="default: 16 on a GPU, 2 on the CPU")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--backends", nargs="+", default=[*SDPA_BACKENDS, "triton_course"])
-    parser.add_argument("--out", type=Path, default=None, help="default: data/benchmarks/flash_<device>.json")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
+    parser.add_argument("--json", type=Path, default=None, help="write the record here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device: pass --device cpu (tiny shapes only; our kernel runs in the interpreter)")
@@ -114,27 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = args.device.startswith("cuda")
     if not on_gpu:
         print("CPU: our kernel runs in Triton's interpreter; tiny shapes only, and the times say nothing about a GPU")
-    args.lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32])
-    args.d_heads = args.d_heads or ([64, 128] if on_gpu else [32])
+    args.seq = args.seq or ([1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32])
+    args.d_head = args.d_head or ([64, 128] if on_gpu else [32])
     args.batch = args.batch or (4 if on_gpu else 1)
     args.heads = args.heads or (16 if on_gpu else 2)
     dtype = getattr(torch, args.dtype)
-    info = device_info(args.device)
-    out_path = args.out or DATA_DIR / "benchmarks" / f"flash_{info['device_type']}.json"
+    info = device_facts(args.device)
     rows = []
-    for d_head in args.d_heads:
-        for T in args.lengths:
+    for d_head in args.d_head:
+        for T in args.seq:
             for row in bench_one(args.batch, args.heads, T, d_head, dtype, args.causal, args.device,
-                                 args.repeats, args.warmup, tuple(args.backends)):
+                                 args.repeats, args.warmup, tuple(args.impls.split(","))):
                 rows.append(row)
-                what = f"{row['tflops']:8.2f} TFLOP/s {row['median_ms']:9.3f} ms" if "tflops" in row else row["error"]
-                print(f"d_head={d_head:4d} T={T:6d} {row['backend']:20s} {what}")
+                what = (f"{row['tflops']:8.2f} TFLOP/s {row['median_s'] * 1e3:9.3f} ms" if "tflops" in row
+                        else row["error"])
+                print(f"d_head={d_head:4d} T={T:6d} {row['impl']:20s} {what}")
     record = {"suite": "flash", "device_info": info, "versions": _versions(),
-              "config": {"batch": args.batch, "heads": args.heads, "dtype": args.dtype, "causal": args.causal,
+              "config": {"dtype": args.dtype, "seqs": args.seq, "d_heads": args.d_head, "batch": args.batch,
+                         "heads": args.heads, "causal": args.causal, "impls": args.impls.split(","),
                          "flops_per_call": "4*B*H*T*S*d_head (halved if causal)", "repeats": args.repeats,
                          "warmup": args.warmup},
               "rows": rows, "summary": summarize(rows)}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out_path}")
+    if args.json is not None:
+        write_record(args.json, record)
     return 0

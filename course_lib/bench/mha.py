@@ -1,7 +1,8 @@
 """Benchmark: forward + backward of three multi-head self-attention modules with the same weights.
 
-    python -m course_lib.bench mha [--batch 8 --seq 512 --d-model 768 --heads 12]
-                                   [--repeats 10 --warmup 2 --device auto|cpu|cuda --json PATH]
+    python -m course_lib.bench mha [--batch 8 --seq 512,1024 --d-model 768 --heads 12]
+                                   [--repeats 10 --warmup 2 --device cpu|cuda --json PATH]
+    python -m course_lib.bench mha --decode [--batch 1 --cache-len 1024 ...]
 
 - course_lib   `course_lib.MultiHeadAttention`
 - torch_mha    `torch.nn.MultiheadAttention(batch_first=True)` called with need_weights=False
@@ -14,13 +15,17 @@ then backward with a fixed output gradient (gradients for the input and every pa
 The table gives median/min/max per step, each median divided by the faster of the two
 baselines' medians (torch_mha, plain_sdpa; below 1.00 is faster than both), and the same
 ratio of the fastest repeats, which other load on a shared machine disturbs less.
+
+The record (--json; the vocabulary of course_lib.bench) has one row per comparison: a `run` or
+`run_decode` result, i.e. its config (with "step": TRAINING_STEP or DECODE_STEP), device_info,
+the largest output difference between the modules, and per module its times in seconds
+(median_s, min_s, max_s, samples_s) and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -29,12 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.bench.timing import device_info, time_fn
+from course_lib.bench import int_list, write_record
+from course_lib.bench.timing import time_fn
+from course_lib.device import device_facts
 from course_lib.mha import MultiHeadAttention
 
-__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main"]
+__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP"]
 
 BASELINES = ("torch_mha", "plain_sdpa")
+TRAINING_STEP = "forward+backward"  # config["step"] of a run() row
+DECODE_STEP = "decode one token (no grad)"  # config["step"] of a run_decode() row
 
 
 class PlainSDPAttention(nn.Module):
@@ -121,8 +130,8 @@ def run(
     return {
         "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
                    "dtype": str(dtype).replace("torch.", ""), "causal": causal,
-                   "repeats": repeats, "warmup": warmup, "step": "forward+backward"},
-        "device": device_info(device),
+                   "repeats": repeats, "warmup": warmup, "step": TRAINING_STEP},
+        "device_info": device_facts(device),
         "max_abs_output_difference": max_diff,
         "timings": timings,
     }
@@ -196,15 +205,15 @@ def run_decode(
     return {
         "config": {"batch": batch, "cache_len": cache_len, "d_model": d_model, "heads": heads,
                    "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
-                   "step": "decode one token (no grad)"},
-        "device": device_info(device),
+                   "step": DECODE_STEP},
+        "device_info": device_facts(device),
         "max_abs_output_difference": max_diff,
         "timings": timings,
     }
 
 
 def format_table(result: dict) -> str:
-    c, dev = result["config"], result["device"]
+    c, dev = result["config"], result["device_info"]
     lines = [
         f"MHA forward+backward  B={c['batch']} T={c['seq']} d_model={c['d_model']} H={c['heads']} {c['dtype']}"
         f"{' causal' if c['causal'] else ''}  on {dev['device_name']}  ({c['repeats']} interleaved repeats)",
@@ -222,7 +231,7 @@ def format_table(result: dict) -> str:
 def format_decode(result: dict) -> str:
     c, t = result["config"], result["timings"]
     return (f"decode step  B={c['batch']} cache={c['cache_len']} d_model={c['d_model']} H={c['heads']} {c['dtype']} "
-            f"on {result['device']['device_name']} ({c['repeats']} interleaved repeats)\n"
+            f"on {result['device_info']['device_name']} ({c['repeats']} interleaved repeats)\n"
             f"course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
             f"plain_sdpa {t['plain_sdpa']['median_s'] * 1e6:.1f} us "
             f"(medians; ratio {t['course_lib']['ratio_to_best_baseline']:.2f}, ratio of mins "
@@ -233,49 +242,47 @@ def format_decode(result: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib.bench mha", description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--seq", type=int_list, default=[512], help="comma-separated sequence lengths (training step)")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (the CPU, and the GPU when there is one)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--causal", action="store_true", help="causal self-attention instead of unmasked")
     p.add_argument("--decode", action="store_true",
                    help="time one decoding step (one new token, a KV cache of --cache-len) instead of training")
     p.add_argument("--cache-len", type=int, default=1024)
-    p.add_argument("--json", type=Path, default=None, help="save the results (with the device info) to this file")
+    p.add_argument("--json", type=Path, default=None, help="write the record here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("batch", "seq", "d_model", "heads", "repeats", "cache_len"):
+    for name in ("batch", "d_model", "heads", "repeats", "cache_len"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
     if args.d_model % args.heads:
         raise SystemExit(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
-    if args.device == "auto":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    elif args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    if args.decode:
+        shape = {"cache_len": args.cache_len}
+        rows.append(run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
+                               repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=dtype))
+        print(format_decode(rows[-1]), flush=True)
     else:
-        devices = [args.device]
-    results = []
-    for device in devices:
-        if args.decode:
-            result = run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
-                                repeats=args.repeats, warmup=args.warmup, device=device,
-                                dtype=getattr(torch, args.dtype))
-            print(format_decode(result), flush=True)
-        else:
-            result = run(batch=args.batch, seq=args.seq, d_model=args.d_model, heads=args.heads,
-                         repeats=args.repeats, warmup=args.warmup, device=device, dtype=getattr(torch, args.dtype),
-                         causal=args.causal)
-            print(format_table(result), flush=True)
-        results.append(result)
+        shape = {"seqs": args.seq}
+        for seq in args.seq:
+            rows.append(run(batch=args.batch, seq=seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
+                            warmup=args.warmup, device=args.device, dtype=dtype, causal=args.causal))
+            print(format_table(rows[-1]), flush=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"suite": "mha", "results": results}, indent=2) + "\n")
-        print(f"saved {args.json}")
+        config = {"batch": args.batch, **shape, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
+                  **({} if args.decode else {"causal": args.causal}), "repeats": args.repeats, "warmup": args.warmup,
+                  "step": DECODE_STEP if args.decode else TRAINING_STEP}
+        write_record(args.json, {"suite": "mha", "device_info": device_facts(args.device), "config": config,
+                                 "rows": rows})
     return 0

@@ -1,7 +1,7 @@
 """Extra memory of naive vs tiled (online-softmax) attention in numpy, measured with tracemalloc.
 
-    python -m course_lib.bench tiled_memory                       # T = 1k..16k, d = 64 (needs ~12 GiB RAM)
-    python -m course_lib.bench tiled_memory --lengths 256 512 --out /tmp/m.json
+    python -m course_lib.bench tiled_memory --json m.json          # T = 1k..16k, d_head 64 (needs ~12 GiB RAM)
+    python -m course_lib.bench tiled_memory --seq 256,512 --d-head 32,64 --json /tmp/m.json
 
 numpy reports its array allocations to tracemalloc, so the traced peak during one call, minus
 what was allocated before it, is the call's extra memory (temporaries and the result). Naive
@@ -12,18 +12,15 @@ attention builds the (T, T) scores and weights: it grows as T^2. The tiled versi
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
-from course_lib.bench.timing import device_info
+from course_lib.bench import int_list, write_record
+from course_lib.device import device_facts
 from course_lib.numpy_ref import online_softmax_attention, scaled_dot_product_attention
-from course_lib.paths import DATA_DIR
-
-DEFAULT_OUT = DATA_DIR / "benchmarks" / "tiled_memory_numpy.json"
 
 
 def extra_peak_bytes(fn) -> int:
@@ -39,10 +36,11 @@ def extra_peak_bytes(fn) -> int:
     return peak - base
 
 
-def measure(T: int, d: int, block_size: int, seed: int = 0, naive: bool = True) -> dict:
+def measure(T: int, d_head: int, block_size: int, seed: int = 0, naive: bool = True) -> dict:
+    """Extra bytes of tiled (and naive) attention on one head: q, k, v of shape (T, d_head), float64."""
     rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((T, d)) for _ in range(3))  # (T, d) float64
-    row = {"T": T, "d": d, "block_size": block_size,
+    q, k, v = (rng.standard_normal((T, d_head)) for _ in range(3))  # (T, d_head) float64
+    row = {"T": T, "d_head": d_head, "block_size": block_size,
            "tiled_bytes": extra_peak_bytes(lambda: online_softmax_attention(q, k, v, block_size=block_size))}
     row["naive_bytes"] = extra_peak_bytes(lambda: scaled_dot_product_attention(q, k, v)) if naive else None
     return row
@@ -51,21 +49,25 @@ def measure(T: int, d: int, block_size: int, seed: int = 0, naive: bool = True) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench tiled_memory",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--seq", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
+                        help="comma-separated sequence lengths T (= S)")
+    parser.add_argument("--d-head", type=int_list, default=[64], help="comma-separated head dims")
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--json", type=Path, default=None, help="write the record here")
     args = parser.parse_args(argv)
     rows = []
-    for T in args.lengths:
-        t0 = time.perf_counter()
-        row = measure(T, args.d, args.block_size)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        rows.append(row)
-        print(f"T={T:6d}  naive {row['naive_bytes'] / 2**20:10.1f} MiB   tiled {row['tiled_bytes'] / 2**20:8.2f} MiB")
-    record = {"suite": "tiled_memory", "dtype": "float64", "tool": "tracemalloc", "device_info": device_info("cpu"),
+    for d in args.d_head:
+        for T in args.seq:
+            t0 = time.perf_counter()
+            row = measure(T, d, args.block_size)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            print(f"d={d:4d} T={T:6d}  naive {row['naive_bytes'] / 2**20:10.1f} MiB   "
+                  f"tiled {row['tiled_bytes'] / 2**20:8.2f} MiB")
+    record = {"suite": "tiled_memory", "device_info": device_facts("cpu"),
+              "config": {"dtype": "float64", "tool": "tracemalloc", "seqs": args.seq, "d_heads": args.d_head,
+                         "block_size": args.block_size},
               "numpy": np.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    if args.json is not None:
+        write_record(args.json, record)
     return 0

@@ -6,15 +6,14 @@ on a GPU we record CUDA events on the stream and synchronise before reading them
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "time_fn", "device_info", "peak_memory", "matmul_peak"]
+__all__ = ["Timing", "time_fn", "peak_memory", "matmul_peak"]
 
 
 @dataclass(frozen=True)
@@ -23,9 +22,6 @@ class Timing:
     min_s: float
     max_s: float
     repeats: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def time_fn(
@@ -64,30 +60,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str) -> int | N
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
-
-
-def device_info(device: torch.device | str) -> dict:
-    """What a recorded benchmark must carry: the machine, the versions."""
-    device = torch.device(device)
-    info = {
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info |= {
-            "device_name": props.name,
-            "compute_capability": f"{props.major}.{props.minor}",
-            "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
-            "total_memory_gib": round(props.total_memory / 2**30, 1),
-        }
-    else:
-        info["device_name"] = f"CPU ({info['cpu']}, {info['cpu_threads']} threads)"
-    return info
 
 
 def matmul_peak(

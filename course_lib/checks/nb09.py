@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from course_lib.bench.attention import attention_flops
 from course_lib.checks._core import CheckFailure, call, checker, compare
 
 __all__ = ["check_relative_error", "check_attention_flops", "check_fp16_safe_scores"]
@@ -86,8 +87,7 @@ def check_attention_flops(fn):
     for B, H, T, S, d, causal in cases:
         description = f"B={B}, H={H}, T={T}, S={S}, d_head={d}, causal={causal}"
         got = _as_float(call(fn, B, H, T, S, d, causal, what=f" ({description})"), description)
-        full = 4.0 * B * H * T * S * d
-        expected = full / 2 if causal else full
+        full, expected = attention_flops(B, H, T, S, d), attention_flops(B, H, T, S, d, causal=causal)
         if math.isclose(got, expected, rel_tol=1e-9):
             continue
         wrong = [
