@@ -1,8 +1,8 @@
 """What every exercise checker promises, tested once for all of them.
 
 Each checker is re-exported by `course_lib.checks` under a name no other notebook module uses,
-reports an unfinished stub and a non-function without raising, and has tests of its own (the
-reference passes, planted mistakes fail) in its notebook's test module.
+reports an unfinished stub, a non-function and a missing `return` without raising, and has tests
+of its own (the reference passes, planted mistakes fail) in its notebook's test module.
 """
 
 import importlib
@@ -84,3 +84,8 @@ def test_passing_a_result_instead_of_a_function_is_explained(name, not_a_functio
     result = getattr(checks, name)(not_a_function)
     assert not result.passed and "pass your function itself" in result.message, (name, result.message)
 
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_a_function_that_returns_nothing_is_reported_not_raised(name):
+    result = getattr(checks, name)(lambda *args, **kwargs: None)
+    assert not result.passed and "None" in result.message, (name, result.message)

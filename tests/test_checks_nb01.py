@@ -105,6 +105,12 @@ def test_softmax_rejects_function_without_axis_argument():
     assert "TypeError" in result.message and "axis" in result.message
 
 
+def test_softmax_in_float32_is_rejected_and_the_dtype_named():
+    # the exercises compute in float64: float32 keeps ~7 digits, far from the 1e-8 the checkers ask
+    result = checks.check_softmax(lambda x, axis=-1: numpy_ref.softmax(x.astype(np.float32), axis=axis))
+    assert not result.passed
+    assert "float32" in result.message and "compute in float64" in result.message
+
 
 # ----------------------------------------------------------------------------- attention
 def ref_attention(q, k, v):

@@ -34,6 +34,11 @@ def test_gated_concat_reference_passes():
     assert result.passed, result
 
 
+def test_gated_concat_in_float32_fails_and_names_the_dtype():
+    result = checks.check_gated_concat(lambda x, g: gated(x.float(), g.float()))
+    assert not result.passed and "float32" in result.message and "compute in float64" in result.message
+
+
 def test_gated_concat_without_transpose_fails():
     result = checks.check_gated_concat(lambda x, g: (x * g.view(1, -1, 1, 1)).reshape(x.shape[0], x.shape[2], -1))
     assert not result.passed and "transpose(1, 2)" in result.message

@@ -12,11 +12,9 @@ import numpy as np
 import torch
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy
+from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy, unpack
 
 __all__ = ["check_torch_attention", "check_autograd_grads"]
-
-_ATOL, _RTOL = 1e-10, 1e-8  # float64 vs float64: a correct answer agrees to ~1e-15
 
 
 def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mask=False):
@@ -82,7 +80,7 @@ def check_torch_attention(fn):
                         f"{description}: your output contains NaN. A query row with nothing to attend to has all "
                         "scores -inf and softmax gives 0/0; the course's convention is output 0 for such rows "
                         "(e.g. use course_lib.attention.safe_softmax, or zero those rows with torch.where).")
-        compare(f"out ({description})", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"out ({description})", got, expected,
                 hint="scores = q @ k.transpose(-2, -1) / math.sqrt(d); masked_fill(~mask, -inf); "
                      "softmax(dim=-1); @ v")
     return "4 float64 cases (batch dims, T != S, causal mask, a fully masked row) match numpy_ref to 1e-10"
@@ -104,9 +102,7 @@ def check_autograd_grads(fn):
         d_out = rng.normal(size=out.shape)
         args = [q.copy(), k.copy(), v.copy(), d_out.copy()] + ([] if mask is None else [mask.copy()])
         got = call(fn, *args, what="; the last one is the mask" if mask is not None else "")
-        if not isinstance(got, (tuple, list)) or len(got) != 3:
-            raise CheckFailure(f"return a tuple (dq, dk, dv) of three arrays or tensors; got {type(got).__name__}"
-                               + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""))
+        got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays or tensors")
         if any(g is None for g in got):
             raise CheckFailure(f"{description}: a gradient is None: create q, k, v with requires_grad=True, call "
                                "backward, then read q.grad, k.grad, v.grad")
@@ -122,7 +118,7 @@ def check_autograd_grads(fn):
                 raise CheckFailure(f"{description}: {name} agrees only to ~1e-6, the precision of float32: create the "
                                    "tensors in float64 (torch.from_numpy keeps float64; torch.tensor(x, "
                                    "dtype=torch.float32) or .float() throws the precision away)")
-            compare(f"{name} ({description})", g, e, atol=_ATOL, rtol=_RTOL,
+            compare(f"{name} ({description})", g, e,
                     hint="q = torch.tensor(q_np, requires_grad=True) (same for k, v); out = attention(q, k, v, mask); "
                          "out.backward(torch.from_numpy(d_out)); return q.grad, k.grad, v.grad")
     return "3 float64 cases (T != S, batch dims, causal mask) match the hand-derived numpy backward to 1e-10"

@@ -13,29 +13,9 @@ import numpy as np
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close
+from course_lib.checks._core import CheckFailure, as_tensor, call, checker, compare, diagnose, is_close
 
 __all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check_mha_param_count"]
-
-_ATOL, _RTOL = 1e-10, 1e-8
-
-
-def _close(got, expected) -> bool:
-    return isinstance(got, torch.Tensor) and is_close(got, expected, atol=_ATOL, rtol=_RTOL)
-
-
-def _diagnose(got, candidates: dict[str, torch.Tensor]) -> str | None:
-    for message, wrong in candidates.items():
-        if _close(got, wrong):
-            return message
-    return None
-
-
-def _require_tensor(name: str, got) -> None:
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
 
 
 # ----------------------------------------------------------------------------- split / merge heads
@@ -48,9 +28,9 @@ def check_split_heads(fn):
         d = D // H
         got = call(fn, x.clone(), H)
         expected = x.view(B, T, H, d).transpose(1, 2)
-        _require_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
-            mistake = _diagnose(got, {
+        as_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+            mistake = diagnose(got, {
                 "you reshaped (B, T, d_model) straight to (B, H, T, d_head): that mixes tokens into heads. View "
                 "it as (B, T, H, d_head) first, then .transpose(1, 2)": x.reshape(B, H, T, d),
                 "the heads are interleaved: feature j went to head j % H. Head h must hold the CONTIGUOUS block of "
@@ -72,9 +52,9 @@ def check_merge_heads(fn):
         x = torch.arange(B * H * T * d, dtype=torch.float64).view(B, H, T, d)
         got = call(fn, x.clone())
         expected = x.transpose(1, 2).reshape(B, T, H * d)
-        _require_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
-            mistake = _diagnose(got, {
+        as_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+            mistake = diagnose(got, {
                 "you reshaped (B, H, T, d_head) straight to (B, T, H*d_head): tokens and heads get mixed. "
                 ".transpose(1, 2) first (to (B, T, H, d_head)), then .reshape(B, T, H * d_head)":
                     x.reshape(B, T, H * d),
@@ -121,8 +101,8 @@ def check_mha_forward(fn):
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
         expected = scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D) @ w_o.T
         what = f"B={B}, T={T}, d_model={D}, H={H}{', causal mask' if mask is not None else ''}"
-        _require_tensor(f"your output ({what})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
+        as_tensor(f"your output ({what})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
             args = (x, w_q, w_k, w_v, w_o, H)
             candidates = {
                 "the scores are not scaled: divide q k^T by sqrt(d_head)": _mha_variant(*args, scale="none", mask=mask),
@@ -140,10 +120,10 @@ def check_mha_forward(fn):
             if mask is not None:
                 candidates["the mask is ignored (or its polarity flipped?): True = may attend, so fill the scores "
                            "where the mask is False with -inf"] = _mha_variant(*args)
-            mistake = _diagnose(got, candidates)
+            mistake = diagnose(got, candidates)
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
-        compare(f"your output ({what})", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"your output ({what})", got, expected,
                 hint="project (x @ w.T), split heads, softmax(q k^T / sqrt(d_head)) v per head, merge, then @ w_o.T")
     return "4 cases (H = 1 to 4, one with a causal mask) equal course_lib to 1e-10 in float64"
 

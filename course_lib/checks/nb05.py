@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from course_lib._validate import broadcast_shapes
-from course_lib.checks._core import CheckFailure, call, checker
+from course_lib.checks._core import CheckFailure, as_tensor, call, checker, require_result
 from course_lib.masks import causal_mask, padding_mask
 
 __all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_masked_softmax"]
@@ -19,10 +19,7 @@ __all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_mask
 
 def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor:
     """The learner's mask, checked for type and shape, expanded to target_shape."""
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+    got = as_tensor(name, got)
     if got.dtype != torch.bool:
         raise CheckFailure(f"{name} has dtype {got.dtype}; return a BOOLEAN mask (True = may attend), e.g. "
                            f"with comparisons like j <= i, combined with &")
@@ -88,10 +85,7 @@ def check_to_key_padding_mask(fn):
         got = call(fn, ours.clone())
         expected = ~ours[:, 0, 0]  # (B, S)
         name = f"your key_padding_mask for lengths={lengths}"
-        if got is None:
-            raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-        if not isinstance(got, torch.Tensor):
-            raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+        got = as_tensor(name, got)
         if tuple(got.shape) != tuple(expected.shape):
             raise CheckFailure(f"{name} has shape {tuple(got.shape)}; nn.MultiheadAttention wants key_padding_mask "
                                f"of shape (B, S) = {tuple(expected.shape)}: drop the two broadcast axes, "
@@ -147,8 +141,7 @@ def check_masked_softmax(fn):
             raise
         expected = _reference_masked_softmax(scores, mask)
         name = f"your weights ({what})"
-        if got is None:
-            raise CheckFailure(f"{name} are None: did you forget to `return` them?")
+        require_result(f"the weights tensor ({what})", got)
         if not isinstance(got, torch.Tensor) or not got.dtype.is_floating_point:
             raise CheckFailure(f"{name} should be a floating-point torch.Tensor; got "
                                f"{getattr(got, 'dtype', type(got).__name__)}")

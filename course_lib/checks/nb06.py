@@ -5,15 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, call, checker, compare, to_numpy
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare
 from course_lib.masks import causal_mask
 from course_lib.positional import sinusoidal_table
 
 __all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
-
-
-def _to_numpy(x) -> np.ndarray:
-    return np.asarray(to_numpy(x), dtype=np.float64)
 
 
 @checker("sinusoidal positional encoding")
@@ -22,9 +18,7 @@ def check_sinusoidal_encoding(fn):
     for max_len, d_model in ((10, 8), (6, 6), (50, 32)):
         expected = sinusoidal_table(max_len, d_model, dtype=torch.float64).numpy()
         got = call(fn, max_len, d_model, what=f" (max_len={max_len}, d_model={d_model})")
-        if got is None:
-            raise CheckFailure("your function returned None: did you forget to `return` the table?")
-        got_np = _to_numpy(got)
+        got_np = as_array(f"your table for max_len={max_len}, d_model={d_model}", got)
         if got_np.shape == expected.shape:
             swapped = expected.copy()
             swapped[:, 0::2], swapped[:, 1::2] = expected[:, 1::2], expected[:, 0::2]
@@ -73,7 +67,7 @@ def check_cached_attention_step(fn):
                                    f"shape {(B, H, t + 1, d)}; got {shape}. Hint: torch.cat([cache, new], dim=-2) "
                                    f"appends along the sequence axis")
         if t == 0 and hasattr(out_t, "shape") and tuple(out_t.shape) == (B, H, 1, d):
-            first = _to_numpy(out_t)
+            first = as_array("out_t at step t=0", out_t)
             if np.allclose(first, 0.0) or not np.isfinite(first).all():
                 raise CheckFailure("at the first step the output is 0 or NaN: the new token must attend to "
                                    "itself, so append k_t, v_t to the cache BEFORE computing the scores")

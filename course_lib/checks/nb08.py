@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib import head_analysis
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare
 
 __all__ = ["check_head_entropy", "check_previous_token_score"]
 
@@ -23,14 +23,14 @@ def _cases() -> list[np.ndarray]:
 @checker("head_entropy")
 def check_head_entropy(fn):
     for a in _cases():
-        got = call(fn, a.copy(), what="")
-        got = np.asarray(got, dtype=np.float64) if got is not None else None
-        if got is not None and got.shape == (a.shape[0], a.shape[1]):
-            raise CheckFailure(f"you returned shape {got.shape} = (B, H); average over the batch axis too, "
-                               f"so the result is one number per head, shape ({a.shape[1]},)")
+        name = f"head entropy of weights {a.shape}"
         hint = "entropy is -sum_s a log a over the keys, in nats (np.log), averaged over queries and batch; " \
                "treat 0 * log 0 as 0 (np.where(a > 0, ...))"
-        compare(f"head entropy of weights {a.shape}", got, head_analysis.entropy(a), atol=1e-9, hint=hint)
+        got = as_array(name, call(fn, a.copy(), what=""), hint=hint)
+        if got.shape == (a.shape[0], a.shape[1]):
+            raise CheckFailure(f"you returned shape {got.shape} = (B, H); average over the batch axis too, "
+                               f"so the result is one number per head, shape ({a.shape[1]},)")
+        compare(name, got, head_analysis.entropy(a), atol=1e-9, hint=hint)
     return "random and hand-built (one-hot, uniform) patterns match"
 
 
