@@ -1,11 +1,13 @@
 """What every exercise checker promises, tested once for all of them.
 
 Each checker is re-exported by `course_lib.checks` under a name no other notebook module uses,
-reports an unfinished stub, a non-function and a missing `return` without raising, and has tests
-of its own (the reference passes, planted mistakes fail) in its notebook's test module.
+has a docstring that says what to write, reports an unfinished stub, a non-function and a missing
+`return` without raising, and has tests of its own (the reference passes, planted mistakes fail)
+in its notebook's test module.
 """
 
 import importlib
+import inspect
 import pkgutil
 
 import numpy as np
@@ -65,6 +67,13 @@ def test_every_checker_is_exercised_by_its_notebooks_test_module():
         if not test_file.exists() or test_file.read_text().count(name) < 2:
             missing.append(f"{name} ({test_file.name})")
     assert not missing, "checkers without a pass and a fail test: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("name", CHECKERS)
+def test_docstring_says_what_the_learners_function_takes_and_returns(name):
+    doc = inspect.getdoc(getattr(checks, name))
+    assert doc and doc.startswith("Check "), name
+    assert "Your function: `fn(" in doc and "->" in doc, name
 
 
 def _stub(*args, **kwargs):

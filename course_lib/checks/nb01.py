@@ -45,7 +45,13 @@ def _scores_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 @checker("scaled_scores")
 def check_scaled_scores(fn: Callable) -> str:
-    """fn(q, k) -> scores (..., T, S) = q @ k^T / sqrt(d), for any leading batch dimensions."""
+    """Check scaled dot-product scores.
+
+    Your function: `fn(q, k) -> scores`, with q (..., T, d) and k (..., S, d) float64 arrays with
+    any number of leading batch axes, returning scores (..., T, S) = q @ k^T / sqrt(d).
+    Checks three cases (no batch axis, one, two; T != S) against the formula, and names a missing
+    scale, a division by d, k q^T instead of q k^T, and k.T on a batched k (it reverses every axis).
+    """
     cases = _scores_cases()
     for label, q, k in cases:
         try:
@@ -86,7 +92,13 @@ def _softmax_sums_to_one_along(got: np.ndarray) -> list[int]:
 
 @checker("softmax")
 def check_softmax(fn: Callable) -> str:
-    """fn(x, axis=-1): stable for logits of +-1e4, normalises along `axis`, keeps the shape."""
+    """Check a numerically stable softmax.
+
+    Your function: `fn(x, axis=-1) -> p`, the softmax of the array x along `axis`, same shape as x.
+    Checks an ordinary (3, 5) array, logits of +-1e4 and 1000..1002 (exp overflows unless the row
+    maximum is subtracted), a batched (2, 3, 4) array with the default axis, and axis=0 and 1; names
+    normalising the wrong axis, rows that do not sum to 1, overflow to NaN and a hard-coded axis.
+    """
     rng = _rng()
     ordinary = rng.normal(size=(3, 5))
     answer = call(fn, ordinary.copy())
@@ -186,7 +198,14 @@ def _diagnose_attention(label: str, q, k, v, answer: tuple, out: np.ndarray, wei
 
 @checker("attention")
 def check_attention(fn: Callable) -> str:
-    """fn(q, k, v) -> (out (..., T, d_v), weights (..., T, S)), equal to numpy_ref's."""
+    """Check scaled dot-product attention in numpy.
+
+    Your function: `fn(q, k, v) -> (out, weights)`, with q (..., T, d), k (..., S, d), v (..., S, d_v);
+    weights (..., T, S) = softmax(q k^T / sqrt(d)) over the keys, out (..., T, d_v) = weights @ v.
+    Checks four cases (batch axes, T != S, d != d_v, scores large enough to overflow exp) against
+    numpy_ref; names transposed weights, overflow, a missing scale, scaling by sqrt(d_v) and a softmax
+    over the queries.
+    """
     cases = _attention_cases()
     for label, q, k, v in cases:
         with np.errstate(all="ignore"):
@@ -218,7 +237,14 @@ def _masked_cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.nd
 
 @checker("masked_attention")
 def check_masked_attention(fn: Callable) -> str:
-    """fn(q, k, v, mask) -> (out, weights); mask bool, True = may attend; fully masked rows give zeros."""
+    """Check masked scaled dot-product attention in numpy.
+
+    Your function: `fn(q, k, v, mask) -> (out, weights)` as for check_attention, with a bool mask
+    broadcastable to (..., T, S), True = may attend. A query that may attend to nothing gets weights 0
+    and output 0. Checks a causal mask, a (B, 1, S) padding mask and a mask with a fully masked row
+    against numpy_ref; names an inverted mask, masking by adding a small number, and the uniform
+    weights that a finite fill such as -1e9 gives a fully masked row.
+    """
     cases = _masked_cases()
     for label, q, k, v, mask in cases:
         with np.errstate(all="ignore"):

@@ -23,7 +23,13 @@ def _reference_jacobian(x: np.ndarray) -> np.ndarray:
 
 @checker("softmax_jacobian")
 def check_softmax_jacobian(fn):
-    """fn(x) -> J with x a 1-D array of n logits and J (n, n), J[i, j] = d softmax(x)_i / d x_j."""
+    """Check the Jacobian of softmax.
+
+    Your function: `fn(x) -> J`, with x a 1-D array of n logits and J (n, n),
+    J[i, j] = d softmax(x)_i / d x_j = diag(p) - p p^T.
+    Checks four logit vectors (lengths 3 to 7, logits up to +-1e3); names a missing diagonal or
+    off-diagonal term, a flipped sign, a wrong diagonal, and rows that do not sum to 0.
+    """
     rng = np.random.default_rng(2)
     cases = [np.array([1.0, 2.0, 3.0]), rng.normal(size=5), rng.normal(size=7) * 3, np.array([1e3, 0.0, -1e3, 5.0])]
     for x in cases:
@@ -56,7 +62,13 @@ def check_softmax_jacobian(fn):
 # ----------------------------------------------------------------------------- softmax backward (VJP)
 @checker("softmax_backward")
 def check_softmax_backward(fn):
-    """fn(p, d_p) -> d_x for softmax along the last axis: d_x = p * (d_p - rowsum(d_p * p)), any leading dims."""
+    """Check the backward pass of softmax, without building the Jacobian.
+
+    Your function: `fn(p, d_p) -> d_x`, with p = softmax(x) along the last axis and d_p the gradient
+    of the loss with respect to p, both of any shape (..., n); d_x = p * (d_p - rowsum(d_p * p)).
+    Checks four shapes, one batched; names a row sum over the wrong axis or of d_p alone, a missing
+    final factor p, and a flipped sign.
+    """
     rng = np.random.default_rng(3)
     shapes = [(1, 4), (3, 5), (2, 3, 6), (4, 1)]
     for shape in shapes:
@@ -124,7 +136,14 @@ def _try(make):
 
 @checker("attention_backward")
 def check_attention_backward(fn):
-    """fn(q, k, v, d_out, mask=None) -> (dq, dk, dv): the gradients of sum(out * d_out)."""
+    """Check the hand-derived backward pass of scaled dot-product attention.
+
+    Your function: `fn(q, k, v, d_out, mask=None) -> (dq, dk, dv)`, the gradients of sum(out * d_out)
+    for out = attention(q, k, v, mask), shaped like q, k and v; mask as in check_masked_attention.
+    Checks five cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) against
+    numpy_ref; names a missing or wrong 1/sqrt(d), a skipped softmax backward, missing transposes,
+    the scores used instead of the weights, and NaN from a fully masked row.
+    """
     rng = np.random.default_rng(4)
     cases = [  # (description, q shape, k shape, v shape, mask)
         ("square T = S = 4, d = 3", (4, 3), (4, 3), (4, 3), None),

@@ -29,7 +29,14 @@ def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mas
 # ----------------------------------------------------------------------------- forward in torch
 @checker("torch_attention")
 def check_torch_attention(fn):
-    """fn(q, k, v, mask=None) -> out, all torch tensors; mask bool, True = may attend."""
+    """Check scaled dot-product attention written in torch.
+
+    Your function: `fn(q, k, v, mask=None) -> out`, with float64 torch tensors q (..., T, d),
+    k (..., S, d), v (..., S, d_v) and a bool mask tensor (True = may attend); out is a float64 tensor
+    (..., T, d_v), 0 for a query with nothing to attend to. Checks four cases against numpy_ref to
+    1e-10; names a numpy or tuple result, a float32 result, a softmax over the wrong dim, a missing or
+    wrong scale, an inverted mask and NaN from a fully masked row.
+    """
     rng = np.random.default_rng(5)
     causal = np.tril(np.ones((4, 4), dtype=bool))
     cases = [  # (description, q shape, k shape, v shape, mask)
@@ -89,7 +96,13 @@ def check_torch_attention(fn):
 # ----------------------------------------------------------------------------- gradients with autograd
 @checker("autograd_grads")
 def check_autograd_grads(fn):
-    """fn(q, k, v, d_out, mask=None) -> (dq, dk, dv) computed with torch autograd; inputs are numpy float64."""
+    """Check attention gradients computed with torch autograd.
+
+    Your function: `fn(q, k, v, d_out, mask=None) -> (dq, dk, dv)`, given numpy float64 arrays (and a
+    bool mask), returning the gradients of sum(out * d_out) as tensors or arrays. Checks three cases
+    against the hand-derived numpy backward to 1e-10; names gradients that are None (no
+    requires_grad), the gradient of out.sum() instead, and a computation in float32.
+    """
     rng = np.random.default_rng(6)
     cases = [
         ("T = 3, S = 5, d = 4, d_v = 2", (3, 4), (5, 4), (5, 2), None),

@@ -21,7 +21,13 @@ __all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check
 # ----------------------------------------------------------------------------- split / merge heads
 @checker("split_heads")
 def check_split_heads(fn):
-    """fn(x (B, T, d_model), num_heads) -> (B, H, T, d_head); head h holds features h*d_head ... (h+1)*d_head-1."""
+    """Check splitting the features into heads.
+
+    Your function: `fn(x, num_heads) -> heads`, with x a (B, T, d_model) tensor and heads
+    (B, H, T, d_head), head h holding features h*d_head ... (h+1)*d_head - 1 of every token.
+    Checks four shapes (one with H = 1) exactly; names a reshape without the transpose (tokens mixed
+    into heads) and interleaved heads.
+    """
     cases = [(1, 3, 4, 2), (2, 5, 12, 3), (3, 4, 16, 4), (2, 3, 8, 1)]  # (B, T, d_model, H)
     for B, T, D, H in cases:
         x = torch.arange(B * T * D, dtype=torch.float64).view(B, T, D)  # every entry tells where it came from
@@ -46,7 +52,12 @@ def check_split_heads(fn):
 
 @checker("merge_heads")
 def check_merge_heads(fn):
-    """fn(x (B, H, T, d_head)) -> (B, T, H * d_head): the inverse of split_heads (concatenate the heads)."""
+    """Check concatenating the heads back, the inverse of split_heads.
+
+    Your function: `fn(x) -> merged`, with x a (B, H, T, d_head) tensor and merged (B, T, H * d_head),
+    head 0's features first. Checks three shapes exactly; names a reshape without the transpose and
+    interleaved heads.
+    """
     cases = [(1, 2, 3, 2), (2, 3, 5, 4), (3, 4, 2, 1)]  # (B, H, T, d_head)
     for B, H, T, d in cases:
         x = torch.arange(B * H * T * d, dtype=torch.float64).view(B, H, T, d)
@@ -85,10 +96,14 @@ def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, scale="d_head", heads=True, softma
 
 @checker("mha_forward")
 def check_mha_forward(fn):
-    """fn(x (B, T, d_model), w_q, w_k, w_v, w_o, num_heads, mask=None) -> (B, T, d_model).
+    """Check a multi-head attention forward pass.
 
-    Weights in nn.Linear's layout (d_out, d_in), no biases: q = x @ w_q.T. mask: bool, broadcastable
-    to (B, H, T, T), True = may attend.
+    Your function: `fn(x, w_q, w_k, w_v, w_o, num_heads, mask=None) -> out`, with x (B, T, d_model),
+    the weights (d_model, d_model) in nn.Linear's layout without biases (q = x @ w_q.T), and a bool
+    mask broadcastable to (B, H, T, T), True = may attend; out (B, T, d_model), float64 tensors.
+    Checks four cases (H = 1 to 4, one with a causal mask) against course_lib to 1e-10; names a
+    missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, one big head,
+    and an ignored mask.
     """
     g = torch.Generator().manual_seed(4)
     cases = [(1, 3, 4, 2, None), (2, 5, 12, 3, None), (2, 6, 16, 4, "causal"), (3, 4, 8, 1, None)]
@@ -137,7 +152,13 @@ def _param_count(d_model, num_heads, bias, kdim, vdim):
 
 @checker("mha_param_count")
 def check_mha_param_count(fn):
-    """fn(d_model, num_heads, bias=True, kdim=None, vdim=None) -> number of parameters of one MHA layer."""
+    """Check a count of the parameters of one multi-head attention layer.
+
+    Your function: `fn(d_model, num_heads, bias=True, kdim=None, vdim=None) -> int`, the number of
+    parameters of MultiHeadAttention(d_model, num_heads, bias=bias, kdim=kdim, vdim=vdim). Checks five
+    configurations; names a count that grows with num_heads, missing biases, a missing W_O, and
+    ignoring kdim and vdim.
+    """
     cases = [(512, 8, True, None, None), (768, 12, True, None, None), (384, 12, False, None, None),
              (64, 4, True, 32, 48), (64, 1, True, None, None)]
     for D, H, bias, kdim, vdim in cases:

@@ -14,7 +14,12 @@ __all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
 
 @checker("sinusoidal positional encoding")
 def check_sinusoidal_encoding(fn):
-    """fn(max_len, d_model) -> (max_len, d_model) array: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos."""
+    """Check the sinusoidal positional encoding table.
+
+    Your function: `fn(max_len, d_model) -> table`, a (max_len, d_model) array or tensor with
+    PE[pos, 2i] = sin(pos / 10000^(2i / d_model)) and PE[pos, 2i+1] = cos(the same angle).
+    Checks three tables (up to 50 x 32) to 1e-5; names swapped sine and cosine and a wrong frequency.
+    """
     for max_len, d_model in ((10, 8), (6, 6), (50, 32)):
         expected = sinusoidal_table(max_len, d_model, dtype=torch.float64).numpy()
         got = call(fn, max_len, d_model, what=f" (max_len={max_len}, d_model={d_model})")
@@ -45,9 +50,14 @@ def _reference_step(q_t, k_t, v_t, k_cache, v_cache):
 
 @checker("one decoding step with a KV cache")
 def check_cached_attention_step(fn):
-    """fn(q_t, k_t, v_t, k_cache, v_cache) -> (out_t, k_cache, v_cache), all torch tensors:
-    q_t, k_t, v_t (B, H, 1, d) for the new token; caches (B, H, t, d) for the t earlier tokens
-    (t may be 0); out_t (B, H, 1, d); the returned caches hold t + 1 tokens."""
+    """Check one decoding step of attention with a KV cache.
+
+    Your function: `fn(q_t, k_t, v_t, k_cache, v_cache) -> (out_t, k_cache, v_cache)`, all torch
+    tensors: q_t, k_t, v_t (B, H, 1, d) for the new token, the caches (B, H, t, d) for the t earlier
+    tokens (t may be 0); out_t (B, H, 1, d), and the returned caches hold t + 1 tokens.
+    Runs six steps from an empty cache and compares each out_t with full causal attention; names a
+    cache that does not grow and scores computed before the new key is appended.
+    """
     g = torch.Generator().manual_seed(0)
     B, H, T, d = 2, 3, 6, 4
     q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))

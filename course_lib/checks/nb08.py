@@ -22,6 +22,13 @@ def _cases() -> list[np.ndarray]:
 
 @checker("head_entropy")
 def check_head_entropy(fn):
+    """Check the mean attention entropy of each head.
+
+    Your function: `fn(weights) -> entropy`, with weights a (B, H, T, S) numpy array whose rows sum
+    to 1, and entropy (H,): -sum_s a log a over the keys in nats, averaged over queries and batch,
+    with 0 log 0 = 0. Checks random and hand-built (one-hot, uniform) patterns against
+    course_lib.head_analysis; names a result that is not averaged over the batch.
+    """
     for a in _cases():
         name = f"head entropy of weights {a.shape}"
         hint = "entropy is -sum_s a log a over the keys, in nats (np.log), averaged over queries and batch; " \
@@ -36,6 +43,12 @@ def check_head_entropy(fn):
 
 @checker("previous_token_score")
 def check_previous_token_score(fn):
+    """Check the previous-token score of each head.
+
+    Your function: `fn(weights) -> score`, with weights a (B, H, T, T) numpy array and score (H,):
+    the weight of query t on key t - 1, averaged over t = 1 .. T-1 and over the batch.
+    Checks random and hand-built patterns against course_lib.head_analysis.
+    """
     for a in _cases():
         got = call(fn, a.copy(), what="")
         compare(f"previous-token score of weights {a.shape}", got, head_analysis.previous_token(a), atol=1e-9,

@@ -48,7 +48,14 @@ def _tiled(fn, q, k, v, mask, block):
 
 @checker("online softmax step")
 def check_online_softmax_step(fn):
-    """fn(m, l, acc, scores, v_block) -> (m_new, l_new, acc_new), shapes (Bq,1), (Bq,1), (Bq,d_v), (Bq,Bk), (Bk,d_v)."""
+    """Check one update step of the online softmax (flash attention).
+
+    Your function: `fn(m, l, acc, scores, v_block) -> (m_new, l_new, acc_new)`: the running row max
+    m (Bq, 1), the running sum l (Bq, 1) of exp(scores - m), and the running acc (Bq, d_v) of
+    exp(scores - m) @ v, updated with one block of scores (Bq, Bk) and its values v_block (Bk, d_v).
+    Checks four single steps (the max rising, falling, rows fully masked with -inf) and a whole tiled
+    attention driven by your step against naive attention; says which part of the state is wrong.
+    """
     rng = np.random.default_rng(10)
     bq, bk, d_v = 4, 5, 3
     empty = (np.full((bq, 1), -np.inf), np.zeros((bq, 1)), np.zeros((bq, d_v)))
