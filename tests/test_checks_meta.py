@@ -1,9 +1,9 @@
 """What every exercise checker promises, tested once for all of them.
 
 Each checker is re-exported by `course_lib.checks` under a name no other notebook module uses,
-has a docstring that says what to write, reports an unfinished stub, a non-function and a missing
-`return` without raising, and has tests of its own (the reference passes, planted mistakes fail)
-in its notebook's test module.
+prints the name it is called by, has a docstring that says what to write, reports an unfinished
+stub, a non-function and a missing `return` without raising, and has tests of its own (the
+reference passes, planted mistakes fail) in its notebook's test module.
 """
 
 import importlib
@@ -81,10 +81,11 @@ def _stub(*args, **kwargs):
 
 
 @pytest.mark.parametrize("name", CHECKERS)
-def test_an_unfinished_stub_is_not_yet_implemented(name):
+def test_an_unfinished_stub_is_not_yet_implemented_under_the_checkers_name(name):
     result = getattr(checks, name)(_stub)
     assert not result.passed and "not implemented yet" in result.message, (name, result.message)
-    assert repr(result).startswith("[NOT YET] "), repr(result)
+    # one naming style: `[NOT YET] softmax: ...` for checks.check_softmax
+    assert repr(result).startswith(f"[NOT YET] {name.removeprefix('check_')}: "), repr(result)
 
 
 @pytest.mark.parametrize("not_a_function", [np.zeros(3), torch.zeros(3)], ids=["numpy", "torch"])

@@ -4,6 +4,9 @@ comparisons that turn a wrong answer into a helpful message.
 A checker never raises on a wrong answer: it returns a CheckResult that prints as a pass or
 as a message saying what is wrong (shape, NaN, which entry, by how much) and a hint. That
 way an unfinished exercise shows "not yet" instead of a traceback.
+
+A checker is written as `check_<name>(fn)` decorated with `@checker`; `<name>` is what its
+result prints, `[PASSED] <name>: ...`, so the printed name is always the function's name.
 """
 
 from __future__ import annotations
@@ -61,25 +64,27 @@ class CheckResult:
             raise AssertionError(repr(self))
 
 
-def checker(name: str) -> Callable:
-    """Turn `body(learner_fn) -> summary` (raising CheckFailure on a wrong answer) into a checker."""
+def checker(body: Callable) -> Callable[..., CheckResult]:
+    """Turn `check_<name>(learner_fn) -> summary` (raising CheckFailure on a wrong answer) into a checker.
 
-    def wrap(body: Callable) -> Callable[..., CheckResult]:
-        @functools.wraps(body)
-        def run(learner_fn: Callable, *args, **kwargs) -> CheckResult:
-            if not callable(learner_fn):
-                return CheckResult(
-                    name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}"
-                )
-            try:
-                summary = body(learner_fn, *args, **kwargs)
-            except CheckFailure as failure:
-                return CheckResult(name, False, str(failure))
-            return CheckResult(name, True, summary or "all cases match the reference")
+    The result is named `<name>`, the function's name without `check_`, so that what a learner
+    types and what the result prints are the same words.
+    """
+    name = body.__name__.removeprefix("check_")
 
-        return run
+    @functools.wraps(body)
+    def run(learner_fn: Callable, *args, **kwargs) -> CheckResult:
+        if not callable(learner_fn):
+            return CheckResult(
+                name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}"
+            )
+        try:
+            summary = body(learner_fn, *args, **kwargs)
+        except CheckFailure as failure:
+            return CheckResult(name, False, str(failure))
+        return CheckResult(name, True, summary or "all cases match the reference")
 
-    return wrap
+    return run
 
 
 def call(learner_fn: Callable, *args, what: str = "", **kwargs):

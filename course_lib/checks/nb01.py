@@ -43,7 +43,7 @@ def _scores_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
     ]
 
 
-@checker("scaled_scores")
+@checker
 def check_scaled_scores(fn: Callable) -> str:
     """Check scaled dot-product scores.
 
@@ -90,7 +90,7 @@ def _softmax_sums_to_one_along(got: np.ndarray) -> list[int]:
         return [ax for ax in range(got.ndim) if np.allclose(got.sum(axis=ax), 1.0)]
 
 
-@checker("softmax")
+@checker
 def check_softmax(fn: Callable) -> str:
     """Check a numerically stable softmax.
 
@@ -196,7 +196,7 @@ def _diagnose_attention(label: str, q, k, v, answer: tuple, out: np.ndarray, wei
     compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v (a weighted sum of the value rows)")
 
 
-@checker("attention")
+@checker
 def check_attention(fn: Callable) -> str:
     """Check scaled dot-product attention in numpy.
 
@@ -235,7 +235,7 @@ def _masked_cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.nd
     return cases
 
 
-@checker("masked_attention")
+@checker
 def check_masked_attention(fn: Callable) -> str:
     """Check masked scaled dot-product attention in numpy.
 

@@ -21,7 +21,7 @@ def _reference_jacobian(x: np.ndarray) -> np.ndarray:
     return np.diag(p) - np.outer(p, p)  # (n, n), J[i, j] = d p_i / d x_j
 
 
-@checker("softmax_jacobian")
+@checker
 def check_softmax_jacobian(fn):
     """Check the Jacobian of softmax.
 
@@ -60,7 +60,7 @@ def check_softmax_jacobian(fn):
 
 
 # ----------------------------------------------------------------------------- softmax backward (VJP)
-@checker("softmax_backward")
+@checker
 def check_softmax_backward(fn):
     """Check the backward pass of softmax, without building the Jacobian.
 
@@ -134,7 +134,7 @@ def _try(make):
         return None
 
 
-@checker("attention_backward")
+@checker
 def check_attention_backward(fn):
     """Check the hand-derived backward pass of scaled dot-product attention.
 

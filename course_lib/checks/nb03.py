@@ -27,7 +27,7 @@ def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mas
 
 
 # ----------------------------------------------------------------------------- forward in torch
-@checker("torch_attention")
+@checker
 def check_torch_attention(fn):
     """Check scaled dot-product attention written in torch.
 
@@ -94,7 +94,7 @@ def check_torch_attention(fn):
 
 
 # ----------------------------------------------------------------------------- gradients with autograd
-@checker("autograd_grads")
+@checker
 def check_autograd_grads(fn):
     """Check attention gradients computed with torch autograd.
 

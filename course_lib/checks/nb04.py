@@ -19,7 +19,7 @@ __all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check
 
 
 # ----------------------------------------------------------------------------- split / merge heads
-@checker("split_heads")
+@checker
 def check_split_heads(fn):
     """Check splitting the features into heads.
 
@@ -50,7 +50,7 @@ def check_split_heads(fn):
     return "4 shapes (incl. H = 1): every feature lands in the right head, token and position"
 
 
-@checker("merge_heads")
+@checker
 def check_merge_heads(fn):
     """Check concatenating the heads back, the inverse of split_heads.
 
@@ -94,7 +94,7 @@ def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, scale="d_head", heads=True, softma
     return out @ w_o.T if out_proj else out
 
 
-@checker("mha_forward")
+@checker
 def check_mha_forward(fn):
     """Check a multi-head attention forward pass.
 
@@ -150,7 +150,7 @@ def _param_count(d_model, num_heads, bias, kdim, vdim):
     return weights + (4 * d_model if bias else 0)
 
 
-@checker("mha_param_count")
+@checker
 def check_mha_param_count(fn):
     """Check a count of the parameters of one multi-head attention layer.
 

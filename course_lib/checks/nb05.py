@@ -35,7 +35,7 @@ def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------- causal + padding
-@checker("causal_padding_mask")
+@checker
 def check_causal_padding_mask(fn):
     """Check a mask that combines causality and key padding.
 
@@ -79,7 +79,7 @@ def check_causal_padding_mask(fn):
 
 
 # ----------------------------------------------------------------------------- polarity for nn.MultiheadAttention
-@checker("to_key_padding_mask")
+@checker
 def check_to_key_padding_mask(fn):
     """Check the conversion of the course's padding mask for nn.MultiheadAttention.
 
@@ -122,7 +122,7 @@ def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.nan_to_num(w, nan=0.0)  # rows with nothing allowed: 0
 
 
-@checker("masked_softmax")
+@checker
 def check_masked_softmax(fn):
     """Check a masked softmax that survives half precision and fully masked rows.
 

@@ -12,7 +12,7 @@ from course_lib.positional import sinusoidal_table
 __all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
 
 
-@checker("sinusoidal positional encoding")
+@checker
 def check_sinusoidal_encoding(fn):
     """Check the sinusoidal positional encoding table.
 
@@ -48,7 +48,7 @@ def _reference_step(q_t, k_t, v_t, k_cache, v_cache):
     return torch.softmax(scores, dim=-1) @ v_cache, k_cache, v_cache
 
 
-@checker("one decoding step with a KV cache")
+@checker
 def check_cached_attention_step(fn):
     """Check one decoding step of attention with a KV cache.
 

@@ -14,7 +14,7 @@ def _reference_param_count(d_model: int, num_heads: int, bias: bool = True) -> i
     return 4 * d_model * d_model + (4 * d_model if bias else 0)  # W_Q, W_K, W_V, W_O (+ biases): no H in it
 
 
-@checker("param_count_vs_heads")
+@checker
 def check_param_count_vs_heads(fn):
     """Check that the parameter count of multi-head attention does not depend on the head count.
 
@@ -44,7 +44,7 @@ def _reference_gated_concat(heads: torch.Tensor, gate: torch.Tensor) -> torch.Te
     return (heads * gate.view(1, H, 1, 1)).transpose(1, 2).reshape(B, T, H * d_head)
 
 
-@checker("gated_concat")
+@checker
 def check_gated_concat(fn):
     """Check gating the heads before concatenating them.
 

@@ -20,7 +20,7 @@ def _cases() -> list[np.ndarray]:
     return [random, hard]
 
 
-@checker("head_entropy")
+@checker
 def check_head_entropy(fn):
     """Check the mean attention entropy of each head.
 
@@ -41,7 +41,7 @@ def check_head_entropy(fn):
     return "random and hand-built (one-hot, uniform) patterns match"
 
 
-@checker("previous_token_score")
+@checker
 def check_previous_token_score(fn):
     """Check the previous-token score of each head.
 

@@ -30,7 +30,7 @@ def _as_float(got, what: str) -> float:
 
 
 # ----------------------------------------------------------------------------- relative error
-@checker("relative_error")
+@checker
 def check_relative_error(fn):
     """Check a relative error that cannot overflow in half precision.
 
@@ -84,7 +84,7 @@ def check_relative_error(fn):
 
 
 # ----------------------------------------------------------------------------- FLOPs
-@checker("attention_flops")
+@checker
 def check_attention_flops(fn):
     """Check a FLOP count of the attention forward pass.
 
@@ -119,7 +119,7 @@ def check_attention_flops(fn):
 
 
 # ----------------------------------------------------------------------------- float16-safe scores
-@checker("fp16_safe_scores")
+@checker
 def check_fp16_safe_scores(fn):
     """Check attention scores computed safely from float16 inputs.
 

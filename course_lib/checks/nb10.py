@@ -46,7 +46,7 @@ def _tiled(fn, q, k, v, mask, block):
     return out
 
 
-@checker("online softmax step")
+@checker
 def check_online_softmax_step(fn):
     """Check one update step of the online softmax (flash attention).
 

@@ -9,7 +9,7 @@ from course_lib.checks._core import CheckFailure, call, checker
 __all__ = ["check_shift_targets", "check_greedy_decode"]
 
 
-@checker("teacher-forcing inputs and targets")
+@checker
 def check_shift_targets(fn):
     """Check the teacher-forcing inputs and targets of a decoder.
 
@@ -45,7 +45,7 @@ def _rows_until_eos(ids: torch.Tensor, eos: int) -> list[list[int]]:
     return rows
 
 
-@checker("greedy decoding with the KV cache")
+@checker
 def check_greedy_decode(fn, model=None, src=None):
     """Check batched greedy decoding with the KV cache.
 
