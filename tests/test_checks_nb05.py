@@ -6,30 +6,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.checks import nb05
 from course_lib.masks import causal_mask, combine_masks, padding_mask, to_torch_mha_mask
-
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def test_checkers_are_reexported_by_the_package():
-    for name in nb05.__all__:
-        assert getattr(checks, name) is getattr(nb05, name)
-
-
-@pytest.mark.parametrize("check", [getattr(nb05, name) for name in nb05.__all__])
-def test_stub_is_reported_as_not_implemented(check):
-    result = check(_stub)
-    assert not result.passed and "not implemented yet" in result.message
-    assert repr(result).startswith("[NOT YET]")
-
-
-@pytest.mark.parametrize("check", [getattr(nb05, name) for name in nb05.__all__])
-def test_passing_a_result_instead_of_a_function_is_explained(check):
-    result = check(torch.zeros(3))
-    assert not result.passed and "pass your function itself" in result.message
 
 
 # ----------------------------------------------------------------------------- causal + padding mask
@@ -41,8 +18,8 @@ def mask_ref(lengths, T):
 
 
 def test_causal_padding_mask_accepts_reference_and_course_lib():
-    assert nb05.check_causal_padding_mask(mask_ref).passed
-    assert nb05.check_causal_padding_mask(lambda lengths, T: combine_masks(padding_mask(lengths, T),
+    assert checks.check_causal_padding_mask(mask_ref).passed
+    assert checks.check_causal_padding_mask(lambda lengths, T: combine_masks(padding_mask(lengths, T),
                                                                            causal_mask(T))).passed
 
 
@@ -61,14 +38,14 @@ def _pad_rows(lengths, T):
     (lambda lengths, T: mask_ref(lengths, T).numpy(), "should be a torch.Tensor"),
 ])
 def test_causal_padding_mask_rejects_planted_mistakes(wrong, words):
-    result = nb05.check_causal_padding_mask(wrong)
+    result = checks.check_causal_padding_mask(wrong)
     assert not result.passed and words in result.message, result.message
 
 
 # ----------------------------------------------------------------------------- polarity
 def test_to_key_padding_mask_accepts_reference():
-    assert nb05.check_to_key_padding_mask(lambda m: ~m[:, 0, 0]).passed
-    assert nb05.check_to_key_padding_mask(lambda m: to_torch_mha_mask(m).view(m.shape[0], -1)).passed
+    assert checks.check_to_key_padding_mask(lambda m: ~m[:, 0, 0]).passed
+    assert checks.check_to_key_padding_mask(lambda m: to_torch_mha_mask(m).view(m.shape[0], -1)).passed
 
 
 @pytest.mark.parametrize("wrong, words", [
@@ -78,7 +55,7 @@ def test_to_key_padding_mask_accepts_reference():
     (lambda m: torch.zeros_like(m[:, 0, 0]), "entries differ"),
 ])
 def test_to_key_padding_mask_rejects_planted_mistakes(wrong, words):
-    result = nb05.check_to_key_padding_mask(wrong)
+    result = checks.check_to_key_padding_mask(wrong)
     assert not result.passed and words in result.message, result.message
 
 
@@ -91,9 +68,9 @@ def softmax_ref(scores, mask):
 
 
 def test_masked_softmax_accepts_reference_and_course_lib_safe_softmax():
-    assert nb05.check_masked_softmax(softmax_ref).passed
+    assert checks.check_masked_softmax(softmax_ref).passed
     from course_lib.attention import safe_softmax
-    assert nb05.check_masked_softmax(lambda s, m: safe_softmax(s.double().masked_fill(~m, float("-inf")))).passed
+    assert checks.check_masked_softmax(lambda s, m: safe_softmax(s.double().masked_fill(~m, float("-inf")))).passed
 
 
 @pytest.mark.parametrize("wrong, words", [
@@ -106,5 +83,5 @@ def test_masked_softmax_accepts_reference_and_course_lib_safe_softmax():
     (lambda s, m: softmax_ref(s, m).transpose(-1, -2), "shape"),
 ])
 def test_masked_softmax_rejects_planted_mistakes(wrong, words):
-    result = nb05.check_masked_softmax(wrong)
+    result = checks.check_masked_softmax(wrong)
     assert not result.passed and words in result.message, result.message

@@ -24,14 +24,6 @@ def test_param_count_without_bias_fails():
     assert not result.passed and "bias" in result.message
 
 
-def test_param_count_not_implemented():
-    def stub(d, h, b):
-        raise NotImplementedError
-
-    result = checks.check_param_count_vs_heads(stub)
-    assert not result.passed and "not implemented yet" in result.message
-
-
 def gated(heads, gate):
     B, H, T, d = heads.shape
     return (heads * gate.view(1, H, 1, 1)).transpose(1, 2).reshape(B, T, H * d)
@@ -40,6 +32,11 @@ def gated(heads, gate):
 def test_gated_concat_reference_passes():
     result = checks.check_gated_concat(gated)
     assert result.passed, result
+
+
+def test_gated_concat_in_float32_fails_and_names_the_dtype():
+    result = checks.check_gated_concat(lambda x, g: gated(x.float(), g.float()))
+    assert not result.passed and "float32" in result.message and "compute in float64" in result.message
 
 
 def test_gated_concat_without_transpose_fails():

@@ -1,19 +1,45 @@
-"""What every exercise checker shares: a result object and comparisons with helpful messages.
+"""What every exercise checker shares: a result object, the tolerances, and the guards and
+comparisons that turn a wrong answer into a helpful message.
 
 A checker never raises on a wrong answer: it returns a CheckResult that prints as a pass or
 as a message saying what is wrong (shape, NaN, which entry, by how much) and a hint. That
 way an unfinished exercise shows "not yet" instead of a traceback.
+
+A checker is written as `check_<name>(fn)` decorated with `@checker`; `<name>` is what its
+result prints, `[PASSED] <name>: ...`, so the printed name is always the function's name.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-__all__ = ["CheckResult", "CheckFailure", "checker", "call", "compare", "is_close", "to_numpy"]
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "CheckResult",
+    "CheckFailure",
+    "checker",
+    "call",
+    "require_result",
+    "as_array",
+    "as_tensor",
+    "unpack",
+    "compare",
+    "is_close",
+    "diagnose",
+    "to_numpy",
+]
+
+# The default tolerances of is_close and compare. The exercises compute in float64, where a correct
+# answer agrees with the reference to ~1e-15 whatever order it sums in; 1e-10 / 1e-8 leaves room for
+# that and still catches a float32 computation (~1e-7) or any real mistake. Checkers whose answers are
+# rounded on purpose (float16, a formula evaluated in float32) pass their own tolerances.
+ATOL, RTOL = 1e-10, 1e-8
 
 
 class CheckFailure(Exception):
@@ -38,25 +64,27 @@ class CheckResult:
             raise AssertionError(repr(self))
 
 
-def checker(name: str) -> Callable:
-    """Turn `body(learner_fn) -> summary` (raising CheckFailure on a wrong answer) into a checker."""
+def checker(body: Callable) -> Callable[..., CheckResult]:
+    """Turn `check_<name>(learner_fn) -> summary` (raising CheckFailure on a wrong answer) into a checker.
 
-    def wrap(body: Callable) -> Callable[..., CheckResult]:
-        @functools.wraps(body)
-        def run(learner_fn: Callable, *args, **kwargs) -> CheckResult:
-            if not callable(learner_fn):
-                return CheckResult(
-                    name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}"
-                )
-            try:
-                summary = body(learner_fn, *args, **kwargs)
-            except CheckFailure as failure:
-                return CheckResult(name, False, str(failure))
-            return CheckResult(name, True, summary or "all cases match the reference")
+    The result is named `<name>`, the function's name without `check_`, so that what a learner
+    types and what the result prints are the same words.
+    """
+    name = body.__name__.removeprefix("check_")
 
-        return run
+    @functools.wraps(body)
+    def run(learner_fn: Callable, *args, **kwargs) -> CheckResult:
+        if not callable(learner_fn):
+            return CheckResult(
+                name, False, f"pass your function itself (not its result); got {type(learner_fn).__name__}"
+            )
+        try:
+            summary = body(learner_fn, *args, **kwargs)
+        except CheckFailure as failure:
+            return CheckResult(name, False, str(failure))
+        return CheckResult(name, True, summary or "all cases match the reference")
 
-    return wrap
+    return run
 
 
 def call(learner_fn: Callable, *args, what: str = "", **kwargs):
@@ -72,16 +100,49 @@ def call(learner_fn: Callable, *args, what: str = "", **kwargs):
         ) from None
 
 
+def _hint(hint: str) -> str:
+    return f" Hint: {hint}" if hint else ""
+
+
+def require_result(name: str, got, *, hint: str = "") -> None:
+    """Fail with "did you forget to `return` it?" when the learner's function returned None."""
+    if got is None:
+        raise CheckFailure(f"{name} is None: did you forget to `return` it?{_hint(hint)}")
+
+
 def to_numpy(x):
     """A torch tensor (any device, requiring grad or not) as a numpy array; anything else unchanged."""
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
-def is_close(got, expected, *, atol: float = 1e-10, rtol: float = 1e-8) -> bool:
-    """Does `got` have the shape and (within atol/rtol) the values of `expected`? False for non-numbers.
+def as_array(name: str, got, *, hint: str = "") -> np.ndarray:
+    """The learner's answer as a float64 array; a readable failure for None or something not numeric."""
+    require_result(name, got, hint=hint)
+    try:
+        return np.asarray(to_numpy(got), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}{_hint(hint)}") from None
 
-    The defaults suit float64 answers, where a correct solution agrees with the reference to ~1e-15.
-    """
+
+def as_tensor(name: str, got) -> torch.Tensor:
+    """The learner's answer, which must be a torch.Tensor; a readable failure for None or anything else."""
+    require_result(name, got)
+    if not isinstance(got, torch.Tensor):
+        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+    return got
+
+
+def unpack(result, count: int, expected: str, *, case: str = "") -> tuple:
+    """The learner's tuple (or list) of `count` results; `expected` says what to return, e.g.
+    "return a tuple (dq, dk, dv) of three arrays", and `case` on which inputs."""
+    if not isinstance(result, tuple | list) or len(result) != count:
+        length = f" of length {len(result)}" if isinstance(result, tuple | list) else ""
+        raise CheckFailure(f"{expected}; got {type(result).__name__}{length}" + (f" ({case})" if case else ""))
+    return tuple(result)
+
+
+def is_close(got, expected, *, atol: float = ATOL, rtol: float = RTOL) -> bool:
+    """Does `got` have the shape and (within atol/rtol) the values of `expected`? False for non-numbers."""
     try:
         got = np.asarray(to_numpy(got), dtype=np.float64)
     except (TypeError, ValueError):
@@ -90,15 +151,23 @@ def is_close(got, expected, *, atol: float = 1e-10, rtol: float = 1e-8) -> bool:
     return got.shape == expected.shape and bool(np.allclose(got, expected, atol=atol, rtol=rtol))
 
 
-def compare(name: str, got, expected, *, atol: float = 1e-8, rtol: float = 1e-6, hint: str = "") -> None:
+def diagnose(got, mistakes: Mapping[str, object]) -> str | None:
+    """The message of the first planted mistake whose result `got` equals (within the default
+    tolerances), or None. A mistake's result may be None where it cannot be computed on these inputs."""
+    for message, wrong in mistakes.items():
+        if wrong is not None and is_close(got, wrong):
+            return message
+    return None
+
+
+def compare(name: str, got, expected, *, atol: float = ATOL, rtol: float = RTOL, hint: str = "") -> None:
     """Raise CheckFailure describing the first way `got` differs from `expected`."""
-    suffix = f" Hint: {hint}" if hint else ""
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?{suffix}")
+    suffix = _hint(hint)
     try:
-        got = np.asarray(to_numpy(got), dtype=np.float64)
+        dtype = np.asarray(to_numpy(got)).dtype  # before the float64 conversion: was it computed in float32?
     except (TypeError, ValueError):
-        raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}{suffix}") from None
+        dtype = None
+    got = as_array(name, got, hint=hint)
     expected = np.asarray(expected, dtype=np.float64)
     if got.shape != expected.shape:
         raise CheckFailure(f"{name} has shape {got.shape}, expected {expected.shape}.{suffix}")
@@ -116,5 +185,18 @@ def compare(name: str, got, expected, *, atol: float = 1e-8, rtol: float = 1e-6,
         raise CheckFailure(
             f"{name} differs from the reference: at index {idx} got {got[idx]:.6g}, expected "
             f"{expected[idx]:.6g} ({int((~close).sum())} of {close.size} entries off, max abs "
-            f"error {err:.3g}).{suffix}"
+            f"error {err:.3g}).{_too_few_digits(dtype, rtol, err, expected)}{suffix}"
         )
+
+
+def _too_few_digits(dtype, rtol: float, err: float, expected: np.ndarray) -> str:
+    """A note when the answer's dtype (float32, float16) cannot hold the digits that `rtol` asks for
+    and its rounding alone could explain the error."""
+    if dtype is None or not np.issubdtype(dtype, np.floating) or np.finfo(dtype).eps <= rtol:
+        return ""
+    finite = np.abs(expected[np.isfinite(expected)])
+    scale = max(float(finite.max()) if finite.size else 1.0, 1.0)
+    if err > 100 * float(np.finfo(dtype).eps) * scale:
+        return ""  # a real mistake, not rounding
+    return (f" Your answer is {dtype}, which keeps about {np.finfo(dtype).precision} significant digits: "
+            f"compute in float64, like the inputs.")

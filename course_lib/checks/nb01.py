@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, to_numpy
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, is_close, unpack
 
 __all__ = ["check_scaled_scores", "check_softmax", "check_attention", "check_masked_attention"]
 
@@ -21,28 +21,14 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(2024)
 
 
-def _as_array(name: str, got) -> np.ndarray:
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    try:
-        return np.asarray(to_numpy(got), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}") from None
-
-
 def _row(idx: tuple[int, ...]) -> str:
     return str(idx[0]) if len(idx) == 1 else str(idx)
 
 
-def _matches(got: np.ndarray, expected: np.ndarray, atol: float = 1e-8) -> bool:
-    return got.shape == expected.shape and bool(np.allclose(got, expected, atol=atol, rtol=1e-6))
-
-
-def _unpack_pair(result, what: str) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise CheckFailure(f"{what} must return a pair (out, weights); got {type(result).__name__}"
-                           + (f" of length {len(result)}" if isinstance(result, (tuple, list)) else ""))
-    return _as_array("out", result[0]), _as_array("weights", result[1])
+def _unpack_pair(result, what: str) -> tuple:
+    """(out, weights) as returned, and as float64 arrays for the diagnosis (compare sees their dtype)."""
+    answer = unpack(result, 2, f"{what} must return a pair (out, weights)")
+    return answer, (as_array("out", answer[0]), as_array("weights", answer[1]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,18 +43,25 @@ def _scores_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
     ]
 
 
-@checker("scaled_scores")
+@checker
 def check_scaled_scores(fn: Callable) -> str:
-    """fn(q, k) -> scores (..., T, S) = q @ k^T / sqrt(d), for any leading batch dimensions."""
+    """Check scaled dot-product scores.
+
+    Your function: `fn(q, k) -> scores`, with q (..., T, d) and k (..., S, d) float64 arrays with
+    any number of leading batch axes, returning scores (..., T, S) = q @ k^T / sqrt(d).
+    Checks three cases (no batch axis, one, two; T != S) against the formula, and names a missing
+    scale, a division by d, k q^T instead of q k^T, and k.T on a batched k (it reverses every axis).
+    """
     cases = _scores_cases()
     for label, q, k in cases:
         try:
-            got = _as_array("scores", call(fn, q.copy(), k.copy()))
+            answer = call(fn, q.copy(), k.copy())
         except CheckFailure as failure:
             if q.ndim > 2 and "raised" in str(failure):
                 raise CheckFailure(f"{failure}. Hint: for batched inputs transpose only the last two axes, "
                                    f"np.swapaxes(k, -1, -2); k.T reverses ALL axes.") from None
             raise
+        got = as_array("scores", answer)
         raw = q @ np.swapaxes(k, -1, -2)  # (..., T, S)
         d = q.shape[-1]
         expected = raw / np.sqrt(d)
@@ -80,12 +73,12 @@ def check_scaled_scores(fn: Callable) -> str:
             raise CheckFailure(f"for {label} your scores have shape {got.shape}, expected (..., T, S) = "
                                f"{expected.shape}. Hint: transpose only the last two axes of k "
                                f"(np.swapaxes(k, -1, -2)); k.T reverses ALL axes of a batched array.")
-        if _matches(got, raw):
+        if is_close(got, raw):
             raise CheckFailure(f"for {label} your scores equal q @ k^T without the scaling: divide by sqrt(d) = "
                                f"sqrt({d}) so that their variance stays about 1 whatever d is.")
-        if _matches(got, raw / d):
+        if is_close(got, raw / d):
             raise CheckFailure(f"for {label} you divided by d = {d}; divide by sqrt(d) = {np.sqrt(d):.3g} instead.")
-        compare(f"scores for {label}", got, expected, hint="scores = q @ swapaxes(k, -1, -2) / sqrt(q.shape[-1])")
+        compare(f"scores for {label}", answer, expected, hint="scores = q @ swapaxes(k, -1, -2) / sqrt(q.shape[-1])")
     return f"{len(cases)} cases (with and without batch dimensions, T != S) match q k^T / sqrt(d)"
 
 
@@ -97,15 +90,22 @@ def _softmax_sums_to_one_along(got: np.ndarray) -> list[int]:
         return [ax for ax in range(got.ndim) if np.allclose(got.sum(axis=ax), 1.0)]
 
 
-@checker("softmax")
+@checker
 def check_softmax(fn: Callable) -> str:
-    """fn(x, axis=-1): stable for logits of +-1e4, normalises along `axis`, keeps the shape."""
+    """Check a numerically stable softmax.
+
+    Your function: `fn(x, axis=-1) -> p`, the softmax of the array x along `axis`, same shape as x.
+    Checks an ordinary (3, 5) array, logits of +-1e4 and 1000..1002 (exp overflows unless the row
+    maximum is subtracted), a batched (2, 3, 4) array with the default axis, and axis=0 and 1; names
+    normalising the wrong axis, rows that do not sum to 1, overflow to NaN and a hard-coded axis.
+    """
     rng = _rng()
     ordinary = rng.normal(size=(3, 5))
-    got = _as_array("softmax(x)", call(fn, ordinary.copy()))
+    answer = call(fn, ordinary.copy())
+    got = as_array("softmax(x)", answer)
     expected = numpy_ref.softmax(ordinary)
-    if got.shape == expected.shape and not _matches(got, expected):
-        if _matches(got, numpy_ref.softmax(ordinary, axis=0)):
+    if got.shape == expected.shape and not is_close(got, expected):
+        if is_close(got, numpy_ref.softmax(ordinary, axis=0)):
             raise CheckFailure("softmax(x) of a (3, 5) array normalised each COLUMN (axis 0). By default it must "
                                "normalise along the last axis: every row (x[i, :]) sums to 1. Hint: "
                                "np.sum(..., axis=axis, keepdims=True).")
@@ -114,7 +114,7 @@ def check_softmax(fn: Callable) -> str:
         if np.all(np.isfinite(sums)) and not np.allclose(sums, 1.0):
             raise CheckFailure(f"the rows of softmax(x) should sum to 1; yours sum to {np.round(sums, 4).tolist()}. "
                                f"Hint: divide exp(x) by its sum along the axis.")
-    compare("softmax(x) for x of shape (3, 5)", got, expected, hint="exp(x) / sum(exp(x)) along the last axis")
+    compare("softmax(x) for x of shape (3, 5)", answer, expected, hint="exp(x) / sum(exp(x)) along the last axis")
 
     extreme = np.array([[1e4, 0.0, -1e4], [1000.0, 1001.0, 1002.0], [-1e4, -1e4 + 1.0, -1e4]])
     with np.errstate(all="ignore"):
@@ -125,13 +125,14 @@ def check_softmax(fn: Callable) -> str:
                  "Subtract the row maximum before exp (softmax(x) = softmax(x - max x), the log-sum-exp trick).")
 
     batched = rng.normal(size=(2, 3, 4)) * 3.0
-    got = _as_array("softmax(x)", call(fn, batched.copy()))
-    if got.shape == batched.shape and not _matches(got, numpy_ref.softmax(batched)):
+    answer = call(fn, batched.copy())
+    got = as_array("softmax(x)", answer)
+    if got.shape == batched.shape and not is_close(got, numpy_ref.softmax(batched)):
         axes = _softmax_sums_to_one_along(got)
         if axes and (batched.ndim - 1) not in axes:
             raise CheckFailure(f"softmax(x) of a (2, 3, 4) array sums to 1 along axis {axes[0]}, not the last axis. "
                                f"Use axis=-1 (not a fixed axis=1) so that batched inputs work.")
-    compare("softmax(x) for x of shape (2, 3, 4)", got, numpy_ref.softmax(batched),
+    compare("softmax(x) for x of shape (2, 3, 4)", answer, numpy_ref.softmax(batched),
             hint="normalise along the last axis, whatever the number of dimensions")
 
     for axis in (0, 1):
@@ -161,7 +162,7 @@ def _attention_cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     return cases
 
 
-def _diagnose_attention(label: str, q, k, v, out: np.ndarray, weights: np.ndarray) -> None:
+def _diagnose_attention(label: str, q, k, v, answer: tuple, out: np.ndarray, weights: np.ndarray) -> None:
     expected_out, expected_w = numpy_ref.scaled_dot_product_attention(q, k, v)
     T, S = q.shape[-2], k.shape[-2]
     if weights.shape == (*expected_w.shape[:-2], S, T) and S != T:
@@ -176,34 +177,41 @@ def _diagnose_attention(label: str, q, k, v, out: np.ndarray, weights: np.ndarra
         raise CheckFailure(f"for {label}, weights contain {weights[idx]} at index {idx}: exp of scores this large "
                            f"overflows (exp(710) = inf in float64, exp(89) = inf in float32) and inf/inf = NaN. "
                            f"Use a stable softmax: subtract each row's maximum score before exp.")
-    if not _matches(weights, expected_w) and np.all(np.isfinite(weights)):
+    if not is_close(weights, expected_w) and np.all(np.isfinite(weights)):
         raw = q @ np.swapaxes(k, -1, -2)
         with np.errstate(all="ignore"):
-            if _matches(weights, numpy_ref.softmax(raw)):
+            if is_close(weights, numpy_ref.softmax(raw)):
                 raise CheckFailure(f"for {label}, your weights are softmax(q k^T) without the scaling: divide the "
                                    f"scores by sqrt(d) = sqrt({q.shape[-1]}) before the softmax.")
-            if v.shape[-1] != q.shape[-1] and _matches(weights, numpy_ref.softmax(raw / np.sqrt(v.shape[-1]))):
+            if v.shape[-1] != q.shape[-1] and is_close(weights, numpy_ref.softmax(raw / np.sqrt(v.shape[-1]))):
                 raise CheckFailure(f"for {label}, you scaled by sqrt(d_v) = sqrt({v.shape[-1]}); the scale is "
                                    f"sqrt(d) of the query/key size, q.shape[-1] = {q.shape[-1]}.")
-            if _matches(weights, numpy_ref.softmax(raw / np.sqrt(q.shape[-1]), axis=-2)):
+            if is_close(weights, numpy_ref.softmax(raw / np.sqrt(q.shape[-1]), axis=-2)):
                 raise CheckFailure(f"for {label}, your softmax normalised over the queries (axis -2): each COLUMN "
                                    f"sums to 1. Each query's row must sum to 1: softmax over the keys, axis -1.")
-    compare(f"weights for {label}", weights, expected_w, hint="weights = softmax(q @ k^T / sqrt(d), axis=-1)")
+    compare(f"weights for {label}", answer[1], expected_w, hint="weights = softmax(q @ k^T / sqrt(d), axis=-1)")
     if out.shape != expected_out.shape:
         raise CheckFailure(f"for {label}, out has shape {out.shape}, expected (..., T, d_v) = {expected_out.shape}. "
                            f"Hint: out = weights @ v.")
-    compare(f"out for {label}", out, expected_out, hint="out = weights @ v (a weighted sum of the value rows)")
+    compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v (a weighted sum of the value rows)")
 
 
-@checker("attention")
+@checker
 def check_attention(fn: Callable) -> str:
-    """fn(q, k, v) -> (out (..., T, d_v), weights (..., T, S)), equal to numpy_ref's."""
+    """Check scaled dot-product attention in numpy.
+
+    Your function: `fn(q, k, v) -> (out, weights)`, with q (..., T, d), k (..., S, d), v (..., S, d_v);
+    weights (..., T, S) = softmax(q k^T / sqrt(d)) over the keys, out (..., T, d_v) = weights @ v.
+    Checks four cases (batch axes, T != S, d != d_v, scores large enough to overflow exp) against
+    numpy_ref; names transposed weights, overflow, a missing scale, scaling by sqrt(d_v) and a softmax
+    over the queries.
+    """
     cases = _attention_cases()
     for label, q, k, v in cases:
         with np.errstate(all="ignore"):
             result = call(fn, q.copy(), k.copy(), v.copy())
-        out, weights = _unpack_pair(result, "your attention function")
-        _diagnose_attention(label, q, k, v, out, weights)
+        answer, (out, weights) = _unpack_pair(result, "your attention function")
+        _diagnose_attention(label, q, k, v, answer, out, weights)
     return f"{len(cases)} cases (batch dims, T != S, d != d_v, large scores) match numpy_ref"
 
 
@@ -227,18 +235,25 @@ def _masked_cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.nd
     return cases
 
 
-@checker("masked_attention")
+@checker
 def check_masked_attention(fn: Callable) -> str:
-    """fn(q, k, v, mask) -> (out, weights); mask bool, True = may attend; fully masked rows give zeros."""
+    """Check masked scaled dot-product attention in numpy.
+
+    Your function: `fn(q, k, v, mask) -> (out, weights)` as for check_attention, with a bool mask
+    broadcastable to (..., T, S), True = may attend. A query that may attend to nothing gets weights 0
+    and output 0. Checks a causal mask, a (B, 1, S) padding mask and a mask with a fully masked row
+    against numpy_ref; names an inverted mask, masking by adding a small number, and the uniform
+    weights that a finite fill such as -1e9 gives a fully masked row.
+    """
     cases = _masked_cases()
     for label, q, k, v, mask in cases:
         with np.errstate(all="ignore"):
             result = call(fn, q.copy(), k.copy(), v.copy(), mask.copy())
-        out, weights = _unpack_pair(result, "your masked attention function")
+        answer, (out, weights) = _unpack_pair(result, "your masked attention function")
         expected_out, expected_w = numpy_ref.scaled_dot_product_attention(q, k, v, mask)
-        if weights.shape == expected_w.shape and not _matches(weights, expected_w):
+        if weights.shape == expected_w.shape and not is_close(weights, expected_w):
             inverted_w = numpy_ref.scaled_dot_product_attention(q, k, v, ~mask)[1]
-            if _matches(weights, inverted_w):
+            if is_close(weights, inverted_w):
                 raise CheckFailure(f"for {label}, your weights are those of the INVERTED mask. In this course "
                                    f"True means 'may attend': keep the scores where mask is True and set them "
                                    f"to -inf where it is False.")
@@ -254,8 +269,8 @@ def check_masked_attention(fn: Callable) -> str:
                 raise CheckFailure(f"for {label}, key {idx[-1]} is masked (mask False) for query {_row(idx[:-1])} but "
                                    f"gets weight {weights[idx]:.4g}. Masked scores must become -inf (exp(-inf) = 0);"
                                    f" adding a small number such as +1 or -1 does not mask anything.")
-        compare(f"weights for {label}", weights, expected_w,
+        compare(f"weights for {label}", answer[1], expected_w,
                 hint="scores = np.where(mask, q @ k^T / sqrt(d), -inf), then a softmax that maps an all -inf row "
                      "to zeros")
-        compare(f"out for {label}", out, expected_out, hint="out = weights @ v")
+        compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v")
     return f"{len(cases)} cases (causal, padding with batch, a fully masked row) match numpy_ref"

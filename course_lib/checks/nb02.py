@@ -10,19 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close
+from course_lib.checks._core import CheckFailure, call, checker, compare, diagnose, is_close, unpack
 
 __all__ = ["check_softmax_jacobian", "check_softmax_backward", "check_attention_backward"]
-
-_ATOL, _RTOL = 1e-10, 1e-8  # float64 arithmetic: the reference and a correct answer agree to ~1e-15
-
-
-def _diagnose(got, candidates: dict[str, np.ndarray | None]) -> str | None:
-    """The message of the first planted mistake whose result equals `got`, if any."""
-    for message, wrong in candidates.items():
-        if wrong is not None and is_close(got, wrong):
-            return message
-    return None
 
 
 # ----------------------------------------------------------------------------- softmax Jacobian
@@ -31,9 +21,15 @@ def _reference_jacobian(x: np.ndarray) -> np.ndarray:
     return np.diag(p) - np.outer(p, p)  # (n, n), J[i, j] = d p_i / d x_j
 
 
-@checker("softmax_jacobian")
+@checker
 def check_softmax_jacobian(fn):
-    """fn(x) -> J with x a 1-D array of n logits and J (n, n), J[i, j] = d softmax(x)_i / d x_j."""
+    """Check the Jacobian of softmax.
+
+    Your function: `fn(x) -> J`, with x a 1-D array of n logits and J (n, n),
+    J[i, j] = d softmax(x)_i / d x_j = diag(p) - p p^T.
+    Checks four logit vectors (lengths 3 to 7, logits up to +-1e3); names a missing diagonal or
+    off-diagonal term, a flipped sign, a wrong diagonal, and rows that do not sum to 0.
+    """
     rng = np.random.default_rng(2)
     cases = [np.array([1.0, 2.0, 3.0]), rng.normal(size=5), rng.normal(size=7) * 3, np.array([1e3, 0.0, -1e3, 5.0])]
     for x in cases:
@@ -41,7 +37,7 @@ def check_softmax_jacobian(fn):
         p = numpy_ref.softmax(x)
         expected = _reference_jacobian(x)
         if got is not None and np.shape(got) == expected.shape and not is_close(got, expected):
-            mistake = _diagnose(got, {
+            mistake = diagnose(got, {
                 "you have -p p^T only: the diagonal term diag(p) is missing (d p_i / d x_i = p_i - p_i^2)":
                     -np.outer(p, p),
                 "the sign is flipped: J = diag(p) - p p^T, not p p^T - diag(p)": np.outer(p, p) - np.diag(p),
@@ -57,16 +53,22 @@ def check_softmax_jacobian(fn):
                     f"for x = {np.round(x, 3).tolist()} the rows of your J sum to {np.round(row_sums, 4).tolist()}, "
                     "but every row must sum to 0: adding the same constant to every logit leaves softmax unchanged. "
                     "Hint: J = diag(p) - p p^T with p = softmax(x).")
-        compare(f"J for x of length {len(x)}", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"J for x of length {len(x)}", got, expected,
                 hint="J[i, j] = p_i (delta_ij - p_j), i.e. np.diag(p) - np.outer(p, p) with p = softmax(x) "
                      "(subtract max(x) before exp)")
     return "4 logit vectors (lengths 3 to 7, incl. logits of +-1e3) give diag(p) - p p^T"
 
 
 # ----------------------------------------------------------------------------- softmax backward (VJP)
-@checker("softmax_backward")
+@checker
 def check_softmax_backward(fn):
-    """fn(p, d_p) -> d_x for softmax along the last axis: d_x = p * (d_p - rowsum(d_p * p)), any leading dims."""
+    """Check the backward pass of softmax, without building the Jacobian.
+
+    Your function: `fn(p, d_p) -> d_x`, with p = softmax(x) along the last axis and d_p the gradient
+    of the loss with respect to p, both of any shape (..., n); d_x = p * (d_p - rowsum(d_p * p)).
+    Checks four shapes, one batched; names a row sum over the wrong axis or of d_p alone, a missing
+    final factor p, and a flipped sign.
+    """
     rng = np.random.default_rng(3)
     shapes = [(1, 4), (3, 5), (2, 3, 6), (4, 1)]
     for shape in shapes:
@@ -74,7 +76,7 @@ def check_softmax_backward(fn):
         d_p = rng.normal(size=shape)
         got = call(fn, p.copy(), d_p.copy())
         expected = p * (d_p - np.sum(d_p * p, axis=-1, keepdims=True))
-        mistake = _diagnose(got, {
+        mistake = diagnose(got, {
             "the row sum is taken over the wrong axis: sum d_p * p over the LAST axis (the one softmax normalises), "
             "with keepdims=True": p * (d_p - np.sum(d_p * p, axis=0, keepdims=True)),
             "the final multiplication by p is missing: d_x = p * (d_p - rowsum(d_p * p))":
@@ -85,7 +87,7 @@ def check_softmax_backward(fn):
         }) if not is_close(got, expected) else None
         if mistake:
             raise CheckFailure(f"for inputs of shape {shape}: {mistake}.")
-        compare(f"d_x for p of shape {shape}", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"d_x for p of shape {shape}", got, expected,
                 hint="d_x = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True)); never build the Jacobian")
     return "4 shapes incl. batched (2, 3, 6) match p * (d_p - rowsum(d_p * p))"
 
@@ -132,9 +134,16 @@ def _try(make):
         return None
 
 
-@checker("attention_backward")
+@checker
 def check_attention_backward(fn):
-    """fn(q, k, v, d_out, mask=None) -> (dq, dk, dv): the gradients of sum(out * d_out)."""
+    """Check the hand-derived backward pass of scaled dot-product attention.
+
+    Your function: `fn(q, k, v, d_out, mask=None) -> (dq, dk, dv)`, the gradients of sum(out * d_out)
+    for out = attention(q, k, v, mask), shaped like q, k and v; mask as in check_masked_attention.
+    Checks five cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) against
+    numpy_ref; names a missing or wrong 1/sqrt(d), a skipped softmax backward, missing transposes,
+    the scores used instead of the weights, and NaN from a fully masked row.
+    """
     rng = np.random.default_rng(4)
     cases = [  # (description, q shape, k shape, v shape, mask)
         ("square T = S = 4, d = 3", (4, 3), (4, 3), (4, 3), None),
@@ -152,14 +161,12 @@ def check_attention_backward(fn):
             got = call(fn, q.copy(), k.copy(), v.copy(), d_out.copy())
         else:
             got = call(fn, q.copy(), k.copy(), v.copy(), d_out.copy(), mask.copy(), what="; the last one is the mask")
-        if not isinstance(got, (tuple, list)) or len(got) != 3:
-            raise CheckFailure(f"return a tuple (dq, dk, dv) of three arrays; got {type(got).__name__}"
-                               + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""))
+        got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays")
         expected = numpy_ref.scaled_dot_product_attention_backward(q, k, v, d_out, mask)
         wrong = _wrong_backwards(q, k, v, d_out, mask)
         for name, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
             if not is_close(g, e):
-                mistake = _diagnose(g, wrong[name])
+                mistake = diagnose(g, wrong[name])
                 if mistake:
                     raise CheckFailure(f"{description}: {mistake}.")
                 if mask is not None and g is not None and np.shape(g) == e.shape and not np.isfinite(g).all():
@@ -167,7 +174,7 @@ def check_attention_backward(fn):
                         f"{description}: {name} contains NaN or inf. A fully masked row has P = 0 everywhere; "
                         "compute P with a softmax that returns 0 for an all -inf row (course_lib.numpy_ref.softmax "
                         "does) and the formulas give exactly 0 there.")
-            compare(f"{name} ({description})", g, e, atol=_ATOL, rtol=_RTOL,
+            compare(f"{name} ({description})", g, e,
                     hint="dv = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d), "
                          "dk = dS^T q / sqrt(d); apply the mask to the scores before the softmax")
     return "5 cases (T != S, d_v != d, batch dims, causal mask, a fully masked row) match the reference"

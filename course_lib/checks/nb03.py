@@ -12,11 +12,9 @@ import numpy as np
 import torch
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy
+from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy, unpack
 
 __all__ = ["check_torch_attention", "check_autograd_grads"]
-
-_ATOL, _RTOL = 1e-10, 1e-8  # float64 vs float64: a correct answer agrees to ~1e-15
 
 
 def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mask=False):
@@ -29,9 +27,16 @@ def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mas
 
 
 # ----------------------------------------------------------------------------- forward in torch
-@checker("torch_attention")
+@checker
 def check_torch_attention(fn):
-    """fn(q, k, v, mask=None) -> out, all torch tensors; mask bool, True = may attend."""
+    """Check scaled dot-product attention written in torch.
+
+    Your function: `fn(q, k, v, mask=None) -> out`, with float64 torch tensors q (..., T, d),
+    k (..., S, d), v (..., S, d_v) and a bool mask tensor (True = may attend); out is a float64 tensor
+    (..., T, d_v), 0 for a query with nothing to attend to. Checks four cases against numpy_ref to
+    1e-10; names a numpy or tuple result, a float32 result, a softmax over the wrong dim, a missing or
+    wrong scale, an inverted mask and NaN from a fully masked row.
+    """
     rng = np.random.default_rng(5)
     causal = np.tril(np.ones((4, 4), dtype=bool))
     cases = [  # (description, q shape, k shape, v shape, mask)
@@ -82,16 +87,22 @@ def check_torch_attention(fn):
                         f"{description}: your output contains NaN. A query row with nothing to attend to has all "
                         "scores -inf and softmax gives 0/0; the course's convention is output 0 for such rows "
                         "(e.g. use course_lib.attention.safe_softmax, or zero those rows with torch.where).")
-        compare(f"out ({description})", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"out ({description})", got, expected,
                 hint="scores = q @ k.transpose(-2, -1) / math.sqrt(d); masked_fill(~mask, -inf); "
                      "softmax(dim=-1); @ v")
     return "4 float64 cases (batch dims, T != S, causal mask, a fully masked row) match numpy_ref to 1e-10"
 
 
 # ----------------------------------------------------------------------------- gradients with autograd
-@checker("autograd_grads")
+@checker
 def check_autograd_grads(fn):
-    """fn(q, k, v, d_out, mask=None) -> (dq, dk, dv) computed with torch autograd; inputs are numpy float64."""
+    """Check attention gradients computed with torch autograd.
+
+    Your function: `fn(q, k, v, d_out, mask=None) -> (dq, dk, dv)`, given numpy float64 arrays (and a
+    bool mask), returning the gradients of sum(out * d_out) as tensors or arrays. Checks three cases
+    against the hand-derived numpy backward to 1e-10; names gradients that are None (no
+    requires_grad), the gradient of out.sum() instead, and a computation in float32.
+    """
     rng = np.random.default_rng(6)
     cases = [
         ("T = 3, S = 5, d = 4, d_v = 2", (3, 4), (5, 4), (5, 2), None),
@@ -104,9 +115,7 @@ def check_autograd_grads(fn):
         d_out = rng.normal(size=out.shape)
         args = [q.copy(), k.copy(), v.copy(), d_out.copy()] + ([] if mask is None else [mask.copy()])
         got = call(fn, *args, what="; the last one is the mask" if mask is not None else "")
-        if not isinstance(got, (tuple, list)) or len(got) != 3:
-            raise CheckFailure(f"return a tuple (dq, dk, dv) of three arrays or tensors; got {type(got).__name__}"
-                               + (f" of length {len(got)}" if isinstance(got, (tuple, list)) else ""))
+        got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays or tensors")
         if any(g is None for g in got):
             raise CheckFailure(f"{description}: a gradient is None: create q, k, v with requires_grad=True, call "
                                "backward, then read q.grad, k.grad, v.grad")
@@ -122,7 +131,7 @@ def check_autograd_grads(fn):
                 raise CheckFailure(f"{description}: {name} agrees only to ~1e-6, the precision of float32: create the "
                                    "tensors in float64 (torch.from_numpy keeps float64; torch.tensor(x, "
                                    "dtype=torch.float32) or .float() throws the precision away)")
-            compare(f"{name} ({description})", g, e, atol=_ATOL, rtol=_RTOL,
+            compare(f"{name} ({description})", g, e,
                     hint="q = torch.tensor(q_np, requires_grad=True) (same for k, v); out = attention(q, k, v, mask); "
                          "out.backward(torch.from_numpy(d_out)); return q.grad, k.grad, v.grad")
     return "3 float64 cases (T != S, batch dims, causal mask) match the hand-derived numpy backward to 1e-10"

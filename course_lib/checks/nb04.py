@@ -13,44 +13,30 @@ import numpy as np
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close
+from course_lib.checks._core import CheckFailure, as_tensor, call, checker, compare, diagnose, is_close
 
 __all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check_mha_param_count"]
 
-_ATOL, _RTOL = 1e-10, 1e-8
-
-
-def _close(got, expected) -> bool:
-    return isinstance(got, torch.Tensor) and is_close(got, expected, atol=_ATOL, rtol=_RTOL)
-
-
-def _diagnose(got, candidates: dict[str, torch.Tensor]) -> str | None:
-    for message, wrong in candidates.items():
-        if _close(got, wrong):
-            return message
-    return None
-
-
-def _require_tensor(name: str, got) -> None:
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
-
 
 # ----------------------------------------------------------------------------- split / merge heads
-@checker("split_heads")
+@checker
 def check_split_heads(fn):
-    """fn(x (B, T, d_model), num_heads) -> (B, H, T, d_head); head h holds features h*d_head ... (h+1)*d_head-1."""
+    """Check splitting the features into heads.
+
+    Your function: `fn(x, num_heads) -> heads`, with x a (B, T, d_model) tensor and heads
+    (B, H, T, d_head), head h holding features h*d_head ... (h+1)*d_head - 1 of every token.
+    Checks four shapes (one with H = 1) exactly; names a reshape without the transpose (tokens mixed
+    into heads) and interleaved heads.
+    """
     cases = [(1, 3, 4, 2), (2, 5, 12, 3), (3, 4, 16, 4), (2, 3, 8, 1)]  # (B, T, d_model, H)
     for B, T, D, H in cases:
         x = torch.arange(B * T * D, dtype=torch.float64).view(B, T, D)  # every entry tells where it came from
         d = D // H
         got = call(fn, x.clone(), H)
         expected = x.view(B, T, H, d).transpose(1, 2)
-        _require_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
-            mistake = _diagnose(got, {
+        as_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+            mistake = diagnose(got, {
                 "you reshaped (B, T, d_model) straight to (B, H, T, d_head): that mixes tokens into heads. View "
                 "it as (B, T, H, d_head) first, then .transpose(1, 2)": x.reshape(B, H, T, d),
                 "the heads are interleaved: feature j went to head j % H. Head h must hold the CONTIGUOUS block of "
@@ -64,17 +50,22 @@ def check_split_heads(fn):
     return "4 shapes (incl. H = 1): every feature lands in the right head, token and position"
 
 
-@checker("merge_heads")
+@checker
 def check_merge_heads(fn):
-    """fn(x (B, H, T, d_head)) -> (B, T, H * d_head): the inverse of split_heads (concatenate the heads)."""
+    """Check concatenating the heads back, the inverse of split_heads.
+
+    Your function: `fn(x) -> merged`, with x a (B, H, T, d_head) tensor and merged (B, T, H * d_head),
+    head 0's features first. Checks three shapes exactly; names a reshape without the transpose and
+    interleaved heads.
+    """
     cases = [(1, 2, 3, 2), (2, 3, 5, 4), (3, 4, 2, 1)]  # (B, H, T, d_head)
     for B, H, T, d in cases:
         x = torch.arange(B * H * T * d, dtype=torch.float64).view(B, H, T, d)
         got = call(fn, x.clone())
         expected = x.transpose(1, 2).reshape(B, T, H * d)
-        _require_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
-            mistake = _diagnose(got, {
+        as_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+            mistake = diagnose(got, {
                 "you reshaped (B, H, T, d_head) straight to (B, T, H*d_head): tokens and heads get mixed. "
                 ".transpose(1, 2) first (to (B, T, H, d_head)), then .reshape(B, T, H * d_head)":
                     x.reshape(B, T, H * d),
@@ -103,12 +94,16 @@ def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, scale="d_head", heads=True, softma
     return out @ w_o.T if out_proj else out
 
 
-@checker("mha_forward")
+@checker
 def check_mha_forward(fn):
-    """fn(x (B, T, d_model), w_q, w_k, w_v, w_o, num_heads, mask=None) -> (B, T, d_model).
+    """Check a multi-head attention forward pass.
 
-    Weights in nn.Linear's layout (d_out, d_in), no biases: q = x @ w_q.T. mask: bool, broadcastable
-    to (B, H, T, T), True = may attend.
+    Your function: `fn(x, w_q, w_k, w_v, w_o, num_heads, mask=None) -> out`, with x (B, T, d_model),
+    the weights (d_model, d_model) in nn.Linear's layout without biases (q = x @ w_q.T), and a bool
+    mask broadcastable to (B, H, T, T), True = may attend; out (B, T, d_model), float64 tensors.
+    Checks four cases (H = 1 to 4, one with a causal mask) against course_lib to 1e-10; names a
+    missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, one big head,
+    and an ignored mask.
     """
     g = torch.Generator().manual_seed(4)
     cases = [(1, 3, 4, 2, None), (2, 5, 12, 3, None), (2, 6, 16, 4, "causal"), (3, 4, 8, 1, None)]
@@ -121,8 +116,8 @@ def check_mha_forward(fn):
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
         expected = scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D) @ w_o.T
         what = f"B={B}, T={T}, d_model={D}, H={H}{', causal mask' if mask is not None else ''}"
-        _require_tensor(f"your output ({what})", got)
-        if tuple(got.shape) == tuple(expected.shape) and not _close(got, expected):
+        as_tensor(f"your output ({what})", got)
+        if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
             args = (x, w_q, w_k, w_v, w_o, H)
             candidates = {
                 "the scores are not scaled: divide q k^T by sqrt(d_head)": _mha_variant(*args, scale="none", mask=mask),
@@ -140,10 +135,10 @@ def check_mha_forward(fn):
             if mask is not None:
                 candidates["the mask is ignored (or its polarity flipped?): True = may attend, so fill the scores "
                            "where the mask is False with -inf"] = _mha_variant(*args)
-            mistake = _diagnose(got, candidates)
+            mistake = diagnose(got, candidates)
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
-        compare(f"your output ({what})", got, expected, atol=_ATOL, rtol=_RTOL,
+        compare(f"your output ({what})", got, expected,
                 hint="project (x @ w.T), split heads, softmax(q k^T / sqrt(d_head)) v per head, merge, then @ w_o.T")
     return "4 cases (H = 1 to 4, one with a causal mask) equal course_lib to 1e-10 in float64"
 
@@ -155,9 +150,15 @@ def _param_count(d_model, num_heads, bias, kdim, vdim):
     return weights + (4 * d_model if bias else 0)
 
 
-@checker("mha_param_count")
+@checker
 def check_mha_param_count(fn):
-    """fn(d_model, num_heads, bias=True, kdim=None, vdim=None) -> number of parameters of one MHA layer."""
+    """Check a count of the parameters of one multi-head attention layer.
+
+    Your function: `fn(d_model, num_heads, bias=True, kdim=None, vdim=None) -> int`, the number of
+    parameters of MultiHeadAttention(d_model, num_heads, bias=bias, kdim=kdim, vdim=vdim). Checks five
+    configurations; names a count that grows with num_heads, missing biases, a missing W_O, and
+    ignoring kdim and vdim.
+    """
     cases = [(512, 8, True, None, None), (768, 12, True, None, None), (384, 12, False, None, None),
              (64, 4, True, 32, 48), (64, 1, True, None, None)]
     for D, H, bias, kdim, vdim in cases:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from course_lib._validate import broadcast_shapes
-from course_lib.checks._core import CheckFailure, call, checker
+from course_lib.checks._core import CheckFailure, as_tensor, call, checker, require_result
 from course_lib.masks import causal_mask, padding_mask
 
 __all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_masked_softmax"]
@@ -19,10 +19,7 @@ __all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_mask
 
 def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor:
     """The learner's mask, checked for type and shape, expanded to target_shape."""
-    if got is None:
-        raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+    got = as_tensor(name, got)
     if got.dtype != torch.bool:
         raise CheckFailure(f"{name} has dtype {got.dtype}; return a BOOLEAN mask (True = may attend), e.g. "
                            f"with comparisons like j <= i, combined with &")
@@ -38,10 +35,15 @@ def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------- causal + padding
-@checker("causal_padding_mask")
+@checker
 def check_causal_padding_mask(fn):
-    """fn(lengths: list[int], T: int) -> bool mask (B, 1, T, T): query i may attend to key j iff
-    j <= i (causal) and key j is a real token (j < lengths[b])."""
+    """Check a mask that combines causality and key padding.
+
+    Your function: `fn(lengths, T) -> mask`, with lengths a list of B ints and mask a bool tensor of
+    shape (B, 1, T, T) (or one that broadcasts to it over the head axis): query i may attend to key j
+    iff j <= i and j < lengths[b]. Checks four batches exactly; names a flipped polarity, the upper
+    triangle, a missing causal or padding part, padding applied to the queries, and a (B, T, T) mask.
+    """
     cases = [([3, 1, 4], 4), ([2], 2), ([5, 5], 5), ([1, 3], 3)]
     for lengths, T in cases:
         B = len(lengths)
@@ -77,10 +79,14 @@ def check_causal_padding_mask(fn):
 
 
 # ----------------------------------------------------------------------------- polarity for nn.MultiheadAttention
-@checker("to_key_padding_mask")
+@checker
 def check_to_key_padding_mask(fn):
-    """fn(mask (B, 1, 1, S) ours, True = real token) -> key_padding_mask (B, S) for nn.MultiheadAttention,
-    where True = IGNORE this key."""
+    """Check the conversion of the course's padding mask for nn.MultiheadAttention.
+
+    Your function: `fn(mask) -> key_padding_mask`, with mask (B, 1, 1, S) bool, True = real token,
+    and key_padding_mask a (B, S) bool tensor, True = ignore this key (nn.MultiheadAttention's
+    polarity). Checks three batches exactly; names the polarity trap, a wrong shape and a float mask.
+    """
     cases = [[3, 1, 4], [2], [5, 5, 1, 2]]
     for lengths in cases:
         S = max(lengths)
@@ -88,10 +94,7 @@ def check_to_key_padding_mask(fn):
         got = call(fn, ours.clone())
         expected = ~ours[:, 0, 0]  # (B, S)
         name = f"your key_padding_mask for lengths={lengths}"
-        if got is None:
-            raise CheckFailure(f"{name} is None: did you forget to `return` it?")
-        if not isinstance(got, torch.Tensor):
-            raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
+        got = as_tensor(name, got)
         if tuple(got.shape) != tuple(expected.shape):
             raise CheckFailure(f"{name} has shape {tuple(got.shape)}; nn.MultiheadAttention wants key_padding_mask "
                                f"of shape (B, S) = {tuple(expected.shape)}: drop the two broadcast axes, "
@@ -119,11 +122,16 @@ def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.nan_to_num(w, nan=0.0)  # rows with nothing allowed: 0
 
 
-@checker("masked_softmax")
+@checker
 def check_masked_softmax(fn):
-    """fn(scores (..., T, S) float, mask bool broadcastable to it, True = may attend) -> weights (..., T, S):
-    softmax over the allowed keys, exactly 0 elsewhere, and all 0 (never NaN) in a row with nothing allowed.
-    Must work for float16 and bfloat16 scores too."""
+    """Check a masked softmax that survives half precision and fully masked rows.
+
+    Your function: `fn(scores, mask) -> weights`, with scores (..., T, S) a float tensor (float16,
+    bfloat16, float32 or float64) and mask a bool tensor broadcastable to it, True = may attend;
+    weights (..., T, S): softmax over the allowed keys, exactly 0 elsewhere, all 0 (never NaN) in a
+    row with nothing allowed. Checks four cases, one per dtype, with a tolerance per dtype; names NaN,
+    a -1e9 fill that overflows float16, uniform weights in a fully masked row, and a flipped mask.
+    """
     g = torch.Generator().manual_seed(5)
     fully_masked = torch.ones(4, 5, dtype=torch.bool)
     fully_masked[2] = False
@@ -147,8 +155,7 @@ def check_masked_softmax(fn):
             raise
         expected = _reference_masked_softmax(scores, mask)
         name = f"your weights ({what})"
-        if got is None:
-            raise CheckFailure(f"{name} are None: did you forget to `return` them?")
+        require_result(f"the weights tensor ({what})", got)
         if not isinstance(got, torch.Tensor) or not got.dtype.is_floating_point:
             raise CheckFailure(f"{name} should be a floating-point torch.Tensor; got "
                                f"{getattr(got, 'dtype', type(got).__name__)}")

@@ -5,26 +5,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, call, checker, compare, to_numpy
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare
 from course_lib.masks import causal_mask
 from course_lib.positional import sinusoidal_table
 
 __all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
 
 
-def _to_numpy(x) -> np.ndarray:
-    return np.asarray(to_numpy(x), dtype=np.float64)
-
-
-@checker("sinusoidal positional encoding")
+@checker
 def check_sinusoidal_encoding(fn):
-    """fn(max_len, d_model) -> (max_len, d_model) array: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos."""
+    """Check the sinusoidal positional encoding table.
+
+    Your function: `fn(max_len, d_model) -> table`, a (max_len, d_model) array or tensor with
+    PE[pos, 2i] = sin(pos / 10000^(2i / d_model)) and PE[pos, 2i+1] = cos(the same angle).
+    Checks three tables (up to 50 x 32) to 1e-5; names swapped sine and cosine and a wrong frequency.
+    """
     for max_len, d_model in ((10, 8), (6, 6), (50, 32)):
         expected = sinusoidal_table(max_len, d_model, dtype=torch.float64).numpy()
         got = call(fn, max_len, d_model, what=f" (max_len={max_len}, d_model={d_model})")
-        if got is None:
-            raise CheckFailure("your function returned None: did you forget to `return` the table?")
-        got_np = _to_numpy(got)
+        got_np = as_array(f"your table for max_len={max_len}, d_model={d_model}", got)
         if got_np.shape == expected.shape:
             swapped = expected.copy()
             swapped[:, 0::2], swapped[:, 1::2] = expected[:, 1::2], expected[:, 0::2]
@@ -49,11 +48,16 @@ def _reference_step(q_t, k_t, v_t, k_cache, v_cache):
     return torch.softmax(scores, dim=-1) @ v_cache, k_cache, v_cache
 
 
-@checker("one decoding step with a KV cache")
+@checker
 def check_cached_attention_step(fn):
-    """fn(q_t, k_t, v_t, k_cache, v_cache) -> (out_t, k_cache, v_cache), all torch tensors:
-    q_t, k_t, v_t (B, H, 1, d) for the new token; caches (B, H, t, d) for the t earlier tokens
-    (t may be 0); out_t (B, H, 1, d); the returned caches hold t + 1 tokens."""
+    """Check one decoding step of attention with a KV cache.
+
+    Your function: `fn(q_t, k_t, v_t, k_cache, v_cache) -> (out_t, k_cache, v_cache)`, all torch
+    tensors: q_t, k_t, v_t (B, H, 1, d) for the new token, the caches (B, H, t, d) for the t earlier
+    tokens (t may be 0); out_t (B, H, 1, d), and the returned caches hold t + 1 tokens.
+    Runs six steps from an empty cache and compares each out_t with full causal attention; names a
+    cache that does not grow and scores computed before the new key is appended.
+    """
     g = torch.Generator().manual_seed(0)
     B, H, T, d = 2, 3, 6, 4
     q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))
@@ -73,7 +77,7 @@ def check_cached_attention_step(fn):
                                    f"shape {(B, H, t + 1, d)}; got {shape}. Hint: torch.cat([cache, new], dim=-2) "
                                    f"appends along the sequence axis")
         if t == 0 and hasattr(out_t, "shape") and tuple(out_t.shape) == (B, H, 1, d):
-            first = _to_numpy(out_t)
+            first = as_array("out_t at step t=0", out_t)
             if np.allclose(first, 0.0) or not np.isfinite(first).all():
                 raise CheckFailure("at the first step the output is 0 or NaN: the new token must attend to "
                                    "itself, so append k_t, v_t to the cache BEFORE computing the scores")

@@ -14,8 +14,15 @@ def _reference_param_count(d_model: int, num_heads: int, bias: bool = True) -> i
     return 4 * d_model * d_model + (4 * d_model if bias else 0)  # W_Q, W_K, W_V, W_O (+ biases): no H in it
 
 
-@checker("param_count_vs_heads")
+@checker
 def check_param_count_vs_heads(fn):
+    """Check that the parameter count of multi-head attention does not depend on the head count.
+
+    Your function: `fn(d_model, num_heads, bias) -> int`, the number of parameters of one layer's
+    q, k, v and output projections (d_model x d_model each, plus four bias vectors when bias).
+    Checks five configurations from 1 to 16 heads; names a count that grows with num_heads and
+    missing biases.
+    """
     cases = [(32, 1, True), (32, 8, True), (64, 4, False), (384, 12, True), (48, 16, False)]
     for d_model, heads, bias in cases:
         got = call(fn, d_model, heads, bias, what=f" (d_model={d_model}, num_heads={heads}, bias={bias})")
@@ -37,8 +44,14 @@ def _reference_gated_concat(heads: torch.Tensor, gate: torch.Tensor) -> torch.Te
     return (heads * gate.view(1, H, 1, 1)).transpose(1, 2).reshape(B, T, H * d_head)
 
 
-@checker("gated_concat")
+@checker
 def check_gated_concat(fn):
+    """Check gating the heads before concatenating them.
+
+    Your function: `fn(heads, gate) -> out`, with heads (B, H, T, d_head) and gate (H,) float64
+    tensors; out (B, T, H * d_head) is the concatenation of the heads, head h scaled by gate[h].
+    Checks three cases, with gates of 0 (a head removed) and 2 (a head doubled).
+    """
     g = torch.Generator().manual_seed(7)
     cases = [((2, 4, 5, 3), torch.tensor([1.0, 0.0, 0.5, 2.0])),
              ((1, 3, 4, 2), torch.tensor([0.0, 1.0, 1.0])),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib import head_analysis
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare
 
 __all__ = ["check_head_entropy", "check_previous_token_score"]
 
@@ -20,22 +20,35 @@ def _cases() -> list[np.ndarray]:
     return [random, hard]
 
 
-@checker("head_entropy")
+@checker
 def check_head_entropy(fn):
+    """Check the mean attention entropy of each head.
+
+    Your function: `fn(weights) -> entropy`, with weights a (B, H, T, S) numpy array whose rows sum
+    to 1, and entropy (H,): -sum_s a log a over the keys in nats, averaged over queries and batch,
+    with 0 log 0 = 0. Checks random and hand-built (one-hot, uniform) patterns against
+    course_lib.head_analysis; names a result that is not averaged over the batch.
+    """
     for a in _cases():
-        got = call(fn, a.copy(), what="")
-        got = np.asarray(got, dtype=np.float64) if got is not None else None
-        if got is not None and got.shape == (a.shape[0], a.shape[1]):
-            raise CheckFailure(f"you returned shape {got.shape} = (B, H); average over the batch axis too, "
-                               f"so the result is one number per head, shape ({a.shape[1]},)")
+        name = f"head entropy of weights {a.shape}"
         hint = "entropy is -sum_s a log a over the keys, in nats (np.log), averaged over queries and batch; " \
                "treat 0 * log 0 as 0 (np.where(a > 0, ...))"
-        compare(f"head entropy of weights {a.shape}", got, head_analysis.entropy(a), atol=1e-9, hint=hint)
+        got = as_array(name, call(fn, a.copy(), what=""), hint=hint)
+        if got.shape == (a.shape[0], a.shape[1]):
+            raise CheckFailure(f"you returned shape {got.shape} = (B, H); average over the batch axis too, "
+                               f"so the result is one number per head, shape ({a.shape[1]},)")
+        compare(name, got, head_analysis.entropy(a), atol=1e-9, hint=hint)
     return "random and hand-built (one-hot, uniform) patterns match"
 
 
-@checker("previous_token_score")
+@checker
 def check_previous_token_score(fn):
+    """Check the previous-token score of each head.
+
+    Your function: `fn(weights) -> score`, with weights a (B, H, T, T) numpy array and score (H,):
+    the weight of query t on key t - 1, averaged over t = 1 .. T-1 and over the batch.
+    Checks random and hand-built patterns against course_lib.head_analysis.
+    """
     for a in _cases():
         got = call(fn, a.copy(), what="")
         compare(f"previous-token score of weights {a.shape}", got, head_analysis.previous_token(a), atol=1e-9,

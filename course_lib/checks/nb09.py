@@ -31,9 +31,15 @@ def _as_float(got, what: str) -> float:
 
 
 # ----------------------------------------------------------------------------- relative error
-@checker("relative_error")
+@checker
 def check_relative_error(fn):
-    """fn(out, ref) -> float: ||out - ref|| / ||ref|| (Frobenius norms), for tensors of any shape and dtype."""
+    """Check a relative error that cannot overflow in half precision.
+
+    Your function: `fn(out, ref) -> float`, ||out - ref|| / ||ref|| with Frobenius norms, for tensors
+    of any shape and dtype (float16 included). Checks four cases, one whose float16 squares overflow;
+    names the max absolute difference, a missing division, dividing by ||out||, an entry-wise mean,
+    and a computation in float32 or float16 instead of float64.
+    """
     g = torch.Generator().manual_seed(9)
     ref = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
     cases = [
@@ -79,9 +85,14 @@ def check_relative_error(fn):
 
 
 # ----------------------------------------------------------------------------- FLOPs
-@checker("attention_flops")
+@checker
 def check_attention_flops(fn):
-    """fn(B, H, T, S, d_head, causal) -> forward FLOPs of softmax(q k^T / sqrt(d)) v (matmuls only)."""
+    """Check a FLOP count of the attention forward pass.
+
+    Your function: `fn(B, H, T, S, d_head, causal) -> number`, the FLOPs of the two matmuls of
+    softmax(q k^T / sqrt(d)) v: 4 B H T S d_head, halved when causal. Checks five cases (T != S,
+    causal); names half or twice the count, an unhalved causal count, T*T, and sqrt(d) for d.
+    """
     cases = [(1, 1, 4, 4, 2, False), (2, 8, 128, 128, 64, False), (3, 12, 16, 40, 32, False),
              (2, 8, 128, 128, 64, True), (4, 16, 4096, 4096, 128, True)]
     for B, H, T, S, d, causal in cases:
@@ -108,9 +119,15 @@ def check_attention_flops(fn):
 
 
 # ----------------------------------------------------------------------------- float16-safe scores
-@checker("fp16_safe_scores")
+@checker
 def check_fp16_safe_scores(fn):
-    """fn(q, k) -> q k^T / sqrt(d) for float16 q (..., T, d), k (..., S, d): finite, float16 or float32."""
+    """Check attention scores computed safely from float16 inputs.
+
+    Your function: `fn(q, k) -> scores`, with float16 tensors q (..., T, d) and k (..., S, d), and
+    scores (..., T, S) = q k^T / sqrt(d), float16 or float32 and finite even when the raw q k^T
+    exceeds 65504. Checks a small case and one that overflows unless scaled first; names inf/NaN
+    from overflow, a float64 result and a division by d.
+    """
     g = torch.Generator().manual_seed(16)
     cases = [
         ("small float16 inputs, (2, 3, 5, 16) and (2, 3, 7, 16)", 1.0, (2, 3, 5, 16), (2, 3, 7, 16)),

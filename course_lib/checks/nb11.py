@@ -9,9 +9,15 @@ from course_lib.checks._core import CheckFailure, call, checker
 __all__ = ["check_shift_targets", "check_greedy_decode"]
 
 
-@checker("teacher-forcing inputs and targets")
+@checker
 def check_shift_targets(fn):
-    """fn(target_ids: list[int], bos_id, eos_id) -> (decoder_input, decoder_target), both lists."""
+    """Check the teacher-forcing inputs and targets of a decoder.
+
+    Your function: `fn(target_ids, bos_id, eos_id) -> (decoder_input, decoder_target)`, with
+    target_ids a list of ints; decoder_input = [bos_id, *target_ids] and
+    decoder_target = [*target_ids, eos_id], as sequences of ints. Checks four cases, one empty;
+    names swapped input and target.
+    """
     cases = [([7, 8, 9], 1, 2), ([5], 1, 2), ([], 1, 2), ([10, 11, 12, 13], 3, 4)]
     for ids, bos, eos in cases:
         result = call(fn, list(ids), bos, eos, what=f" (target_ids={ids}, bos_id={bos}, eos_id={eos})")
@@ -39,11 +45,15 @@ def _rows_until_eos(ids: torch.Tensor, eos: int) -> list[list[int]]:
     return rows
 
 
-@checker("greedy decoding with the KV cache")
+@checker
 def check_greedy_decode(fn, model=None, src=None):
-    """fn(model, src, max_new_tokens) -> (B, L) ids without <bos>, <pad> (0) after each row's <eos>.
+    """Check batched greedy decoding with the KV cache.
 
-    By default it decodes 8 test sentences with the capstone model and compares with course_lib's greedy_decode.
+    Your function: `fn(model, src, max_new_tokens) -> ids`, with model a course_lib Seq2SeqTransformer and
+    src (B, S) source ids; ids is a (B, L) tensor of generated tokens without <bos>, <pad> after each
+    row's <eos>. By default it decodes 8 test sentences with the capstone model (pass `model` and
+    `src` to use others) and compares with the model's own greedy_decode; names a leading <bos>, a
+    first differing step, and tokens after <eos>.
     """
     if model is None:
         from course_lib.capstone import encode_pairs, load_capstone
