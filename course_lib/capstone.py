@@ -3,7 +3,7 @@
     python -m course_lib.capstone [--steps N] [--seed S] [--threads T] [--out PATH]
 
 trains the toy translation model with `course_lib.training.train` and writes
-data/checkpoints/capstone.safetensors plus capstone.json (config, seed, accuracy, loss curve,
+course_lib/data/checkpoints/capstone.safetensors plus capstone.json (config, seed, accuracy, loss curve,
 the command and how long it took). `load_capstone()` loads the recorded checkpoint.
 """
 

@@ -1,7 +1,7 @@
 """A generated toy translation task: English-like sentences -> "Zibic", a made-up SOV language.
 
 Nothing is downloaded: the grammar below generates every sentence from a fixed seed, and
-`python -m course_lib.toy_translation` writes the splits to data/toy_translation/*.jsonl.
+`python -m course_lib.toy_translation` writes the splits to course_lib/data/toy_translation/*.jsonl.
 The target language differs from the source in ways that make cross-attention learn a
 non-trivial alignment rather than a copy:
 
@@ -211,7 +211,7 @@ def write_splits(out_dir: Path | str = DATA_SUBDIR, seed: int = SEED) -> dict[st
 
 
 def load_split(name: str, data_dir: Path | str = DATA_SUBDIR) -> list[dict[str, str]]:
-    """The pairs of split `name` ("train", "validation" or "test") from data/toy_translation/."""
+    """The pairs of split `name` ("train", "validation" or "test") from course_lib/data/toy_translation/."""
     if name not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}; got {name!r}")
     path = Path(data_dir) / f"{name}.jsonl"

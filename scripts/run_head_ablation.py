@@ -1,4 +1,4 @@
-"""Run the head-count ablation of notebook 07 and write data/head_ablation/sweep.json.
+"""Run the head-count ablation of notebook 07 and write course_lib/data/head_ablation/sweep.json.
 
     python scripts/run_head_ablation.py                  # the recorded sweep (about 15 min on one core)
     python scripts/run_head_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run (used by the tests)

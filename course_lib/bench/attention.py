@@ -406,7 +406,7 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
 
 # ----------------------------------------------------------------------------- recorded runs
 def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -> list[dict]:
-    """Every recorded attention-suite JSON under data/benchmarks (optionally only 'cpu' or 'cuda'),
+    """Every recorded attention-suite JSON under course_lib/data/benchmarks (optionally only 'cpu' or 'cuda'),
     each with its file name under the key "file"."""
     runs = []
     for file in sorted(Path(directory).glob("*.json")):
