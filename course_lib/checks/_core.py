@@ -11,6 +11,7 @@ result prints, `[PASSED] <name>: ...`, so the printed name is always the functio
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "CheckFailure",
     "checker",
     "call",
+    "private_copy",
     "require_result",
     "as_array",
     "as_tensor",
@@ -82,17 +84,40 @@ def checker(body: Callable) -> Callable[..., CheckResult]:
             summary = body(learner_fn, *args, **kwargs)
         except CheckFailure as failure:
             return CheckResult(name, False, str(failure))
+        except Exception as e:  # an answer so far off that comparing it failed: still a verdict, never a crash
+            return CheckResult(name, False, f"your answer could not be compared with the reference "
+                                            f"({type(e).__name__}: {e}); check what your function returns")
         return CheckResult(name, True, summary or "all cases match the reference")
 
     return run
 
 
+def private_copy(x):
+    """A copy the learner's function may change at will: arrays, tensors and modules are copied
+    (nested in lists, tuples and dicts too), so the checker's own inputs and reference stay intact."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone().requires_grad_(x.requires_grad)
+    if isinstance(x, torch.nn.Module):
+        return copy.deepcopy(x)
+    if isinstance(x, list | tuple):
+        return type(x)(private_copy(a) for a in x)
+    if isinstance(x, dict):
+        return {k: private_copy(v) for k, v in x.items()}
+    return x
+
+
 def call(learner_fn: Callable, *args, what: str = "", **kwargs):
-    """Call the learner's function; turn NotImplementedError and crashes into a readable failure."""
+    """Call the learner's function on copies of the inputs; turn NotImplementedError and crashes into
+    a readable failure. A function that changes its inputs in place changes only its copies."""
+    args, kwargs = private_copy(args), private_copy(kwargs)
     try:
         return learner_fn(*args, **kwargs)
     except NotImplementedError:
         raise CheckFailure("not implemented yet: replace the `raise NotImplementedError` with your code") from None
+    except SystemExit as e:  # exit() in a notebook cell would end the checker, not the kernel: report it
+        raise CheckFailure(f"your function called exit() / raised SystemExit({e})") from None
     except Exception as e:  # the learner's bug, reported rather than raised
         shapes = ", ".join(str(np.shape(a)) for a in args)
         raise CheckFailure(
@@ -112,7 +137,10 @@ def require_result(name: str, got, *, hint: str = "") -> None:
 
 def to_numpy(x):
     """A torch tensor (any device, requiring grad or not) as a numpy array; anything else unchanged."""
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    if not isinstance(x, torch.Tensor):
+        return x
+    x = x.detach().cpu()
+    return (x.double() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
 
 
 def as_array(name: str, got, *, hint: str = "") -> np.ndarray:
