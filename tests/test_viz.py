@@ -336,3 +336,11 @@ def test_views_draw_in_jupyterlab_after_the_cell_runs(tmp_path, assets_dir):
     assert head["texts"] == TOKENS + TOKENS and head["lines"] == HEADS * T * T and not head["errors"]
     assert model["lines"] == LAYERS * HEADS * T * T and not model["errors"]
     assert control["lines"] == 0 and any("could not load d3 and jQuery" in e for e in control["errors"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI's .ci/run installs it)")
+def test_an_offline_view_saved_as_a_page_draws(tmp_path, assets_dir):
+    view = viz.offline_view(head_view(attention(), TOKENS, html_action="return"), assets_dir)
+    page = viz.save_bertviz_html(view, tmp_path / "view.html", tmp_path / "no-assets-needed")
+    [(texts, lines)] = drawn_views(render(page, tmp_path, "--dump-dom"))
+    assert texts == TOKENS + TOKENS and lines == HEADS * T * T
