@@ -6,7 +6,7 @@ around that, both built on local copies of the scripts:
     python -m course_lib.viz install-assets            # once (make install does it when npm is present)
     view = offline_view(head_view(attention, tokens, html_action="return"))
     display(view)                                       # draws in JupyterLab and in an nbconvert HTML export
-    save_bertviz_html(view_html, "attention.html")      # or: a standalone page for any browser
+    save_bertviz_html(view, "attention.html")           # the same view as a standalone page, for any browser
 
 `offline_view` makes the notebook output self-contained: d3 and jQuery travel inside it, gzip-compressed
 (about 145 kB per view), and are unpacked by the browser, so the view draws wherever the output is shown,
@@ -14,9 +14,9 @@ with no server path and no network. Without the local copies it loads the same t
 instead and says so in the output.
 
 The libraries come from the npm registry (d3 5.7.0 and jQuery 2.2.4, the versions bertviz's code is
-written for, and require.js 2.3.7 for the pages); they are not committed into the repository. By default
-`save_bertviz_html` inlines their code, so the page is one self-contained file; `inline=False` references
-them by path.
+written for, and require.js 2.3.7 for pages made from bertviz's own HTML); they are not committed into the
+repository. From bertviz's own HTML, `save_bertviz_html` inlines their code by default, so the page is one
+self-contained file; `inline=False` references them by path.
 """
 
 from __future__ import annotations
