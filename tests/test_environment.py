@@ -2,8 +2,8 @@
 
 import json
 import re
-
 import tomllib
+
 import yaml
 
 from course_lib.paths import DATA_DIR, REPO_ROOT

