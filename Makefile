@@ -74,7 +74,7 @@ viz-assets: install
 	$(BIN)/python -m course_lib.viz install-assets
 
 device-report: install
-	$(BIN)/python -c "import json; from course_lib.precision import device_report; print(json.dumps(device_report(), indent=2))"
+	$(BIN)/python -m course_lib.device
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
