@@ -294,7 +294,7 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         errors = attention_error_table(device_) if accuracy else None
     return {
         "suite": "attention",
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device_info": info,
         "config": {"dtype": dtype, "seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
                    "causal": list(causal), "passes": list(passes), "impls": list(impls), "modules": modules,
