@@ -250,7 +250,8 @@ class _DevTools:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=5) as r:
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+                with direct.open(f"http://127.0.0.1:{port}/json", timeout=5) as r:
                     tab = next(t for t in json.load(r) if t["type"] == "page")
                 break
             except (OSError, StopIteration):
@@ -279,6 +280,24 @@ class _DevTools:
                 return True
             time.sleep(0.5)
         return False
+
+
+def _wait_for_server(url: str, timeout: float) -> None:
+    """Poll the JupyterLab server until it answers (its start-up takes seconds, more on a busy machine)."""
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with direct.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the JupyterLab server did not answer within {timeout:.0f} s")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI's .ci/run installs it)")
@@ -311,9 +330,10 @@ def test_views_draw_in_jupyterlab_after_the_cell_runs(tmp_path, assets_dir):
     try:
         browser = _DevTools(devtools_port)
         notebook = "Array.from(window.jupyterapp.shell.widgets('main')).find(w => w.sessionContext)"
-        for _ in range(60):  # the server takes a few seconds to start
+        _wait_for_server(f"http://127.0.0.1:{lab_port}/api/status?token={token}", 180)
+        for _ in range(2):  # one page load, given time on a busy machine; a second try if it got stuck
             browser.call("Page.navigate", url=f"http://127.0.0.1:{lab_port}/lab/tree/views.ipynb?token={token}")
-            if browser.wait_for(f"{notebook}.sessionContext.session.kernel.status === 'idle'", 5):
+            if browser.wait_for(f"{notebook}.sessionContext.session.kernel.status === 'idle'", 180):
                 break
         else:
             pytest.fail("JupyterLab did not open the notebook with an idle kernel")
