@@ -11,9 +11,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import course_lib
+from course_lib.attention import naive_attention
 from course_lib.bench import attention as suite
 from course_lib.bench.__main__ import main as bench_main
-from course_lib.bench.attention import attention_flops, module_flops, naive_attention, recorded_runs
+from course_lib.bench.attention import attention_flops, module_flops, recorded_runs
 from course_lib.bench.timing import matmul_peak
 
 matplotlib.use("Agg")
