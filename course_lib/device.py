@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from course_lib._validate import check_bool, check_positive_int
+
 __all__ = [
     "device_facts",
     "enable_tensor_cores",
@@ -66,6 +68,8 @@ def enable_tensor_cores(tf32: bool = True, cudnn_benchmark: bool = True) -> dict
     float32 range) and run on Tensor Cores (Ampere and newer); float16/bfloat16 use Tensor Cores
     regardless. On a CPU these flags change nothing.
     """
+    check_bool("tf32", tf32)
+    check_bool("cudnn_benchmark", cudnn_benchmark)
     previous = _current_settings()
     restore_settings({
         "float32_matmul_precision": "high" if tf32 else "highest",
@@ -92,6 +96,9 @@ def tensor_core_friendly(*sizes: int, dtype: torch.dtype = torch.float16) -> dic
     16 bytes per row is what the kernels want: multiples of 8 for float16/bfloat16, of 4 for
     TF32/float32, of 16 for fp8. Other sizes still work, padded or on slower kernels.
     """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, e.g. torch.float16; got {dtype!r}")
+    sizes = tuple(check_positive_int("size", s) for s in sizes)
     itemsize = torch.empty((), dtype=dtype).element_size()
     multiple = 16 // itemsize
     return {int(s): int(s) % multiple == 0 for s in sizes}
@@ -105,6 +112,8 @@ def sdpa_backend_enum(name: str):
     """"flash" / "efficient" / "cudnn" / "math" -> the torch.nn.attention.SDPBackend member."""
     from torch.nn.attention import SDPBackend
 
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"name must be one of {', '.join(SDPA_BACKENDS)}; got {name!r}")
     return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
 
@@ -174,12 +183,24 @@ def sdpa_backend_report(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     return report
 
 
+def _device(device: torch.device | str | None) -> torch.device:
+    """device, or the GPU when there is one, else the CPU; a clear error for a name torch does not know
+    or a CUDA device this machine does not have."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda'; got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device is {device} but torch sees no CUDA device here (torch {torch.__version__})")
+    return device
+
+
 def device_facts(device: torch.device | str | None = None) -> dict:
     """The machine, its versions and what it supports: what every recorded result carries.
 
     device defaults to the GPU when there is one, else the CPU.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     cpu = platform.processor() or platform.machine()
     facts: dict = {
         "device_type": device.type,
@@ -223,7 +244,10 @@ def device_report(device: torch.device | str | None = None, *, shape: tuple[int,
     shape is (B, H, T, d_head). dtype defaults to bfloat16 where supported (else float32). with_mask
     adds a boolean (T, T) mask (flash attention does not take an arbitrary mask).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
+    if (not isinstance(shape, tuple | list) or len(shape) != 4
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"shape must be four positive ints (B, H, T, d_head); got {shape!r}")
     report = device_facts(device)
     report["settings"] = _current_settings()
     if dtype is None:

@@ -202,6 +202,10 @@ def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTran
     Returns the model (eval mode) and its curves: every cfg.eval_every steps, the mean training
     loss since the last point and the loss and accuracy on the evaluation batch.
     """
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}; got {cfg.task!r}")
+    for name in ("steps", "warmup_steps", "eval_every", "batch_size", "eval_size"):
+        check_positive_int(name, getattr(cfg, name))
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
     model = HeadGatedTransformer.for_task(task, d_model=cfg.d_model, num_heads=cfg.num_heads,

@@ -41,6 +41,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, L, H * d_head)
 
 
+def _same_memory(key: torch.Tensor, source: torch.Tensor | None) -> bool:
+    """Is key the memory a static cache was filled from: the same tensor, or one equal to it?"""
+    if source is None or key is source:
+        return True
+    return key.shape == source.shape and key.dtype == source.dtype and bool(torch.equal(key, source))
+
+
 class MultiHeadAttention(nn.Module):
     def __init__(
         self,
@@ -149,8 +156,7 @@ class MultiHeadAttention(nn.Module):
             if cache.static and key is query:
                 raise ValueError("a static KVCache holds cross-attention memory; self-attention needs a growing "
                                  "KVCache() (static=False)")
-            if cache.static and cache.is_filled and (key.shape[1] != len(cache) or
-                                                     (cache.source is not None and key is not cache.source)):
+            if cache.static and cache.is_filled and (key.shape[1] != len(cache) or not _same_memory(key, cache.source)):
                 raise ValueError(f"this static KVCache was filled from another memory (length {len(cache)}); "
                                  f"got key {shape_str(key.shape)}: use a new KVCache(static=True) per memory")
             if cache.is_filled:
@@ -193,8 +199,8 @@ class MultiHeadAttention(nn.Module):
         float32 (float64 for float64 inputs), whatever the input dtype. `attend` takes the same
         arguments and always returns the pair (out, weights or None).
         """
-        out, weights = self.attend(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                   need_weights=need_weights, cache=cache)
+        out, weights = self._attend(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                    need_weights=need_weights, cache=cache)
         return (out, weights) if need_weights else out
 
     def attend(
@@ -211,8 +217,24 @@ class MultiHeadAttention(nn.Module):
         """`forward`, always returning (out (B, T, d_model), weights (B, H, T, S) or None).
 
         For code that passes need_weights through (the encoder and decoder layers) and should not
-        branch on the type of the result. Called directly, it skips the module's forward hooks.
+        branch on the type of the result. It calls the module, so forward hooks run as usual.
         """
+        result = self(query, key, value, attn_mask=attn_mask, is_causal=is_causal, need_weights=need_weights,
+                      cache=cache)
+        return result if need_weights else (result, None)
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None,
+        value: torch.Tensor | None,
+        *,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        need_weights: bool,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The work of forward: validate once, project, attend, merge heads; (out, weights or None)."""
         self_attention = key is None and value is None
         key = query if key is None else key
         value = key if value is None else value

@@ -65,7 +65,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     all -inf (nothing to attend to) gives zeros instead of 0/0 = NaN; a row with a NaN gives NaN.
     """
     x = _as_float_array("x", x)
-    if not -x.ndim <= axis < max(x.ndim, 1):
+    if x.ndim == 0 or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis={axis} is out of range for x of shape {shape_str(x.shape)}")
     if x.shape[axis] == 0:
         return x.copy()  # an empty row: nothing to normalise

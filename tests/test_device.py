@@ -95,3 +95,18 @@ def test_python_m_course_lib_device_prints_the_report_as_json(capsys):
     assert device.main(["cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device_type"] == "cpu" and set(report["sdpa_backends"]) == set(SDPA_BACKENDS)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: enable_tensor_cores(tf32="no"), TypeError, "tf32"),
+    (lambda: device.sdpa_backend_enum("fast"), ValueError, "name must be one of"),
+    (lambda: device_report("cpu", shape=(2, 8, 256)), ValueError, "shape"),
+    (lambda: tensor_core_friendly(64.5), ValueError, "size"),
+    (lambda: tensor_core_friendly(64, dtype="float16"), TypeError, "dtype"),
+    (lambda: device_facts("gpu"), ValueError, "device"),
+])
+def test_bad_input_is_refused_before_any_setting_changes(call, error, words):
+    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(error, match=words):
+        call()
+    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == before

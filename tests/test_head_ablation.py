@@ -183,3 +183,8 @@ def test_train_model_uses_the_shared_loop_and_is_reproducible():
     (m1, c1), (m2, c2) = train_model(cfg), train_model(cfg)
     assert c1 == c2 and c1["step"] == [4, 8, 12]
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
+
+
+def test_train_model_refuses_a_zero_warm_up():
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train_model(TrainConfig(steps=4, warmup_steps=0))

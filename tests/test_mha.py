@@ -514,3 +514,25 @@ def test_value_defaults_to_key_and_key_to_query():
     x, memory = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
     torch.testing.assert_close(mha(x, memory), mha(x, memory, memory))
     torch.testing.assert_close(mha(x), mha(x, x, x))
+
+
+def test_a_static_cache_accepts_an_equal_memory_computed_again():
+    mha = MultiHeadAttention(16, 4).eval()
+    memory, q = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    cache = KVCache(static=True)
+    first = mha(q, memory, memory, cache=cache)
+    again = memory.clone()  # e.g. model.encode(src) run a second time
+    torch.testing.assert_close(mha(q, again, again, cache=cache), first, atol=0, rtol=0)
+
+
+def test_forward_hooks_on_a_layers_attention_run():
+    from course_lib.blocks import DecoderLayer, EncoderLayer
+
+    calls = []
+    encoder, decoder = EncoderLayer(16, 4, 32), DecoderLayer(16, 4, 32)
+    for module in (encoder.self_attn, decoder.self_attn, decoder.cross_attn):
+        module.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(1, 3, 16)
+    encoder(x)
+    decoder(x, x, need_weights=True)
+    assert len(calls) == 3
