@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from course_lib._validate import autocast_on, check_positive_int, check_probability, shape_str
-from course_lib.kv_cache import KVCache
+from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.mha import MultiHeadAttention
 
 __all__ = ["FeedForward", "EncoderLayer", "DecoderLayer"]
@@ -152,13 +152,10 @@ class DecoderLayer(nn.Module):
             raise ValueError("cross_cache must be a KVCache(static=True): the memory is projected once, not appended")
         if self_cache is not None and self_cache.static:
             raise ValueError("self_cache must be a growing KVCache() (static=False): each new token is appended")
-        # Everything the cross-attention will check, checked now: a bad memory_mask (or memory) must fail
-        # before the self-attention has appended this step to self_cache.
-        self.cross_attn._check_inputs(x, memory, memory, memory_mask, False, need_weights, cross_cache)
-
-        x, self_weights = self.self_block(x, lambda h: self.self_attn.attend(  # (B, T, d_model)
-            h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache))
-        x, cross_weights = self.cross_block(x, lambda h: self.cross_attn.attend(  # (B, T, d_model)
-            h, memory, memory, attn_mask=memory_mask, need_weights=need_weights, cache=cross_cache))
+        with unchanged_on_error(self_cache, cross_cache):  # e.g. a bad memory_mask after the self-attention step
+            x, self_weights = self.self_block(x, lambda h: self.self_attn.attend(  # (B, T, d_model)
+                h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache))
+            x, cross_weights = self.cross_block(x, lambda h: self.cross_attn.attend(  # (B, T, d_model)
+                h, memory, memory, attn_mask=memory_mask, need_weights=need_weights, cache=cross_cache))
         x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
         return x, self_weights, cross_weights

@@ -7,13 +7,15 @@ memory's keys and values are computed once (`static=True`) and reused at every s
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from course_lib._validate import shape_str
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "unchanged_on_error"]
 
 
 @dataclass
@@ -30,12 +32,11 @@ class KVCache:
     def is_filled(self) -> bool:
         return self.key is not None
 
-    def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What `update` would cache, without caching it: (all keys, all values) after appending.
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, H, S_new, d) keys/values; return everything cached so far.
 
-        Every check runs here, before anything is stored, so a call that fails leaves the cache as
-        it was. A caller that can still fail after this point (MultiHeadAttention) stores the
-        result with `store` only once its own work has succeeded.
+        Every check runs before anything is stored, so an update that fails leaves the cache as it
+        was; `unchanged_on_error` does the same for work that can fail after an update.
         """
         for name, t in (("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -45,6 +46,7 @@ class KVCache:
             raise ValueError(f"key {shape_str(key.shape)} and value {shape_str(value.shape)} must share (B, H, S_new): "
                              f"one value per key")
         if self.key is None:
+            self.key, self.value = key, value
             return key, value
         if self.static:
             raise RuntimeError("this KVCache is static (cross-attention memory): it is filled once, not appended to")
@@ -56,14 +58,21 @@ class KVCache:
                 raise TypeError(f"new {name}s are {new.dtype} on {new.device} but the cache holds {old.dtype} on "
                                 f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
                                 f"and on one device")
-        return torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+        self.key, self.value = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+        return self.key, self.value
 
-    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Keep (all keys, all values) as returned by `extend`."""
-        self.key, self.value = key, value
 
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, H, S_new, d) keys/values; return everything cached so far."""
-        key, value = self.extend(key, value)
-        self.store(key, value)
-        return key, value
+@contextlib.contextmanager
+def unchanged_on_error(*caches: KVCache | None) -> Iterator[None]:
+    """Run a block that may fill or extend `caches`; if it raises, put every cache back as it was.
+
+    An update never writes into the tensors it replaces (torch.cat makes new ones), so keeping the
+    old references is enough to restore them.
+    """
+    saved = [(c, c.key, c.value, c.source) for c in caches if c is not None]
+    try:
+        yield
+    except BaseException:
+        for cache, key, value, source in saved:
+            cache.key, cache.value, cache.source = key, value, source
+        raise

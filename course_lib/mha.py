@@ -20,7 +20,7 @@ from torch import nn
 
 from course_lib._validate import autocast_on, check_bool, check_positive_int, check_probability, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
-from course_lib.kv_cache import KVCache
+from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.masks import with_causal
 
 __all__ = ["MultiHeadAttention", "split_heads", "merge_heads"]
@@ -257,19 +257,17 @@ class MultiHeadAttention(nn.Module):
         q = split_heads(q, self.num_heads)  # (B, H, T, d_head)
         k = None if k is None else split_heads(k, self.num_heads)  # (B, H, S_new, d_head)
         v = None if v is None else split_heads(v, self.num_heads)
-        fill = cache is not None and k is not None
-        if cache is not None:
-            k, v = (cache.key, cache.value) if k is None else cache.extend(k, v)  # (B, H, S, d_head), not stored yet
-
-        out, weights = attention_core(  # no second validation
-            q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
-        )  # (B, H, T, d_head), (B, H, T, S) or None
-        out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
-        if fill:  # only now that nothing can fail: a failed call leaves the cache as it was
-            cache.store(k, v)
-            if cache.static:
-                cache.source = key
-        return out, weights
+        with unchanged_on_error(cache):  # a failed call leaves the cache as it was
+            if cache is not None and k is not None:
+                k, v = cache.update(k, v)  # (B, H, S, d_head)
+                if cache.static:
+                    cache.source = key
+            elif cache is not None:
+                k, v = cache.key, cache.value  # a filled static cache: the memory's keys and values
+            out, weights = attention_core(  # no second validation
+                q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
+            )  # (B, H, T, d_head), (B, H, T, S) or None
+            return self.out_proj(merge_heads(out)), weights  # concat heads (B, T, d_model), then W_O
 
     # ----------------------------------------------------------------------------- conversions
     @classmethod

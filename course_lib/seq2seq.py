@@ -20,7 +20,7 @@ from torch import nn
 
 from course_lib._validate import check_bool, check_positive_int, check_probability, shape_str
 from course_lib.blocks import DecoderLayer, EncoderLayer
-from course_lib.kv_cache import KVCache
+from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 __all__ = ["Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode", "DecoderCaches"]
@@ -168,12 +168,13 @@ class Seq2SeqTransformer(nn.Module):
         offset = 0 if caches is None else len(caches[0][0])
         x = self.tgt_pos(self.tgt_embed(tgt) * math.sqrt(self.config.d_model), offset)  # (B, T, d_model)
         self_weights, cross_weights = [], []
-        for i, layer in enumerate(self.decoder_layers):
-            self_cache, cross_cache = (None, None) if caches is None else caches[i]
-            x, sw, cw = layer.run(x, memory, memory_mask=memory_mask, self_cache=self_cache, cross_cache=cross_cache,
-                                  need_weights=need_weights)
-            self_weights.append(sw)
-            cross_weights.append(cw)
+        with unchanged_on_error(*(c for pair in caches or () for c in pair)):  # every layer's caches, or none
+            for i, layer in enumerate(self.decoder_layers):
+                self_cache, cross_cache = (None, None) if caches is None else caches[i]
+                x, sw, cw = layer.run(x, memory, memory_mask=memory_mask, self_cache=self_cache,
+                                      cross_cache=cross_cache, need_weights=need_weights)
+                self_weights.append(sw)
+                cross_weights.append(cw)
         logits = self.generator(self.decoder_norm(x))  # (B, T, tgt_vocab)
         return (logits, self_weights, cross_weights) if need_weights else logits
 

@@ -167,3 +167,16 @@ def test_a_bad_json_config_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(path, torch.nn.Linear(3, 2))
     assert json.loads("{}") == {}
+
+
+def test_a_failed_decode_leaves_every_layers_caches_as_they_were():
+    model = Seq2SeqTransformer(Seq2SeqConfig(10, 12, d_model=16, num_heads=2, d_ff=32, num_encoder_layers=1,
+                                             num_decoder_layers=2, max_len=8)).eval()
+    memory, mask = model.encode(torch.tensor([[3, 4, 5]]))
+    caches = model.new_caches()
+    model.decode(torch.tensor([[1]]), memory, mask, caches=caches)
+    before = [(s.key, c.key) for s, c in caches]
+    bad_mask = torch.ones(1, 1, 1, 2, dtype=torch.bool)  # the memory has 3 positions
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.decode(torch.tensor([[2]]), memory, bad_mask, caches=caches)
+    assert all(s.key is k_self and c.key is k_cross for (s, c), (k_self, k_cross) in zip(caches, before, strict=True))
