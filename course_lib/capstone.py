@@ -24,8 +24,7 @@ from course_lib.toy_translation import load_split, source_vocab, target_vocab
 from course_lib.training import (
     batch_iterator,
     collate_pairs,
-    load_checkpoint,
-    read_checkpoint,
+    load_model,
     save_checkpoint,
     seq2seq_loss,
     set_seed,
@@ -60,10 +59,9 @@ def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *,
 
 def load_capstone(path: Path | str = CAPSTONE_PATH):
     """(model in eval mode, source vocab, target vocab, info) from the capstone checkpoint."""
-    _, info = read_checkpoint(path)
-    model = Seq2SeqTransformer(Seq2SeqConfig.from_dict(info["config"]))
-    load_checkpoint(path, model)
-    return model.eval(), source_vocab(), target_vocab(), info
+    model, info = load_model(path, lambda config: Seq2SeqTransformer(Seq2SeqConfig.from_dict(config)),
+                             "Seq2SeqTransformer")
+    return model, source_vocab(), target_vocab(), info
 
 
 def build_capstone_model(seed: int, **overrides):

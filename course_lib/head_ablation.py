@@ -31,7 +31,7 @@ from torch import nn
 from course_lib._validate import check_positive_int
 from course_lib.attention import scaled_dot_product_attention
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.training import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, train
+from course_lib.training import load_model, save_checkpoint, train
 
 __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
@@ -294,11 +294,4 @@ def save_head_model(path: Path | str, model: HeadGatedTransformer, *, metadata: 
 
 def load_head_model(path: Path | str) -> tuple[HeadGatedTransformer, dict]:
     """(model in eval mode, {"config", "metadata"}) from a checkpoint written by `save_head_model`."""
-    _, info = read_checkpoint(path)
-    try:
-        model = HeadGatedTransformer(**info["config"])
-    except TypeError as e:
-        raise CheckpointError(f"{Path(path).name} is not a HeadGatedTransformer checkpoint: its config "
-                              f"{info['config']} does not build one ({e})") from None
-    load_checkpoint(path, model)
-    return model.eval(), info
+    return load_model(path, lambda config: HeadGatedTransformer(**config), "HeadGatedTransformer")

@@ -35,7 +35,7 @@ from course_lib._validate import check_positive_int, shape_str
 
 __all__ = [
     "TrainResult", "set_seed", "train", "warmup_cosine", "collate_pairs", "batch_iterator", "seq2seq_loss",
-    "save_checkpoint", "read_checkpoint", "load_checkpoint", "CheckpointError",
+    "save_checkpoint", "read_checkpoint", "load_checkpoint", "load_model", "CheckpointError",
 ]
 
 CHECKPOINT_FORMAT = "course_lib.checkpoint/1"
@@ -232,6 +232,28 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
 def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
     """Load weights into `model` after checking every name and shape; return {"config", "metadata"}."""
     tensors, info = read_checkpoint(path)
+    _load_into(model, tensors, info, Path(path))
+    return info
+
+
+def load_model(path: Path | str, build: Callable[[dict], nn.Module], what: str = "model") -> tuple[nn.Module, dict]:
+    """(model in eval mode, {"config", "metadata"}): build(config) from the checkpoint's header, then its weights.
+
+    The file is read (and its checksum verified) once. A config that `build` rejects is a
+    CheckpointError that says the file is not a `what` checkpoint.
+    """
+    tensors, info = read_checkpoint(path)
+    try:
+        model = build(info["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(path).name} is not a {what} checkpoint: its config {info['config']} "
+                              f"does not build one ({e})") from None
+    _load_into(model, tensors, info, Path(path))
+    return model.eval(), info
+
+
+def _load_into(model: nn.Module, tensors: dict[str, torch.Tensor], info: dict, path: Path) -> None:
+    """Check every name, shape and dtype kind and that the weights are finite, then load them."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -257,4 +279,3 @@ def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
         raise CheckpointError(f"{Path(path).name} does not fit this model ({len(wrong)} shape mismatches): "
                               + "; ".join(problems) + "." + hint)
     model.load_state_dict(tensors)
-    return info
