@@ -25,7 +25,7 @@ from course_lib._validate import (
     check_qkv_shapes,
     shape_str,
 )
-from course_lib.masks import causal_mask, with_causal
+from course_lib.masks import causal_mask, check_mask, with_causal
 
 __all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask"]
 
@@ -44,21 +44,13 @@ def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[i
 
 
 def check_attn_mask(
-    attn_mask: object, scores_shape: tuple[int, ...], device: torch.device, allowed_ndim: tuple[int, ...] | None = None
+    attn_mask: object, scores_shape: tuple[int, ...], device: torch.device, module_ndim: bool = False
 ) -> torch.Tensor:
-    """A bool or additive float mask that broadcasts to the scores (..., T, S), on `device`, without NaN."""
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor (bool or float); got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise TypeError(
-            f"attn_mask must be boolean (True = may attend) or floating-point (added to the scores); got "
-            f"dtype {attn_mask.dtype} (for a 0/1 mask use mask.bool(); 1 = may attend)"
-        )
-    if allowed_ndim is not None and attn_mask.ndim not in allowed_ndim:
-        raise ValueError(
-            f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {attn_mask.ndim}-D "
-            f"{shape_str(attn_mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])"
-        )
+    """A bool or additive float mask that broadcasts to the scores (..., T, S), on `device`, without NaN.
+
+    module_ndim: only 2-D or 4-D masks, as MultiHeadAttention takes them (see `masks.check_mask`).
+    """
+    check_mask("attn_mask", attn_mask, module_ndim=module_ndim)
     check_mask_shape(tuple(attn_mask.shape), scores_shape, name="attn_mask")
     if attn_mask.device != device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {device}")

@@ -15,6 +15,7 @@ from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
 
 __all__ = [
     "causal_mask",
+    "check_mask",
     "with_causal",
     "padding_mask",
     "combine_masks",
@@ -39,14 +40,29 @@ def causal_mask(T: int, S: int | None = None, device: torch.device | str | None 
     return j <= i + (S - T)  # (T, S)
 
 
+def check_mask(name: str, mask: object, *, module_ndim: bool = False) -> torch.Tensor:
+    """A mask tensor, boolean (True = may attend) or floating-point (added to the scores).
+
+    module_ndim: also require 2-D (T, S) or 4-D (B|1, H|1, T|1, S), the shapes MultiHeadAttention
+    takes; a 3-D (B, T, S) mask would broadcast its batch axis against the heads.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (bool or float); got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"{name} must be boolean (True = may attend) or floating-point (added to the scores); got "
+                        f"dtype {mask.dtype} (for a 0/1 mask use mask.bool(); 1 = may attend)")
+    if module_ndim and mask.ndim not in (2, 4):
+        raise ValueError(f"{name} must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {mask.ndim}-D "
+                         f"{shape_str(mask.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])")
+    return mask
+
+
 def with_causal(mask: torch.Tensor | None, T: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
     """`mask` restricted to causal_mask(T, S): AND for a bool mask, -inf added for an additive float mask."""
     causal = causal_mask(T, S, device=device)  # (T, S)
     if mask is None:
         return causal
-    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
-        raise TypeError(f"mask must be None or a bool / floating-point torch.Tensor; got "
-                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    check_mask("mask", mask)
     if mask.ndim == 0 or mask.shape[-1] not in (1, S) or (mask.ndim >= 2 and mask.shape[-2] not in (1, T)):
         raise ValueError(f"mask of shape {shape_str(mask.shape)} does not broadcast to the (T, S) = ({T}, {S}) "
                          f"causal mask")
@@ -84,16 +100,8 @@ def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
     refused, because (B, T, S) would broadcast its batch axis against the heads.
     """
     for i, m in enumerate(masks):
-        if m is None:
-            continue
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"mask {i} must be a torch.Tensor (bool or float) or None; got {type(m).__name__}")
-        if m.dtype != torch.bool and not m.dtype.is_floating_point:
-            raise TypeError(f"mask {i} must be boolean (True = may attend) or floating-point (additive); "
-                            f"got dtype {m.dtype}")
-        if m.ndim not in (2, 4):
-            raise ValueError(f"mask {i} must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {m.ndim}-D "
-                             f"{shape_str(m.shape)} (a 3-D mask is ambiguous: add the head axis, mask[:, None])")
+        if m is not None:
+            check_mask(f"mask {i}", m, module_ndim=True)
     present = [m for m in masks if m is not None]
     if not present:
         return None

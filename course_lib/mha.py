@@ -169,7 +169,7 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             check_causal_lengths(is_causal, T, S, query.shape, key.shape)
         if attn_mask is not None:
-            check_attn_mask(attn_mask, (B, self.num_heads, T, S), query.device, allowed_ndim=(2, 4))
+            check_attn_mask(attn_mask, (B, self.num_heads, T, S), query.device, module_ndim=True)
         return B, T, S
 
     # ----------------------------------------------------------------------------- forward
