@@ -43,8 +43,8 @@ import torch.multiprocessing as mp
 
 from course_lib._validate import check_positive_int
 
-__all__ = ["launch", "Comm", "ring_allreduce_bytes", "saved_bytes", "init_from_env", "self_check_main",
-           "RankFailure"]
+__all__ = ["launch", "run_many", "Comm", "ring_allreduce_bytes", "saved_bytes", "time_steps", "init_from_env",
+           "self_check_main", "RankFailure", "demo_failure", "check_collectives"]
 
 
 class RankFailure(RuntimeError):
@@ -59,9 +59,10 @@ def _worker(rank: int, world_size: int, store_path: str, timeout: float, fn: Cal
     try:
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))
+                                timeout=timedelta(seconds=2 * timeout))  # launch's own deadline comes first
         try:
             value = fn(rank, world_size, *args)
+            dist.barrier()  # no rank leaves (closing its connections) while another still needs them
         finally:
             dist.destroy_process_group()
         results.put((rank, True, value))
@@ -123,11 +124,11 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, timeout: float = 
                 elif time.monotonic() > deadline:
                     waiting = [r for r in range(world_size) if r not in collected]
                     raise RankFailure(f"ranks {waiting} of {world_size} did not finish within timeout={timeout} s "
-                                      f"(a rank that waits for a message nobody sends hangs: all were stopped)")
+                                      f"(a rank waiting for a message nobody sends hangs; all were stopped)") from None
                 else:
                     continue
             if not ok:
-                raise RankFailure(f"rank {rank} of {world_size} failed:\n{value}")
+                raise RankFailure(_failure_report(rank, value, results, world_size))
             collected[rank] = value
     finally:
         started = [p for p in processes if p.pid is not None]
@@ -142,6 +143,76 @@ def launch(fn: Callable, world_size: int, args: tuple = (), *, timeout: float = 
         results.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return [collected[r] for r in range(world_size)]
+
+
+def run_many(rank: int, world_size: int, calls: list[tuple[Callable, dict]]) -> list:
+    """Run several functions fn(rank, world_size, **kwargs) one after the other in one launch.
+
+    Starting processes costs far more than a small check: `launch(run_many, R, (calls,))` pays once.
+    """
+    return [fn(rank, world_size, **kwargs) for fn, kwargs in calls]
+
+
+def demo_failure(rank: int, world_size: int, failing_rank: int = 1, mode: str = "raise") -> str:
+    """A launch that goes wrong on purpose: `failing_rank` raises ("raise") or never answers ("hang")
+    while the other ranks wait for a message from it. `launch` must report it, never hang."""
+    if rank == failing_rank:
+        if mode == "raise":
+            raise ValueError(f"rank {rank} failed on purpose (demo_failure)")
+        time.sleep(3600)  # "hang": a rank stuck in a long computation or a lost message
+    Comm().ring_shift(torch.zeros(1))  # waits for the failing rank, which never sends
+    return "unreachable"
+
+
+def check_collectives(rank: int, world_size: int, numel: int = 10) -> dict:
+    """Comm's ring all-reduce and all-gather against torch.distributed's own; bytes sent by this rank."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    comm = Comm()
+    ours = comm.all_reduce(x)
+    sent_all_reduce = comm.sent
+    theirs = x.clone()
+    dist.all_reduce(theirs)
+    gathered = comm.all_gather(x)
+    reference = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(reference, x)
+    return {"all_reduce error": float((ours - theirs).abs().max()),
+            "all_gather error": max(float((a - b).abs().max()) for a, b in zip(gathered, reference, strict=True)),
+            "all_reduce sent": sent_all_reduce, "all_gather sent": comm.sent - sent_all_reduce}
+
+
+def time_steps(step: Callable[[], object], repeats: int = 5, group: dist.ProcessGroup | None = None) -> float:
+    """Median seconds of step() over `repeats` runs after one warm-up, all ranks starting together."""
+    times = []
+    for i in range(repeats + 1):
+        dist.barrier(group)
+        start = time.perf_counter()
+        step()
+        dist.barrier(group)  # a step is over when the slowest rank is done
+        if i:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+_PEER_FAILED = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out")
+
+
+def _failure_report(rank: int, trace: str, results, world_size: int) -> str:
+    """Every failure reported within a second, the cause first.
+
+    When one rank fails, its neighbours soon fail too ("connection closed by peer"): those are
+    listed after the failures that did not come from a peer, so the message starts with the cause.
+    """
+    failures = {rank: trace}
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            other, ok, value = results.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if not ok:
+            failures[other] = value
+    order = sorted(failures, key=lambda r: (any(p in failures[r] for p in _PEER_FAILED), r))
+    return "\n".join(f"rank {r} of {world_size} failed:\n{failures[r]}" for r in order)
 
 
 def init_from_env() -> tuple[int, int]:

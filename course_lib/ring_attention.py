@@ -35,11 +35,11 @@ from torch import nn
 
 from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
-from course_lib.distributed import Comm, self_check_main
+from course_lib.distributed import Comm, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
-           "causal_work", "ring_bytes_per_step", "self_check", "LAYOUTS"]
+           "causal_work", "ring_bytes_per_step", "compare_case", "measure_step", "self_check", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -50,6 +50,7 @@ class SequenceLayout:
     """Which positions of a sequence of `length` each of the ranks holds (sorted, together all of them once)."""
 
     positions: tuple[torch.Tensor, ...]
+    piece_starts: tuple[tuple[int, ...], ...] | None = None  # local indices where a new piece begins
 
     @classmethod
     def make(cls, length: int, world_size: int, kind: str = "contiguous") -> SequenceLayout:
@@ -63,6 +64,8 @@ class SequenceLayout:
         elif kind == "zigzag":
             pieces = everything.tensor_split(2 * R)
             positions = tuple(torch.cat([pieces[r], pieces[2 * R - 1 - r]]) for r in range(R))
+            # two pieces even where they touch (the middle ranks): a causal mask treats them apart
+            return cls(positions, tuple((0, len(pieces[r])) for r in range(R)))
         elif kind == "striped":
             positions = tuple(everything[r::R] for r in range(R))
         else:
@@ -100,11 +103,15 @@ class SequenceLayout:
         return torch.cat(list(shards), dim=dim).index_select(dim, order)
 
     def runs(self, rank: int) -> list[tuple[int, int, int]]:
-        """Maximal runs of consecutive positions: (first local index, first position, run length)."""
+        """Runs of consecutive positions: (first local index, first position, run length).
+
+        Maximal runs, except that a new piece (`piece_starts`) starts a new run.
+        """
         p = self.positions[rank].tolist()
+        starts = set(self.piece_starts[rank]) if self.piece_starts else set()
         runs: list[tuple[int, int, int]] = []
         for i, pos in enumerate(p):
-            if runs and runs[-1][1] + runs[-1][2] == pos:
+            if runs and runs[-1][1] + runs[-1][2] == pos and i not in starts:
                 runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
             else:
                 runs.append((i, pos, 1))
@@ -368,7 +375,8 @@ class RingAttention(nn.Module):
                 got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must have shape (B, L, {feat}) (this rank's positions); got {got}")
         if attn_mask is not None and attn_mask.ndim not in (2, 4):
-            raise ValueError(f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got {shape_str(attn_mask.shape)}")
+            raise ValueError(f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got "
+                             f"{shape_str(attn_mask.shape)}")
         q = split_heads(mha.q_proj(query), mha.num_heads)  # (B, H, T_r, d_head)
         k = split_heads(mha.k_proj(key), mha.num_heads)  # (B, H, S_r, d_head)
         v = split_heads(mha.v_proj(value), mha.num_heads)
@@ -414,6 +422,39 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],
             "scores computed": ring.scores_computed}
+
+
+def measure_step(rank: int, world_size: int, *, B: int, T: int, d_model: int, heads: int, layout: str = "contiguous",
+                 is_causal: bool = True, repeats: int = 5) -> dict:
+    """Self-attention over T positions split R ways, forward + backward (the weight gradients summed).
+
+    Returns the median seconds per step, the bytes this rank sent, the score entries it computed
+    (forward) and the activation bytes autograd keeps on it (inputs and parameters not counted).
+    """
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model, heads)
+    x = torch.randn(B, T, d_model)
+    grad = torch.randn(B, T, d_model)
+    lay = SequenceLayout.make(T, world_size, layout)
+    x_local = lay.shard(x, rank).requires_grad_()
+    grad_local = lay.shard(grad, rank)
+    comm = Comm()
+    ring = RingAttention(mha, comm)
+
+    def step() -> None:
+        ring.zero_grad(set_to_none=True)
+        x_local.grad = None
+        ring(x_local, q_layout=lay, is_causal=is_causal).backward(grad_local)
+        ring.all_reduce_grads()
+
+    seconds = time_steps(step, repeats)
+    comm.reset()
+    step()
+    sent, weight_grads = comm.sent, sum(n for what, n, _ in comm.log if what.startswith("weight gradients"))
+    _, activations = saved_bytes(lambda: ring(x_local, q_layout=lay, is_causal=is_causal),
+                                 exclude=(x_local, *ring.parameters()))
+    return {"seconds": seconds, "sent per step": sent, "sent for weight gradients": weight_grads,
+            "scores computed": ring.scores_computed, "activation bytes": activations}
 
 
 DEFAULT_CASES = (

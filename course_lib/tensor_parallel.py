@@ -22,15 +22,14 @@ rank's shard; `to_module` gathers the shards back into a full module on every ra
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
-from course_lib.distributed import Comm, ring_allreduce_bytes, self_check_main
+from course_lib.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 
-__all__ = ["TensorParallelAttention", "tp_bytes_per_step", "self_check"]
+__all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
 
 
 class _CopyToShards(torch.autograd.Function):
@@ -137,7 +136,8 @@ class TensorParallelAttention(nn.Module):
                 raise TypeError(f"{name} must be {w.dtype} on {w.device} like the weights; got {t.dtype} on {t.device}")
         if not query.shape[0] == key.shape[0] == value.shape[0] or key.shape[1] != value.shape[1]:
             raise ValueError(f"query (B, T, .), key and value (B, S, .) must share B, and key and value S; got "
-                             f"query {shape_str(query.shape)}, key {shape_str(key.shape)}, value {shape_str(value.shape)}")
+                             f"query {shape_str(query.shape)}, key {shape_str(key.shape)}, "
+                             f"value {shape_str(value.shape)}")
         B, T, S = query.shape[0], query.shape[1], key.shape[1]
         check_causal_lengths(is_causal, T, S, query.shape, key.shape)
         if attn_mask is not None:
@@ -247,6 +247,33 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],
             "received": comm.received}
+
+
+def measure_step(rank: int, world_size: int, *, B: int, T: int, d_model: int, heads: int, repeats: int = 5) -> dict:
+    """Causal self-attention, forward + backward: median seconds per step, bytes sent, memory per rank.
+
+    "activation bytes": what autograd keeps for the backward pass (the input and the parameters
+    not counted: they exist before the step); "weight bytes": this rank's shard of the weights.
+    """
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(d_model, heads)
+    x = torch.randn(B, T, d_model, requires_grad=True)
+    grad = torch.randn(B, T, d_model)
+    comm = Comm()
+    tp = TensorParallelAttention.from_module(mha, comm)
+
+    def step() -> None:
+        tp.zero_grad(set_to_none=True)
+        x.grad = None
+        tp(x, is_causal=True).backward(grad)
+
+    seconds = time_steps(step, repeats)
+    comm.reset()
+    step()
+    sent = comm.sent
+    _, activations = saved_bytes(lambda: tp(x, is_causal=True), exclude=(x, *tp.parameters()))
+    weights = sum(p.numel() * p.element_size() for p in tp.parameters())
+    return {"seconds": seconds, "sent per step": sent, "activation bytes": activations, "weight bytes": weights}
 
 
 DEFAULT_CASES = (
