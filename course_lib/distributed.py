@@ -75,11 +75,12 @@ def _context():
 
     Both start clean processes that import `fn` by name (never fork a notebook kernel with its
     threads). forkserver imports torch once, in a server process, and forks every later rank from
-    it: a launch then starts in about a second instead of paying a torch import per rank.
+    it: a launch then starts in about a second instead of paying for torch's imports in every rank.
     """
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "course_lib.distributed"])
+        # torch.autograd's first backward imports symbolic_shapes (and sympy): seconds per rank, paid once here
+        ctx.set_forkserver_preload(["torch", "torch.fx.experimental.symbolic_shapes", "course_lib.distributed"])
         return ctx
     return mp.get_context("spawn")
 
