@@ -37,6 +37,7 @@ from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
 from course_lib.distributed import Comm, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
+from course_lib.parallel_check import example_case, max_abs_error, report
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
            "causal_work", "ring_bytes_per_step", "compare_case", "measure_step", "self_check", "LAYOUTS"]
@@ -385,15 +386,9 @@ class RingAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checks against one device
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().abs().max()) if a.numel() else 0.0
-
-
 def compare_case(rank: int, world_size: int, case: dict) -> dict:
     """One case: this rank's outputs and gradients vs the single module's; bytes vs the formula; work."""
-    from course_lib.tensor_parallel import _case_inputs  # the same modules, inputs and masks
-
-    mha, query, memory, mask, grad_out = _case_inputs(case)
+    mha, query, memory, mask, grad_out = example_case(case)
     is_causal = "is_causal" in case.get("mask", "").split()
     ref = mha(query, memory, attn_mask=mask, is_causal=is_causal)
     ref.backward(grad_out)
@@ -412,12 +407,12 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     out.backward(q_layout.shard(grad_out, rank))
     sent_backward = comm.sent - sent_forward
     ring.all_reduce_grads()
-    errors = {"out": _max_err(out, q_layout.shard(ref, rank)),
-              "grad query": _max_err(x.grad, q_layout.shard(ref_q_grad, rank))}
+    errors = {"out": max_abs_error(out, q_layout.shard(ref, rank)),
+              "grad query": max_abs_error(x.grad, q_layout.shard(ref_q_grad, rank))}
     if memory is not None:
-        errors["grad memory"] = _max_err(m.grad, kv_layout.shard(ref_m_grad, rank))
+        errors["grad memory"] = max_abs_error(m.grad, kv_layout.shard(ref_m_grad, rank))
     for (name, p), p_ref in zip(ring.attn.named_parameters(), mha.parameters(), strict=True):
-        errors[f"grad {name}"] = _max_err(p.grad, p_ref.grad)
+        errors[f"grad {name}"] = max_abs_error(p.grad, p_ref.grad)
     expected = ring_bytes_per_step(kv_layout, rank, query.shape[0], mha.d_model, 4)
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],
@@ -466,17 +461,7 @@ DEFAULT_CASES = (
 
 def self_check(rank: int, world_size: int, cases: tuple[dict, ...] = DEFAULT_CASES) -> str:
     """Every case of `compare_case`; a one-line verdict per case (rank 0's is printed)."""
-    lines = []
-    for case in cases:
-        result = compare_case(rank, world_size, case)
-        worst = max(result["errors"].values())
-        bytes_ok = (result["sent forward"], result["sent backward"]) == (result["expected forward"],
-                                                                         result["expected backward"])
-        verdict = "ok" if worst < 1e-5 and bytes_ok else "FAILED"
-        lines.append(f"[{verdict}] R={world_size} rank {rank} {case}: max error {worst:.1e}, bytes sent forward "
-                     f"{result['sent forward']} (formula {result['expected forward']}), backward "
-                     f"{result['sent backward']} (formula {result['expected backward']})")
-    return "\n".join(lines)
+    return report([compare_case(rank, world_size, case) for case in cases], world_size, rank)
 
 
 if __name__ == "__main__":

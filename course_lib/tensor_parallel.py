@@ -28,6 +28,7 @@ from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
+from course_lib.parallel_check import example_case, max_abs_error, report
 
 __all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
 
@@ -193,31 +194,9 @@ def tp_bytes_per_step(B: int, T: int, S: int, d_model: int, world_size: int, ele
 
 
 # ----------------------------------------------------------------------------- checks against one device
-def _case_inputs(case: dict, seed: int = 0):
-    """The same module, inputs and output gradient on every rank (same seed)."""
-    from course_lib.masks import causal_mask, combine_masks, padding_mask
-
-    gen = torch.Generator().manual_seed(seed)
-    B, T, S, D, H = case["B"], case["T"], case.get("S", case["T"]), case["d_model"], case["heads"]
-    torch.manual_seed(seed)
-    mha = MultiHeadAttention(D, H)
-    query = torch.randn(B, T, D, generator=gen, requires_grad=True)
-    memory = torch.randn(B, S, D, generator=gen, requires_grad=True) if case.get("cross") else None
-    lengths = [max(1, S - 2 * b) for b in range(B)]
-    words = case.get("mask", "").split()  # "padding", "causal" (a mask tensor), "is_causal" (the flag)
-    pad = padding_mask(lengths, S) if "padding" in words else None
-    causal = causal_mask(T, S) if "causal" in words else None
-    grad_out = torch.randn(B, T, D, generator=gen)
-    return mha, query, memory, combine_masks(pad, causal), grad_out
-
-
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().abs().max()) if a.numel() else 0.0
-
-
 def compare_case(rank: int, world_size: int, case: dict) -> dict:
     """One case: outputs, input and weight gradients of the shard vs the single module; bytes vs formula."""
-    mha, query, memory, mask, grad_out = _case_inputs(case)
+    mha, query, memory, mask, grad_out = example_case(case)
     ref = mha(query, memory, attn_mask=mask)  # the single-device module, in this process
     ref.backward(grad_out)
     ref_grads = {"query": query.grad.clone(), "memory": None if memory is None else memory.grad.clone()}
@@ -231,16 +210,17 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     out.backward(grad_out)
     sent_backward = comm.sent - sent_forward
     rows = slice(tp.h0 * tp.d_head, (tp.h0 + tp.local_heads) * tp.d_head)
-    errors = {"out": _max_err(out, ref), "grad query": _max_err(query.grad, ref_grads["query"])}
+    errors = {"out": max_abs_error(out, ref), "grad query": max_abs_error(query.grad, ref_grads["query"])}
     if memory is not None:
-        errors["grad memory"] = _max_err(memory.grad, ref_grads["memory"])
+        errors["grad memory"] = max_abs_error(memory.grad, ref_grads["memory"])
     for name in ("q_proj", "k_proj", "v_proj"):
-        errors[f"grad {name}.weight"] = _max_err(getattr(tp, name).weight.grad, getattr(mha, name).weight.grad[rows])
-        errors[f"grad {name}.bias"] = _max_err(getattr(tp, name).bias.grad, getattr(mha, name).bias.grad[rows])
-    errors["grad out_proj.weight"] = _max_err(tp.out_proj.weight.grad, mha.out_proj.weight.grad[:, rows])
-    errors["grad out_proj.bias"] = _max_err(tp.out_bias.grad, mha.out_proj.bias.grad)
+        shard, full = getattr(tp, name), getattr(mha, name)
+        errors[f"grad {name}.weight"] = max_abs_error(shard.weight.grad, full.weight.grad[rows])
+        errors[f"grad {name}.bias"] = max_abs_error(shard.bias.grad, full.bias.grad[rows])
+    errors["grad out_proj.weight"] = max_abs_error(tp.out_proj.weight.grad, mha.out_proj.weight.grad[:, rows])
+    errors["grad out_proj.bias"] = max_abs_error(tp.out_bias.grad, mha.out_proj.bias.grad)
     back = tp.to_module()
-    errors["to_module"] = max(_max_err(a, b) for a, b in zip(back.parameters(), mha.parameters(), strict=True))
+    errors["to_module"] = max(max_abs_error(a, b) for a, b in zip(back.parameters(), mha.parameters(), strict=True))
     B, T, D = query.shape
     S = T if memory is None else memory.shape[1]
     expected = tp_bytes_per_step(B, T, S, D, world_size, 4, self_attention=memory is None)
@@ -285,17 +265,7 @@ DEFAULT_CASES = (
 
 def self_check(rank: int, world_size: int, cases: tuple[dict, ...] = DEFAULT_CASES) -> str:
     """Every case of `compare_case`; a one-line verdict per case (rank 0's is printed)."""
-    lines = []
-    for case in cases:
-        result = compare_case(rank, world_size, case)
-        worst = max(result["errors"].values())
-        bytes_ok = (result["sent forward"], result["sent backward"]) == (result["expected forward"],
-                                                                         result["expected backward"])
-        verdict = "ok" if worst < 1e-5 and bytes_ok else "FAILED"
-        lines.append(f"[{verdict}] R={world_size} {case}: max error {worst:.1e}, bytes sent forward "
-                     f"{result['sent forward']} (formula {result['expected forward']}), backward "
-                     f"{result['sent backward']} (formula {result['expected backward']})")
-    return "\n".join(lines)
+    return report([compare_case(rank, world_size, case) for case in cases], world_size, rank)
 
 
 if __name__ == "__main__":

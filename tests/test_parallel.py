@@ -16,10 +16,13 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from course_lib import MultiHeadAttention
 from course_lib import ring_attention as ra
 from course_lib import tensor_parallel as tp
 from course_lib.distributed import (
+    Comm,
     RankFailure,
     check_collectives,
     demo_failure,
@@ -46,7 +49,7 @@ RING_CASES = [
     {"B": 1, "T": 7, "d_model": 16, "heads": 4, "mask": "causal", "layout": "striped"},
     {"B": 2, "T": 6, "S": 11, "d_model": 16, "heads": 4, "cross": True, "mask": "padding"},
 ]
-WORK = {"B": 1, "T": 64, "d_model": 16, "heads": 2, "repeats": 1}
+WORK = {"B": 1, "T": 64, "d_model": 16, "heads": 4, "repeats": 1}
 
 
 def _calls():
@@ -54,6 +57,7 @@ def _calls():
     calls += [(tp.compare_case, {"case": c}) for c in TP_CASES]
     calls += [(ra.compare_case, {"case": c}) for c in RING_CASES]
     calls += [(ra.measure_step, dict(WORK, layout=kind)) for kind in ("contiguous", "zigzag")]
+    calls += [(tp.measure_step, WORK)]
     return calls
 
 
@@ -68,7 +72,21 @@ def launched(request):
         "tp": [[r[1 + i] for r in per_rank] for i in range(n_tp)],  # [case][rank]
         "ring": [[r[1 + n_tp + i] for r in per_rank] for i in range(n_ring)],
         "work": {kind: [r[1 + n_tp + n_ring + j] for r in per_rank] for j, kind in enumerate(("contiguous", "zigzag"))},
+        "tp work": [r[-1] for r in per_rank],
     }
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A process group of one rank, in this process: the single-device baseline of the same code."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched rank does; tiny ops on a busy machine crawl with more threads
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
 
 
 def _assert_close(results):
@@ -130,6 +148,17 @@ def test_causal_work_is_uneven_contiguous_and_even_zigzag(launched):
     assert sum(zigzag) < sum(contiguous)
 
 
+def test_activation_memory_falls_as_one_over_R_against_one_rank(launched, one_rank):
+    R = launched["R"]
+    ring_one = ra.measure_step(0, 1, **dict(WORK, layout="contiguous"))["activation bytes"]
+    tp_one = tp.measure_step(0, 1, **WORK)
+    for r in launched["work"]["contiguous"]:
+        assert r["activation bytes"] * R == ring_one
+    for r in launched["tp work"]:
+        assert r["activation bytes"] * R == tp_one["activation bytes"]
+        assert r["weight bytes"] == (tp_one["weight bytes"] - 4 * 16) // R + 4 * 16  # W_O's bias on every rank
+
+
 def test_activation_memory_per_rank_falls_as_one_over_R(launched):
     R = launched["R"]
     single = ra.SequenceLayout.make(64, 1)  # the unsplit layout, for the arithmetic below
@@ -139,7 +168,7 @@ def test_activation_memory_per_rank_falls_as_one_over_R(launched):
     # saved per rank: the projections' outputs q, k, v (3 B T_r d_model), the heads' output and the
     # lse for the ring (B T_r d_model + B H T_r), the merged heads before W_O (B T_r d_model), in float32
     T_r = 64 // R
-    assert per_rank[0] == 4 * (3 * T_r * 16 + T_r * 16 + 2 * T_r + T_r * 16)
+    assert per_rank[0] == 4 * (3 * T_r * 16 + T_r * 16 + 4 * T_r + T_r * 16)
 
 
 def test_a_failing_rank_fails_the_launch_with_its_traceback():
@@ -226,3 +255,46 @@ def test_torchrun_runs_the_self_check(module):
                           capture_output=True, text=True, timeout=120, env=env, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("[ok]") == 3 and "FAILED" not in done.stdout
+
+
+# ----------------------------------------------------------------------------- one rank, in this process
+def test_one_rank_equals_the_module_and_converts_back(one_rank):
+    for compare in (tp.compare_case, ra.compare_case):
+        result = compare(0, 1, {"B": 2, "T": 5, "d_model": 16, "heads": 4, "mask": "padding"})
+        assert max(result["errors"].values()) < TOL and result["sent forward"] == result["sent backward"] == 0
+
+
+def test_bad_input_is_refused_with_the_argument_named(one_rank):
+    mha = MultiHeadAttention(16, 4)
+    shard = tp.TensorParallelAttention.from_module(mha)
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="query must have shape"):
+        shard(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match="attn_mask"):
+        shard(x, attn_mask=torch.ones(2, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="is_causal"):
+        shard(x, torch.randn(2, 7, 16), is_causal=True)
+    with pytest.raises(TypeError, match="mha must be"):
+        tp.TensorParallelAttention(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="dropout"):
+        tp.TensorParallelAttention.from_module(MultiHeadAttention(16, 4, dropout=0.1))(x)
+    ring = ra.RingAttention.from_module(mha)
+    layout = ra.SequenceLayout.make(5, 1)
+    with pytest.raises(ValueError, match="q must be this rank's shard"):
+        ring(torch.randn(2, 4, 16), q_layout=layout)
+    with pytest.raises(ValueError, match="q_layout is for 2 ranks"):
+        ring(x, q_layout=ra.SequenceLayout.make(5, 2))
+    with pytest.raises(ValueError, match="query must have shape"):
+        ring(torch.randn(2, 5, 8), q_layout=layout)
+    with pytest.raises(ValueError, match="is_causal"):
+        ring(x, torch.randn(2, 7, 16), q_layout=layout, kv_layout=ra.SequenceLayout.make(7, 1), is_causal=True)
+    with pytest.raises(ValueError, match="layout is for length 5"):
+        layout.shard(torch.randn(2, 6, 16), 0)
+
+
+def test_tensor_parallel_needs_whole_heads_per_rank(one_rank):
+    class TwoRanks(Comm):
+        world_size = 2  # a group of two, as far as the shard can tell
+
+    with pytest.raises(ValueError, match="num_heads=3 must be divisible"):
+        tp.TensorParallelAttention(MultiHeadAttention(12, 3), TwoRanks())
