@@ -190,6 +190,7 @@ class _Plan:
     kv_layout: SequenceLayout
     mask: torch.Tensor | None  # global, broadcastable to (B, H, T, S)
     is_causal: bool
+    device: torch.device
     scores_computed: int = 0  # entries of (query, key) scores this rank computed, forward
 
     def tiles(self, rank: int, owner: int) -> Iterator[tuple[slice, slice, torch.Tensor | None]]:
@@ -209,9 +210,8 @@ class _Plan:
                     cols = slice(None) if m.shape[-1] == 1 else slice(k_pos, k_pos + k_len)
                     tile = m[..., rows, cols]
                 if self.is_causal and k_pos + k_len - 1 > q_pos:  # the diagonal crosses this tile
-                    causal = (torch.arange(k_pos, k_pos + k_len)[None, :]
-                              <= torch.arange(q_pos, q_pos + q_len)[:, None])  # (q_len, k_len)
-                    causal = causal.to(self.mask.device if self.mask is not None else "cpu")
+                    causal = (torch.arange(k_pos, k_pos + k_len, device=self.device)[None, :]
+                              <= torch.arange(q_pos, q_pos + q_len, device=self.device)[:, None])  # (q_len, k_len)
                     if tile is None:
                         tile = causal
                     elif tile.dtype == torch.bool:
@@ -321,7 +321,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm
     check_causal_lengths(is_causal, T, S, (q.shape[0], T, q.shape[-1]), (k.shape[0], S, k.shape[-1]))
     if attn_mask is not None:
         check_attn_mask(attn_mask, (q.shape[0], q.shape[1], T, S), q.device)
-    plan = _Plan(q_layout, kv_layout, attn_mask, is_causal)
+    plan = _Plan(q_layout, kv_layout, attn_mask, is_causal, q.device)
     out = _RingAttentionFunction.apply(q, k, v, plan, comm)
     return out, plan.scores_computed
 

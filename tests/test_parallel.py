@@ -298,3 +298,14 @@ def test_tensor_parallel_needs_whole_heads_per_rank(one_rank):
 
     with pytest.raises(ValueError, match="num_heads=3 must be divisible"):
         tp.TensorParallelAttention(MultiHeadAttention(12, 3), TwoRanks())
+
+
+def test_ring_takes_an_additive_float_mask_like_the_module(one_rank):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 4)
+    x = torch.randn(2, 6, 16)
+    mask = torch.randn(2, 4, 6, 6).masked_fill(torch.rand(2, 4, 6, 6) < 0.3, float("-inf"))  # per head
+    mask[0, 1, 2] = float("-inf")  # a row with nothing to attend to: output 0 there, as in the module
+    layout = ra.SequenceLayout.make(6, 1, "zigzag")
+    out = ra.RingAttention.from_module(mha)(x, q_layout=layout, attn_mask=mask, is_causal=True)
+    torch.testing.assert_close(out, mha(x, attn_mask=mask, is_causal=True), atol=TOL, rtol=0)
