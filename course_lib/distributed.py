@@ -56,6 +56,11 @@ def _worker(rank: int, world_size: int, store_path: str, timeout: float, fn: Cal
             results) -> None:
     """What each spawned process runs: join the group, call fn, report (rank, ok, result or traceback)."""
     torch.set_num_threads(1)  # R processes on a few cores: one thread each, or they fight for the cores
+    # every rank is on this machine: talk over the loopback interface (gloo otherwise picks the interface of
+    # the machine's hostname, which on some laptops does not resolve)
+    loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
+    if loopback:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     try:
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
