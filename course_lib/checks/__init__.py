@@ -21,6 +21,7 @@ from course_lib.checks.nb08 import check_head_entropy, check_previous_token_scor
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
 from course_lib.checks.nb10 import check_online_softmax_step
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
+from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_token_output
 
 __all__ = [
     "CheckResult",
@@ -63,4 +64,8 @@ __all__ = [
     # 11 capstone
     "check_shift_targets",
     "check_greedy_decode",
+    # 99 errata of the sources
+    "check_sdpa_mask",
+    "check_heads_cost",
+    "check_token_output",
 ]
