@@ -10,9 +10,15 @@ from course_lib.paths import REPO_ROOT
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 
 
+APPENDIX = 99  # the errata of the sources: an appendix, last whatever notebooks the main sequence gains
+
+
 def test_notebooks_are_numbered_in_sequence():
     numbers = [int(p.name[:2]) for p in NOTEBOOKS]
-    assert numbers == list(range(len(numbers))), [p.name for p in NOTEBOOKS]
+    main = [n for n in numbers if n != APPENDIX]
+    assert main == list(range(len(main))), [p.name for p in NOTEBOOKS]
+    assert numbers.count(APPENDIX) <= 1, [p.name for p in NOTEBOOKS]
+    assert APPENDIX not in numbers or numbers[-1] == APPENDIX, [p.name for p in NOTEBOOKS]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

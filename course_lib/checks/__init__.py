@@ -22,6 +22,7 @@ from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores
 from course_lib.checks.nb10 import check_online_softmax_step
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
 from course_lib.checks.nb13 import check_merge_many, check_tp_cross_bytes, check_zigzag_positions
+from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_token_output
 
 __all__ = [
     "CheckResult",
@@ -68,4 +69,8 @@ __all__ = [
     "check_tp_cross_bytes",
     "check_merge_many",
     "check_zigzag_positions",
+    # 99 errata of the sources
+    "check_sdpa_mask",
+    "check_heads_cost",
+    "check_token_output",
 ]
