@@ -10,6 +10,7 @@ or if two notebook modules export the same name.
 """
 
 from course_lib.checks._core import CheckResult
+from course_lib.checks.nb00 import check_decoding_mask, check_mask_quiz, check_shape_predictions
 from course_lib.checks.nb01 import check_attention, check_masked_attention, check_scaled_scores, check_softmax
 from course_lib.checks.nb02 import check_attention_backward, check_softmax_backward, check_softmax_jacobian
 from course_lib.checks.nb03 import check_autograd_grads, check_torch_attention
@@ -24,6 +25,10 @@ from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
 
 __all__ = [
     "CheckResult",
+    # 00 setup and course map
+    "check_shape_predictions",
+    "check_decoding_mask",
+    "check_mask_quiz",
     # 01 attention in numpy
     "check_scaled_scores",
     "check_softmax",
