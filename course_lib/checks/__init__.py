@@ -11,7 +11,16 @@ or if two notebook modules export the same name.
 
 from course_lib.checks._core import CheckResult
 from course_lib.checks.nb00 import check_decoding_mask, check_mask_quiz, check_shape_predictions
-from course_lib.checks.nb01 import check_attention, check_masked_attention, check_scaled_scores, check_softmax
+from course_lib.checks.nb01 import (
+    check_additive_scores,
+    check_attention,
+    check_attention_dropout,
+    check_hand_example,
+    check_masked_attention,
+    check_scaled_scores,
+    check_score_variance,
+    check_softmax,
+)
 from course_lib.checks.nb02 import check_attention_backward, check_softmax_backward, check_softmax_jacobian
 from course_lib.checks.nb03 import check_autograd_grads, check_torch_attention
 from course_lib.checks.nb04 import check_merge_heads, check_mha_forward, check_mha_param_count, check_split_heads
@@ -34,6 +43,10 @@ __all__ = [
     "check_softmax",
     "check_attention",
     "check_masked_attention",
+    "check_hand_example",
+    "check_score_variance",
+    "check_additive_scores",
+    "check_attention_dropout",
     # 02 backprop through attention
     "check_softmax_jacobian",
     "check_softmax_backward",
