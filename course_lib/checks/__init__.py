@@ -21,7 +21,14 @@ from course_lib.checks.nb01 import (
     check_score_variance,
     check_softmax,
 )
-from course_lib.checks.nb02 import check_attention_backward, check_softmax_backward, check_softmax_jacobian
+from course_lib.checks.nb02 import (
+    check_attention_backward,
+    check_backward_quiz,
+    check_bias_backward,
+    check_softmax_backward,
+    check_softmax_jacobian,
+    check_softmax_temperature_backward,
+)
 from course_lib.checks.nb03 import check_autograd_grads, check_torch_attention
 from course_lib.checks.nb04 import check_merge_heads, check_mha_forward, check_mha_param_count, check_split_heads
 from course_lib.checks.nb05 import check_causal_padding_mask, check_masked_softmax, check_to_key_padding_mask
@@ -51,6 +58,9 @@ __all__ = [
     "check_softmax_jacobian",
     "check_softmax_backward",
     "check_attention_backward",
+    "check_softmax_temperature_backward",
+    "check_bias_backward",
+    "check_backward_quiz",
     # 03 numpy meets torch
     "check_torch_attention",
     "check_autograd_grads",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from course_lib.checks._core import CheckFailure, as_array, call, checker, require_result
+from course_lib.checks._core import CheckFailure, as_array, call, checker, multiple_choice, require_result
 
 __all__ = ["check_shape_predictions", "check_decoding_mask", "check_mask_quiz"]
 
@@ -158,17 +158,5 @@ def check_mask_quiz(fn: Callable) -> str:
     Your function: `fn() -> answers`, a string or tuple of three letters, e.g. "abc" or ("a", "b", "c"),
     one per question in the order asked. Says which answer is wrong and why.
     """
-    answer = call(fn)
-    require_result("your answers", answer)
-    if isinstance(answer, str):
-        answer = tuple(answer.replace(",", "").replace(" ", ""))
-    if not isinstance(answer, tuple | list) or len(answer) != len(_QUIZ):
-        raise CheckFailure(f"return three letters, e.g. 'abc'; got {answer!r}")
-    letters = [str(a).strip().lower() for a in answer]
-    for number, (letter, (right, why_not)) in enumerate(zip(letters, _QUIZ, strict=True), start=1):
-        if letter not in ("a", "b", "c"):
-            raise CheckFailure(f"question {number}: answer with a, b or c; got {answer[number - 1]!r}")
-        if letter != right:
-            reason = why_not.get(letter, "reread section 4")
-            raise CheckFailure(f"question {number}: '{letter}' is not it: {reason}.")
+    multiple_choice(call(fn), _QUIZ)
     return "all three answers are right"
