@@ -29,7 +29,13 @@ from course_lib.checks.nb02 import (
     check_softmax_jacobian,
     check_softmax_temperature_backward,
 )
-from course_lib.checks.nb03 import check_autograd_grads, check_torch_attention
+from course_lib.checks.nb03 import (
+    check_autograd_grads,
+    check_bias_grad_autograd,
+    check_padding_sdpa_call,
+    check_torch_attention,
+    check_torch_quiz,
+)
 from course_lib.checks.nb04 import check_merge_heads, check_mha_forward, check_mha_param_count, check_split_heads
 from course_lib.checks.nb05 import check_causal_padding_mask, check_masked_softmax, check_to_key_padding_mask
 from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
@@ -64,6 +70,9 @@ __all__ = [
     # 03 numpy meets torch
     "check_torch_attention",
     "check_autograd_grads",
+    "check_padding_sdpa_call",
+    "check_bias_grad_autograd",
+    "check_torch_quiz",
     # 04 multi-head attention
     "check_split_heads",
     "check_merge_heads",
