@@ -36,7 +36,15 @@ from course_lib.checks.nb03 import (
     check_torch_attention,
     check_torch_quiz,
 )
-from course_lib.checks.nb04 import check_merge_heads, check_mha_forward, check_mha_param_count, check_split_heads
+from course_lib.checks.nb04 import (
+    check_cross_mha_cost,
+    check_cross_mha_forward,
+    check_heads_quiz,
+    check_merge_heads,
+    check_mha_forward,
+    check_mha_param_count,
+    check_split_heads,
+)
 from course_lib.checks.nb05 import check_causal_padding_mask, check_masked_softmax, check_to_key_padding_mask
 from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
@@ -78,6 +86,9 @@ __all__ = [
     "check_merge_heads",
     "check_mha_forward",
     "check_mha_param_count",
+    "check_cross_mha_forward",
+    "check_cross_mha_cost",
+    "check_heads_quiz",
     # 05 masking and cross-attention
     "check_causal_padding_mask",
     "check_to_key_padding_mask",
