@@ -45,7 +45,12 @@ from course_lib.checks.nb04 import (
     check_mha_param_count,
     check_split_heads,
 )
-from course_lib.checks.nb05 import check_causal_padding_mask, check_masked_softmax, check_to_key_padding_mask
+from course_lib.checks.nb05 import (
+    check_causal_padding_mask,
+    check_future_leak_test,
+    check_masked_softmax,
+    check_to_key_padding_mask,
+)
 from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
@@ -93,6 +98,7 @@ __all__ = [
     "check_causal_padding_mask",
     "check_to_key_padding_mask",
     "check_masked_softmax",
+    "check_future_leak_test",
     # 06 transformer blocks
     "check_sinusoidal_encoding",
     "check_cached_attention_step",
