@@ -225,7 +225,8 @@ def test_heads_quiz_accepts_the_right_letters():
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda: "aba", "nothing mixes two tokens"), (lambda: "bca", "EQUIVARIANT"), (lambda: "bbb", "partitions"),
+    (lambda: "aba", "nothing mixes two tokens"), (lambda: "bca", "same q, k, v"),
+    (lambda: "baa", "head count changes nothing"), (lambda: "bbb", "partitions"),
 ])
 def test_heads_quiz_rejects_wrong_answers(wrong, words):
     result = checks.check_heads_quiz(wrong)

@@ -338,9 +338,9 @@ _HEADS_QUIZ = (
     ("b", {"a": "d_model = H * d_head, so each row of the wrong reshape is a d_head-slice of ONE token; nothing "
                 "mixes two tokens. Head 0 gets the first T*d_head numbers: tokens 0..T/H-1, each cut into H pieces",
            "c": "head 0 gets the first T*d_head numbers of the (T, d_model) array, which span T/H tokens, not one"}),
-    ("b", {"a": "the output does change: every row moves with its token, so the output is permuted the same way",
-           "c": "without masks or positional information self-attention is permutation EQUIVARIANT: permuting the "
-                "input rows permutes the output rows the same way"}),
+    ("b", {"a": "every head is permutation equivariant, so any number of them is: the head count changes nothing",
+           "c": "fusing the projections computes the same q, k, v; only a causal mask (or positions) ties the "
+                "output to the order of the tokens"}),
     ("a", {"b": "splitting into heads partitions the d_model x d_model matrices: 4 d_model^2 + 4 d_model for any H",
            "c": "the head count does not appear in the parameter count: 4 d_model^2 + 4 d_model"}),
 )
@@ -348,7 +348,7 @@ _HEADS_QUIZ = (
 
 @checker
 def check_heads_quiz(fn):
-    """Check the answers to three multiple-choice questions on splitting heads and equivariance.
+    """Check the answers to three multiple-choice questions on splitting heads, equivariance and parameters.
 
     Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
     question in the order asked. Says which answer is wrong and why.
