@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from course_lib import checks, numpy_ref
 
@@ -239,3 +240,134 @@ def test_masked_rejects_nan_on_fully_masked_row():
         result = checks.check_masked_attention(nan_on_empty_rows)
     assert not result.passed
     assert "nan" in result.message.lower() and "all -inf row" in result.message
+
+
+def masked_after_softmax(q, k, v, mask):
+    # softmax of all the scores, then the masked weights set to 0 and no renormalisation
+    w = numpy_ref.softmax(q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])) * mask
+    return w @ v, w
+
+
+def test_masked_rejects_masking_after_the_softmax():
+    result = checks.check_masked_attention(masked_after_softmax)
+    assert not result.passed and "masked after the softmax" in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- the worked example by hand
+def _hand(scale=2.0, soft=True, summed=True):
+    scores = np.array([4.0, 0.0, 0.0]) / scale
+    w = numpy_ref.softmax(scores) if soft else scores
+    products = w * np.array([10.0, 0.0, -10.0])
+    return lambda: (w, products.sum() if summed else products)
+
+
+def test_hand_example_accepts_three_digit_answers():
+    assert checks.check_hand_example(_hand()).passed
+    assert checks.check_hand_example(lambda: ([0.787, 0.107, 0.107], 6.81)).passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_hand(scale=1.0), "without the scaling"),
+    (_hand(scale=4.0), "divided by d_k"),
+    (_hand(soft=False), "scaled scores themselves"),
+    (_hand(summed=False), "their SUM"),
+    (lambda: ([0.787, 0.107, 0.107], 7.0), "out"),
+])
+def test_hand_example_rejects_planted_mistakes(wrong, words):
+    result = checks.check_hand_example(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- score variance
+def test_score_variance_accepts_the_product():
+    assert checks.check_score_variance(lambda d_k, var_q, var_k: var_q * var_k).passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda d_k, a, b: d_k * a * b, "without the scaling"),
+    (lambda d_k, a, b: a + b, "PRODUCT"),
+    (lambda d_k, a, b: np.sqrt(a * b), "standard deviations"),
+    (lambda d_k, a, b: a * b / d_k, "divided by d_k twice"),
+    (lambda d_k, a, b: 1.0, "differs from the reference"),
+    (lambda d_k, a, b: np.array([a, b]), "one number"),
+])
+def test_score_variance_rejects_planted_mistakes(wrong, words):
+    result = checks.check_score_variance(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- additive scores
+def additive_ref(q, k, W_q, W_k, w):
+    return np.tanh((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w
+
+
+def test_additive_scores_accepts_reference():
+    assert checks.check_additive_scores(additive_ref).passed
+
+
+def _additive_forgot_T(q, k, W_q, W_k, w):
+    if W_q.shape[0] != W_q.shape[1]:
+        return additive_ref(q, k, W_q, W_k, w)  # right where a forgotten .T would crash
+    return np.tanh((q @ W_q)[:, None, :] + (k @ W_k)[None, :, :]) @ w
+
+
+def _additive_mutating(q, k, W_q, W_k, w):
+    W_q *= 0  # changes the learner's copy only: the checker compares with its own reference
+    return additive_ref(q, k, W_q, W_k, w)
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_additive_forgot_T, "forgot .T"),
+    (lambda q, k, W_q, W_k, w: ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w, "no tanh"),
+    (lambda q, k, W_q, W_k, w: additive_ref(q, k, W_q, W_k, w).T, "(S, T)"),
+    (lambda q, k, W_q, W_k, w: np.tanh(q @ W_q.T + k @ W_k.T) @ w, "raised"),
+    (_additive_mutating, "differs"),
+])
+def test_additive_scores_rejects_planted_mistakes(wrong, words):
+    result = checks.check_additive_scores(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- attention dropout
+def dropout_ref(q, k, v, keep, p):
+    w = numpy_ref.softmax(q @ k.T / np.sqrt(q.shape[-1]))
+    return (w * keep / (1 - p)) @ v, w
+
+
+def _dropout_variant(kind):
+    def fn(q, k, v, keep, p):
+        scores = q @ k.T / np.sqrt(q.shape[-1])
+        w = numpy_ref.softmax(scores)
+        dropped = w * keep
+        if kind == "no scaling":
+            return dropped @ v, w
+        if kind == "times 1-p":
+            return dropped * (1 - p) @ v, w
+        if kind == "renormalised":
+            return dropped / dropped.sum(-1, keepdims=True) @ v, w
+        if kind == "before softmax":
+            return numpy_ref.softmax(np.where(keep, scores, -np.inf)) @ v, w
+        if kind == "dropped weights returned":
+            return dropped / (1 - p) @ v, dropped / (1 - p)
+        if kind == "mutates keep":
+            keep[:] = True  # its copy only: the checker's keep is intact, so the output is wrong
+            return dropout_ref(q, k, v, keep, p)
+        raise AssertionError(kind)
+    return fn
+
+
+def test_attention_dropout_accepts_reference():
+    assert checks.check_attention_dropout(dropout_ref).passed
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("no scaling", "inverted-dropout scaling"),
+    ("times 1-p", "DIVIDES"),
+    ("renormalised", "renormalised"),
+    ("before softmax", "before the softmax, with -inf"),
+    ("dropped weights returned", "AFTER dropout"),
+    ("mutates keep", "differs"),
+])
+def test_attention_dropout_rejects_planted_mistakes(kind, words):
+    result = checks.check_attention_dropout(_dropout_variant(kind))
+    assert not result.passed and words in result.message, result.message

@@ -207,3 +207,86 @@ def test_a_torch_answer_that_still_requires_grad_is_checked_not_crashed():
 
     result = checks.check_softmax_jacobian(jacobian_in_torch)
     assert result.passed, result.message
+
+
+# ----------------------------------------------------------------------------- softmax with a temperature
+def temperature_ref(x, tau, d_p):
+    p = nr.softmax(x / tau)
+    return p * (d_p - np.sum(d_p * p, axis=-1, keepdims=True)) / tau
+
+
+def test_softmax_temperature_backward_accepts_reference():
+    assert checks.check_softmax_temperature_backward(temperature_ref).passed
+
+
+def _temperature_mutating(x, tau, d_p):
+    d_p *= 0  # its copy only: the checker's d_p and reference are intact, so this answer is simply wrong
+    return temperature_ref(x, tau, d_p)
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda x, tau, d_p: temperature_ref(x, tau, d_p) * tau, "chain rule"),
+    (lambda x, tau, d_p: temperature_ref(x, tau, d_p) * tau * tau, "multiplied by tau"),
+    (lambda x, tau, d_p: temperature_ref(x, 1.0, d_p) / tau, "without the temperature"),
+    (lambda x, tau, d_p: nr.softmax(x / tau), "forward pass"),
+    (_temperature_mutating, "differs"),
+])
+def test_softmax_temperature_backward_rejects_planted_mistakes(wrong, words):
+    result = checks.check_softmax_temperature_backward(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- gradient of an additive bias
+def bias_ref(q, k, v, bias, d_out, *, scale_bias=False, skip_softmax=False, no_sum=False, dv_no_T=False,
+             dk_no_T=False):
+    d = q.shape[-1]
+    p = nr.softmax(q @ k.T / np.sqrt(d) + bias)
+    dp = d_out @ v.T
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    d_bias = dp if skip_softmax else ds / np.sqrt(d) if scale_bias else ds
+    if bias.shape[0] == 1 and not no_sum:
+        d_bias = d_bias.sum(axis=0, keepdims=True)
+    dv = p @ d_out if dv_no_T else p.T @ d_out
+    dk = ds @ q / np.sqrt(d) if dk_no_T else ds.T @ q / np.sqrt(d)
+    return ds @ k / np.sqrt(d), dk, dv, d_bias
+
+
+def test_bias_backward_accepts_reference():
+    assert checks.check_bias_backward(bias_ref).passed
+
+
+def _bias_mutating(q, k, v, bias, d_out):
+    bias[...] = 0.0  # changes its copy; the checker's reference uses the real bias
+    return bias_ref(q, k, v, bias, d_out)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(scale_bias=True), "no 1/sqrt(d)"),
+    (dict(skip_softmax=True), "skips the softmax backward"),
+    (dict(no_sum=True), "SUMMED"),
+    (dict(dv_no_T=True), "forgot .T: dv = P.T"),
+    (dict(dk_no_T=True), "forgot .T: dk = dS.T"),
+])
+def test_bias_backward_rejects_planted_mistakes(options, words):
+    result = checks.check_bias_backward(lambda *args: bias_ref(*args, **options))
+    assert not result.passed and words in result.message, result.message
+
+
+def test_bias_backward_rejects_a_mutating_answer_and_a_triple():
+    assert not checks.check_bias_backward(_bias_mutating).passed
+    result = checks.check_bias_backward(lambda *args: bias_ref(*args)[:3])
+    assert not result.passed and "four arrays" in result.message
+
+
+# ----------------------------------------------------------------------------- quiz
+def test_backward_quiz_accepts_the_right_letters():
+    assert checks.check_backward_quiz(lambda: "cbc").passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda: "abc", "question 1"), (lambda: "cac", "O(T S^2)"), (lambda: "ccc", "ratio is S"),
+    (lambda: "cbb", "FORWARD difference"), (lambda: "cba", "u^(2/3)"), (lambda: "cb", "3 letters"),
+])
+def test_backward_quiz_rejects_wrong_answers(wrong, words):
+    result = checks.check_backward_quiz(wrong)
+    assert not result.passed and words in result.message, result.message

@@ -147,3 +147,94 @@ def test_compare_accepts_numpy_or_tensor_gradients():
         return tuple(g.numpy() for g in autograd_grads(q, k, v, d_out, mask))
 
     assert checks.check_autograd_grads(as_numpy).passed
+
+
+# ----------------------------------------------------------------------------- padding mask for F.sdpa
+def padding_ref(q, k, v, lengths, *, invert=False, as_float=False, flat=False):
+    real = torch.arange(k.shape[-2])[None, :] < lengths[:, None]  # (B, S)
+    mask = real if flat else real[:, None, None, :]
+    if invert:
+        mask = ~mask
+    if as_float:
+        mask = mask.double()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_padding_sdpa_call_accepts_reference():
+    assert checks.check_padding_sdpa_call(padding_ref).passed
+
+
+def _padding_mutating(q, k, v, lengths):
+    lengths.fill_(k.shape[-2])  # its copy only: the checker still expects the real lengths
+    return padding_ref(q, k, v, lengths)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(invert=True), "polarity is inverted"),
+    (dict(as_float=True), "float 0/1 tensor"),
+    (dict(flat=True), "(B, 1, 1, S)"),
+])
+def test_padding_sdpa_call_rejects_planted_mistakes(options, words):
+    result = checks.check_padding_sdpa_call(lambda *args: padding_ref(*args, **options))
+    assert not result.passed and words in result.message, result.message
+
+
+def test_padding_sdpa_call_rejects_a_mutating_answer_and_a_numpy_result():
+    assert not checks.check_padding_sdpa_call(_padding_mutating).passed
+    result = checks.check_padding_sdpa_call(lambda *args: padding_ref(*args).numpy())
+    assert not result.passed and "torch.Tensor" in result.message
+
+
+# ----------------------------------------------------------------------------- d(bias) by autograd
+def bias_grad_ref(q, k, v, bias, d_out, *, of_sum=False, float32=False, expand=False):
+    if float32:
+        q, k, v, bias, d_out = (t.float() for t in (q, k, v, bias, d_out))
+    leaf = bias.expand(q.shape[0], q.shape[1], k.shape[1]).clone() if expand else bias.clone()
+    leaf.requires_grad_(True)
+    out = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + leaf, dim=-1) @ v
+    (out.sum() if of_sum else (out * d_out).sum()).backward()
+    return leaf.grad
+
+
+def test_bias_grad_autograd_accepts_reference_and_sdpa():
+    assert checks.check_bias_grad_autograd(bias_grad_ref).passed
+
+    def with_sdpa(q, k, v, bias, d_out):
+        bias = bias.clone().requires_grad_(True)
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(d_out)
+        return bias.grad
+    assert checks.check_bias_grad_autograd(with_sdpa).passed
+
+
+def _bias_mutating(q, k, v, bias, d_out):
+    d_out.zero_()
+    return bias_grad_ref(q, k, v, bias, d_out)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(of_sum=True), "out.sum()"),
+    (dict(float32=True), "float32"),
+    (dict(expand=True), "SUMMED"),
+])
+def test_bias_grad_autograd_rejects_planted_mistakes(options, words):
+    result = checks.check_bias_grad_autograd(lambda *args: bias_grad_ref(*args, **options))
+    assert not result.passed and words in result.message, result.message
+
+
+def test_bias_grad_autograd_rejects_a_mutating_answer_and_a_missing_grad():
+    assert not checks.check_bias_grad_autograd(_bias_mutating).passed
+    result = checks.check_bias_grad_autograd(lambda q, k, v, bias, d_out: bias.grad)
+    assert not result.passed and "requires_grad_(True)" in result.message
+
+
+# ----------------------------------------------------------------------------- quiz
+def test_torch_quiz_accepts_the_right_letters():
+    assert checks.check_torch_quiz(lambda: "bab").passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda: "aab", "float64"), (lambda: "bbb", "top-left"), (lambda: "baa", "ADDED"), (lambda: "ba", "3 letters"),
+])
+def test_torch_quiz_rejects_wrong_answers(wrong, words):
+    result = checks.check_torch_quiz(wrong)
+    assert not result.passed and words in result.message, result.message

@@ -75,6 +75,15 @@ def test_mha_forward_accepts_reference(solution):
     assert result.passed, result.message
 
 
+def _no_transpose_split(x, w_q, w_k, w_v, w_o, num_heads, mask=None):
+    B, T, D = x.shape
+    q, k, v = ((x @ w.T).reshape(B, num_heads, T, D // num_heads) for w in (w_q, w_k, w_v))  # no transpose
+    scores = q @ k.transpose(-2, -1) / (D // num_heads) ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return merge_ref(torch.softmax(scores, dim=-1) @ v) @ w_o.T
+
+
 def _variant(**changes):
     def fn(x, w_q, w_k, w_v, w_o, num_heads, mask=None):
         return nb04._mha_variant(x, w_q, w_k, w_v, w_o, num_heads, mask=None if changes.get("ignore_mask") else mask,
@@ -89,6 +98,8 @@ def _variant(**changes):
     (_variant(out_proj=False), "W_O is missing"),
     (_variant(heads=False), "ONE head"),
     (_variant(ignore_mask=True), "the mask is ignored"),
+    (lambda x, wq, wk, wv, wo, H, mask=None: mha_ref(x, wq.T, wk.T, wv.T, wo.T, H, mask), "forgot .T"),
+    (lambda x, wq, wk, wv, wo, H, mask=None: _no_transpose_split(x, wq, wk, wv, wo, H, mask), "without the transpose"),
     (lambda *args, **kw: mha_ref(*args, **kw).float() + 1e-3, "differs from the reference"),
     (lambda *args, **kw: mha_ref(*args, **kw).numpy(), "should be a torch.Tensor"),
 ])
@@ -119,4 +130,104 @@ def test_param_count_accepts_reference_and_torch():
 ])
 def test_param_count_rejects_planted_mistakes(wrong, words):
     result = checks.check_mha_param_count(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- cross-attention, d_v != d_k
+def cross_ref(x, memory, w_q, w_k, w_v, w_o, num_heads, *, split_T=True, merge_T=True, forgot_T=False,
+              scale_by=None, keys_from_x=False):
+    B, T, S, H = x.shape[0], x.shape[1], memory.shape[1], num_heads
+    d_k, d_v = w_q.shape[0] // H, w_v.shape[0] // H
+    kv_input = x if keys_from_x else memory
+
+    def proj(t, w):
+        return t @ w if forgot_T else t @ w.T
+
+    def split(t, L, d):
+        return t.reshape(B, L, H, d).transpose(1, 2) if split_T else t.reshape(B, H, L, d)
+
+    q, k, v = split(proj(x, w_q), T, d_k), split(proj(kv_input, w_k), S, d_k), split(proj(kv_input, w_v), S, d_v)
+    scale = {"d_v": d_v, "d_model": x.shape[-1]}.get(scale_by, d_k) ** -0.5
+    heads = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v  # (B, H, T, d_v)
+    merged = heads.transpose(1, 2).reshape(B, T, H * d_v) if merge_T else heads.reshape(B, T, H * d_v)
+    return proj(merged, w_o)
+
+
+def test_cross_mha_forward_accepts_reference_and_course_lib_sdpa():
+    assert checks.check_cross_mha_forward(cross_ref).passed
+
+    def with_sdpa(x, memory, w_q, w_k, w_v, w_o, H):
+        from course_lib.attention import scaled_dot_product_attention
+        from course_lib.mha import merge_heads, split_heads
+        out = scaled_dot_product_attention(split_heads(x @ w_q.T, H), split_heads(memory @ w_k.T, H),
+                                           split_heads(memory @ w_v.T, H))
+        return merge_heads(out) @ w_o.T
+    assert checks.check_cross_mha_forward(with_sdpa).passed
+
+
+def _cross_mutating(x, memory, w_q, w_k, w_v, w_o, H):
+    memory.zero_()  # its copy only: the checker's reference uses the real memory
+    return cross_ref(x, memory, w_q, w_k, w_v, w_o, H)
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(split_T=False), "reshaped to (B, H, T, d_head) without the transpose"),
+    (dict(merge_T=False), "without transposing back"),
+    (dict(forgot_T=True), "forgot .T"),
+    (dict(scale_by="d_v"), "sqrt(d_v)"),
+    (dict(scale_by="d_model"), "sqrt(d_model)"),
+    (dict(keys_from_x=True), "keys and values come from x"),
+])
+def test_cross_mha_forward_rejects_planted_mistakes(options, words):
+    def wrong(*args):
+        try:
+            return cross_ref(*args, **options)
+        except RuntimeError:  # the mistake cannot run on these shapes: answer right so the checker moves on
+            return cross_ref(*args)
+    result = checks.check_cross_mha_forward(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+def test_cross_mha_forward_rejects_a_mutating_answer():
+    result = checks.check_cross_mha_forward(_cross_mutating)
+    assert not result.passed and "differs" in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- cost on paper
+def cost_ref(B, T, S, d_model, H, d_k, d_v, kdim, vdim, *, bias=True, kv_size=None, value_dk=False, fma=2, TT=False):
+    kdim, vdim = (kv_size, kv_size) if kv_size else (kdim, vdim)
+    dv = d_k if value_dk else d_v
+    params = H * d_k * (d_model + kdim) + H * dv * vdim + d_model * H * dv
+    params += (2 * H * d_k + H * dv + d_model) if bias else 0
+    return params, fma * B * H * T * (T if TT else S) * (d_k + d_v)
+
+
+def test_cross_mha_cost_accepts_reference():
+    assert checks.check_cross_mha_cost(cost_ref).passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda *c: cost_ref(*c, bias=False), "biases are missing"),
+    (lambda *c: cost_ref(*c, kv_size=c[3]), "kdim and vdim"),
+    (lambda *c: cost_ref(*c, value_dk=True), "value heads have their own size"),
+    (lambda *c: cost_ref(*c, fma=1), "multiply-add as 1 FLOP"),
+    (lambda *c: cost_ref(*c, TT=True), "T x S"),
+    (lambda *c: cost_ref(*c)[0], "pair"),
+])
+def test_cross_mha_cost_rejects_planted_mistakes(wrong, words):
+    result = checks.check_cross_mha_cost(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- quiz
+def test_heads_quiz_accepts_the_right_letters():
+    assert checks.check_heads_quiz(lambda: "bba").passed
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda: "aba", "nothing mixes two tokens"), (lambda: "bca", "same q, k, v"),
+    (lambda: "baa", "head count changes nothing"), (lambda: "bbb", "partitions"),
+])
+def test_heads_quiz_rejects_wrong_answers(wrong, words):
+    result = checks.check_heads_quiz(wrong)
     assert not result.passed and words in result.message, result.message

@@ -85,3 +85,63 @@ def test_masked_softmax_accepts_reference_and_course_lib_safe_softmax():
 def test_masked_softmax_rejects_planted_mistakes(wrong, words):
     result = checks.check_masked_softmax(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+def _after_softmax(renormalise):
+    def fn(s, m):
+        w = torch.softmax(s.double(), dim=-1) * m
+        return w / w.sum(-1, keepdim=True) if renormalise else w
+    return fn
+
+
+@pytest.mark.parametrize("renormalise, words", [(False, "masked after the softmax"), (True, "renormalising")])
+def test_masked_softmax_names_masking_after_the_softmax(renormalise, words):
+    result = checks.check_masked_softmax(_after_softmax(renormalise))
+    assert not result.passed and words in result.message, result.message
+
+
+def test_masked_softmax_rejects_a_mutating_answer():
+    def mutating(s, m):
+        m.fill_(True)  # its copy only
+        return softmax_ref(s, m)
+    assert not checks.check_masked_softmax(mutating).passed
+
+
+# ----------------------------------------------------------------------------- a test for future leaks
+def leak_test_ref(layer, T, d, *, atol=0.0, neighbour_only=False, perturb_past=False):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, d, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    for i in range(T - 1):
+        x2 = x.clone()
+        start = 0 if perturb_past else i + 1
+        stop = i + 2 if neighbour_only else T  # the mistake: perturb only the next position ...
+        x2[:, start:stop] += torch.randn(1, stop - start, d, generator=gen, dtype=torch.float64)
+        seen = slice(i, i + 1) if neighbour_only else slice(0, i + 1)  # ... and look only at output i
+        if not torch.allclose(layer(x2)[:, seen], y[:, seen], atol=atol, rtol=0):
+            return True
+    return False
+
+
+def test_future_leak_test_accepts_reference():
+    assert checks.check_future_leak_test(leak_test_ref).passed
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(perturb_past=True), "reports a leak"),
+    (dict(atol=1e-4), "tolerance is too loose"),
+    (dict(neighbour_only=True), "checks too few positions"),
+])
+def test_future_leak_test_rejects_planted_mistakes(options, words):
+    result = checks.check_future_leak_test(lambda layer, T, d: leak_test_ref(layer, T, d, **options))
+    assert not result.passed and words in result.message, result.message
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (lambda layer, T, d: True, "reports a leak"),
+    (lambda layer, T, d: False, "missed"),
+    (lambda layer, T, d: "no", "return True"),
+])
+def test_future_leak_test_rejects_constant_answers(wrong, words):
+    result = checks.check_future_leak_test(wrong)
+    assert not result.passed and words in result.message, result.message

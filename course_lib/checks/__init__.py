@@ -10,11 +10,47 @@ or if two notebook modules export the same name.
 """
 
 from course_lib.checks._core import CheckResult
-from course_lib.checks.nb01 import check_attention, check_masked_attention, check_scaled_scores, check_softmax
-from course_lib.checks.nb02 import check_attention_backward, check_softmax_backward, check_softmax_jacobian
-from course_lib.checks.nb03 import check_autograd_grads, check_torch_attention
-from course_lib.checks.nb04 import check_merge_heads, check_mha_forward, check_mha_param_count, check_split_heads
-from course_lib.checks.nb05 import check_causal_padding_mask, check_masked_softmax, check_to_key_padding_mask
+from course_lib.checks.nb00 import check_decoding_mask, check_mask_quiz, check_shape_predictions
+from course_lib.checks.nb01 import (
+    check_additive_scores,
+    check_attention,
+    check_attention_dropout,
+    check_hand_example,
+    check_masked_attention,
+    check_scaled_scores,
+    check_score_variance,
+    check_softmax,
+)
+from course_lib.checks.nb02 import (
+    check_attention_backward,
+    check_backward_quiz,
+    check_bias_backward,
+    check_softmax_backward,
+    check_softmax_jacobian,
+    check_softmax_temperature_backward,
+)
+from course_lib.checks.nb03 import (
+    check_autograd_grads,
+    check_bias_grad_autograd,
+    check_padding_sdpa_call,
+    check_torch_attention,
+    check_torch_quiz,
+)
+from course_lib.checks.nb04 import (
+    check_cross_mha_cost,
+    check_cross_mha_forward,
+    check_heads_quiz,
+    check_merge_heads,
+    check_mha_forward,
+    check_mha_param_count,
+    check_split_heads,
+)
+from course_lib.checks.nb05 import (
+    check_causal_padding_mask,
+    check_future_leak_test,
+    check_masked_softmax,
+    check_to_key_padding_mask,
+)
 from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
@@ -26,27 +62,45 @@ from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_toke
 
 __all__ = [
     "CheckResult",
+    # 00 setup and course map
+    "check_shape_predictions",
+    "check_decoding_mask",
+    "check_mask_quiz",
     # 01 attention in numpy
     "check_scaled_scores",
     "check_softmax",
     "check_attention",
     "check_masked_attention",
+    "check_hand_example",
+    "check_score_variance",
+    "check_additive_scores",
+    "check_attention_dropout",
     # 02 backprop through attention
     "check_softmax_jacobian",
     "check_softmax_backward",
     "check_attention_backward",
+    "check_softmax_temperature_backward",
+    "check_bias_backward",
+    "check_backward_quiz",
     # 03 numpy meets torch
     "check_torch_attention",
     "check_autograd_grads",
+    "check_padding_sdpa_call",
+    "check_bias_grad_autograd",
+    "check_torch_quiz",
     # 04 multi-head attention
     "check_split_heads",
     "check_merge_heads",
     "check_mha_forward",
     "check_mha_param_count",
+    "check_cross_mha_forward",
+    "check_cross_mha_cost",
+    "check_heads_quiz",
     # 05 masking and cross-attention
     "check_causal_padding_mask",
     "check_to_key_padding_mask",
     "check_masked_softmax",
+    "check_future_leak_test",
     # 06 transformer blocks
     "check_sinusoidal_encoding",
     "check_cached_attention_step",

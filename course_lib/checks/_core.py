@@ -35,6 +35,7 @@ __all__ = [
     "is_close",
     "diagnose",
     "to_numpy",
+    "multiple_choice",
 ]
 
 # The default tolerances of is_close and compare. The exercises compute in float64, where a correct
@@ -228,3 +229,22 @@ def _too_few_digits(dtype, rtol: float, err: float, expected: np.ndarray) -> str
         return ""  # a real mistake, not rounding
     return (f" Your answer is {dtype}, which keeps about {np.finfo(dtype).precision} significant digits: "
             f"compute in float64, like the inputs.")
+
+
+def multiple_choice(answer, key: tuple[tuple[str, Mapping[str, str]], ...], *, letters: str = "abc") -> None:
+    """Check a learner's letters against `key`, one (right letter, {wrong letter: why not}) per question.
+
+    `answer` may be a string ("bca", "b, c, a") or a tuple/list of letters, in the order the questions
+    were asked. Raises CheckFailure naming the first wrong question and why its answer is wrong.
+    """
+    require_result("your answers", answer)
+    if isinstance(answer, str):
+        answer = tuple(answer.replace(",", "").replace(" ", ""))
+    if not isinstance(answer, tuple | list) or len(answer) != len(key):
+        raise CheckFailure(f"return {len(key)} letters, e.g. '{letters[:1] * len(key)}'; got {answer!r}")
+    for number, (given, (right, why_not)) in enumerate(zip(answer, key, strict=True), start=1):
+        letter = str(given).strip().lower()
+        if letter not in letters:
+            raise CheckFailure(f"question {number}: answer with one of {', '.join(letters)}; got {given!r}")
+        if letter != right:
+            raise CheckFailure(f"question {number}: '{letter}' is not it: {why_not.get(letter, 'reread the section')}.")

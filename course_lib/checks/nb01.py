@@ -14,7 +14,16 @@ import numpy as np
 from course_lib import numpy_ref
 from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, is_close, unpack
 
-__all__ = ["check_scaled_scores", "check_softmax", "check_attention", "check_masked_attention"]
+__all__ = [
+    "check_scaled_scores",
+    "check_softmax",
+    "check_attention",
+    "check_masked_attention",
+    "check_hand_example",
+    "check_score_variance",
+    "check_additive_scores",
+    "check_attention_dropout",
+]
 
 
 def _rng() -> np.random.Generator:
@@ -258,6 +267,12 @@ def check_masked_attention(fn: Callable) -> str:
                                    f"True means 'may attend': keep the scores where mask is True and set them "
                                    f"to -inf where it is False.")
             full = np.broadcast_to(mask, expected_w.shape)
+            plain = numpy_ref.softmax(q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]))  # (..., T, S) unmasked
+            if is_close(weights, plain * full):
+                raise CheckFailure(f"for {label}, you masked after the softmax: the weights are softmax(scores) with "
+                                   f"the masked entries set to 0, so the kept weights no longer sum to 1 (row sums "
+                                   f"{np.round(weights.sum(-1), 3).ravel()[:4].tolist()}...). Mask the SCORES with "
+                                   f"-inf before the softmax (or renormalise the kept weights).")
             leaked = (weights > 1e-12) & ~full
             if leaked.any():
                 idx = tuple(int(i) for i in np.argwhere(leaked)[0])
@@ -274,3 +289,178 @@ def check_masked_attention(fn: Callable) -> str:
                      "to zeros")
         compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v")
     return f"{len(cases)} cases (causal, padding with batch, a fully masked row) match numpy_ref"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercise: a worked example by hand (pen and paper)
+# ----------------------------------------------------------------------------------------------
+_HAND_Q = np.array([1.0, 1.0, 1.0, 1.0])  # (d_k,) = (4,)
+_HAND_K = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0]])  # (S, d_k) = (3, 4)
+_HAND_V = np.array([10.0, 0.0, -10.0])  # (S,) one number per key
+
+
+@checker
+def check_hand_example(fn: Callable) -> str:
+    """Check the worked example computed by hand.
+
+    Your function: `fn() -> (weights, out)`: the three attention weights and the output (one number) of
+    the query q = (1, 1, 1, 1) over the keys k_1 = (1, 1, 1, 1), k_2 = (1, 1, -1, -1), k_3 = (0, 0, 0, 0)
+    with values 10, 0, -10 and d_k = 4. Names a missing 1/sqrt(d_k), a division by d_k, the weights
+    without the softmax, and an output that is not the weighted sum.
+    """
+    answer = unpack(call(fn), 2, "return a pair (weights, out)")
+    weights = as_array("weights", answer[0])
+    raw = _HAND_K @ _HAND_Q  # (S,) = [4, 0, 0]
+    expected_w = numpy_ref.softmax(raw / 2.0)
+    if weights.shape != (3,):
+        raise CheckFailure(f"weights should be three numbers, one per key; got shape {weights.shape}")
+    wrong = {
+        "these are softmax(q.k) without the scaling: divide the dot products 4, 0, 0 by sqrt(d_k) = 2 first":
+            numpy_ref.softmax(raw),
+        "you divided by d_k = 4; the scale is sqrt(d_k) = 2, so the scores are 2, 0, 0": numpy_ref.softmax(raw / 4),
+        "these are the scaled scores themselves; the weights are their softmax, e^s_j / sum_l e^s_l": raw / 2.0,
+    }
+    for message, w in wrong.items():
+        if is_close(weights, w, atol=2e-3, rtol=0):
+            raise CheckFailure(message + ".")
+    compare("weights", weights, expected_w, atol=2e-3, rtol=0,
+            hint="scores 4/2 = 2, 0, 0; weights e^2/(e^2 + 2), 1/(e^2 + 2), 1/(e^2 + 2); three digits are enough")
+    out = as_array("out", answer[1])
+    expected_out = float(expected_w @ _HAND_V)
+    if out.size == 3 and is_close(out.ravel(), expected_w * _HAND_V, atol=2e-2, rtol=0):
+        raise CheckFailure("out is the list of products a_j v_j; the output is their SUM, one number.")
+    compare("out", out.reshape(()) if out.size == 1 else out, expected_out, atol=2e-2, rtol=0,
+            hint="out = sum_j a_j v_j = 10 a_1 + 0 a_2 - 10 a_3")
+    return f"weights {np.round(expected_w, 3).tolist()} and out {expected_out:.3f} are right"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercise: Var(q.k / sqrt(d_k)) when the entries' variances are not 1 (a prediction as a formula)
+# ----------------------------------------------------------------------------------------------
+@checker
+def check_score_variance(fn: Callable) -> str:
+    """Check a predicted variance of the scaled score.
+
+    Your function: `fn(d_k, var_q, var_k) -> float`, the variance of q.k / sqrt(d_k) when the d_k
+    entries of q and of k are independent, with mean 0 and variances var_q and var_k. Checks four
+    settings and names a missing 1/sqrt(d_k), a sum of the variances instead of their product,
+    standard deviations in place of variances, and dividing by d_k twice.
+    """
+    cases = [(64, 1.0, 1.0), (64, 1 / 3, 1 / 3), (16, 2.0, 0.5), (256, 0.25, 3.0)]
+    for d_k, var_q, var_k in cases:
+        got = as_array("the variance", call(fn, d_k, var_q, var_k))
+        if got.size != 1:
+            raise CheckFailure(f"return one number, the variance; got shape {got.shape}")
+        got = got.reshape(())
+        label = f"d_k={d_k}, var_q={var_q:.3g}, var_k={var_k:.3g}"
+        wrong = {
+            "this is Var(q.k) without the scaling: dividing by sqrt(d_k) divides the variance by d_k":
+                d_k * var_q * var_k,
+            "the variance of a product of independent zero-mean factors is the PRODUCT of their variances, "
+            "E[q_i^2] E[k_i^2], not their sum": var_q + var_k,
+            "you multiplied standard deviations; Var(q_i k_i) = var_q * var_k, no square root": np.sqrt(var_q * var_k),
+            "you divided by d_k twice: the d_k terms add up to d_k var_q var_k, and the scaling divides by d_k once":
+                var_q * var_k / d_k,
+        }
+        if not is_close(got, var_q * var_k, atol=1e-6, rtol=1e-6):
+            for message, value in wrong.items():
+                if is_close(got, value, atol=1e-6, rtol=1e-6):
+                    raise CheckFailure(f"for {label} you predict {float(got):.4g}: {message}.")
+            compare(f"the variance for {label}", got, var_q * var_k, atol=1e-6, rtol=1e-6,
+                    hint="sum the variances of the d_k products q_i k_i, then divide by (sqrt(d_k))^2")
+    return "Var(q.k / sqrt(d_k)) = var_q * var_k in four settings, whatever d_k is"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercise: additive (Bahdanau) scores
+# ----------------------------------------------------------------------------------------------
+def _additive_ref(q, k, W_q, W_k, w):
+    hidden = np.tanh((q @ W_q.T)[..., :, None, :] + (k @ W_k.T)[..., None, :, :])  # (..., T, S, h)
+    return hidden @ w  # (..., T, S)
+
+
+@checker
+def check_additive_scores(fn: Callable) -> str:
+    """Check additive (Bahdanau) attention scores.
+
+    Your function: `fn(q, k, W_q, W_k, w) -> scores`, with q (T, d_q), k (S, d_k), W_q (h, d_q) and
+    W_k (h, d_k) stored like nn.Linear weights (out_features, in_features), w (h,); returns scores
+    (T, S) with scores[i, j] = w . tanh(W_q q_i + W_k k_j). Checks T != S, d_q != d_k, and a case where
+    every matrix is square; names a forgotten .T, a missing tanh, scores of shape (S, T), and adding
+    q_i to k_i only (the diagonal).
+    """
+    rng = _rng()
+    cases = [("T=3, S=5, d_q=4, d_k=6, h=7", 3, 5, 4, 6, 7), ("T=S=4, d_q=d_k=h=4 (square)", 4, 4, 4, 4, 4)]
+    for label, T, S, d_q, d_k, h in cases:
+        q, k = rng.normal(size=(T, d_q)), rng.normal(size=(S, d_k))
+        W_q, W_k, w = rng.normal(size=(h, d_q)), rng.normal(size=(h, d_k)), rng.normal(size=h)
+        answer = call(fn, q, k, W_q, W_k, w)
+        got = as_array("scores", answer)
+        expected = _additive_ref(q, k, W_q, W_k, w)
+        if got.shape == (S, T) and S != T:
+            raise CheckFailure(f"for {label} your scores have shape (S, T) = {got.shape}: one row per QUERY, so "
+                               f"(T, S); broadcast q's projection as (T, 1, h) and k's as (1, S, h).")
+        if got.shape != expected.shape:
+            raise CheckFailure(f"for {label} your scores have shape {got.shape}, expected (T, S) = {expected.shape}.")
+        if not is_close(got, expected):
+            wrong = {
+                "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is "
+                "q @ W_q.T (with square matrices q @ W_q runs but multiplies by the transpose)":
+                    _additive_ref(q, k, W_q.T, W_k.T, w) if d_q == h == d_k else None,
+                "there is no tanh: without it the score w.W_q q_i + w.W_k k_j splits into a query part plus a key "
+                "part, and the softmax over j cancels the query part entirely":
+                    ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w,
+                "your scores are the transpose: scores[i, j] belongs to query i and key j":
+                    expected.T if S == T else None,
+            }
+            message = next((m for m, value in wrong.items() if value is not None and is_close(got, value)), None)
+            if message:
+                raise CheckFailure(f"for {label}: {message}.")
+        compare(f"scores for {label}", answer, expected,
+                hint="np.tanh((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w")
+    return "additive scores match w . tanh(W_q q_i + W_k k_j) for every query-key pair"
+
+
+# ----------------------------------------------------------------------------------------------
+# Exercise: attention dropout (inverted dropout on the weights)
+# ----------------------------------------------------------------------------------------------
+@checker
+def check_attention_dropout(fn: Callable) -> str:
+    """Check attention with dropout on the weights.
+
+    Your function: `fn(q, k, v, keep, p) -> (out, weights)`: weights = softmax(q k^T / sqrt(d)) as
+    BEFORE dropout (what is returned and visualised), and out = (weights * keep / (1 - p)) @ v, where
+    keep is a bool (T, S) array of the weights that survive (drawn with probability 1 - p). Checks
+    p = 0.25 and p = 0.5 and names a missing 1/(1 - p), returning the dropped weights, dropping
+    before the softmax, renormalising the surviving weights, and multiplying by (1 - p).
+    """
+    rng = _rng()
+    for p, (T, S, d, d_v) in [(0.25, (4, 6, 8, 3)), (0.5, (5, 5, 4, 2))]:
+        q, k, v = rng.normal(size=(T, d)), rng.normal(size=(S, d)), rng.normal(size=(S, d_v))
+        keep = rng.random((T, S)) >= p
+        keep[:, 0] = True  # every row keeps a key, so a renormalising answer is defined
+        answer = unpack(call(fn, q, k, v, keep, p), 2, "return a pair (out, weights)", case=f"p={p}")
+        out, weights = as_array("out", answer[0]), as_array("weights", answer[1])
+        w = numpy_ref.softmax(q @ k.T / np.sqrt(d))  # (T, S) before dropout
+        label = f"p={p}"
+        if is_close(weights, w * keep / (1 - p)) or is_close(weights, w * keep):
+            raise CheckFailure(f"for {label} you returned the weights AFTER dropout. Return the weights before "
+                               f"dropout: they are the model's attention pattern; dropout is a training-time "
+                               f"perturbation of the average, not part of the pattern.")
+        compare(f"weights for {label}", answer[1], w, hint="weights = softmax(q @ k.T / sqrt(d)), before dropout")
+        dropped = w * keep
+        wrong = {
+            "you forgot the inverted-dropout scaling: divide the kept weights by (1 - p) so that the expected "
+            "output equals the output without dropout": dropped @ v,
+            "you multiplied by (1 - p); inverted dropout DIVIDES by (1 - p)": dropped * (1 - p) @ v,
+            "you renormalised the surviving weights to sum to 1 (dropping scores before the softmax, with -inf, "
+            "gives exactly this too): dropout acts on the weights after the softmax, zeroes some and rescales the "
+            "rest by 1/(1 - p), so a row no longer sums to 1 (on average it does)":
+                dropped / dropped.sum(-1, keepdims=True) @ v,
+        }
+        if out.shape == (T, d_v) and not is_close(out, dropped / (1 - p) @ v):
+            message = next((m for m, value in wrong.items() if is_close(out, value)), None)
+            if message:
+                raise CheckFailure(f"for {label}: {message}.")
+        compare(f"out for {label}", answer[0], dropped / (1 - p) @ v, hint="out = (weights * keep / (1 - p)) @ v")
+    return "p = 0.25 and 0.5: weights before dropout, output with inverted-dropout scaling"

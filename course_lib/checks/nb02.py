@@ -10,9 +10,26 @@ from __future__ import annotations
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, diagnose, is_close, unpack
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    call,
+    checker,
+    compare,
+    diagnose,
+    is_close,
+    multiple_choice,
+    unpack,
+)
 
-__all__ = ["check_softmax_jacobian", "check_softmax_backward", "check_attention_backward"]
+__all__ = [
+    "check_softmax_jacobian",
+    "check_softmax_backward",
+    "check_attention_backward",
+    "check_softmax_temperature_backward",
+    "check_bias_backward",
+    "check_backward_quiz",
+]
 
 
 # ----------------------------------------------------------------------------- softmax Jacobian
@@ -178,3 +195,131 @@ def check_attention_backward(fn):
                     hint="dv = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d), "
                          "dk = dS^T q / sqrt(d); apply the mask to the scores before the softmax")
     return "5 cases (T != S, d_v != d, batch dims, causal mask, a fully masked row) match the reference"
+
+
+# ----------------------------------------------------------------------------- softmax with a temperature
+def _softmax_vjp(p: np.ndarray, d_p: np.ndarray) -> np.ndarray:
+    return p * (d_p - np.sum(d_p * p, axis=-1, keepdims=True))  # same shape as p
+
+
+@checker
+def check_softmax_temperature_backward(fn):
+    """Check the backward pass of a softmax with a temperature.
+
+    Your function: `fn(x, tau, d_p) -> d_x`, for p = softmax(x / tau) over the last axis and the
+    upstream gradient d_p (same shape as x, any leading axes); returns d_x = dL/dx, same shape.
+    Checks tau = 0.5, 2 and 8 on (4, 6) and (2, 3, 5) arrays; names a missing 1/tau (chain rule),
+    a factor tau instead of 1/tau, the softmax of x instead of x / tau, and a forward pass returned.
+    """
+    rng = np.random.default_rng(22)
+    for tau, shape in [(0.5, (4, 6)), (2.0, (2, 3, 5)), (8.0, (3, 4))]:
+        x, d_p = rng.normal(size=shape) * 2, rng.normal(size=shape)
+        got = call(fn, x, tau, d_p)
+        p = numpy_ref.softmax(x / tau)
+        expected = _softmax_vjp(p, d_p) / tau
+        label = f"tau={tau}, x of shape {shape}"
+        if got is not None and np.shape(got) == expected.shape and not is_close(got, expected):
+            mistake = diagnose(got, {
+                "you forgot the chain rule through x / tau: d_x = (1/tau) * p * (d_p - rowsum(d_p * p))":
+                    _softmax_vjp(p, d_p),
+                "you multiplied by tau; the derivative of x / tau with respect to x is 1/tau":
+                    _softmax_vjp(p, d_p) * tau,
+                "you used p = softmax(x), without the temperature": _softmax_vjp(numpy_ref.softmax(x), d_p) / tau,
+                "this is the forward pass p = softmax(x / tau), not its backward": p,
+            })
+            if mistake:
+                raise CheckFailure(f"for {label}: {mistake}.")
+        compare(f"d_x for {label}", got, expected, hint="p = softmax(x / tau); d_x = p * (d_p - rowsum(d_p * p)) / tau")
+    return "tau = 0.5, 2, 8 (with batch axes) match p * (d_p - rowsum(d_p * p)) / tau"
+
+
+# ----------------------------------------------------------------------------- gradient of an additive bias
+def _bias_backward_ref(q, k, v, bias, d_out):
+    d = q.shape[-1]
+    p = numpy_ref.softmax(q @ k.T / np.sqrt(d) + bias)  # (T, S)
+    dv = p.T @ d_out  # (S, d_v)
+    dp = d_out @ v.T  # (T, S)
+    ds = _softmax_vjp(p, dp)  # (T, S)
+    d_bias = ds.sum(axis=0, keepdims=True) if bias.shape[0] == 1 and ds.shape[0] != 1 else ds
+    return ds @ k / np.sqrt(d), ds.T @ q / np.sqrt(d), dv, d_bias, p, dp, ds
+
+
+@checker
+def check_bias_backward(fn):
+    """Check the gradients of attention with an additive bias (a float mask or a learned bias).
+
+    Your function: `fn(q, k, v, bias, d_out) -> (dq, dk, dv, d_bias)` for out = softmax(q k^T / sqrt(d)
+    + bias) v and L = sum(out * d_out); q (T, d), k (S, d), v (S, d_v), bias (T, S) or (1, S)
+    (broadcast over the queries); d_bias has bias's shape. Checks a (T, S) bias with T == S, a (1, S)
+    bias with T != S, and a bias with -inf entries (a mask); names d_bias scaled by 1/sqrt(d), d_bias =
+    dP (softmax backward skipped), a missing sum over the broadcast axis, and a forgotten .T in dv or dk.
+    """
+    rng = np.random.default_rng(23)
+    cases = []
+    T = S = 5
+    cases.append(("bias (T, S) = (5, 5)", rng.normal(size=(T, 4)), rng.normal(size=(S, 4)), rng.normal(size=(S, 3)),
+                  rng.normal(size=(T, S)), rng.normal(size=(T, 3))))
+    T, S = 3, 6
+    cases.append(("bias (1, S) = (1, 6), T = 3", rng.normal(size=(T, 4)), rng.normal(size=(S, 4)),
+                  rng.normal(size=(S, 2)), rng.normal(size=(1, S)), rng.normal(size=(T, 2))))
+    bias = np.where(np.tril(np.ones((4, 4), dtype=bool)), 0.0, -np.inf)  # (T, S) a causal mask as a float bias
+    cases.append(("bias = causal mask with -inf, (4, 4)", rng.normal(size=(4, 8)), rng.normal(size=(4, 8)),
+                  rng.normal(size=(4, 2)), bias, rng.normal(size=(4, 2))))
+    for label, q, k, v, bias, d_out in cases:
+        result = call(fn, q, k, v, bias, d_out)
+        dq, dk, dv, d_bias = unpack(result, 4, "return a tuple (dq, dk, dv, d_bias) of four arrays", case=label)
+        ref_dq, ref_dk, ref_dv, ref_bias, p, dp, ds = _bias_backward_ref(q, k, v, bias, d_out)
+        d = q.shape[-1]
+        got_bias = as_array("d_bias", d_bias)
+        if got_bias.shape == ds.shape and bias.shape != ds.shape and is_close(got_bias, ds):
+            raise CheckFailure(f"for {label}: d_bias has shape {got_bias.shape}, but the bias has shape {bias.shape}: "
+                               f"it was broadcast over the queries, so its gradient is dS SUMMED over that axis "
+                               f"(ds.sum(axis=0, keepdims=True)).")
+        if not is_close(got_bias, ref_bias):
+            summed = (lambda a: a.sum(axis=0, keepdims=True)) if bias.shape != ds.shape else (lambda a: a)
+            with np.errstate(invalid="ignore"):
+                mistake = diagnose(got_bias, {
+                    "d_bias carries no 1/sqrt(d): the bias is added AFTER the scaling, so d_bias = dS":
+                        summed(ds / np.sqrt(d)),
+                    "d_bias = dP skips the softmax backward: d_bias = dS = P * (dP - rowsum(dP * P))": summed(dp),
+                })
+            if mistake:
+                raise CheckFailure(f"for {label}: {mistake}.")
+        compare(f"d_bias for {label}", d_bias, ref_bias, hint="d_bias = dS (summed over any axis the bias was "
+                                                                "broadcast along)")
+        T, S = p.shape
+        if T == S and is_close(dv, p @ d_out) and not is_close(dv, ref_dv):
+            raise CheckFailure(f"for {label}: dv = P @ dO; you forgot .T: dv = P.T @ dO, each value collects "
+                               f"gradient from every query that looked at it.")
+        compare(f"dv for {label}", dv, ref_dv, hint="dv = P.T @ d_out")
+        if T == S and is_close(dk, ds @ q / np.sqrt(d)) and not is_close(dk, ref_dk):
+            raise CheckFailure(f"for {label}: dk = dS @ q / sqrt(d); you forgot .T: dk = dS.T @ q / sqrt(d).")
+        compare(f"dq for {label}", dq, ref_dq, hint="dq = dS @ k / sqrt(d)")
+        compare(f"dk for {label}", dk, ref_dk, hint="dk = dS.T @ q / sqrt(d)")
+    return "3 biases ((T, S), broadcast (1, S), a -inf mask) give the right dq, dk, dv and d_bias"
+
+
+# ----------------------------------------------------------------------------- three questions on the backward pass
+_BACKWARD_QUIZ = (
+    ("c", {"a": "dQ = dS K / sqrt(d): the scores were scaled, and Q enters only through them",
+           "b": "dK = dS^T Q / sqrt(d) carries the factor too; only V enters after the scaling"}),
+    ("b", {"a": "the Jacobian route multiplies an (S, S) matrix by a vector for each of the T rows, O(T S^2) "
+                "multiply-adds, against O(T S) for P * (dP - rowsum(dP * P))",
+           "c": "the T Jacobians hold T S^2 numbers and the VJP needs about T S operations: the ratio is S, not "
+                "S^2"}),
+    ("c", {"a": "1e-11 is float64's best central difference; float32's unit roundoff u is 6e-8, and the best "
+                "central difference is about u^(2/3) = 1.5e-5",
+           "b": "1e-8 is float64's best FORWARD difference; float32's best central difference sits near "
+                "u^(2/3) = 1.5e-5 (section 4's float32 curve bottoms out between 1e-5 and 1e-4)"}),
+)
+
+
+@checker
+def check_backward_quiz(fn):
+    """Check the answers to three multiple-choice questions on the backward pass.
+
+    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
+    question in the order asked. Says which answer is wrong and why.
+    """
+    multiple_choice(call(fn), _BACKWARD_QUIZ)
+    return "all three answers are right"

@@ -12,9 +12,26 @@ import numpy as np
 import torch
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, call, checker, compare, is_close, to_numpy, unpack
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    as_tensor,
+    call,
+    checker,
+    compare,
+    is_close,
+    multiple_choice,
+    to_numpy,
+    unpack,
+)
 
-__all__ = ["check_torch_attention", "check_autograd_grads"]
+__all__ = [
+    "check_torch_attention",
+    "check_autograd_grads",
+    "check_padding_sdpa_call",
+    "check_bias_grad_autograd",
+    "check_torch_quiz",
+]
 
 
 def _attention_variant(q, k, v, mask, *, softmax_axis=-1, scale=None, invert_mask=False):
@@ -135,3 +152,141 @@ def check_autograd_grads(fn):
                     hint="q = torch.tensor(q_np, requires_grad=True) (same for k, v); out = attention(q, k, v, mask); "
                          "out.backward(torch.from_numpy(d_out)); return q.grad, k.grad, v.grad")
     return "3 float64 cases (T != S, batch dims, causal mask) match the hand-derived numpy backward to 1e-10"
+
+
+# ----------------------------------------------------------------------------- a padding mask for F.sdpa
+def _padding_cases():
+    gen = torch.Generator().manual_seed(31)
+    cases = []
+    for B, H, T, S, lengths in [(2, 3, 4, 6, [6, 3]), (3, 2, 3, 5, [5, 2, 4])]:  # the second has B == T
+        q, k, v = (torch.randn(B, H, n, 4, generator=gen, dtype=torch.float64) for n in (T, S, S))
+        cases.append((f"B={B}, H={H}, T={T}, S={S}, lengths {lengths}", q, k, v, torch.tensor(lengths)))
+    return cases
+
+
+@checker
+def check_padding_sdpa_call(fn):
+    """Check a call of F.scaled_dot_product_attention with a key padding mask.
+
+    Your function: `fn(q, k, v, lengths) -> out`, with q (B, H, T, d), k and v (B, H, S, .) float64
+    tensors and lengths (B,) the number of real keys of each sequence (the rest is padding); returns
+    the attention output (B, H, T, d_v) in which no query attends to a padded key. Checks two batches
+    (one with B == T); names the inverted polarity, a 0/1 float mask (added to the scores, so it masks
+    nothing), and a (B, S) mask that broadcasts against (T, S) instead of over heads and queries.
+    """
+    for label, q, k, v, lengths in _padding_cases():
+        try:
+            answer = call(fn, q, k, v, lengths)
+        except CheckFailure as failure:
+            if "raised" not in str(failure):
+                raise
+            raise CheckFailure(f"{failure}. Hint: a mask of the keys is (B, S); to broadcast over heads and queries "
+                               f"against the (B, H, T, S) scores it must be (B, 1, 1, S).") from None
+        got = as_tensor("out", answer)
+        S = k.shape[-2]
+        real = torch.arange(S)[None, :] < lengths[:, None]  # (B, S) True for real keys
+        m4 = real[:, None, None, :]  # (B, 1, 1, S)
+        expected = _attention_variant(q.numpy(), k.numpy(), v.numpy(), m4.numpy())
+        if got.shape != expected.shape:
+            raise CheckFailure(f"for {label}: out has shape {tuple(got.shape)}, expected (B, H, T, d_v) = "
+                               f"{expected.shape}. A (B, S) mask needs the shape (B, 1, 1, S) to broadcast over "
+                               f"heads and queries.")
+        if not is_close(got, expected):
+            scale = q.shape[-1] ** -0.5
+            scores = (q @ k.transpose(-2, -1) * scale).numpy()
+            wrong = {
+                "the polarity is inverted: for a BOOLEAN attn_mask, F.scaled_dot_product_attention reads True as "
+                "'may attend', so pass the mask of REAL keys (not of the padding)":
+                    _attention_variant(q.numpy(), k.numpy(), v.numpy(), m4.numpy(), invert_mask=True),
+                "your mask is a float 0/1 tensor: a float attn_mask is ADDED to the scores, so it adds 1 to the "
+                "real keys and 0 to the padding and masks nothing; pass a bool mask (or 0 / -inf)":
+                    numpy_ref.softmax(scores + m4.double().numpy()) @ v.numpy(),
+                "your (B, S) mask broadcast against the (T, S) scores, pairing sequence b's mask with query b; "
+                "reshape it to (B, 1, 1, S) (real[:, None, None, :]) so it broadcasts over heads and queries":
+                    _attention_variant(q.numpy(), k.numpy(), v.numpy(), real.numpy()) if q.shape[-2] == real.shape[0]
+                    else None,
+            }
+            message = next((m for m, w in wrong.items() if w is not None and is_close(got, w)), None)
+            if message:
+                raise CheckFailure(f"for {label}: {message}.")
+        compare(f"out for {label}", got, expected, hint="mask = (torch.arange(S) < lengths[:, None])[:, None, None, :]")
+    return "two padded batches (one with B == T) match attention with the keys beyond each length masked"
+
+
+# ----------------------------------------------------------------------------- d(bias) by autograd
+def _bias_cases():
+    gen = torch.Generator().manual_seed(32)
+    cases = []
+    for T, S, bias_shape in [(4, 4, (4, 4)), (3, 5, (1, 5))]:
+        q, k, v = (torch.randn(2, n, 3, generator=gen, dtype=torch.float64) for n in (T, S, S))
+        bias = torch.randn(*bias_shape, generator=gen, dtype=torch.float64)
+        d_out = torch.randn(2, T, 3, generator=gen, dtype=torch.float64)
+        cases.append((f"T={T}, S={S}, bias {bias_shape}", q, k, v, bias, d_out))
+    return cases
+
+
+def _bias_reference(q, k, v, bias, d_out, *, of_sum=False):
+    bias = bias.detach().clone().requires_grad_(True)
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias
+    out = torch.softmax(scores, dim=-1) @ v
+    (out.sum() if of_sum else (out * d_out).sum()).backward()
+    return bias.grad
+
+
+@checker
+def check_bias_grad_autograd(fn):
+    """Check the gradient of an additive attention bias computed with autograd.
+
+    Your function: `fn(q, k, v, bias, d_out) -> d_bias`, with q (B, T, d), k and v (B, S, .) float64
+    tensors, bias (T, S) or (1, S) added to the scaled scores, and d_out (B, T, d_v); returns the
+    gradient of sum(out * d_out) with respect to bias, a tensor of bias's shape. Checks a (4, 4) and a
+    broadcast (1, 5) bias; names the gradient of out.sum() instead of sum(out * d_out), a float32
+    computation, a missing sum over the broadcast axes, and a bias that does not require grad (None).
+    """
+    for label, q, k, v, bias, d_out in _bias_cases():
+        answer = call(fn, q, k, v, bias, d_out)
+        if answer is None:
+            raise CheckFailure(f"for {label}: d_bias is None: did you forget to `return` it, or to call "
+                               f"bias.requires_grad_(True) before the forward pass (then bias.grad stays None)?")
+        got = as_array("d_bias", answer)
+        expected = _bias_reference(q, k, v, bias, d_out)
+        if got.shape != tuple(bias.shape):
+            raise CheckFailure(f"for {label}: d_bias has shape {got.shape}, expected the bias's shape "
+                               f"{tuple(bias.shape)}: a broadcast bias collects its gradient SUMMED over the batch "
+                               f"and the broadcast query axis (autograd does that when bias itself is the leaf).")
+        if is_close(got, _bias_reference(q, k, v, bias, d_out, of_sum=True)) and not is_close(got, expected):
+            raise CheckFailure(f"for {label}: this is the gradient of out.sum(); the exercise asks for the gradient of "
+                               f"sum(out * d_out): call out.backward(d_out) (or (out * d_out).sum().backward()).")
+        dtype = getattr(answer, "dtype", None)
+        if dtype in (torch.float32, np.float32) and not is_close(got, expected):
+            raise CheckFailure(f"for {label}: d_bias is {dtype}; keep the float64 inputs in float64 (torch.randn and "
+                               f"torch.tensor default to float32), or the gradient keeps only ~7 digits.")
+        compare(f"d_bias for {label}", got, expected.numpy(), hint="bias = bias.clone().requires_grad_(True); build "
+                "out from it; out.backward(d_out); return bias.grad")
+    return "a (T, S) and a broadcast (1, S) bias: d_bias equals the gradient of sum(out * d_out)"
+
+
+# ----------------------------------------------------------------------------- three questions
+_TORCH_QUIZ = (
+    ("b", {"a": "type promotion keeps the wider type: float64 + float32 is float64 (torch.from_numpy keeps numpy's "
+                "float64; torch.randn makes float32)",
+           "c": "mixing float64 and float32 tensors does not raise: the result is promoted to float64"}),
+    ("a", {"b": "that would be the bottom-right alignment of course_lib.masks.causal_mask(2, 5); torch's "
+                "is_causal=True is top-left (section 3 measured it): query 0 sees key 0 only",
+           "c": "is_causal=True hides the keys after each query's position; with the top-left alignment that torch "
+                "uses, query 0 sees key 0 only"}),
+    ("b", {"a": "a float attn_mask is ADDED to the scores: 1.0 on the kept keys and 0.0 on the masked ones shifts "
+                "the kept scores by 1 and masks nothing",
+           "c": "F.scaled_dot_product_attention accepts a float mask: it adds it to the scores, without an error"}),
+)
+
+
+@checker
+def check_torch_quiz(fn):
+    """Check the answers to three multiple-choice questions on torch's dtypes and masks.
+
+    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
+    question in the order asked. Says which answer is wrong and why.
+    """
+    multiple_choice(call(fn), _TORCH_QUIZ)
+    return "all three answers are right"

@@ -13,9 +13,28 @@ import numpy as np
 import torch
 
 from course_lib.attention import scaled_dot_product_attention
-from course_lib.checks._core import CheckFailure, as_tensor, call, checker, compare, diagnose, is_close
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    as_tensor,
+    call,
+    checker,
+    compare,
+    diagnose,
+    is_close,
+    multiple_choice,
+    unpack,
+)
 
-__all__ = ["check_split_heads", "check_merge_heads", "check_mha_forward", "check_mha_param_count"]
+__all__ = [
+    "check_split_heads",
+    "check_merge_heads",
+    "check_mha_forward",
+    "check_mha_param_count",
+    "check_cross_mha_forward",
+    "check_cross_mha_cost",
+    "check_heads_quiz",
+]
 
 
 # ----------------------------------------------------------------------------- split / merge heads
@@ -80,18 +99,39 @@ def check_merge_heads(fn):
 
 
 # ----------------------------------------------------------------------------- the forward pass
-def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, scale="d_head", heads=True, softmax_dim=-1, out_proj=True, mask=None):
-    B, T, D = x.shape
+def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, memory=None, scale="d_head", heads=True, softmax_dim=-1,
+                 out_proj=True, mask=None, split_transpose=True, merge_transpose=True, forgot_T=False):
+    """Multi-head attention with one thing changed, to recognise a learner's mistake. Queries come from x
+    (B, T, d_model), keys and values from memory (B, S, kdim) (default: x); w_q, w_k (H d_k, .), w_v (H d_v, .),
+    w_o (d_model, H d_v) in nn.Linear's layout."""
+    memory = x if memory is None else memory
+    B, T, S = x.shape[0], x.shape[1], memory.shape[1]
     h = H if heads else 1
-    d = D // h
-    q, k, v = (t.view(B, T, h, d).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))  # (B, h, T, d)
-    factor = {"d_head": d**-0.5, "d_model": D**-0.5, "none": 1.0}[scale]
-    scores = q @ k.transpose(-2, -1) * factor  # (B, h, T, T)
+    d_k, d_v = w_q.shape[0] // h, w_v.shape[0] // h
+
+    def project(t, w):
+        return t @ (w if forgot_T else w.T)
+
+    def split(t, L, d):  # (B, L, h*d) -> (B, h, L, d)
+        return t.reshape(B, L, h, d).transpose(1, 2) if split_transpose else t.reshape(B, h, L, d)
+
+    q, k, v = split(project(x, w_q), T, d_k), split(project(memory, w_k), S, d_k), split(project(memory, w_v), S, d_v)
+    factor = {"d_head": d_k**-0.5, "d_model": x.shape[-1] ** -0.5, "d_v": d_v**-0.5, "none": 1.0}[scale]
+    scores = q @ k.transpose(-2, -1) * factor  # (B, h, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    heads_out = torch.softmax(scores, dim=softmax_dim) @ v  # (B, h, T, d)
-    out = heads_out.transpose(1, 2).reshape(B, T, D)
-    return out @ w_o.T if out_proj else out
+    heads_out = torch.softmax(scores, dim=softmax_dim) @ v  # (B, h, T, d_v)
+    out = heads_out.transpose(1, 2).reshape(B, T, h * d_v) if merge_transpose else heads_out.reshape(B, T, h * d_v)
+    return project(out, w_o) if out_proj else out
+
+
+_RESHAPE_SPLIT = ("you reshaped to (B, H, T, d_head) without the transpose: head 0 then gets the first T*d_head "
+                  "numbers, i.e. tokens 0..T/H-1 each cut into H fake tokens. Reshape to (B, T, H, d_head), then "
+                  "transpose(1, 2)")
+_RESHAPE_MERGE = ("you merged the heads with a reshape of (B, H, T, d_head) without transposing back: transpose(1, 2) "
+                  "to (B, T, H, d_head) first, then reshape to (B, T, H*d_head)")
+_FORGOT_T = ("you forgot .T: the weights are in nn.Linear's layout (out_features, in_features), so a projection is "
+             "x @ w.T (with square weights x @ w runs, but multiplies by the transpose)")
 
 
 @checker
@@ -102,8 +142,8 @@ def check_mha_forward(fn):
     the weights (d_model, d_model) in nn.Linear's layout without biases (q = x @ w_q.T), and a bool
     mask broadcastable to (B, H, T, T), True = may attend; out (B, T, d_model), float64 tensors.
     Checks four cases (H = 1 to 4, one with a causal mask) against course_lib to 1e-10; names a
-    missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, one big head,
-    and an ignored mask.
+    missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, a forgotten .T,
+    a reshape without transpose (splitting or merging the heads), one big head, and an ignored mask.
     """
     g = torch.Generator().manual_seed(4)
     cases = [(1, 3, 4, 2, None), (2, 5, 12, 3, None), (2, 6, 16, 4, "causal"), (3, 4, 8, 1, None)]
@@ -128,7 +168,10 @@ def check_mha_forward(fn):
                 "the output projection W_O is missing: multiply the concatenated heads by w_o.T":
                     _mha_variant(*args, out_proj=False, mask=mask),
             }
+            candidates[_FORGOT_T] = _mha_variant(*args, forgot_T=True, mask=mask)
             if H > 1:
+                candidates[_RESHAPE_SPLIT] = _mha_variant(*args, split_transpose=False, mask=mask)
+                candidates[_RESHAPE_MERGE] = _mha_variant(*args, merge_transpose=False, mask=mask)
                 candidates["this is ONE head over all d_model features: split q, k, v into H heads of d_head = "
                            "d_model / H features each before the softmax"] = _mha_variant(*args, heads=False,
                                                                                          mask=mask)
@@ -189,3 +232,126 @@ def check_mha_param_count(fn):
                                        "W_V (vdim x d_model), W_O (d_model x d_model), plus 4 biases of d_model")
         raise CheckFailure(f"for {what}: got {got}, expected {expected}. {hint}.")
     return "5 configurations match sum(p.numel() for p in MultiHeadAttention(...).parameters())"
+
+
+# ----------------------------------------------------------------------------- cross-attention with d_v != d_k
+@checker
+def check_cross_mha_forward(fn):
+    """Check a multi-head cross-attention forward pass with value heads of another size.
+
+    Your function: `fn(x, memory, w_q, w_k, w_v, w_o, num_heads) -> out`, with x (B, T, d_model) giving
+    the queries, memory (B, S, kdim) the keys and values, w_q (H d_k, d_model), w_k (H d_k, kdim),
+    w_v (H d_v, kdim), w_o (d_model, H d_v) in nn.Linear's layout without biases; out (B, T, d_model).
+    Checks d_v != d_k, T != S and a case where every weight is square; names a reshape without
+    transpose, a forgotten .T, scaling by sqrt(d_v) or sqrt(d_model), and keys taken from x.
+    """
+    g = torch.Generator().manual_seed(44)
+    cases = [(2, 3, 5, 12, 12, 3, 4, 2), (1, 4, 4, 8, 8, 2, 4, 4), (2, 6, 4, 16, 10, 4, 2, 3)]
+    for B, T, S, D, kdim, H, d_k, d_v in cases:
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        memory = torch.randn(B, S, kdim, generator=g, dtype=torch.float64)
+        w_q = torch.randn(H * d_k, D, generator=g, dtype=torch.float64) / D**0.5
+        w_k = torch.randn(H * d_k, kdim, generator=g, dtype=torch.float64) / kdim**0.5
+        w_v = torch.randn(H * d_v, kdim, generator=g, dtype=torch.float64) / kdim**0.5
+        w_o = torch.randn(D, H * d_v, generator=g, dtype=torch.float64) / (H * d_v) ** 0.5
+        what = f"B={B}, T={T}, S={S}, d_model={D}, kdim={kdim}, H={H}, d_k={d_k}, d_v={d_v}"
+        got = as_tensor(f"your output ({what})", call(fn, x, memory, w_q, w_k, w_v, w_o, H))
+        args = (x, w_q, w_k, w_v, w_o, H)
+        expected = _mha_variant(*args, memory=memory)
+        if tuple(got.shape) != tuple(expected.shape):
+            raise CheckFailure(f"for {what}: your output has shape {tuple(got.shape)}, expected (B, T, d_model) = "
+                               f"{tuple(expected.shape)}: one row per QUERY (from x), projected back by w_o.")
+        if not is_close(got, expected):
+            square = w_q.shape[0] == w_q.shape[1] and w_k.shape[0] == w_k.shape[1] and w_v.shape[0] == w_v.shape[1]
+            candidates = {
+                _RESHAPE_SPLIT: _mha_variant(*args, memory=memory, split_transpose=False),
+                _RESHAPE_MERGE: _mha_variant(*args, memory=memory, merge_transpose=False),
+                _FORGOT_T: _mha_variant(*args, memory=memory, forgot_T=True) if square and w_o.shape[0] == w_o.shape[1]
+                else None,
+                "you scaled by sqrt(d_v); the scale is sqrt(d_k), the length of the query-key dot products":
+                    _mha_variant(*args, memory=memory, scale="d_v"),
+                "you scaled by sqrt(d_model); each head's dot product has d_k terms: divide by sqrt(d_k)":
+                    _mha_variant(*args, memory=memory, scale="d_model"),
+                "the keys and values come from x: in cross-attention only the queries come from x, the keys and "
+                "values from memory": _mha_variant(*args) if T == S and kdim == D else None,
+            }
+            mistake = diagnose(got, {m: w for m, w in candidates.items() if w is not None})
+            if mistake:
+                raise CheckFailure(f"for {what}: {mistake}.")
+        compare(f"your output ({what})", got, expected, hint="q from x, k and v from memory; split each into H heads "
+                "(reshape (B, L, H, d), transpose(1, 2)); softmax(q k^T / sqrt(d_k)) v; merge; @ w_o.T")
+    return "3 cases (d_v != d_k, T != S, square weights) equal the reference to 1e-10 in float64"
+
+
+# ----------------------------------------------------------------------------- parameters and FLOPs, on paper
+def _cross_cost(B, T, S, d_model, H, d_k, d_v, kdim, vdim):
+    params = H * d_k * (d_model + kdim) + H * d_v * vdim + d_model * H * d_v  # W_q, W_k, W_v, W_o
+    params += 2 * H * d_k + H * d_v + d_model  # biases
+    core_flops = 2 * B * H * T * S * (d_k + d_v)  # scores q k^T and weights @ v, a multiply-add = 2 FLOPs
+    return params, core_flops
+
+
+@checker
+def check_cross_mha_cost(fn):
+    """Check the parameter count and attention-core FLOPs of a cross-attention layer, as formulas.
+
+    Your function: `fn(B, T, S, d_model, H, d_k, d_v, kdim, vdim) -> (params, core_flops)`: the number
+    of parameters (weights and biases of W_q (H d_k x d_model), W_k (H d_k x kdim), W_v (H d_v x vdim),
+    W_o (d_model x H d_v)) and the FLOPs of q k^T and weights @ v for B sequences of T queries over S
+    keys (a multiply-add = 2 FLOPs). Checks four configurations; names missing biases, d_model in place
+    of kdim/vdim, d_k used for the value heads, multiply-adds counted as 1 FLOP, and T * T instead of T * S.
+    """
+    configs = [(2, 5, 7, 32, 4, 8, 6, 20, 12), (1, 10, 3, 64, 8, 8, 8, 64, 64), (3, 4, 9, 48, 6, 4, 10, 30, 30),
+               (1, 128, 512, 512, 8, 64, 32, 768, 768)]
+    for config in configs:
+        label = "B={}, T={}, S={}, d_model={}, H={}, d_k={}, d_v={}, kdim={}, vdim={}".format(*config)
+        answer = unpack(call(fn, *config), 2, "return a pair (params, core_flops)", case=label)
+        params, flops = _cross_cost(*config)
+        B, T, S, D, H, d_k, d_v, kdim, vdim = config
+        got_params, got_flops = (as_array(name, a) for name, a in zip(("params", "core_flops"), answer, strict=True))
+        if not is_close(got_params, params):
+            wrong = {
+                "the biases are missing: W_q and W_k have H*d_k each, W_v H*d_v, W_o d_model":
+                    params - (2 * H * d_k + H * d_v + D),
+                "you used d_model as the input size of W_k and W_v; they read the memory, of sizes kdim and vdim":
+                    _cross_cost(B, T, S, D, H, d_k, d_v, D, D)[0],
+                "value heads have their own size d_v: W_v is (H*d_v x vdim) and W_o is (d_model x H*d_v)":
+                    _cross_cost(B, T, S, D, H, d_k, d_k, kdim, vdim)[0],
+            }
+            mistake = diagnose(got_params, wrong)
+            raise CheckFailure(f"for {label}: params = {got_params}, expected {params}" +
+                               (f": {mistake}." if mistake else "."))
+        if not is_close(got_flops, flops):
+            wrong = {
+                "you counted a multiply-add as 1 FLOP; the convention here is 2": flops // 2,
+                "you used T x T scores; cross-attention has T x S": 2 * B * H * T * T * (d_k + d_v),
+                "the value product uses d_v, not d_k: weights (T x S) @ v (S x d_v)": 4 * B * H * T * S * d_k,
+            }
+            mistake = diagnose(got_flops, wrong)
+            raise CheckFailure(f"for {label}: core_flops = {got_flops}, expected {flops}" +
+                               (f": {mistake}." if mistake else "."))
+    return "4 configurations: parameters and attention-core FLOPs right, d_v != d_k and kdim != d_model included"
+
+
+# ----------------------------------------------------------------------------- three questions
+_HEADS_QUIZ = (
+    ("b", {"a": "d_model = H * d_head, so each row of the wrong reshape is a d_head-slice of ONE token; nothing "
+                "mixes two tokens. Head 0 gets the first T*d_head numbers: tokens 0..T/H-1, each cut into H pieces",
+           "c": "head 0 gets the first T*d_head numbers of the (T, d_model) array, which span T/H tokens, not one"}),
+    ("b", {"a": "every head is permutation equivariant, so any number of them is: the head count changes nothing",
+           "c": "fusing the projections computes the same q, k, v; only a causal mask (or positions) ties the "
+                "output to the order of the tokens"}),
+    ("a", {"b": "splitting into heads partitions the d_model x d_model matrices: 4 d_model^2 + 4 d_model for any H",
+           "c": "the head count does not appear in the parameter count: 4 d_model^2 + 4 d_model"}),
+)
+
+
+@checker
+def check_heads_quiz(fn):
+    """Check the answers to three multiple-choice questions on splitting heads, equivariance and parameters.
+
+    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
+    question in the order asked. Says which answer is wrong and why.
+    """
+    multiple_choice(call(fn), _HEADS_QUIZ)
+    return "all three answers are right"

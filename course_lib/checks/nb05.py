@@ -8,13 +8,19 @@ float16, NaN or uniform weights in a fully masked row) and say which one was mad
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from course_lib._validate import broadcast_shapes
 from course_lib.checks._core import CheckFailure, as_tensor, call, checker, require_result
 from course_lib.masks import causal_mask, padding_mask
 
-__all__ = ["check_causal_padding_mask", "check_to_key_padding_mask", "check_masked_softmax"]
+__all__ = [
+    "check_causal_padding_mask",
+    "check_to_key_padding_mask",
+    "check_masked_softmax",
+    "check_future_leak_test",
+]
 
 
 def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor:
@@ -130,7 +136,8 @@ def check_masked_softmax(fn):
     bfloat16, float32 or float64) and mask a bool tensor broadcastable to it, True = may attend;
     weights (..., T, S): softmax over the allowed keys, exactly 0 elsewhere, all 0 (never NaN) in a
     row with nothing allowed. Checks four cases, one per dtype, with a tolerance per dtype; names NaN,
-    a -1e9 fill that overflows float16, uniform weights in a fully masked row, and a flipped mask.
+    a -1e9 fill that overflows float16, uniform weights in a fully masked row, a flipped mask, and masking
+    after the softmax (with or without renormalising).
     """
     g = torch.Generator().manual_seed(5)
     fully_masked = torch.ones(4, 5, dtype=torch.bool)
@@ -165,6 +172,12 @@ def check_masked_softmax(fn):
         full_mask = mask.expand(expected.shape)
         empty_rows = ~full_mask.any(dim=-1)  # (..., T)
         if torch.isnan(got64).any():
+            nan_rows = torch.isnan(got64).any(dim=-1)  # (..., T)
+            if empty_rows.any() and torch.equal(nan_rows, empty_rows) and torch.allclose(
+                    got64[~empty_rows], expected[~empty_rows], atol=_TOL[scores.dtype], rtol=0):
+                raise CheckFailure(f"{name} contain NaN only in the rows with nothing to attend to: a softmax of an "
+                                   f"all -inf row is 0/0 = NaN, and so is masking after the softmax and renormalising "
+                                   f"(the same function wherever a row keeps a key). Give such rows weights 0.")
             hint = ("a row with every key masked is softmax of all -inf = 0/0 = NaN: find such rows "
                     "(mask.any(-1) is False) and set their weights to 0") if empty_rows.any() else \
                 "NaN appeared: subtract the row max before exp, and do not fill with a finite value that overflows"
@@ -183,6 +196,12 @@ def check_masked_softmax(fn):
             raise CheckFailure(f"{name}: masked keys must get weight exactly 0; "
                                f"{int((got64[~full_mask] != 0).sum())} masked entries are nonzero.")
         tol = _TOL[scores.dtype]
+        zeroed_late = torch.softmax(scores.to(torch.float64), dim=-1) * full_mask  # masked after, not renormalised
+        late = torch.allclose(got64, zeroed_late, atol=tol, rtol=0)
+        if late and not torch.allclose(got64, expected, atol=tol, rtol=0):
+            raise CheckFailure(f"{name}: you masked after the softmax: the weights are softmax(scores) with the masked "
+                               f"entries set to 0, so a row's kept weights sum to less than 1. Mask the scores with "
+                               f"-inf before the softmax (or renormalise the kept weights, guarding empty rows).")
         if not torch.allclose(got64, expected, atol=tol, rtol=0):
             err = float((got64 - expected).abs().max())
             raise CheckFailure(f"{name} differ from the reference by up to {err:.2e} (tolerance {tol:.0e} for "
@@ -190,3 +209,69 @@ def check_masked_softmax(fn):
                                f"compute it in float32 for half-precision inputs "
                                f"and keep float64 inputs in float64.")
     return "4 cases in float32, float64, float16 and bfloat16, incl. fully masked rows (weights 0, no NaN)"
+
+
+# ----------------------------------------------------------------------------- a test that finds future leaks
+def _layers() -> list[tuple[str, object, bool]]:
+    """(description, layer, leaks?) where layer maps x (1, T, d) float64 -> (1, T, d)."""
+    g = torch.Generator().manual_seed(55)
+    d = 8
+    w_q, w_k, w_v = (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for _ in range(3))
+
+    def attend(x, mask):
+        scores = (x @ w_q.T) @ (x @ w_k.T).transpose(-2, -1) / d**0.5  # (1, T, T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ (x @ w_v.T)
+
+    def causal(x):
+        return attend(x, torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril())
+
+    def last_to_first(x):  # causal, except that position 0 also sees the LAST position
+        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        mask[0, -1] = True
+        return attend(x, mask)
+
+    def weak(x):  # causal plus a tiny leak of the next token, 1e-9 of its size
+        out = causal(x)
+        return out + 1e-9 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+
+    return [("a causal layer", causal, False), ("a layer without a mask", lambda x: attend(x, None), True),
+            ("a layer whose position 0 also sees the last position", last_to_first, True),
+            ("a causal layer with a leak of 1e-9 from the next position", weak, True),
+            ("the causal layer again", causal, False)]
+
+
+@checker
+def check_future_leak_test(fn):
+    """Check a test that detects whether a sequence layer lets a position see the future.
+
+    Your function: `fn(layer, T, d) -> bool`, True when the layer leaks: when some output position i
+    changes after a change of the inputs at positions > i. `layer` maps a float64 tensor (1, T, d) to
+    (1, T, d). Checks five layers (causal, unmasked, a leak only from the last position into position
+    0, a leak of size 1e-9, causal again); names a test that perturbs the past, one that checks too
+    few positions, and one whose tolerance hides a small leak.
+    """
+    T, d = 6, 8
+    for description, layer, leaks in _layers():
+        verdict = call(fn, layer, T, d, what=f", with {description}")
+        if not isinstance(verdict, bool | np.bool_) and not (isinstance(verdict, torch.Tensor) and verdict.numel() == 1
+                                                             and verdict.dtype == torch.bool):
+            raise CheckFailure(f"return True (the layer leaks) or False (it does not); got {verdict!r}")
+        verdict = bool(verdict)
+        if verdict and not leaks:
+            raise CheckFailure(f"your test reports a leak for {description}, which has none. Perturb only the "
+                               f"FUTURE (positions > i) and compare only the outputs at positions <= i; float64 "
+                               f"recomputation of the same numbers is exact, so compare exactly or with atol ~1e-12.")
+        if not verdict and leaks:
+            if "1e-9" in description:
+                raise CheckFailure(f"your test missed {description}: its tolerance is too loose. A causal layer's past "
+                                   f"outputs do not change AT ALL when the future changes, so compare exactly (or "
+                                   f"with atol ~1e-12 in float64).")
+            if "last position" in description:
+                raise CheckFailure(f"your test missed {description}: it checks too few positions. Compare every "
+                                   f"position i < T-1 after perturbing everything after it (or the last position "
+                                   f"alone against every earlier output).")
+            raise CheckFailure(f"your test missed the leak of {description}: perturb the inputs after position i and "
+                               f"check whether the outputs up to i change.")
+    return "5 layers: causal ones pass, an unmasked one, a single far leak and a 1e-9 leak are caught"
