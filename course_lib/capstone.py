@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from course_lib.mha import MultiHeadAttention
 from course_lib.paths import DATA_DIR
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from course_lib.toy_translation import load_split, source_vocab, target_vocab
@@ -31,10 +34,12 @@ from course_lib.training import (
     train,
 )
 
-__all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "encode_pairs", "exact_match", "build_capstone_model",
-           "load_capstone", "train_capstone"]
+__all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
+           "teacher_forced_metrics", "attention_modules", "removed_heads", "build_capstone_model", "load_capstone",
+           "train_capstone"]
 
 CAPSTONE_PATH = DATA_DIR / "checkpoints" / "capstone.safetensors"
+CAPSTONE_BF16_PATH = DATA_DIR / "checkpoints" / "capstone_bf16.safetensors"  # trained under bfloat16 autocast
 CAPSTONE_RECIPE = {"d_model": 64, "num_heads": 4, "d_ff": 256, "num_encoder_layers": 2, "num_decoder_layers": 2,
                    "dropout": 0.0, "max_len": 32, "norm_first": True, "positional": "sinusoidal"}
 
@@ -57,6 +62,59 @@ def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *,
     return correct / max(1, len(pairs)), predictions
 
 
+@torch.no_grad()
+def teacher_forced_metrics(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab) -> tuple[float, float]:
+    """(mean token cross-entropy, token accuracy) of one teacher-forced pass over `pairs` (padding ignored)."""
+    src, tgt_in, tgt_out = collate_pairs(encode_pairs(pairs, src_vocab, tgt_vocab))
+    logits = model(src, tgt_in)  # (B, T, V)
+    real = tgt_out != model.config.pad_id  # (B, T)
+    loss = seq2seq_loss(model, (src, tgt_in, tgt_out))
+    accuracy = (logits.argmax(-1) == tgt_out)[real].float().mean()
+    return float(loss), float(accuracy)
+
+
+def attention_modules(model) -> dict[str, MultiHeadAttention]:
+    """Every attention of a Seq2SeqTransformer by name: "encoder 1 self", "decoder 1 self", "decoder 1 cross", ..."""
+    found = {f"encoder {i + 1} self": layer.self_attn for i, layer in enumerate(model.encoder_layers)}
+    for i, layer in enumerate(model.decoder_layers):
+        found[f"decoder {i + 1} self"] = layer.self_attn
+        found[f"decoder {i + 1} cross"] = layer.cross_attn
+    return found
+
+
+@contextmanager
+def removed_heads(model, heads: Iterable[tuple[str, int]]):
+    """Inside the block, the listed heads ((attention name, head index) pairs, names as in `attention_modules`)
+    contribute nothing: their output is multiplied by a gate of 0 before W_O (Michel et al. 2019's xi_h = 0),
+    by a forward pre-hook on each attention's out_proj, so the fused and the math path are both gated.
+    The model is unchanged afterwards, also when the block raises."""
+    modules = attention_modules(model)
+    gates: dict[str, torch.Tensor] = {}
+    for name, head in heads:
+        if name not in modules:
+            raise ValueError(f"heads: no attention named {name!r}; the model has {sorted(modules)}")
+        H = modules[name].num_heads
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < H:
+            raise ValueError(f"heads: head index must be an int in [0, {H}) for {name!r}; got {head!r}")
+        gates.setdefault(name, torch.ones(H))[head] = 0.0
+    handles = []
+
+    def gate_hook(gate):
+        def hook(module, args):
+            (x,) = args  # (B, T, H * d_head): head h fills features h*d_head ... (h+1)*d_head - 1
+            g = gate.to(x.dtype).repeat_interleave(x.shape[-1] // gate.numel())  # (H * d_head,)
+            return (x * g,)
+        return hook
+
+    try:
+        for name, gate in gates.items():
+            handles.append(modules[name].out_proj.register_forward_pre_hook(gate_hook(gate)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def load_capstone(path: Path | str = CAPSTONE_PATH):
     """(model in eval mode, source vocab, target vocab, info) from the capstone checkpoint."""
     model, info = load_model(path, lambda config: Seq2SeqTransformer(Seq2SeqConfig.from_dict(config)),
@@ -73,18 +131,24 @@ def build_capstone_model(seed: int, **overrides):
 
 def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
                    warmup_steps: int = 200, out: Path | str = CAPSTONE_PATH, progress: bool = True,
-                   command: str = "") -> dict:
+                   command: str = "", amp_dtype: torch.dtype | None = None) -> dict:
+    """Train the capstone on the CPU and write the checkpoint and its record. amp_dtype=torch.bfloat16
+    trains under CPU autocast (mixed precision; the weights stay float32)."""
     model, src_vocab, tgt_vocab = build_capstone_model(seed)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     train_examples = encode_pairs(load_split("train"), src_vocab, tgt_vocab)
     batches = batch_iterator(train_examples, batch_size, seed=seed)
     result = train(model, batches, seq2seq_loss, steps=steps, lr=lr, seed=seed, warmup_steps=warmup_steps,
-                   progress=progress, desc="capstone")
+                   progress=progress, desc="capstone", amp_dtype=amp_dtype)
     val_acc, _ = exact_match(model, load_split("validation"), src_vocab, tgt_vocab)
     test_acc, _ = exact_match(model, load_split("test"), src_vocab, tgt_vocab)
     info = {
         "config": model.config.to_dict(), "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
         "warmup_steps": warmup_steps, "optimizer": "AdamW(betas=(0.9, 0.98)), linear warm-up + cosine to 0.1 lr",
-        "train_seconds": round(result.seconds, 1), "torch_threads": torch.get_num_threads(),
+        "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "none (float32)",
+        "train_seconds": round(result.seconds, 1),
+        "machine_load": f"{os.cpu_count()} CPU cores, 1-minute load average {load_before:.1f} at the start",
+        "torch_threads": torch.get_num_threads(),
         "device": f"cpu ({platform.machine()})", "torch": torch.__version__,
         "validation_exact_match": val_acc, "test_exact_match": test_acc,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -105,10 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(CAPSTONE_PATH))
+    parser.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
+                        help="train under CPU autocast in bfloat16 (mixed precision); default float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = " ".join(["python -m course_lib.capstone", *argv])
-    info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command)
+    info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command,
+                          amp_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None)
     print(f"trained {info['steps']} steps in {info['train_seconds']} s on {info['torch_threads']} threads; "
           f"validation exact match {info['validation_exact_match']:.3f}, test {info['test_exact_match']:.3f}")
     return 0

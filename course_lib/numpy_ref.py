@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from course_lib._validate import check_mask_shape, check_positive_int, check_qkv_shapes, shape_str
+from course_lib.io_complexity import IOCounter
 
 __all__ = [
     "softmax",
@@ -157,7 +158,9 @@ def online_softmax_step(
     return m_new, l_new, acc_new
 
 
-def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.ndarray:
+def online_softmax_attention(
+    q, k, v, mask=None, block_size: int = 64, *, key_block_size: int | None = None, io: IOCounter | None = None
+) -> np.ndarray:
     """Attention computed tile by tile with the online softmax (FlashAttention's recurrence).
 
     Never materialises the (T, S) score matrix: for each block of queries it streams over
@@ -166,8 +169,17 @@ def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.nda
     scores plus the (T, d_v) output, i.e. O(block_size^2 + T * d_v) instead of O(T * S).
     T and S need not be multiples of block_size (the last tiles are smaller). A query row
     whose keys are all masked gets output 0. Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
+
+    key_block_size: the size of the key tiles (default: block_size, which then sizes the query blocks).
+    io: an `io_complexity.IOCounter` that counts, in elements, what a kernel with this loop would read
+    from slow memory (each query block once, every key and value tile once per query block, mask tiles)
+    and write (each output block once), and the largest per-head working set of one tile step.
     """
     check_positive_int("block_size", block_size)
+    key_block_size = block_size if key_block_size is None else key_block_size
+    check_positive_int("key_block_size", key_block_size)
+    if io is not None and not isinstance(io, IOCounter):
+        raise TypeError(f"io must be a course_lib.io_complexity.IOCounter or None; got {type(io).__name__}")
     q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask, dtype=None)
     batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
     q = np.broadcast_to(q, (*batch, T, q.shape[-1]))  # views: no copy
@@ -176,21 +188,33 @@ def online_softmax_attention(q, k, v, mask=None, block_size: int = 64) -> np.nda
     dtype = np.result_type(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float: it does not promote float32 scores
     d_v = v.shape[-1]
+    heads = max(1, math.prod(batch))  # one program per (batch, head) on a GPU
     out = np.zeros((*batch, T, d_v), dtype=dtype)  # (..., T, d_v)
     for t0 in range(0, T, block_size):
         t1 = min(t0 + block_size, T)
         q_blk = q[..., t0:t1, :]  # (..., Bq, d)
+        if io is not None:
+            io.read(q_blk.size)  # loaded once, kept on chip for the whole loop over keys
         m = np.full((*batch, t1 - t0, 1), -np.inf, dtype=dtype)  # running max
         l = np.zeros((*batch, t1 - t0, 1), dtype=dtype)  # running sum of exp
         acc = np.zeros((*batch, t1 - t0, d_v), dtype=dtype)  # running sum of exp * v
-        for s0 in range(0, S, block_size):
-            s1 = min(s0 + block_size, S)
-            scores = (q_blk @ np.swapaxes(k[..., s0:s1, :], -1, -2)) * scale  # (..., Bq, Bk)
+        for s0 in range(0, S, key_block_size):
+            s1 = min(s0 + key_block_size, S)
+            k_tile, v_tile = k[..., s0:s1, :], v[..., s0:s1, :]  # (..., Bk, d), (..., Bk, d_v)
+            scores = (q_blk @ np.swapaxes(k_tile, -1, -2)) * scale  # (..., Bq, Bk)
             if mask is not None:
                 rows = slice(None) if mask.shape[-2] == 1 else slice(t0, t1)
                 cols = slice(None) if mask.shape[-1] == 1 else slice(s0, s1)
                 tile = mask[..., rows, cols]
                 scores = np.where(tile, scores, -np.inf) if mask.dtype == np.bool_ else scores + tile
-            m, l, acc = online_softmax_step(m, l, acc, scores, v[..., s0:s1, :])
+                if io is not None:
+                    io.read(tile.size)
+            if io is not None:
+                io.read(k_tile.size + v_tile.size)
+                io.on_chip((q_blk.size + k_tile.size + v_tile.size + scores.size + acc.size + m.size + l.size)
+                           // heads)
+            m, l, acc = online_softmax_step(m, l, acc, scores, v_tile)
         out[..., t0:t1, :] = np.divide(acc, l, out=np.zeros_like(acc), where=(l > 0) | np.isnan(l))
+        if io is not None:
+            io.write(acc.size)
     return out

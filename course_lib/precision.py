@@ -25,6 +25,7 @@ from course_lib.device import tensor_core_settings
 from course_lib.masks import causal_mask
 
 __all__ = [
+    "amp_backward_step",
     "NumberFormat",
     "number_formats",
     "relative_error",
@@ -180,6 +181,31 @@ def autocast_dtype(device_type: str) -> torch.dtype:
     return torch.bfloat16
 
 
+def amp_backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, *,
+                      scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None) -> tuple[float, bool]:
+    """The update after a (mixed-precision) forward: backward, unscale, clip, step. Returns (grad norm, finite).
+
+    With a GradScaler (float16) the loss is scaled before backward and the gradients unscaled before
+    anything reads them, so the norm, the clipping and the finiteness check see the true gradients; the
+    scaler skips the step (and lowers its factor) when a gradient is inf/NaN. Without one, a plain backward
+    and step. `params` are the parameters to clip and check (a list: it is read twice).
+    """
+    params = [p for p in params if p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # the gradients are now the true ones: check them, clip them here
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if grad_clip is None else grad_clip)
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when a gradient was inf/NaN
+        scaler.update()
+    else:
+        optimizer.step()
+    return float(grad_norm), grads_finite
+
+
 def amp_train_step(model: torch.nn.Module, loss_fn, inputs, targets, optimizer: torch.optim.Optimizer, *,
                    dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """One mixed-precision step: forward under autocast, backward (through a GradScaler for float16).
@@ -194,16 +220,6 @@ def amp_train_step(model: torch.nn.Module, loss_fn, inputs, targets, optimizer: 
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type, dtype=dtype):
         loss = loss_fn(model(inputs), targets)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # the gradients are now the true ones: check them, clip them here
-    else:
-        loss.backward()
-    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
-    if scaler is not None:
-        scaler.step(optimizer)  # skipped when a gradient was inf/NaN
-        scaler.update()
-    else:
-        optimizer.step()
+    _, grads_finite = amp_backward_step(loss, optimizer, model.parameters(), scaler=scaler)
     return {"loss": float(loss.detach()), "grads_finite": grads_finite,
             "scale": None if scaler is None else float(scaler.get_scale())}

@@ -32,6 +32,7 @@ with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then fall
     from tqdm.auto import tqdm
 
 from course_lib._validate import check_positive_int, shape_str
+from course_lib.precision import amp_backward_step
 
 __all__ = [
     "TrainResult", "set_seed", "train", "warmup_cosine", "collate_pairs", "batch_iterator", "seq2seq_loss",
@@ -72,13 +73,17 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
           steps: int, lr: float = 1e-3, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
           betas: tuple[float, float] = (0.9, 0.98), grad_clip: float | None = 1.0,
           schedule: Callable[[int], float] | None = None, progress: bool = True, desc: str = "training",
-          callback: Callable[[int, float], None] | None = None) -> TrainResult:
+          callback: Callable[[int, float], None] | None = None, amp_dtype: torch.dtype | None = None,
+          scaler: torch.amp.GradScaler | None = None) -> TrainResult:
     """AdamW for `steps` steps over `batches` (an iterable yielding at least `steps` batches).
 
     Seeds torch before the first step (dropout), so the same model initialisation, batches and
     seed give the same loss curve. loss_fn(model, batch) returns a scalar tensor.
     schedule(step) multiplies lr; by default `warmup_cosine(warmup_steps, steps)`. grad_clip=None
     does not clip (the norm is still recorded). callback(step, loss) runs after each step.
+    amp_dtype (torch.bfloat16 or torch.float16): run loss_fn under torch.autocast on the model's device
+    (mixed precision, notebook 09); the parameters and the optimizer stay float32. scaler: a
+    torch.amp.GradScaler, for float16 (`precision.amp_backward_step` does the update either way).
     Returns TrainResult(losses, grad_norms, seconds).
     """
     check_positive_int("steps", steps)
@@ -86,6 +91,12 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch); got {type(loss_fn).__name__}")
+    if amp_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16; got {amp_dtype!r}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None; got {type(scaler).__name__}")
+    if scaler is not None and amp_dtype is None:
+        raise ValueError("scaler is for float16 autocast: pass amp_dtype=torch.float16 with it")
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or warmup_cosine(warmup_steps, steps))
@@ -93,7 +104,8 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
     was_training = model.training
     model.train()
     try:
-        _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, progress, desc, callback, result)
+        _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, progress, desc, callback, result,
+                   amp_dtype, scaler)
     except BaseException:
         model.train(was_training)  # a failed call leaves the module's mode as it was
         raise
@@ -102,8 +114,11 @@ def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, obj
 
 
 def _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, progress, desc, callback,
-               result: TrainResult) -> None:
+               result: TrainResult, amp_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> None:
     start = time.perf_counter()
+    params = list(model.parameters())
+    device_type = params[0].device.type if params else "cpu"
     iterator = iter(batches)
     bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=0.5)
     for step in bar:
@@ -111,20 +126,18 @@ def _run_steps(model, batches, loss_fn, steps, optimizer, scheduler, grad_clip, 
             batch = next(iterator)
         except StopIteration:
             raise ValueError(f"batches ran out after {step} of {steps} steps") from None
-        loss = loss_fn(model, batch)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = loss_fn(model, batch)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.dtype.is_floating_point:
             got = f"{shape_str(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise TypeError(f"loss_fn must return a scalar floating-point tensor (a mean over the batch); got {got}")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = float("inf") if grad_clip is None else grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        grad_norm, _ = amp_backward_step(loss, optimizer, params, scaler=scaler, grad_clip=grad_clip)
         scheduler.step()
         result.losses.append(loss.item())
-        result.grad_norms.append(float(grad_norm))
+        result.grad_norms.append(grad_norm)
         if step % 20 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
         if callback is not None:

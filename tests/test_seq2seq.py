@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib.capstone import CAPSTONE_PATH, exact_match, load_capstone
+from course_lib.capstone import CAPSTONE_BF16_PATH, CAPSTONE_PATH, exact_match, load_capstone
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from course_lib.toy_translation import load_split
 
@@ -61,20 +61,22 @@ def test_greedy_decode_pads_after_eos():
 
 
 # ------------------------------------------------------------------ the capstone checkpoint
-def test_capstone_checkpoint_is_small_and_documented():
-    info = json.loads(CAPSTONE_PATH.with_suffix(".json").read_text())
-    assert CAPSTONE_PATH.stat().st_size < 5 * 2**20
+@pytest.mark.parametrize("path", [CAPSTONE_PATH, CAPSTONE_BF16_PATH], ids=["float32", "bfloat16_autocast"])
+def test_capstone_checkpoint_is_small_and_documented(path):
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert path.stat().st_size < 5 * 2**20
     for key in ("config", "seed", "steps", "test_exact_match", "validation_exact_match", "command",
                 "train_seconds", "loss_every_10_steps"):
         assert key in info
     assert info["command"].startswith("python -m course_lib.capstone")
 
 
-def test_capstone_checkpoint_reaches_95_percent_exact_match_on_the_test_split():
+@pytest.mark.parametrize("path", [CAPSTONE_PATH, CAPSTONE_BF16_PATH], ids=["float32", "bfloat16_autocast"])
+def test_capstone_checkpoint_reaches_95_percent_exact_match_on_the_test_split(path):
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the test shares the machine
-    model, src_vocab, tgt_vocab, info = load_capstone()
+    model, src_vocab, tgt_vocab, info = load_capstone(path)
     accuracy, predictions = exact_match(model, load_split("test"), src_vocab, tgt_vocab, batch_size=500)
     assert len(predictions) == 1000
     assert accuracy >= 0.95
-    recorded = json.loads(CAPSTONE_PATH.with_suffix(".json").read_text())["test_exact_match"]
+    recorded = json.loads(path.with_suffix(".json").read_text())["test_exact_match"]
     assert abs(accuracy - recorded) <= 0.002  # the number in the JSON is the one this checkpoint gives

@@ -99,3 +99,28 @@ def test_a_file_that_is_not_a_checkpoint_gives_a_clear_error(tmp_path):
         read_checkpoint(plain)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         read_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_train_under_bfloat16_autocast_keeps_float32_weights_and_learns():
+    torch.set_num_threads(1)
+    model = _tiny(0)
+    seen = []
+    model.generator.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    examples = encode_pairs(load_split("validation"), source_vocab(), target_vocab())
+    losses = train(model, batch_iterator(examples, 16, seed=0), seq2seq_loss, steps=8, lr=3e-3, progress=False,
+                   amp_dtype=torch.bfloat16).losses
+    assert set(seen) == {torch.bfloat16}  # the forward ran under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_train_rejects_bad_mixed_precision_arguments():
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="amp_dtype"):
+        train(model, iter([]), seq2seq_loss, steps=1, amp_dtype=torch.float64)
+    with pytest.raises(TypeError, match="scaler"):
+        train(model, iter([]), seq2seq_loss, steps=1, amp_dtype=torch.float16, scaler=object())
+    with pytest.raises(ValueError, match="scaler is for float16"):
+        train(model, iter([]), seq2seq_loss, steps=1, scaler=torch.amp.GradScaler("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

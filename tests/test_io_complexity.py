@@ -1,0 +1,86 @@
+"""The HBM traffic counted inside numpy_ref.online_softmax_attention equals the closed forms of io_complexity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from course_lib import numpy_ref
+from course_lib.io_complexity import (
+    IOCounter,
+    attainable_flops,
+    block_q_for_memory,
+    standard_attention_io,
+    theorem2_bound,
+    tiled_attention_io,
+    tiled_on_chip_elements,
+)
+
+
+@pytest.mark.parametrize(("T", "S", "d", "d_v", "block_q", "block_k"),
+                         [(64, 64, 8, 8, 16, 16), (37, 53, 5, 3, 10, 7), (20, 9, 4, 4, 64, 2), (1, 1, 1, 1, 1, 1)])
+def test_counted_traffic_equals_the_closed_form(T, S, d, d_v, block_q, block_k):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((T, d)), rng.standard_normal((S, d)), rng.standard_normal((S, d_v))
+    io = IOCounter()
+    out = numpy_ref.online_softmax_attention(q, k, v, block_size=block_q, key_block_size=block_k, io=io)
+    np.testing.assert_allclose(out, numpy_ref.scaled_dot_product_attention(q, k, v)[0], rtol=0, atol=1e-12)
+    assert io.total == tiled_attention_io(T, S, d, d_v, block_q=block_q)
+    assert io.writes == T * d_v
+    assert io.on_chip_peak == tiled_on_chip_elements(d, d_v, block_q=min(block_q, T), block_k=min(block_k, S))
+
+
+def test_counts_sum_over_heads_and_working_set_is_per_head():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 3, 24, 4)) for _ in range(3))
+    io = IOCounter()
+    numpy_ref.online_softmax_attention(q, k, v, block_size=8, io=io)
+    assert io.total == 6 * tiled_attention_io(24, 24, 4, block_q=8)
+    assert io.on_chip_peak == tiled_on_chip_elements(4, block_q=8, block_k=8)
+
+
+def test_mask_tiles_are_read():
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((16, 4)) for _ in range(3))
+    plain, masked = IOCounter(), IOCounter()
+    numpy_ref.online_softmax_attention(q, k, v, block_size=4, io=plain)
+    numpy_ref.online_softmax_attention(q, k, v, np.tril(np.ones((16, 16), dtype=bool)), block_size=4, io=masked)
+    assert masked.reads - plain.reads == 16 * 16
+
+
+def test_more_on_chip_memory_means_less_traffic_like_theorem_2():
+    T, d = 4096, 64
+    traffic = [tiled_attention_io(T, T, d, block_q=block_q_for_memory(M, d, block_k=d)) for M in (2**14, 2**16, 2**18)]
+    assert traffic[0] > traffic[1] > traffic[2]
+    ratios = [t / theorem2_bound(T, d, M) for t, M in zip(traffic, (2**14, 2**16, 2**18), strict=True)]
+    assert max(ratios) / min(ratios) < 2  # Theta(T^2 d^2 / M): the constant stays put
+    assert standard_attention_io(T, T, d) == 4 * T * d + 4 * T * T
+
+
+def test_block_q_for_memory_is_the_largest_that_fits():
+    for M in (2300, 5000, 20608, 10**6):
+        b = block_q_for_memory(M, 64, block_k=16)
+        assert tiled_on_chip_elements(64, block_q=b, block_k=16) <= M < tiled_on_chip_elements(64, block_q=b + 1,
+                                                                                             block_k=16)
+    with pytest.raises(ValueError, match="M = 10"):
+        block_q_for_memory(10, 64, block_k=16)
+
+
+def test_roofline():
+    assert attainable_flops(10.0, 1e15, 1e12) == 1e13
+    assert attainable_flops(1e4, 1e15, 1e12) == 1e15
+    for bad in (0, -1.0, math.inf, math.nan, True, "1"):
+        with pytest.raises(ValueError, match="intensity"):
+            attainable_flops(bad, 1e15, 1e12)
+
+
+def test_bad_arguments_are_named():
+    q = np.ones((4, 2))
+    with pytest.raises(ValueError, match="key_block_size"):
+        numpy_ref.online_softmax_attention(q, q, q, key_block_size=0)
+    with pytest.raises(TypeError, match="io"):
+        numpy_ref.online_softmax_attention(q, q, q, io={})
+    with pytest.raises(ValueError, match="block_q"):
+        tiled_attention_io(4, 4, 2, block_q=0)
