@@ -8,6 +8,11 @@
 The heads are not a loop: splitting is a view + transpose, and one batched SDPA call runs all
 B*H heads at once (torch's fused kernel unless need_weights asks for the weights).
 
+num_kv_heads < num_heads shares key/value heads between query heads: grouped-query attention
+(GQA, Llama 3, Mistral), or multi-query attention (MQA) with num_kv_heads = 1. k_proj and v_proj
+then map to num_kv_heads * d_head features, and a KV cache holds only those heads: the cache
+shrinks by num_heads / num_kv_heads (notebook 12).
+
 Every argument is checked before the first matmul (and before a KV cache is touched), so a
 wrong shape, dtype, device or mask gets a message naming it instead of a failure deep inside.
 """
@@ -58,6 +63,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         kdim: int | None = None,
         vdim: int | None = None,
+        num_kv_heads: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -69,7 +75,14 @@ class MultiHeadAttention(nn.Module):
                 f"d_model must be divisible by num_heads so every head gets d_head = d_model / num_heads "
                 f"features; got d_model={d_model}, num_heads={num_heads} (remainder {d_model % num_heads})"
             )
+        num_kv_heads = num_heads if num_kv_heads is None else check_positive_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads (each key/value head serves a group of "
+                             f"num_heads / num_kv_heads query heads); got num_heads={num_heads}, "
+                             f"num_kv_heads={num_kv_heads}")
         self.d_model, self.num_heads, self.d_head = d_model, num_heads, d_model // num_heads
+        self.num_kv_heads = num_kv_heads
+        d_kv = num_kv_heads * self.d_head  # = d_model for MHA
         self.kdim = d_model if kdim is None else check_positive_int("kdim", kdim)
         self.vdim = d_model if vdim is None else check_positive_int("vdim", vdim)
         self.dropout = check_probability("dropout", dropout)
@@ -77,12 +90,13 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"dtype must be a floating-point torch.dtype (or None for the default); got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
-        self.k_proj = nn.Linear(self.kdim, d_model, bias=bias, **factory)
-        self.v_proj = nn.Linear(self.vdim, d_model, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, d_kv, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, d_kv, bias=bias, **factory)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_heads={self.num_heads}, d_head={self.d_head}, dropout={self.dropout}"
+        kv = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
+        return f"d_model={self.d_model}, num_heads={self.num_heads}{kv}, d_head={self.d_head}, dropout={self.dropout}"
 
     # ----------------------------------------------------------------------------- helpers
     def _fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,9 +127,10 @@ class MultiHeadAttention(nn.Module):
         return cached[1]
 
     def _project_self(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fused QKV: one (3*D, D) matmul instead of three (D, D) ones when q = k = v = x."""
-        weight, bias = self._fused_qkv()  # (3D, D), (3D,) or None
-        return F.linear(x, weight, bias).chunk(3, dim=-1)  # 3 x (B, T, D)
+        """Fused QKV: one (D + 2 D_kv, D) matmul instead of three when q = k = v = x (D_kv = D for MHA)."""
+        weight, bias = self._fused_qkv()  # (D + 2 D_kv, D), (D + 2 D_kv,) or None
+        d_kv = self.num_kv_heads * self.d_head
+        return F.linear(x, weight, bias).split([self.d_model, d_kv, d_kv], dim=-1)  # (B, T, D), 2 x (B, T, D_kv)
 
     def _check_inputs(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
         """Validate everything before any arithmetic; return (B, T, S) with S counting cached keys."""
@@ -160,11 +175,11 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"this static KVCache was filled from another memory (length {len(cache)}); "
                                  f"got key {shape_str(key.shape)}: use a new KVCache(static=True) per memory")
             if cache.is_filled:
-                expected = (B, self.num_heads, self.d_head)
+                expected = (B, self.num_kv_heads, self.d_head)
                 got = (cache.key.shape[0], cache.key.shape[1], cache.key.shape[-1])
                 if got != expected:
-                    raise ValueError(f"cache holds keys {shape_str(cache.key.shape)} (B, H, S, d_head) but this call "
-                                     f"needs B={B}, H={self.num_heads}, d_head={self.d_head}")
+                    raise ValueError(f"cache holds keys {shape_str(cache.key.shape)} (B, H_kv, S, d_head) but this "
+                                     f"call needs B={B}, H_kv={self.num_kv_heads}, d_head={self.d_head}")
                 S = len(cache) if cache.static else len(cache) + S
         if cache is None:
             check_causal_lengths(is_causal, T, S, query.shape, key.shape)
@@ -255,17 +270,18 @@ class MultiHeadAttention(nn.Module):
             if not (cache is not None and cache.static and cache.is_filled):
                 k, v = self.k_proj(key), self.v_proj(value)  # (B, S_new, d_model)
         q = split_heads(q, self.num_heads)  # (B, H, T, d_head)
-        k = None if k is None else split_heads(k, self.num_heads)  # (B, H, S_new, d_head)
-        v = None if v is None else split_heads(v, self.num_heads)
+        k = None if k is None else split_heads(k, self.num_kv_heads)  # (B, H_kv, S_new, d_head)
+        v = None if v is None else split_heads(v, self.num_kv_heads)
         with unchanged_on_error(cache):  # a failed call leaves the cache as it was
             if cache is not None and k is not None:
-                k, v = cache.update(k, v)  # (B, H, S, d_head)
+                k, v = cache.update(k, v)  # (B, H_kv, S, d_head)
                 if cache.static:
                     cache.source = key
             elif cache is not None:
                 k, v = cache.key, cache.value  # a filled static cache: the memory's keys and values
             out, weights = attention_core(  # no second validation
                 q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, need_weights,
+                enable_gqa=self.num_kv_heads != self.num_heads,
             )  # (B, H, T, d_head), (B, H, T, S) or None
             return self.out_proj(merge_heads(out)), weights  # concat heads (B, T, d_model), then W_O
 
