@@ -21,6 +21,12 @@ from course_lib.checks.nb08 import check_head_entropy, check_previous_token_scor
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
 from course_lib.checks.nb10 import check_online_softmax_step
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
+from course_lib.checks.nb12 import (
+    check_gqa_attention,
+    check_interleaved_rope,
+    check_kv_cache_bytes,
+    check_window_receptive_field,
+)
 
 __all__ = [
     "CheckResult",
@@ -63,4 +69,9 @@ __all__ = [
     # 11 capstone
     "check_shift_targets",
     "check_greedy_decode",
+    # 12 today's attention
+    "check_kv_cache_bytes",
+    "check_gqa_attention",
+    "check_interleaved_rope",
+    "check_window_receptive_field",
 ]
