@@ -118,7 +118,9 @@ def check_interleaved_rope(fn):
         got = as_array(f"rotated x for T={T}, d={d}, offset={offset}", call(fn, x, offset,
                                                                              what=f" (offset={offset})"))
         if not is_close(got, expected, atol=1e-10, rtol=1e-8):
-            back = RotaryEmbedding(d, interleaved=True)(x.flip(-1), offset=offset).flip(-1)  # swaps each pair
+            cos, sin = RotaryEmbedding(d).cos_sin(torch.arange(offset, offset + T), torch.float64)  # (T, d/2)
+            back = torch.stack((x[:, 0::2] * cos + x[:, 1::2] * sin, x[:, 1::2] * cos - x[:, 0::2] * sin),
+                               dim=-1).flatten(-2)  # turned by -angle
             wrong = diagnose(got, {
                 "that is the rotate-half layout (x[i] paired with x[i + d/2]); here pairs are neighbours "
                 "(x[2i], x[2i+1])": RotaryEmbedding(d)(x, offset=offset) if d > 2 else None,
