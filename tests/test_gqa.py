@@ -93,3 +93,16 @@ def test_parameter_count_shrinks_with_kv_heads():
     d_head = D // H
     assert counts[0] - counts[1] == 2 * (8 - 2) * d_head * (D + 1)
     assert counts[1] - counts[2] == 2 * (2 - 1) * d_head * (D + 1)
+
+
+def test_head_ablation_model_takes_kv_heads():
+    from course_lib.head_ablation import GatedSelfAttention, HeadGatedTransformer
+
+    torch.manual_seed(0)
+    gated = GatedSelfAttention(D, H, num_kv_heads=2).eval()
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x)[0], gated.mha(x), atol=1e-5, rtol=1e-5)
+    model = HeadGatedTransformer(8, 64, 16, d_model=D, num_heads=H, num_kv_heads=1)
+    assert model.config["num_kv_heads"] == 1
+    assert "num_kv_heads" not in HeadGatedTransformer(8, 64, 16, d_model=D, num_heads=H).config
