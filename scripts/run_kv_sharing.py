@@ -1,6 +1,6 @@
 """What sharing key/value heads costs on the lookup tasks of notebook 07: MHA vs GQA vs MQA (notebook 12).
 
-    python scripts/run_kv_sharing.py                     # the recorded runs (about 6 min on one core)
+    python scripts/run_kv_sharing.py                     # the recorded runs (11 min on one thread of a busy machine)
     python scripts/run_kv_sharing.py --tiny --out /tmp/x  # a seconds-long smoke run
 
 Every run: the head-ablation model (`course_lib.head_ablation`, one layer, attention + MLP) with 4 query
