@@ -91,7 +91,8 @@ class KVCache:
                                 f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
                                 f"and on one device")
         full_k, full_v = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
-        self.key, self.value, self.seen = full_k, full_v, self.seen + key.shape[-2]
+        # max(): a cache whose tensors were assigned directly has seen at least what it holds
+        self.key, self.value, self.seen = full_k, full_v, max(self.seen, len(self)) + key.shape[-2]
         self._evict()
         return full_k, full_v  # this step attends to everything before eviction (its own window)
 

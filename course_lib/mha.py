@@ -296,7 +296,7 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         B, T, S = self._check_inputs(query, key, value, attn_mask, is_causal, need_weights, cache)
-        start = 0 if cache is None or cache.static else cache.seen  # position of the first new token
+        start = 0 if cache is None or cache.static else max(cache.seen, len(cache))  # first new position
         windowed = self.window is not None or (cache is not None and cache.window is not None)
         # The mask is final from here: checked once above, the causal part folded in at most once below.
         if windowed:

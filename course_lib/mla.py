@@ -103,7 +103,7 @@ class MultiHeadLatentAttention(nn.Module):
                                  f"{shape_str(cache.value.shape)}; this call needs B={x.shape[0]}, "
                                  f"kv_rank={self.kv_rank}, d_rope={self.d_rope}")
         B, T, _ = x.shape
-        start = 0 if cache is None else cache.seen
+        start = 0 if cache is None else max(cache.seen, len(cache))  # position of the first new token
         q_nope, q_rope = self._queries(x, start)
         c, k_rope = self._latent(x, start)  # (B, 1, T, r), (B, 1, T, d_rope)
         with unchanged_on_error(cache):
