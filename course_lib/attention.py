@@ -27,7 +27,20 @@ from course_lib._validate import (
 )
 from course_lib.masks import causal_mask, check_mask, with_causal
 
-__all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask"]
+__all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask",
+           "repeat_kv", "SDPA_HAS_GQA"]
+
+# torch >= 2.5: F.scaled_dot_product_attention(..., enable_gqa=True) lets H query heads share H_kv key/value heads
+SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, S, d) -> (B, H_kv * n_rep, S, d): kv head g serves query heads g*n_rep ... (g+1)*n_rep - 1.
+
+    Grouped-query attention written out: each key/value head repeated for the query heads of its
+    group (torch.repeat_interleave, the layout of Hugging Face's repeat_kv and of SDPA's enable_gqa).
+    """
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=-3)
 
 
 def _check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
@@ -105,7 +118,10 @@ def _output_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype
 
 
-def _math_attention(q, k, v, mask, dropout_p):
+def _math_attention(q, k, v, mask, dropout_p, enable_gqa=False):
+    if enable_gqa:
+        n_rep = q.shape[-3] // k.shape[-3]
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # grouped-query: (B, H, S, d)
     out_dtype = _output_dtype(q)
     compute = torch.promote_types(q.dtype, torch.float32)  # float16/bfloat16 -> float32; float64 stays
     no_autocast = (torch.autocast(q.device.type, enabled=False) if torch.amp.is_autocast_available(q.device.type)
@@ -124,9 +140,16 @@ def _math_attention(q, k, v, mask, dropout_p):
     return out.to(out_dtype), weights
 
 
-def _fused_attention(q, k, v, mask, is_causal, dropout_p):
+def _fused_attention(q, k, v, mask, is_causal, dropout_p, enable_gqa=False):
+    gqa = {}
+    if enable_gqa and q.shape[-3] != k.shape[-3]:  # grouped-query: fewer kv heads
+        if SDPA_HAS_GQA:
+            gqa = {"enable_gqa": True}  # the kernel indexes the shared heads, no copy
+        else:
+            n_rep = q.shape[-3] // k.shape[-3]
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, **gqa)
     # A row with every key masked would make the fused softmax 0/0 = NaN (and NaN gradients).
     # Let such rows attend everywhere inside the kernel, then zero their output: the result is
     # exactly 0 and, because the output is replaced, no gradient flows back through them.
@@ -136,7 +159,7 @@ def _fused_attention(q, k, v, mask, is_causal, dropout_p):
     else:
         row_ok = (mask > float("-inf")).any(dim=-1, keepdim=True)
         safe = mask.masked_fill(~row_ok, 0.0).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, dropout_p=dropout_p, **gqa)
     return out.masked_fill(~row_ok, 0.0)
 
 
@@ -191,11 +214,14 @@ def attention_core(
     is_causal: bool,
     dropout_p: float,
     need_weights: bool,
+    enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The computation behind `scaled_dot_product_attention`, with no checks: (out, weights or None).
 
     For callers that validated their inputs already (MultiHeadAttention checks everything once,
-    before its projections); is_causal needs T == S. Calling it with unchecked inputs gives
+    before its projections); is_causal needs T == S. enable_gqa: k and v (B, H_kv, S, d) have fewer
+    heads than q (B, H, T, d), H_kv dividing H: grouped-query attention, each kv head shared by a
+    group of H / H_kv query heads. Calling it with unchecked inputs gives
     torch's errors, or silently broadcast masks: use the public function instead.
     """
     T, S = q.shape[-2], k.shape[-2]
@@ -205,5 +231,5 @@ def attention_core(
         mask = with_causal(mask, T, S, device=q.device)  # one boolean mask: the causal part folded in
         is_causal = False
     if need_weights:
-        return _math_attention(q, k, v, mask, dropout_p)
-    return _fused_attention(q, k, v, mask, is_causal, dropout_p), None
+        return _math_attention(q, k, v, mask, dropout_p, enable_gqa)
+    return _fused_attention(q, k, v, mask, is_causal, dropout_p, enable_gqa), None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib._validate import check_positive_int
-from course_lib.attention import scaled_dot_product_attention
+from course_lib.attention import repeat_kv, scaled_dot_product_attention
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 from course_lib.training import load_model, save_checkpoint, train
 
@@ -79,14 +79,16 @@ def make_batch(task: LookupTask, batch_size: int, generator: torch.Generator) ->
 class GatedSelfAttention(nn.Module):
     """Self-attention with a per-head gate. Owns a course_lib.MultiHeadAttention for its weights."""
 
-    def __init__(self, d_model: int, num_heads: int) -> None:
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
-        self.mha = MultiHeadAttention(d_model, num_heads)
+        self.mha = MultiHeadAttention(d_model, num_heads, num_kv_heads=num_kv_heads)
         self.num_heads = num_heads
 
     def forward(self, x: torch.Tensor, head_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.mha
-        q, k, v = (split_heads(proj(x), self.num_heads) for proj in (m.q_proj, m.k_proj, m.v_proj))  # (B, H, T, d_head)
+        n_rep = m.num_heads // m.num_kv_heads  # grouped-query: each kv head serves n_rep query heads
+        q = split_heads(m.q_proj(x), self.num_heads)  # (B, H, T, d_head)
+        k, v = (repeat_kv(split_heads(proj(x), m.num_kv_heads), n_rep) for proj in (m.k_proj, m.v_proj))
         heads, weights = scaled_dot_product_attention(q, k, v, need_weights=True)  # (B, H, T, d_head), (B, H, T, T)
         if head_gate is not None:
             heads = heads * head_gate.view(1, self.num_heads, 1, 1)
@@ -94,9 +96,9 @@ class GatedSelfAttention(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(d_model), GatedSelfAttention(d_model, num_heads)
+        self.norm1, self.attn = nn.LayerNorm(d_model), GatedSelfAttention(d_model, num_heads, num_kv_heads)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model)) if d_ff else None
 
@@ -116,16 +118,18 @@ class HeadGatedTransformer(nn.Module):
     """
 
     def __init__(self, vocab: int, num_classes: int, seq_len: int, d_model: int = 32, num_heads: int = 4,
-                 num_layers: int = 1, d_ff: int = 128) -> None:
+                 num_layers: int = 1, d_ff: int = 128, num_kv_heads: int | None = None) -> None:
         super().__init__()
         for name, value in (("vocab", vocab), ("num_classes", num_classes), ("seq_len", seq_len),
                             ("num_layers", num_layers)):
             check_positive_int(name, value)
         self.config = dict(vocab=vocab, num_classes=num_classes, seq_len=seq_len, d_model=d_model,
                            num_heads=num_heads, num_layers=num_layers, d_ff=d_ff)
+        if num_kv_heads is not None:  # grouped-/multi-query attention (notebook 12)
+            self.config["num_kv_heads"] = num_kv_heads
         self.num_layers, self.num_heads = num_layers, num_heads
         self.tok_emb, self.pos_emb = nn.Embedding(vocab, d_model), nn.Embedding(seq_len, d_model)
-        self.layers = nn.ModuleList(_Layer(d_model, num_heads, d_ff) for _ in range(num_layers))
+        self.layers = nn.ModuleList(_Layer(d_model, num_heads, d_ff, num_kv_heads) for _ in range(num_layers))
         self.norm, self.readout = nn.LayerNorm(d_model), nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor, head_gate: torch.Tensor | None = None, need_weights: bool = False):
@@ -169,6 +173,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_size: int = 512
     extra: dict = field(default_factory=dict)
+    num_kv_heads: int | None = None  # None: one key/value head per query head (MHA)
 
 
 @torch.no_grad()
@@ -209,7 +214,7 @@ def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTran
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
     model = HeadGatedTransformer.for_task(task, d_model=cfg.d_model, num_heads=cfg.num_heads,
-                                          num_layers=cfg.num_layers, d_ff=cfg.d_ff)
+                                          num_layers=cfg.num_layers, d_ff=cfg.d_ff, num_kv_heads=cfg.num_kv_heads)
     generator = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
     batches = (make_batch(task, cfg.batch_size, generator) for _ in range(cfg.steps))
     x_eval, y_eval = eval_batch(task, cfg.eval_size)

@@ -3,6 +3,11 @@
 Self-attention: each step appends the new token's keys and values, so step t attends to all
 t cached positions without recomputing their projections. Cross-attention: the encoder
 memory's keys and values are computed once (`static=True`) and reused at every step.
+
+A windowed cache (`window=W`, for sliding-window attention as in Mistral) keeps only the last W
+positions, and with `sink_tokens=s` also the first s (StreamingLLM's attention sinks): its size
+stops growing at s + W, whatever the length of the text. Kept keys keep the rotation of their
+original position (`key_positions` says which positions the cache holds).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from course_lib._validate import shape_str
+from course_lib._validate import check_positive_int, shape_str
 
 __all__ = ["KVCache", "unchanged_on_error"]
 
@@ -24,6 +29,31 @@ class KVCache:
     value: torch.Tensor | None = None  # (B, H, S_cached, d_head_v)
     static: bool = False  # True for cross-attention: filled once, then only read
     source: torch.Tensor | None = field(default=None, repr=False)  # static: the memory it was filled from
+    window: int | None = None  # keep only the last `window` positions (None: keep all)
+    sink_tokens: int = 0  # with a window: also keep the first `sink_tokens` positions
+    seen: int = 0  # positions appended so far, evicted ones included (the position of the next token)
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            check_positive_int("window", self.window)
+            if self.static:
+                raise ValueError("a static KVCache (cross-attention memory) cannot have a window")
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0; got {self.sink_tokens!r}")
+        if self.sink_tokens and self.window is None:
+            raise ValueError("sink_tokens needs a window: without one every position is kept anyway")
+        self.seen = max(self.seen, len(self))
+
+    def key_positions(self, length: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """(length,) positions of the keys held (length = len(self)) or just returned by `update`.
+
+        Either way they are the first min(sink_tokens, length) positions, then consecutive positions up
+        to seen - 1: eviction only ever removes a block between the sinks and the window.
+        """
+        length = len(self) if length is None else length
+        sinks = min(self.sink_tokens, length)
+        return torch.cat([torch.arange(sinks, device=device),
+                          torch.arange(self.seen - (length - sinks), self.seen, device=device)])
 
     def __len__(self) -> int:
         return 0 if self.key is None else self.key.shape[-2]
@@ -47,6 +77,8 @@ class KVCache:
                              f"one value per key")
         if self.key is None:
             self.key, self.value = key, value
+            self.seen = key.shape[-2]
+            self._evict()
             return key, value
         if self.static:
             raise RuntimeError("this KVCache is static (cross-attention memory): it is filled once, not appended to")
@@ -58,8 +90,19 @@ class KVCache:
                 raise TypeError(f"new {name}s are {new.dtype} on {new.device} but the cache holds {old.dtype} on "
                                 f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
                                 f"and on one device")
-        self.key, self.value = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
-        return self.key, self.value
+        full_k, full_v = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+        # max(): a cache whose tensors were assigned directly has seen at least what it holds
+        self.key, self.value, self.seen = full_k, full_v, max(self.seen, len(self)) + key.shape[-2]
+        self._evict()
+        return full_k, full_v  # this step attends to everything before eviction (its own window)
+
+    def _evict(self) -> None:
+        """Windowed cache: keep the first sink_tokens and the last window positions (new tensors, no writes)."""
+        if self.window is None or len(self) <= self.sink_tokens + self.window:
+            return
+        s, w = self.sink_tokens, self.window
+        self.key = torch.cat([self.key[..., :s, :], self.key[..., -w:, :]], dim=-2)
+        self.value = torch.cat([self.value[..., :s, :], self.value[..., -w:, :]], dim=-2)
 
 
 @contextlib.contextmanager
@@ -69,10 +112,10 @@ def unchanged_on_error(*caches: KVCache | None) -> Iterator[None]:
     An update never writes into the tensors it replaces (torch.cat makes new ones), so keeping the
     old references is enough to restore them.
     """
-    saved = [(c, c.key, c.value, c.source) for c in caches if c is not None]
+    saved = [(c, c.key, c.value, c.source, c.seen) for c in caches if c is not None]
     try:
         yield
     except BaseException:
-        for cache, key, value, source in saved:
-            cache.key, cache.value, cache.source = key, value, source
+        for cache, key, value, source, seen in saved:
+            cache.key, cache.value, cache.source, cache.seen = key, value, source, seen
         raise

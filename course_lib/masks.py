@@ -15,6 +15,8 @@ from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
 
 __all__ = [
     "causal_mask",
+    "sliding_window_mask",
+    "position_mask",
     "check_mask",
     "with_causal",
     "padding_mask",
@@ -38,6 +40,37 @@ def causal_mask(T: int, S: int | None = None, device: torch.device | str | None 
     i = torch.arange(T, device=device).unsqueeze(1)  # (T, 1)
     j = torch.arange(S, device=device).unsqueeze(0)  # (1, S)
     return j <= i + (S - T)  # (T, S)
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | None = None,
+                  sink_tokens: int = 0) -> torch.Tensor:
+    """(T, S) bool from the positions of the queries (T,) and keys (S,): causal, optionally windowed.
+
+    Query at position p may attend to the key at position j iff j <= p and, with a window W,
+    p - W < j (the last W positions, itself included: Mistral's and Hugging Face's convention) or
+    j < sink_tokens (StreamingLLM's attention sinks: the first tokens stay visible).
+    """
+    if window is not None:
+        check_positive_int("window", window)
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0; got {sink_tokens!r}")
+    p, j = q_pos.unsqueeze(1), k_pos.unsqueeze(0)  # (T, 1), (1, S)
+    allowed = j <= p
+    if window is not None:
+        allowed = allowed & ((j > p - window) | (j < sink_tokens))
+    return allowed  # (T, S)
+
+
+def sliding_window_mask(T: int, S: int | None = None, *, window: int, sink_tokens: int = 0,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, S) bool: causal_mask(T, S) restricted to the last `window` keys (plus the first `sink_tokens`).
+
+    Queries are the last T of S positions, as in causal_mask. window >= S gives causal_mask.
+    """
+    T = check_positive_int("T", T)
+    S = T if S is None else check_positive_int("S", S)
+    positions = torch.arange(S, device=device)
+    return position_mask(positions[S - T:], positions, window=window, sink_tokens=sink_tokens)  # (T, S)
 
 
 def check_mask(name: str, mask: object, *, module_ndim: bool = False) -> torch.Tensor:

@@ -57,6 +57,12 @@ from course_lib.checks.nb08 import check_head_entropy, check_previous_token_scor
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
 from course_lib.checks.nb10 import check_online_softmax_step
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
+from course_lib.checks.nb12 import (
+    check_gqa_attention,
+    check_interleaved_rope,
+    check_kv_cache_bytes,
+    check_window_receptive_field,
+)
 from course_lib.checks.nb13 import check_merge_many, check_tp_cross_bytes, check_zigzag_positions
 from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_token_output
 
@@ -119,6 +125,11 @@ __all__ = [
     # 11 capstone
     "check_shift_targets",
     "check_greedy_decode",
+    # 12 today's attention
+    "check_kv_cache_bytes",
+    "check_gqa_attention",
+    "check_interleaved_rope",
+    "check_window_receptive_field",
     # 13 attention across devices
     "check_tp_cross_bytes",
     "check_merge_many",

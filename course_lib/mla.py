@@ -1,0 +1,168 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2 and V3): cache a small latent instead of keys and values.
+
+    x (B, T, d_model)
+      queries:  q = W_UQ norm(W_DQ x)   (or one q_proj without q_rank)  -> per head [q_nope | q_rope]
+      keys/values: [c | k_rope] = W_DKV x,  c = norm(c)  (B, T, kv_rank): ONE latent for all heads
+                   [k_nope | v] = W_UKV c   per head;    k_rope (B, T, d_rope): ONE rotary key for all heads
+      score_h = (q_nope . k_nope + q_rope . k_rope) / sqrt(d_nope + d_rope)
+
+RoPE cannot be folded into the latent (a rotation by the position sits between W_UK and q), so a
+small decoupled rotary part (d_rope features, shared by the heads) carries the positions.
+
+The cache holds only c and k_rope: kv_rank + d_rope numbers per token per layer, whatever the
+number of heads. Two ways to decode from it compute the same function:
+- plain: expand the cached latent into every head's keys and values (W_UKV c) at every step;
+- absorbed: q_nope . (W_UK c) = (W_UK^T q_nope) . c, so fold W_UK into the query and W_UV into the
+  output; attention then runs over the latent itself. It is multi-query attention with one shared
+  key [c | k_rope] of kv_rank + d_rope features and one shared value c.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from course_lib._validate import check_bool, check_positive_int, shape_str
+from course_lib.attention import attention_core
+from course_lib.kv_cache import KVCache, unchanged_on_error
+from course_lib.masks import causal_mask
+from course_lib.mha import merge_heads
+from course_lib.positional import RotaryEmbedding
+
+__all__ = ["MultiHeadLatentAttention"]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Causal self-attention with DeepSeek's latent key/value compression; see the module docstring.
+
+    A cache is a KVCache holding key = the latent c (B, 1, S, kv_rank) and value = k_rope (B, 1, S, d_rope).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, kv_rank: int, d_nope: int, d_rope: int, d_v: int,
+                 q_rank: int | None = None, rope_base: float = 10000.0, rope_interleaved: bool = True,
+                 eps: float = 1e-6, bias: bool = False) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("kv_rank", kv_rank),
+                            ("d_nope", d_nope), ("d_rope", d_rope), ("d_v", d_v)):
+            check_positive_int(name, value)
+        if q_rank is not None:
+            check_positive_int("q_rank", q_rank)
+        self.d_model, self.num_heads, self.kv_rank, self.q_rank = d_model, num_heads, kv_rank, q_rank
+        self.d_nope, self.d_rope, self.d_v = d_nope, d_rope, d_v
+        d_qk = d_nope + d_rope
+        if q_rank is None:
+            self.q_proj = nn.Linear(d_model, num_heads * d_qk, bias=False)
+        else:
+            self.q_down = nn.Linear(d_model, q_rank, bias=bias)  # W_DQ
+            self.q_norm = nn.RMSNorm(q_rank, eps=eps)
+            self.q_up = nn.Linear(q_rank, num_heads * d_qk, bias=False)  # W_UQ
+        self.kv_down = nn.Linear(d_model, kv_rank + d_rope, bias=bias)  # W_DKV and the shared rotary key
+        self.kv_norm = nn.RMSNorm(kv_rank, eps=eps)
+        self.kv_up = nn.Linear(kv_rank, num_heads * (d_nope + d_v), bias=False)  # W_UK and W_UV, head by head
+        self.out_proj = nn.Linear(num_heads * d_v, d_model, bias=bias)
+        self.rotary = RotaryEmbedding(d_rope, base=rope_base, interleaved=rope_interleaved)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, num_heads={self.num_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "
+                f"d_nope={self.d_nope}, d_rope={self.d_rope}, d_v={self.d_v}")
+
+    def cache_numbers_per_token(self) -> int:
+        """Numbers one layer's cache holds per token: the latent and the rotary key (MHA: 2 * H * d_head)."""
+        return self.kv_rank + self.d_rope
+
+    def _queries(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))  # (B, T, H * d_qk)
+        q = q.view(B, T, self.num_heads, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_qk)
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
+        return q_nope, self.rotary(q_rope, offset=start)  # (B, H, T, d_nope), (B, H, T, d_rope)
+
+    def _latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, k_rope = self.kv_down(x).split([self.kv_rank, self.d_rope], dim=-1)  # (B, T, r), (B, T, d_rope)
+        return self.kv_norm(c).unsqueeze(1), self.rotary(k_rope.unsqueeze(1), offset=start)  # (B, 1, T, .)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK (H, d_nope, r) and W_UV (H, d_v, r), views of kv_up's weight."""
+        w = self.kv_up.weight.view(self.num_heads, self.d_nope + self.d_v, self.kv_rank)
+        return w[:, : self.d_nope], w[:, self.d_nope:]
+
+    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, absorbed: bool = False) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model), causal; with a cache, x holds only the new tokens."""
+        check_bool("absorbed", absorbed)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be a (B, T, d_model={self.d_model}) tensor; got "
+                             f"{shape_str(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype != self.kv_down.weight.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the weights are {self.kv_down.weight.dtype}")
+        if cache is not None:
+            if not isinstance(cache, KVCache) or cache.static or cache.window is not None:
+                raise TypeError(f"cache must be a growing course_lib.KVCache() without a window; got {cache!r:.80}")
+            if cache.is_filled and (cache.key.shape[0] != x.shape[0] or cache.key.shape[-1] != self.kv_rank
+                                    or cache.value.shape[-1] != self.d_rope):
+                raise ValueError(f"cache holds latents {shape_str(cache.key.shape)} and rotary keys "
+                                 f"{shape_str(cache.value.shape)}; this call needs B={x.shape[0]}, "
+                                 f"kv_rank={self.kv_rank}, d_rope={self.d_rope}")
+        B, T, _ = x.shape
+        start = 0 if cache is None else max(cache.seen, len(cache))  # position of the first new token
+        q_nope, q_rope = self._queries(x, start)
+        c, k_rope = self._latent(x, start)  # (B, 1, T, r), (B, 1, T, d_rope)
+        with unchanged_on_error(cache):
+            if cache is not None:
+                c, k_rope = cache.update(c, k_rope)  # (B, 1, S, r), (B, 1, S, d_rope)
+            S = c.shape[-2]
+            mask = None if T == S else causal_mask(T, S, device=x.device)  # new queries are the last T positions
+            if absorbed:
+                out = self._absorbed(q_nope, q_rope, c, k_rope, mask)
+            else:
+                out = self._plain(q_nope, q_rope, c, k_rope, mask)
+        return self.out_proj(merge_heads(out))  # (B, H, T, d_v) -> (B, T, d_model)
+
+    def _plain(self, q_nope, q_rope, c, k_rope, mask) -> torch.Tensor:
+        """Expand the latent into every head's keys and values, then ordinary multi-head attention."""
+        B, H, S = c.shape[0], self.num_heads, c.shape[-2]
+        kv = self.kv_up(c.squeeze(1)).view(B, S, H, self.d_nope + self.d_v).transpose(1, 2)  # (B, H, S, dn + dv)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_qk)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, self.d_rope)], dim=-1)  # (B, H, S, d_qk)
+        out, _ = attention_core(q, k, v, mask, mask is None, 0.0, False)  # scale 1/sqrt(d_qk)
+        return out  # (B, H, T, d_v)
+
+    def _absorbed(self, q_nope, q_rope, c, k_rope, mask) -> torch.Tensor:
+        """Attention over the cached latent itself: W_UK folded into the queries, W_UV into the output."""
+        w_uk, w_uv = self._up_weights()  # (H, dn, r), (H, dv, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UK^T q_nope
+        # one shared key [c | k_rope] and one shared value c: multi-query attention with d = r + d_rope.
+        # attention_core scales by 1/sqrt(r + d_rope); MLA's scale is 1/sqrt(d_nope + d_rope): rescale q.
+        ratio = ((self.kv_rank + self.d_rope) / (self.d_nope + self.d_rope)) ** 0.5
+        q = torch.cat([q_lat, q_rope], dim=-1) * ratio  # (B, H, T, r + d_rope)
+        k = torch.cat([c, k_rope], dim=-1)  # (B, 1, S, r + d_rope)
+        out_lat, _ = attention_core(q, k, c, mask, mask is None, 0.0, False, enable_gqa=True)  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)  # (B, H, T, d_v): W_UV applied after the sum
+
+    @classmethod
+    def from_hf_deepseek_v3(cls, attention: nn.Module) -> MultiHeadLatentAttention:
+        """Copy a Hugging Face DeepseekV3Attention (default RoPE; its config says the sizes and the pairing)."""
+        config = getattr(attention, "config", None)
+        if config is None or not hasattr(attention, "kv_a_proj_with_mqa"):
+            raise TypeError(f"attention must be a Hugging Face DeepseekV3Attention; got {type(attention).__name__}")
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"only the default RoPE is supported; got rope_type={rope.get('rope_type')!r}")
+        new = cls(config.hidden_size, config.num_attention_heads, kv_rank=config.kv_lora_rank,
+                  d_nope=config.qk_nope_head_dim, d_rope=config.qk_rope_head_dim, d_v=config.v_head_dim,
+                  q_rank=config.q_lora_rank, rope_base=float(rope.get("rope_theta", 10000.0)),
+                  rope_interleaved=bool(config.rope_interleave), eps=attention.kv_a_layernorm.variance_epsilon,
+                  bias=bool(config.attention_bias))
+        pairs = [(new.kv_down, attention.kv_a_proj_with_mqa), (new.kv_up, attention.kv_b_proj),
+                 (new.out_proj, attention.o_proj), (new.kv_norm, attention.kv_a_layernorm)]
+        if new.q_rank is None:
+            pairs.append((new.q_proj, attention.q_proj))
+        else:
+            pairs += [(new.q_down, attention.q_a_proj), (new.q_norm, attention.q_a_layernorm),
+                      (new.q_up, attention.q_b_proj)]
+        with torch.no_grad():
+            for ours, theirs in pairs:
+                ours.weight.copy_(theirs.weight)
+                if getattr(theirs, "bias", None) is not None:
+                    ours.bias.copy_(theirs.bias)
+        return new.to(attention.kv_b_proj.weight.dtype).train(attention.training)

@@ -1,0 +1,102 @@
+"""Multi-head latent attention: the absorbed decoding form equals the plain form; cached decoding equals one
+pass; the cache holds only the latent and the rotary key; and both forms equal Hugging Face's DeepSeek-V3
+attention (tiny random config, weights copied, float32, 1e-5) over several cached steps."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import assert_clear_error
+
+from course_lib import KVCache
+from course_lib.mla import MultiHeadLatentAttention
+
+warnings.filterwarnings("ignore")
+CHUNKS = [5, 1, 2, 1, 1]
+
+
+def _mla(q_rank=12, interleaved=True, seed=0):
+    torch.manual_seed(seed)
+    return MultiHeadLatentAttention(32, 4, kv_rank=16, d_nope=8, d_rope=4, d_v=6, q_rank=q_rank,
+                                    rope_interleaved=interleaved).eval()
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+def test_absorbed_equals_plain_and_cache_equals_one_pass(q_rank):
+    mla = _mla(q_rank)
+    x = torch.randn(2, sum(CHUNKS), 32, dtype=torch.float64)
+    mla = mla.double()
+    with torch.no_grad():
+        full = mla(x)
+        torch.testing.assert_close(mla(x, absorbed=True), full, rtol=0, atol=1e-12)
+        for absorbed in (False, True):
+            cache, outs, start = KVCache(), [], 0
+            for n in CHUNKS:
+                outs.append(mla(x[:, start:start + n], cache=cache, absorbed=absorbed))
+                start += n
+            torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
+            assert cache.key.shape == (2, 1, sum(CHUNKS), 16) and cache.value.shape == (2, 1, sum(CHUNKS), 4)
+    assert mla.cache_numbers_per_token() == 16 + 4
+
+
+def test_positions_matter_and_causality_holds():
+    mla = _mla()
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        out = mla(x)
+        changed = x.clone()
+        changed[:, 4:] += 1.0
+        torch.testing.assert_close(mla(changed)[:, :4], out[:, :4])  # the future does not leak
+        swapped = x[:, [1, 0, 2, 3, 4, 5]]
+        assert not torch.allclose(mla(swapped)[:, 5], out[:, 5], atol=1e-4)  # RoPE sees the order
+
+
+def test_bad_input_refused_and_cache_unchanged():
+    mla = _mla()
+    assert_clear_error(lambda: mla(torch.randn(1, 3, 16)), ValueError, ["d_model=32"])
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, kv_rank=0, d_nope=8, d_rope=4, d_v=6),
+                       ValueError, ["kv_rank"])
+    cache = KVCache()
+    with torch.no_grad():
+        mla(torch.randn(1, 3, 32), cache=cache)
+    before = cache.key
+    assert_clear_error(lambda: mla(torch.randn(2, 1, 32), cache=cache), ValueError, ["B=2"])
+    assert cache.key is before and cache.seen == 3
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=q_rank,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_hidden_layers=1, first_k_dense_replace=1,
+        intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, vocab_size=50, max_position_embeddings=64, rope_interleave=interleave,
+        attn_implementation="eager")
+    model = transformers.DeepseekV3Model(cfg).eval()
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, attn.q_proj or attn.q_b_proj):
+            lin.weight.normal_(0.0, 0.3)  # HF's std 0.02 gives near-uniform attention; make positions matter
+    seen = []
+    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
+                                      with_kwargs=True)
+    ids = torch.randint(0, 50, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
+    hf_cache, start = transformers.DynamicCache(config=cfg), 0
+    with torch.no_grad():
+        for n in CHUNKS:
+            model(input_ids=ids[:, start:start + n], past_key_values=hf_cache, use_cache=True)
+            start += n
+    hook.remove()
+    ours = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    for absorbed in (False, True):
+        cache = KVCache()
+        with torch.no_grad():
+            for x, ref in seen:
+                torch.testing.assert_close(ours(x, cache=cache, absorbed=absorbed), ref, atol=1e-5, rtol=1e-5)
+    wrong = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    wrong.rotary.interleaved = not interleave  # the other pairing is a different function
+    with torch.no_grad():
+        assert not torch.allclose(wrong(seen[0][0]), seen[0][1], atol=1e-4)
