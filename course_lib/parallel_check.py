@@ -13,9 +13,26 @@ import torch
 from course_lib.masks import causal_mask, combine_masks, padding_mask
 from course_lib.mha import MultiHeadAttention
 
-__all__ = ["example_case", "max_abs_error", "report", "TOLERANCE"]
+__all__ = ["check_plain_mha", "example_case", "max_abs_error", "report", "TOLERANCE"]
 
 TOLERANCE = 1e-5  # float32: the parallel modules add and rescale in another order than the single one
+
+
+def check_plain_mha(mha: object, what: str) -> MultiHeadAttention:
+    """`mha` if it is a MultiHeadAttention without the options of notebook 12, which the split modules do not shard.
+
+    Shared key/value heads, rotary positions, windows and sinks change which heads and positions a
+    rank needs; refusing them up front beats a wrong answer on some rank.
+    """
+    if not isinstance(mha, MultiHeadAttention):
+        raise TypeError(f"mha must be a course_lib.MultiHeadAttention; got {type(mha).__name__}")
+    options = {"num_kv_heads": mha.num_kv_heads if mha.num_kv_heads != mha.num_heads else None,
+               "rotary": mha.rotary, "window": mha.window, "learned_sink": mha.sink_logits is not None or None}
+    used = [f"{name}={value!r}" for name, value in options.items() if value is not None]
+    if used:
+        raise ValueError(f"mha uses {', '.join(used)}: {what} splits plain multi-head attention only "
+                         f"(num_kv_heads = num_heads, no rotary, window or learned sink)")
+    return mha
 
 
 def example_case(case: dict, seed: int = 0):

@@ -37,7 +37,7 @@ from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
 from course_lib.distributed import Comm, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel_check import example_case, max_abs_error, report
+from course_lib.parallel_check import check_plain_mha, example_case, max_abs_error, report
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
            "causal_work", "ring_bytes_per_step", "compare_case", "measure_step", "self_check", "LAYOUTS"]
@@ -336,9 +336,7 @@ class RingAttention(nn.Module):
 
     def __init__(self, mha: MultiHeadAttention, comm: Comm | None = None) -> None:
         super().__init__()
-        if not isinstance(mha, MultiHeadAttention):
-            raise TypeError(f"mha must be a course_lib.MultiHeadAttention; got {type(mha).__name__}")
-        self.attn = mha
+        self.attn = check_plain_mha(mha, "ring attention")
         self.comm = Comm() if comm is None else comm
         self.scores_computed = 0  # by the last forward, on this rank
 

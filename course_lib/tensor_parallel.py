@@ -28,7 +28,7 @@ from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel_check import example_case, max_abs_error, report
+from course_lib.parallel_check import check_plain_mha, example_case, max_abs_error, report
 
 __all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
 
@@ -66,8 +66,7 @@ class TensorParallelAttention(nn.Module):
 
     def __init__(self, mha: MultiHeadAttention, comm: Comm | None = None) -> None:
         super().__init__()
-        if not isinstance(mha, MultiHeadAttention):
-            raise TypeError(f"mha must be a course_lib.MultiHeadAttention; got {type(mha).__name__}")
+        check_plain_mha(mha, "tensor parallelism")
         comm = Comm() if comm is None else comm
         if not isinstance(comm, Comm):
             raise TypeError(f"comm must be a course_lib.distributed.Comm; got {type(comm).__name__}")

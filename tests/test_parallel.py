@@ -309,3 +309,13 @@ def test_ring_takes_an_additive_float_mask_like_the_module(one_rank):
     layout = ra.SequenceLayout.make(6, 1, "zigzag")
     out = ra.RingAttention.from_module(mha)(x, q_layout=layout, attn_mask=mask, is_causal=True)
     torch.testing.assert_close(out, mha(x, attn_mask=mask, is_causal=True), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{"num_kv_heads": 2}, {"learned_sink": True}, {"window": 3}])
+def test_modern_options_are_refused_not_split_wrongly(one_rank, options):
+    from course_lib.positional import RotaryEmbedding
+
+    for mha in (MultiHeadAttention(16, 4, **options), MultiHeadAttention(16, 4, rotary=RotaryEmbedding(4))):
+        for build in (tp.TensorParallelAttention.from_module, ra.RingAttention.from_module):
+            with pytest.raises(ValueError, match="splits plain multi-head attention only"):
+                build(mha)
