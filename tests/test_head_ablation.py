@@ -293,3 +293,32 @@ def test_the_seeds_parity_ablation_model_and_data():
 def test_train_model_refuses_a_zero_warm_up():
     with pytest.raises(ValueError, match="warmup_steps"):
         train_model(TrainConfig(steps=4, warmup_steps=0))
+
+
+def _script(name):
+    import importlib.util
+
+    from course_lib.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_script_arms_record_learning_rates_and_steps_to_target(tmp_path):
+    path = _script("run_head_ablation").main(["--tiny", "--out", str(tmp_path), "--lrs", "0.001", "0.01",
+                                              "--stop-at-acc", "0.9", "--name", "arm", "--no-checkpoints"])
+    record = json.loads(path.read_text())
+    assert path.name == "arm.json" and record["complete"] and record["stop_at_acc"] == 0.9
+    assert [(r["config"]["num_heads"], r["config"]["lr"]) for r in record["runs"]] == [
+        (1, 0.001), (1, 0.01), (2, 0.001), (2, 0.01)]
+    assert all("steps_to_target" in r["curve"] for r in record["runs"])
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_parity_script_runs_on_a_tiny_configuration(tmp_path):
+    path = _script("run_parity_ablation").main(["--tiny", "--out", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert [(r["num_heads"], r["seed"]) for r in record["runs"]] == [(1, 0), (2, 0)]
+    assert record["command"].startswith("python scripts/run_parity_ablation.py --tiny")
+    assert all(0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in record["runs"])
