@@ -14,7 +14,8 @@ head's output can be multiplied by a gate xi_h before W_O (Michel et al. 2019):
 
     out = concat_h(xi_h * head_h) W_O,   head_h = softmax(q_h k_h^T / sqrt(d_head)) v_h
 
-xi = 1 is the ordinary model; xi_h = 0 removes head h; dL/dxi_h is Michel et al.'s head importance.
+xi = 1 is the ordinary model; xi_h = 0 removes head h; the mean over examples of |dL(x)/dxi_h| is Michel et al.'s
+head importance (`head_importance`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
     "head_importance", "pruning_curve", "importance_order", "iterative_pruning_curve", "count_parameters",
     "lr_factor", "DATA_SEED_OFFSET", "save_head_model", "load_head_model",
+    "MeanPoolClassifier", "parity_batches", "train_parity", "gate_gradients", "batch_gradient_importance",
+    "parameter_gradient_importance", "single_removal",
 ]
 
 
@@ -90,8 +93,8 @@ class GatedSelfAttention(nn.Module):
         q = split_heads(m.q_proj(x), self.num_heads)  # (B, H, T, d_head)
         k, v = (repeat_kv(split_heads(proj(x), m.num_kv_heads), n_rep) for proj in (m.k_proj, m.v_proj))
         heads, weights = scaled_dot_product_attention(q, k, v, need_weights=True)  # (B, H, T, d_head), (B, H, T, T)
-        if head_gate is not None:
-            heads = heads * head_gate.view(1, self.num_heads, 1, 1)
+        if head_gate is not None:  # (H,) for every example, or (B, H): one gate per example
+            heads = heads * head_gate.reshape(-1, self.num_heads, 1, 1)
         return m.out_proj(merge_heads(heads)), weights  # (B, T, d_model), (B, H, T, T)
 
 
@@ -111,7 +114,8 @@ class _Layer(nn.Module):
 
 
 class HeadGatedTransformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, num_classes); `head_gate` (num_layers, num_heads) scales each head.
+    """tokens (B, T) -> logits (B, T, num_classes); `head_gate` (num_layers, num_heads) scales each head
+    (or (B, num_layers, num_heads): one gate per example, for per-example gate gradients).
 
     The gate is a float multiplier, not a boolean mask: 1 keeps a head, 0 removes it, and gradients with
     respect to it are Michel et al.'s head importances.
@@ -136,14 +140,16 @@ class HeadGatedTransformer(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] > self.config["seq_len"]:
             raise ValueError(f"tokens must have shape (B, T) with T <= {self.config['seq_len']}; "
                              f"got {tuple(tokens.shape)}")
-        if head_gate is not None and tuple(head_gate.shape) != (self.num_layers, self.num_heads):
-            raise ValueError(f"head_gate must have shape (num_layers, num_heads) = "
-                             f"({self.num_layers}, {self.num_heads}); got {tuple(head_gate.shape)}")
+        if head_gate is not None and tuple(head_gate.shape) not in (
+                (self.num_layers, self.num_heads), (tokens.shape[0], self.num_layers, self.num_heads)):
+            raise ValueError(f"head_gate must have shape (num_layers, num_heads) = ({self.num_layers}, "
+                             f"{self.num_heads}), or (B, num_layers, num_heads) for one gate per example; "
+                             f"got {tuple(head_gate.shape)}")
         T = tokens.shape[1]
         x = self.tok_emb(tokens) + self.pos_emb(torch.arange(T, device=tokens.device))  # (B, T, D)
         all_weights = []
         for i, layer in enumerate(self.layers):
-            x, weights = layer(x, None if head_gate is None else head_gate[i])
+            x, weights = layer(x, None if head_gate is None else head_gate[..., i, :])  # (H,) or (B, H)
             all_weights.append(weights)  # (B, H, T, T)
         logits = self.readout(self.norm(x))  # (B, T, C)
         return (logits, all_weights) if need_weights else logits
@@ -172,6 +178,7 @@ class TrainConfig:
     warmup_steps: int = 50
     eval_every: int = 50
     eval_size: int = 512
+    stop_at_acc: float | None = None  # stop at the first evaluation with held-out accuracy >= this
     extra: dict = field(default_factory=dict)
     num_kv_heads: int | None = None  # None: one key/value head per query head (MHA)
 
@@ -206,11 +213,17 @@ def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTran
     (seed cfg.seed + DATA_SEED_OFFSET), and the fixed evaluation batch from `eval_batch`.
     Returns the model (eval mode) and its curves: every cfg.eval_every steps, the mean training
     loss since the last point and the loss and accuracy on the evaluation batch.
+
+    With cfg.stop_at_acc set, training stops at the first evaluation whose accuracy reaches it, and
+    curve["steps_to_target"] is that step (None if the budget ran out first). The schedule is still the
+    one of a cfg.steps run, so every point up to the stop is what the full run would have recorded.
     """
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}; got {cfg.task!r}")
     for name in ("steps", "warmup_steps", "eval_every", "batch_size", "eval_size"):
         check_positive_int(name, getattr(cfg, name))
+    if cfg.stop_at_acc is not None and not 0.0 < cfg.stop_at_acc <= 1.0:
+        raise ValueError(f"stop_at_acc must be None or in (0, 1]; got {cfg.stop_at_acc!r}")
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
     model = HeadGatedTransformer.for_task(task, d_model=cfg.d_model, num_heads=cfg.num_heads,
@@ -218,7 +231,9 @@ def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTran
     generator = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
     batches = (make_batch(task, cfg.batch_size, generator) for _ in range(cfg.steps))
     x_eval, y_eval = eval_batch(task, cfg.eval_size)
-    curve: dict[str, list] = {"step": [], "train_loss": [], "eval_loss": [], "eval_acc": []}
+    curve: dict = {"step": [], "train_loss": [], "eval_loss": [], "eval_acc": []}
+    if cfg.stop_at_acc is not None:
+        curve["steps_to_target"] = None
     running: list[float] = []
 
     def record(step: int, loss: float) -> None:
@@ -230,12 +245,22 @@ def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTran
             curve["eval_loss"].append(eval_loss)
             curve["eval_acc"].append(eval_acc)
             running.clear()
+            if cfg.stop_at_acc is not None and eval_acc >= cfg.stop_at_acc:
+                curve["steps_to_target"] = step + 1
+                raise _TargetReached
 
-    train(model, batches, lambda m, batch: F.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten()),
-          steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-          grad_clip=None, schedule=lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps),
-          progress=progress, desc=f"{cfg.task} H={cfg.num_heads} seed={cfg.seed}", callback=record)
+    try:
+        train(model, batches, lambda m, batch: F.cross_entropy(m(batch[0]).flatten(0, 1), batch[1].flatten()),
+              steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+              grad_clip=None, schedule=lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps),
+              progress=progress, desc=f"{cfg.task} H={cfg.num_heads} seed={cfg.seed}", callback=record)
+    except _TargetReached:
+        model.eval()
     return model, curve
+
+
+class _TargetReached(Exception):
+    """Raised by train_model's callback to end training once the target accuracy is reached."""
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -243,20 +268,103 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------- importance
+def _full_gate(model: HeadGatedTransformer, head_gate: torch.Tensor | None) -> torch.Tensor:
+    dtype = model.readout.weight.dtype
+    gate = torch.ones(model.num_layers, model.num_heads) if head_gate is None else head_gate.detach().clone()
+    return gate.to(dtype)
+
+
+def gate_gradients(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor,
+                   head_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example gradients dL(x_b)/dxi at xi = head_gate (all ones by default): (B, num_layers, num_heads).
+
+    L(x_b) is the mean cross-entropy over the T positions of sequence b. One backward pass: the gate is
+    given one copy per example, (B, L, H), and the summed loss is differentiated; example b's loss depends
+    on copy b only, so its gradient is exactly dL(x_b)/dxi. The mean over b is the gradient of the
+    batch-mean loss.
+    """
+    gate = _full_gate(model, head_gate)
+    if tuple(gate.shape) != (model.num_layers, model.num_heads):
+        raise ValueError(f"head_gate must have shape (num_layers, num_heads) = ({model.num_layers}, "
+                         f"{model.num_heads}); got {tuple(gate.shape)}")
+    if x.ndim != 2 or y.shape != x.shape:
+        raise ValueError(f"x and y must both have shape (B, T); got {tuple(x.shape)} and {tuple(y.shape)}")
+    per_example = gate.expand(x.shape[0], *gate.shape).clone().requires_grad_(True)  # (B, L, H)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x, head_gate=per_example)  # (B, T, C)
+    finally:
+        model.train(was_training)
+    loss_per_example = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)  # (B,)
+    (grad,) = torch.autograd.grad(loss_per_example.sum(), per_example)
+    return grad.detach()  # (B, L, H)
+
+
 def head_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor,
                     head_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Michel et al. 2019: I_h = | dL/dxi_h | at xi = head_gate (all ones by default), (num_layers, num_heads).
+    """Michel et al. 2019: I_h = E_x | dL(x)/dxi_h |, the mean over examples of the absolute gate gradient.
 
-    L is the mean cross-entropy over the batch. (Michel et al. average |dL/dxi_h| over examples; with one
-    batch the absolute value of the batch-mean gradient is the cheaper variant used here.)
+    An example is one sequence (its loss the mean over its positions); returns (num_layers, num_heads).
+    (Michel et al. also normalise each layer's scores by their l2 norm; that does not change the order
+    within a layer.)
     """
-    dtype = model.readout.weight.dtype
-    gate = (torch.ones(model.num_layers, model.num_heads) if head_gate is None else head_gate.clone()).to(dtype)
-    gate.requires_grad_(True)
-    logits = model(x, head_gate=gate)
-    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-    (grad,) = torch.autograd.grad(loss, gate)
-    return grad.abs().detach()
+    return gate_gradients(model, x, y, head_gate).abs().mean(0)
+
+
+def batch_gradient_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor,
+                              head_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """| dL/dxi_h | of the batch-mean loss, (num_layers, num_heads): NOT Michel et al.'s estimator.
+
+    It is | E_x dL(x)/dxi_h |: examples whose gradients have opposite signs cancel, so a head that
+    every example needs, in different directions, can score near 0. <= head_importance (triangle inequality).
+    """
+    return gate_gradients(model, x, y, head_gate).mean(0).abs()
+
+
+def parameter_gradient_importance(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The seeds' score: the l2 norm of dL/dtheta over head h's own parameters, (num_layers, num_heads).
+
+    Head h owns rows h*d_head:(h+1)*d_head of W_Q, W_K, W_V (and of their biases) and the same columns
+    of W_O; L is the batch-mean cross-entropy. A large parameter gradient says the loss would change if
+    those weights moved, not what removing the head would do.
+    """
+    if x.ndim != 2 or y.shape != x.shape:
+        raise ValueError(f"x and y must both have shape (B, T); got {tuple(x.shape)} and {tuple(y.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    finally:
+        model.train(was_training)
+    out = torch.zeros(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    for i, layer in enumerate(model.layers):
+        m = layer.attn.mha
+        params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight]
+        params += [p for p in (m.q_proj.bias, m.k_proj.bias, m.v_proj.bias) if p is not None]
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        gq, gk, gv, go, *gb = grads
+        d_head = gq.shape[0] // model.num_heads
+        for h in range(model.num_heads):
+            rows = slice(h * d_head, (h + 1) * d_head)
+            sq = sum(float((g[rows] ** 2).sum()) for g in (gq, gk, gv, *gb)) + float((go[:, rows] ** 2).sum())
+            out[i, h] = math.sqrt(sq)
+    return out
+
+
+def single_removal(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor
+                   ) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """(loss, accuracy) of the full model, then (num_layers, num_heads) losses and accuracies with each
+    head removed alone (its gate set to 0, all others 1): the quantity importance scores try to predict."""
+    gate = torch.ones(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
+    full_loss, full_acc = evaluate(model, x, y, gate)
+    losses, accs = torch.zeros_like(gate), torch.zeros_like(gate)
+    for layer in range(model.num_layers):
+        for head in range(model.num_heads):
+            g = gate.clone()
+            g[layer, head] = 0.0
+            losses[layer, head], accs[layer, head] = evaluate(model, x, y, g)
+    return full_loss, full_acc, losses, accs
 
 
 def pruning_curve(model: HeadGatedTransformer, x: torch.Tensor, y: torch.Tensor, order: list[tuple[int, int]]
@@ -300,3 +408,65 @@ def save_head_model(path: Path | str, model: HeadGatedTransformer, *, metadata: 
 def load_head_model(path: Path | str) -> tuple[HeadGatedTransformer, dict]:
     """(model in eval mode, {"config", "metadata"}) from a checkpoint written by `save_head_model`."""
     return load_model(path, lambda config: HeadGatedTransformer(**config), "HeadGatedTransformer")
+
+
+# --------------------------------------------------------------------------------------------- the seed's ablation
+class MeanPoolClassifier(nn.Module):
+    """The ablation model of the seeds: embedding -> multi-head self-attention -> mean over positions -> linear.
+
+    tokens (B, T) -> logits (B, num_classes). No residual, no position embedding, no MLP, as printed there.
+    """
+
+    def __init__(self, vocab: int, d_model: int, num_heads: int, num_classes: int = 2) -> None:
+        super().__init__()
+        check_positive_int("vocab", vocab)
+        check_positive_int("num_classes", num_classes)
+        self.embedding = nn.Embedding(vocab, d_model)
+        self.attn = MultiHeadAttention(d_model, num_heads)
+        self.classifier = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.embedding(tokens))  # (B, T, d_model)
+        return self.classifier(x.mean(dim=1))  # (B, num_classes)
+
+
+def parity_batches(num_batches: int, batch_size: int, seq_len: int, vocab: int, generator: torch.Generator
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The seeds' data: uniform random tokens (B, T), label = (sum of the tokens) mod 2, (B,)."""
+    for name, value in (("num_batches", num_batches), ("batch_size", batch_size), ("seq_len", seq_len),
+                        ("vocab", vocab)):
+        check_positive_int(name, value)
+    out = []
+    for _ in range(num_batches):
+        x = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
+        out.append((x, x.sum(dim=1) % 2))
+    return out
+
+
+def train_parity(num_heads: int, *, d_model: int = 512, vocab: int = 10000, seq_len: int = 50, batch_size: int = 32,
+                 train_batches: int = 50, test_batches: int = 10, epochs: int = 10, lr: float = 1e-3,
+                 seed: int = 0) -> dict:
+    """The seeds' head-count ablation, run as printed (Adam, lr 1e-3, the same 50 batches for 10 epochs).
+
+    Returns {"train_acc", "test_acc", "epoch_loss"}: accuracy on the training batches and on fresh
+    test batches after training, and the mean training loss of every epoch. Chance is 0.5.
+    """
+    for name, value in (("epochs", epochs), ("test_batches", test_batches)):
+        check_positive_int(name, value)
+    torch.manual_seed(seed)
+    model = MeanPoolClassifier(vocab, d_model, num_heads)
+    generator = torch.Generator().manual_seed(seed + DATA_SEED_OFFSET)
+    train_data = parity_batches(train_batches, batch_size, seq_len, vocab, generator)
+    test_data = parity_batches(test_batches, batch_size, seq_len, vocab, generator)
+    result = train(model, (b for _ in range(epochs) for b in train_data),
+                   lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]), steps=epochs * train_batches, lr=lr,
+                   seed=seed, weight_decay=0.0, betas=(0.9, 0.999), grad_clip=None, schedule=lambda step: 1.0,
+                   progress=False)
+
+    @torch.no_grad()
+    def accuracy(data: list) -> float:
+        return float(np.mean([(model(x).argmax(-1) == y).float().mean().item() for x, y in data]))
+
+    losses = np.array(result.losses).reshape(epochs, train_batches).mean(1)
+    return {"train_acc": accuracy(train_data), "test_acc": accuracy(test_data),
+            "epoch_loss": [float(v) for v in losses]}

@@ -13,6 +13,9 @@ per-layer list (what Hugging Face models and bertviz use) and returns (L, H) arr
     sink_score         mean weight on given key positions (e.g. [CLS] = 0 and [SEP] = T-1)
     head_similarity    (N, N) cosine similarity between heads' flattened patterns
 
+`spearman` compares two per-head scores by rank (e.g. an importance estimate against the measured
+loss increase when each head is removed).
+
 Weights are converted to float64 numpy arrays, so the results do not depend on the input dtype.
 """
 
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["entropy", "diagonality", "previous_token", "locality", "mean_distance", "sink_score",
-           "head_similarity", "summarize", "as_numpy_attention"]
+           "head_similarity", "summarize", "as_numpy_attention", "rankdata", "spearman"]
 
 
 def as_numpy_attention(weights, name: str = "weights") -> np.ndarray:
@@ -131,3 +134,29 @@ def summarize(attentions: Sequence, window: int = 1, sink_positions: Sequence[in
         rows["mean_distance"].append(mean_distance(a))
         rows["sink"].append(sink_score(a, sink_positions))
     return {k: np.stack(v) for k, v in rows.items()}
+
+
+def rankdata(values) -> np.ndarray:
+    """Ranks 1..n of a 1-D array, ties given their average rank (as in scipy.stats.rankdata)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError(f"values must be a non-empty 1-D array of finite numbers; got shape {v.shape}")
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size)
+    ranks[order] = np.arange(1, v.size + 1)
+    for value in np.unique(v):  # average the ranks of ties
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equally long score vectors (flattened): Pearson's r of their ranks."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"a and b must hold the same number (>= 2) of scores; got {a.size} and {b.size}")
+    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (b.size + 1) / 2
+    denom = np.sqrt((ra**2).sum() * (rb**2).sum())
+    if denom == 0:
+        raise ValueError("spearman is undefined when every score of a (or of b) is the same")
+    return float((ra * rb).sum() / denom)

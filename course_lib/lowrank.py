@@ -4,8 +4,10 @@ Three questions, kept apart:
 - Spectrum: the scores Q K^T of one head have rank <= d_head (a product through d_head
   dimensions); the weights P = softmax(Q K^T / sqrt(d)) need not (exp is applied entry by
   entry). `singular_values` and `rank_for_energy` measure both.
-- Fitting: `score_matrix_rank` of (x W_q)(x W_k)^T, and `fit_attention_pattern`, which trains one
-  head's W_q, W_k (d_head columns) to reproduce a target attention matrix (notebook 07).
+- Fitting: `score_matrix_rank` of (x W_q)(x W_k)^T, and `fit_attention_weights`, which trains one
+  head's W_q, W_k (d_head columns) to reproduce a target attention matrix (notebook 07);
+  `pattern_agreement` scores a fit by KL, by the mass on the target's key and by argmax agreement, and
+  `circle_construction` builds a d_head = 2 head that attends to any chosen key per query.
 - Shortcut: Linformer (Wang et al. 2020) projects the S keys and values down to k rows,
   K' = E K, V' = E V with E (k, S), and attends over those: cost O(T k d) instead of O(T S d).
   `linformer_attention` does it in numpy; `truncated_svd_attention` is the best any rank-k
@@ -34,6 +36,11 @@ __all__ = [
     "linformer_flops",
     "score_matrix_rank",
     "fit_attention_pattern",
+    "fit_attention_weights",
+    "one_to_one_target",
+    "pattern_agreement",
+    "circle_construction",
+    "head_attention",
 ]
 
 
@@ -150,28 +157,103 @@ def score_matrix_rank(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, tol
     return int((s > tol * s[0]).sum())
 
 
-def fit_attention_pattern(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
-                          seed: int = 0) -> float:
-    """Fit one head's W_q, W_k (d_model, d_head) so that softmax(x W_q (x W_k)^T / sqrt(d_head)) matches a
-    target attention matrix (T, T); return the final mean KL(target || fitted) per row, in nats.
+def _check_target(target: torch.Tensor, x: torch.Tensor) -> None:
+    T = x.shape[0]
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (T, d_model); got {tuple(x.shape)}")
+    if target.shape != (T, T):
+        raise ValueError(f"target must have shape (T, T) = ({T}, {T}); got {tuple(target.shape)}")
+
+
+def fit_attention_weights(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
+                          seed: int = 0) -> torch.Tensor:
+    """Fit one head's W_q, W_k (d_model, d_head) by Adam on the mean KL(target || fitted) per row, and return
+    the fitted attention matrix softmax(x W_q (x W_k)^T / sqrt(d_head)), (T, T).
 
     The logits are a rank <= d_head matrix, so targets that need a high-rank logit matrix cannot be fitted
     when d_head is small, however long we train.
     """
-    T, d_model = x.shape
-    if target.shape != (T, T):
-        raise ValueError(f"target must have shape (T, T) = ({T}, {T}); got {tuple(target.shape)}")
+    _check_target(target, x)
+    check_positive_int("d_head", d_head)
+    check_positive_int("steps", steps)
+    d_model = x.shape[1]
     g = torch.Generator().manual_seed(seed)
     w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
     w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
     opt = torch.optim.Adam([w_q, w_k], lr=lr)
     log_target = torch.log(target.clamp_min(1e-12))
     for _ in range(steps):
-        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)  # (T, T)
         kl = (target * (log_target - log_p)).sum(-1).mean()
         opt.zero_grad()
         kl.backward()
         opt.step()
     with torch.no_grad():
-        log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
-        return float((target * (log_target - log_p)).sum(-1).mean())
+        return torch.softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
+
+
+def fit_attention_pattern(target: torch.Tensor, x: torch.Tensor, d_head: int, steps: int = 300, lr: float = 0.05,
+                          seed: int = 0) -> float:
+    """`fit_attention_weights`, scored: the final mean KL(target || fitted) per row, in nats."""
+    return pattern_agreement(target, fit_attention_weights(target, x, d_head, steps, lr, seed))["kl"]
+
+
+def one_to_one_target(keys: torch.Tensor, floor: float = 0.03) -> torch.Tensor:
+    """(T, T) attention target: row t puts 1 - floor on key keys[t] and spreads `floor` uniformly over all T keys.
+
+    keys (T,) integer: torch.randperm(T) gives a random one-to-one matching, (arange(T) - o) % T the
+    fixed offset o ("read the token o positions back", with wrap-around).
+    """
+    if keys.ndim != 1 or keys.dtype.is_floating_point:
+        raise ValueError(f"keys must be a 1-D integer tensor (T,); got {keys.dtype} {tuple(keys.shape)}")
+    T = keys.shape[0]
+    if int(keys.min()) < 0 or int(keys.max()) >= T:
+        raise ValueError(f"keys must lie in [0, {T}); got values in [{int(keys.min())}, {int(keys.max())}]")
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"floor must be in [0, 1); got {floor!r}")
+    return torch.eye(T)[keys] * (1.0 - floor) + floor / T
+
+
+def pattern_agreement(target: torch.Tensor, fitted: torch.Tensor) -> dict[str, float]:
+    """How well a fitted attention matrix (T, S) reproduces a target (T, S), three ways, each a mean over rows:
+
+        kl                KL(target || fitted) in nats (the whole distribution, floor included)
+        target_mass       the weight `fitted` puts on the target's most-attended key
+        argmax_agreement  the fraction of rows whose most-attended key is the target's
+    """
+    if target.shape != fitted.shape or target.ndim != 2:
+        raise ValueError(f"target and fitted must be (T, S) matrices of one shape; got {tuple(target.shape)} "
+                         f"and {tuple(fitted.shape)}")
+    target, fitted = target.double(), fitted.double()
+    kl = (target * (torch.log(target.clamp_min(1e-12)) - torch.log(fitted.clamp_min(1e-300)))).sum(-1).mean()
+    best = target.argmax(-1)  # (T,)
+    mass = fitted.gather(-1, best[:, None]).mean()
+    agree = (fitted.argmax(-1) == best).double().mean()
+    return {"kl": float(kl), "target_mass": float(mass), "argmax_agreement": float(agree)}
+
+
+def circle_construction(x: torch.Tensor, keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A d_head = 2 head whose row t attends most to key keys[t], for ANY map t -> keys[t].
+
+    Key s sits on the unit circle at angle 2 pi s / T; query t points at key keys[t] with length `scale`,
+    so q_t . k_s = scale cos(angle(keys[t]) - angle(s)) peaks at s = keys[t]. W_q, W_k (d_model, 2) are
+    solved from x (T, d_model) by least squares, exactly when x has rank T. Returns (w_q, w_k); the scores
+    (x w_q)(x w_k)^T have rank 2. The gap to the next key is scale (1 - cos(2 pi / T)), so the mass on
+    the right key grows with `scale`: rank 2 fixes which key wins, not how sharply.
+    """
+    _check_target(torch.zeros(x.shape[0], x.shape[0]), x)
+    T = x.shape[0]
+    if keys.shape != (T,) or keys.dtype.is_floating_point:
+        raise ValueError(f"keys must be an integer tensor of shape ({T},); got {keys.dtype} {tuple(keys.shape)}")
+    angle = 2 * math.pi * torch.arange(T, dtype=torch.float64) / T  # (T,)
+    k = torch.stack([angle.cos(), angle.sin()], -1)  # (T, 2)
+    q = scale * k[keys]  # (T, 2): query t points at its key
+    xd = x.double()
+    w_q = torch.linalg.lstsq(xd, q).solution  # (d_model, 2)
+    w_k = torch.linalg.lstsq(xd, k * math.sqrt(2)).solution  # sqrt(2) undoes the 1/sqrt(d_head) of attention
+    return w_q.to(x.dtype), w_k.to(x.dtype)
+
+
+def head_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor) -> torch.Tensor:
+    """One head's weights softmax((x W_q)(x W_k)^T / sqrt(d_head)), (T, T)."""
+    return torch.softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(w_q.shape[1]), dim=-1)

@@ -3,6 +3,10 @@
     python scripts/run_head_ablation.py                  # the recorded sweep (about 15 min on one core)
     python scripts/run_head_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run (used by the tests)
 
+Other arms write their own file (--name) and no checkpoints: --lrs sweeps the learning rate, and
+--stop-at-acc stops each run at the first evaluation that reaches that held-out accuracy (its step is
+recorded as steps_to_target), so that a long budget costs only what the slow runs need.
+
 Every run: one of TASKS, a model with H heads at a fixed d_model (so the parameter count does not depend
 on H), trained from a seed on fresh random batches; the held-out accuracy and loss curves are recorded.
 The H = 8 model of each (task, variant), seed 0, is also saved as a checkpoint for notebooks 07 and 08
@@ -38,6 +42,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "head_ablation")
     parser.add_argument("--checkpoint-dir", type=Path, default=DATA_DIR / "checkpoints")
+    parser.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig.lr], help="peak learning rates")
+    parser.add_argument("--stop-at-acc", type=float, default=None, help="stop a run once it reaches this accuracy")
+    parser.add_argument("--eval-every", type=int, default=None, help="default: steps // 20")
+    parser.add_argument("--name", default="sweep", help="writes OUT/NAME.json")
+    parser.add_argument("--no-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="2 heads counts x 1 seed x 20 steps, for tests")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -47,39 +56,46 @@ def main(argv: list[str] | None = None) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    runs = []
+    path = args.out / f"{args.name}.json"
+    runs: list[dict] = []
     start = time.time()
-    for variant in args.variants:
-        for task in args.tasks:
-            if variant == "attn_only" and task == "one_lookup":
-                continue  # the control task is only run with the full model
-            for heads in args.heads:
-                for seed in args.seeds:
-                    cfg = TrainConfig(task=task, num_heads=heads, d_model=args.d_model, d_ff=VARIANTS[variant],
-                                      steps=args.steps, seed=seed, eval_every=max(1, args.steps // 20))
-                    t0 = time.time()
-                    model, curve = train_model(cfg)
-                    runs.append({"variant": variant, "config": asdict(cfg), "params": count_parameters(model),
-                                 "curve": curve, "final_acc": curve["eval_acc"][-1],
-                                 "final_loss": curve["eval_loss"][-1], "seconds": round(time.time() - t0, 2)})
-                    print(f"{variant:9s} {task:13s} H={heads} seed={seed} acc={curve['eval_acc'][-1]:.3f} "
-                          f"loss={curve['eval_loss'][-1]:.3f} ({time.time() - t0:.1f} s)", flush=True)
-                    if seed == args.seeds[0] and heads == max(args.heads):
-                        name = f"heads_{task}_{variant}_h{heads}.safetensors"
-                        save_head_model(args.checkpoint_dir / name, model, metadata={
-                            "task": task, "variant": variant, "seed": seed, "steps": args.steps,
-                            "final_acc": curve["eval_acc"][-1]})
-    record = {
-        "command": " ".join(["python scripts/run_head_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
-        "tasks": {name: {"offsets": list(t.offsets), "vocab": t.vocab, "seq_len": t.seq_len,
-                         "num_classes": t.num_classes} for name, t in TASKS.items() if name in args.tasks},
-        "variants": {v: {"d_ff": VARIANTS[v]} for v in args.variants},
-        "heads": args.heads, "seeds": args.seeds, "steps": args.steps, "d_model": args.d_model,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "threads": 1, "total_seconds": round(time.time() - start, 1), "runs": runs,
-    }
-    path = args.out / "sweep.json"
-    path.write_text(json.dumps(record, indent=1))
+
+    def write(complete: bool) -> None:  # after every run, so that an interrupted sweep keeps what it did
+        record = {
+            "command": " ".join(["python scripts/run_head_ablation.py", *(sys.argv[1:] if argv is None else argv)]),
+            "tasks": {name: {"offsets": list(t.offsets), "vocab": t.vocab, "seq_len": t.seq_len,
+                             "num_classes": t.num_classes} for name, t in TASKS.items() if name in args.tasks},
+            "variants": {v: {"d_ff": VARIANTS[v]} for v in args.variants},
+            "heads": args.heads, "seeds": args.seeds, "steps": args.steps, "d_model": args.d_model,
+            "lrs": args.lrs, "stop_at_acc": args.stop_at_acc, "complete": complete,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+            "threads": 1, "total_seconds": round(time.time() - start, 1), "runs": runs,
+        }
+        path.write_text(json.dumps(record, indent=1))
+
+    # seeds outermost: a sweep stopped early has every configuration for its first seeds
+    configs = [(seed, variant, task, heads, lr) for seed in args.seeds for variant in args.variants
+               for task in args.tasks for heads in args.heads for lr in args.lrs
+               if not (variant == "attn_only" and task == "one_lookup")]  # the control task: full model only
+    for seed, variant, task, heads, lr in configs:
+        cfg = TrainConfig(task=task, num_heads=heads, d_model=args.d_model, d_ff=VARIANTS[variant],
+                          steps=args.steps, seed=seed, lr=lr, stop_at_acc=args.stop_at_acc,
+                          eval_every=args.eval_every or max(1, args.steps // 20))
+        t0 = time.time()
+        model, curve = train_model(cfg)
+        runs.append({"variant": variant, "config": asdict(cfg), "params": count_parameters(model),
+                     "curve": curve, "final_acc": curve["eval_acc"][-1],
+                     "final_loss": curve["eval_loss"][-1], "seconds": round(time.time() - t0, 2)})
+        reached = f" steps_to_target={curve['steps_to_target']}" if args.stop_at_acc else ""
+        print(f"{variant:9s} {task:13s} H={heads} lr={lr:g} seed={seed} acc={curve['eval_acc'][-1]:.3f} "
+              f"loss={curve['eval_loss'][-1]:.3f}{reached} ({time.time() - t0:.1f} s)", flush=True)
+        write(complete=False)
+        if not args.no_checkpoints and seed == args.seeds[0] and heads == max(args.heads):
+            name = f"heads_{task}_{variant}_h{heads}.safetensors"
+            save_head_model(args.checkpoint_dir / name, model, metadata={
+                "task": task, "variant": variant, "seed": seed, "steps": args.steps,
+                "final_acc": curve["eval_acc"][-1]})
+    write(complete=True)
     print(f"wrote {path}")
     return path
 

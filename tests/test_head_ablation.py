@@ -11,15 +11,22 @@ from course_lib import MultiHeadAttention
 from course_lib.head_ablation import (
     TASKS,
     HeadGatedTransformer,
+    MeanPoolClassifier,
     TrainConfig,
+    batch_gradient_importance,
     evaluate,
+    gate_gradients,
     head_importance,
     importance_order,
     load_head_model,
     make_batch,
+    parameter_gradient_importance,
+    parity_batches,
     pruning_curve,
     save_head_model,
+    single_removal,
     train_model,
+    train_parity,
 )
 from course_lib.lowrank import fit_attention_pattern, score_matrix_rank
 from course_lib.training import CheckpointError, save_checkpoint
@@ -94,7 +101,80 @@ def test_head_gate_gradient_matches_finite_differences():
             e[layer, head] = eps
             fd = (loss(mask + e) - loss(mask - e)) / (2 * eps)
             assert abs(fd.item() - grad[layer, head].item()) < 1e-7
-    torch.testing.assert_close(head_importance(model, x, y, mask), grad.abs())
+    torch.testing.assert_close(batch_gradient_importance(model, x, y, mask), grad.abs())
+
+
+def _loop_gate_gradients(model, x, y, gate):
+    """Reference: one example at a time, one backward pass each."""
+    out = []
+    for b in range(x.shape[0]):
+        g = gate.clone().requires_grad_(True)
+        loss = F.cross_entropy(model(x[b : b + 1], head_gate=g).flatten(0, 1), y[b])
+        out.append(torch.autograd.grad(loss, g)[0])
+    return torch.stack(out)  # (B, L, H)
+
+
+def test_per_example_gate_gradients_equal_one_example_at_a_time():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 6, torch.Generator().manual_seed(4))
+    gate = torch.ones(2, 4, dtype=torch.float64)
+    gate[0, 1] = 0.0  # a removed head still gets a gradient (how much putting it back would change the loss)
+    per_example = gate_gradients(model, x, y, gate)
+    assert per_example.shape == (6, 2, 4)
+    torch.testing.assert_close(per_example, _loop_gate_gradients(model, x, y, gate))
+    # Michel et al.: mean of |per-example gradient|; the batch-mean variant: |mean gradient|
+    torch.testing.assert_close(head_importance(model, x, y, gate), per_example.abs().mean(0))
+    torch.testing.assert_close(batch_gradient_importance(model, x, y, gate), per_example.mean(0).abs())
+
+
+def test_michel_importance_bounds_the_batch_score_and_equals_it_for_one_example():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 16, torch.Generator().manual_seed(5))
+    michel, batch = head_importance(model, x, y), batch_gradient_importance(model, x, y)
+    assert bool((michel >= batch - 1e-12).all()) and bool((michel > batch + 1e-9).any())  # cancellation happens
+    torch.testing.assert_close(head_importance(model, x[:1], y[:1]), batch_gradient_importance(model, x[:1], y[:1]))
+
+
+def test_per_example_gates_are_validated_and_leave_the_model_unchanged():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 3, torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="head_gate must have shape"):
+        model(x, head_gate=torch.ones(4, 2, 4, dtype=torch.float64))  # B = 4 for 3 sequences
+    with pytest.raises(ValueError, match="x and y"):
+        gate_gradients(model, x, y[:, :3])
+    model.train()
+    gate_gradients(model, x, y)
+    assert model.training  # restored
+    assert all(p.grad is None for p in model.parameters())  # no gradient left on the weights
+
+
+def test_parameter_gradient_importance_partitions_the_attention_gradient():
+    model = small_model()
+    x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(7))
+    imp = parameter_gradient_importance(model, x, y)
+    assert imp.shape == (2, 4) and bool((imp > 0).all())
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    for i, layer in enumerate(model.layers):
+        m = layer.attn.mha
+        params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight,
+                  m.q_proj.bias, m.k_proj.bias, m.v_proj.bias]
+        total = sum(float((g**2).sum()) for g in torch.autograd.grad(loss, params, retain_graph=True))
+        # the heads own disjoint slices that cover all of these (W_O's bias belongs to no head)
+        assert math.isclose(float((imp[i] ** 2).sum()), total, rel_tol=1e-9)
+
+
+def test_single_removal_finds_a_head_that_does_nothing():
+    model = small_model(num_layers=1)
+    with torch.no_grad():
+        model.layers[0].attn.mha.out_proj.weight[:, 8:12] = 0  # head 2 (d_head 4) writes nothing
+    x, y = make_batch(TASKS["two_lookups"], 8, torch.Generator().manual_seed(8))
+    full_loss, full_acc, losses, accs = single_removal(model, x, y)
+    assert (full_loss, full_acc) == evaluate(model, x, y)
+    assert math.isclose(float(losses[0, 2]), full_loss, rel_tol=1e-12) and float(accs[0, 2]) == full_acc
+    assert all(not math.isclose(float(losses[0, h]), full_loss, rel_tol=1e-9) for h in (0, 1, 3))
+    gate = torch.ones(1, 4, dtype=torch.float64)
+    gate[0, 1] = 0
+    assert math.isclose(float(losses[0, 1]), evaluate(model, x, y, gate)[0])
 
 
 def test_importance_order_and_bad_mask():
@@ -185,6 +265,60 @@ def test_train_model_uses_the_shared_loop_and_is_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
 
 
+def test_training_stops_at_the_target_accuracy_on_the_full_runs_path():
+    cfg = TrainConfig(task="one_lookup", num_heads=2, d_model=16, d_ff=32, steps=120, eval_every=10, lr=1e-2)
+    _, full = train_model(cfg)
+    target = full["eval_acc"][5] - 1e-9  # reached at step 60 at the latest
+    cut = next(i for i, a in enumerate(full["eval_acc"]) if a >= target)
+    model, stopped = train_model(TrainConfig(**{**cfg.__dict__, "stop_at_acc": target}))
+    assert stopped["steps_to_target"] == full["step"][cut] and not model.training
+    assert stopped["eval_acc"] == full["eval_acc"][: cut + 1]  # the same schedule: the same path up to the stop
+    _, never = train_model(TrainConfig(**{**cfg.__dict__, "steps": 20, "stop_at_acc": 1.0}))
+    assert never["steps_to_target"] is None and never["step"] == [10, 20]
+    with pytest.raises(ValueError, match="stop_at_acc"):
+        train_model(TrainConfig(steps=4, stop_at_acc=1.5))
+
+
+def test_the_seeds_parity_ablation_model_and_data():
+    x, y = parity_batches(2, 5, 7, 11, torch.Generator().manual_seed(0))[1]
+    assert x.shape == (5, 7) and torch.equal(y, x.sum(1) % 2)
+    model = MeanPoolClassifier(11, 8, num_heads=2)
+    assert model(x).shape == (5, 2)
+    with pytest.raises(ValueError, match="num_batches"):
+        parity_batches(0, 5, 7, 11, torch.Generator())
+    result = train_parity(2, d_model=8, vocab=20, seq_len=6, batch_size=4, train_batches=3, test_batches=2, epochs=2)
+    assert len(result["epoch_loss"]) == 2 and all(0 <= result[k] <= 1 for k in ("train_acc", "test_acc"))
+
+
 def test_train_model_refuses_a_zero_warm_up():
     with pytest.raises(ValueError, match="warmup_steps"):
         train_model(TrainConfig(steps=4, warmup_steps=0))
+
+
+def _script(name):
+    import importlib.util
+
+    from course_lib.paths import REPO_ROOT
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_script_arms_record_learning_rates_and_steps_to_target(tmp_path):
+    path = _script("run_head_ablation").main(["--tiny", "--out", str(tmp_path), "--lrs", "0.001", "0.01",
+                                              "--stop-at-acc", "0.9", "--name", "arm", "--no-checkpoints"])
+    record = json.loads(path.read_text())
+    assert path.name == "arm.json" and record["complete"] and record["stop_at_acc"] == 0.9
+    assert [(r["config"]["num_heads"], r["config"]["lr"]) for r in record["runs"]] == [
+        (1, 0.001), (1, 0.01), (2, 0.001), (2, 0.01)]
+    assert all("steps_to_target" in r["curve"] for r in record["runs"])
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_parity_script_runs_on_a_tiny_configuration(tmp_path):
+    path = _script("run_parity_ablation").main(["--tiny", "--out", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert [(r["num_heads"], r["seed"]) for r in record["runs"]] == [(1, 0), (2, 0)]
+    assert record["command"].startswith("python scripts/run_parity_ablation.py --tiny")
+    assert all(0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in record["runs"])

@@ -67,3 +67,19 @@ def test_bad_input_is_rejected():
         ha.entropy(np.ones((4, 4)) / 4)
     with pytest.raises(ValueError, match="sum to 1"):
         ha.entropy(np.ones((1, 4, 4)))
+
+
+def test_spearman_ranks_ties_and_known_values():
+    assert ha.rankdata([10, 30, 20, 20]).tolist() == [1.0, 4.0, 2.5, 2.5]
+    assert ha.spearman([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)  # monotone, not linear
+    assert ha.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # n = 4, ranks (1 2 3 4) vs (2 1 4 3): sum d^2 = 4, rho = 1 - 6*4 / (4*15) = 0.6
+    assert ha.spearman(np.array([[1, 2], [3, 4]]), [2, 1, 4, 3]) == pytest.approx(0.6)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 30), rng.standard_normal(30)
+    assert ha.spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+    with pytest.raises(ValueError, match="same number"):
+        ha.spearman([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="undefined"):
+        ha.spearman([1, 1, 1], [1, 2, 3])

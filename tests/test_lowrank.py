@@ -69,3 +69,60 @@ def test_flop_counts():
     # the break-even rank for T = S: k (S + T) = T S  ->  k = T / 2
     T = 512
     assert lowrank.linformer_flops(T, T, 64, T // 2) == attention_flops(1, 1, T, T, 64)
+
+
+# ----------------------------------------------------------------------------- one head fitting a pattern (notebook 07)
+def test_one_to_one_targets_and_the_three_scores():
+    import torch
+
+    keys = torch.tensor([2, 0, 3, 1])
+    target = lowrank.one_to_one_target(keys, floor=0.2)
+    torch.testing.assert_close(target.sum(-1), torch.ones(4))
+    assert target.argmax(-1).tolist() == keys.tolist() and abs(float(target[0, 2]) - 0.85) < 1e-6
+    exact = lowrank.pattern_agreement(target, target)
+    assert exact["kl"] < 1e-9 and exact["argmax_agreement"] == 1.0 and abs(exact["target_mass"] - 0.85) < 1e-6
+    # a one-hot fit picks every right key but pays for the floor in KL: the confound the scores separate
+    onehot = lowrank.pattern_agreement(target, torch.eye(4)[keys] * (1 - 1e-6) + 1e-6 / 4)
+    assert onehot["argmax_agreement"] == 1.0 and onehot["target_mass"] > 0.99 and onehot["kl"] > 1.0
+    wrong = lowrank.pattern_agreement(target, torch.eye(4)[keys.roll(1)])
+    assert wrong["argmax_agreement"] == 0.0 and wrong["target_mass"] == 0.0
+    with pytest.raises(ValueError, match="keys must lie"):
+        lowrank.one_to_one_target(torch.tensor([0, 4, 1, 2]))
+    with pytest.raises(ValueError, match="floor"):
+        lowrank.one_to_one_target(keys, floor=1.0)
+    with pytest.raises(ValueError, match="one shape"):
+        lowrank.pattern_agreement(target, target[:3])
+
+
+def test_a_rank_two_head_picks_any_key_and_sharpens_with_scale():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    T = 12
+    x = torch.randn(T, 20, generator=g, dtype=torch.float64)
+    keys = torch.randperm(T, generator=g)
+    target = lowrank.one_to_one_target(keys)
+    masses = []
+    for scale in (5.0, 50.0, 500.0):
+        w_q, w_k = lowrank.circle_construction(x, keys, scale)
+        assert w_q.shape == (20, 2) and lowrank.score_matrix_rank(x, w_q, w_k) == 2
+        scores = lowrank.pattern_agreement(target, lowrank.head_attention(x, w_q, w_k))
+        assert scores["argmax_agreement"] == 1.0
+        masses.append(scores["target_mass"])
+    assert masses[0] < masses[1] < masses[2] and masses[2] > 0.99
+    with pytest.raises(ValueError, match="keys must be"):
+        lowrank.circle_construction(x, keys[:5], 1.0)
+
+
+def test_fitted_weights_are_attention_and_the_kl_matches_the_score():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, generator=g)
+    target = lowrank.one_to_one_target(torch.randperm(8, generator=g))
+    fitted = lowrank.fit_attention_weights(target, x, d_head=4, steps=60)
+    torch.testing.assert_close(fitted.sum(-1), torch.ones(8))
+    kl = lowrank.fit_attention_pattern(target, x, d_head=4, steps=60)
+    assert abs(kl - lowrank.pattern_agreement(target, fitted)["kl"]) < 1e-6
+    with pytest.raises(ValueError, match="d_head"):
+        lowrank.fit_attention_weights(target, x, d_head=0)
