@@ -19,6 +19,7 @@ __all__ = [
     "position_mask",
     "check_mask",
     "with_causal",
+    "restrict_mask",
     "padding_mask",
     "combine_masks",
     "to_torch_mha_mask",
@@ -99,9 +100,20 @@ def with_causal(mask: torch.Tensor | None, T: int, S: int, device: torch.device 
     if mask.ndim == 0 or mask.shape[-1] not in (1, S) or (mask.ndim >= 2 and mask.shape[-2] not in (1, T)):
         raise ValueError(f"mask of shape {shape_str(mask.shape)} does not broadcast to the (T, S) = ({T}, {S}) "
                          f"causal mask")
+    return restrict_mask(mask, causal)
+
+
+def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+    """`mask` (None, bool, or additive float) further limited to where the bool `allowed` is True.
+
+    AND for a bool mask, -inf where `allowed` is False for an additive one. No checks: callers have
+    validated both (with_causal, MultiHeadAttention's windows, ring attention's tiles).
+    """
+    if mask is None:
+        return allowed
     if mask.dtype == torch.bool:
-        return mask & causal
-    return mask.masked_fill(~causal, float("-inf"))
+        return mask & allowed
+    return mask.masked_fill(~allowed, float("-inf"))
 
 
 def padding_mask(lengths: Sequence[int] | torch.Tensor, max_len: int) -> torch.Tensor:

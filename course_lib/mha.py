@@ -33,7 +33,7 @@ from torch import nn
 from course_lib._validate import autocast_on, check_bool, check_positive_int, check_probability, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.kv_cache import KVCache, unchanged_on_error
-from course_lib.masks import position_mask, to_additive_mask, with_causal
+from course_lib.masks import position_mask, restrict_mask, to_additive_mask, with_causal
 from course_lib.positional import RotaryEmbedding
 
 __all__ = ["MultiHeadAttention", "split_heads", "merge_heads"]
@@ -332,12 +332,7 @@ class MultiHeadAttention(nn.Module):
                          else cache.key_positions(k.shape[-2], device=q.device))  # (S,)
                 q_pos = torch.arange(start, start + T, device=q.device)  # (T,)
                 pos = position_mask(q_pos, k_pos, window=self.window, sink_tokens=self.sink_tokens)  # (T, S)
-                if attn_mask is None:
-                    attn_mask = pos
-                elif attn_mask.dtype == torch.bool:
-                    attn_mask = attn_mask & pos
-                else:
-                    attn_mask = attn_mask.masked_fill(~pos, float("-inf"))
+                attn_mask = restrict_mask(attn_mask, pos)
             dropout = self.dropout if self.training else 0.0
             gqa = self.num_kv_heads != self.num_heads
             if self.sink_logits is None:

@@ -36,6 +36,7 @@ from torch import nn
 from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
 from course_lib.distributed import Comm, saved_bytes, self_check_main, time_steps
+from course_lib.masks import restrict_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 from course_lib.parallel_check import check_plain_mha, example_case, max_abs_error, report
 
@@ -212,12 +213,7 @@ class _Plan:
                 if self.is_causal and k_pos + k_len - 1 > q_pos:  # the diagonal crosses this tile
                     causal = (torch.arange(k_pos, k_pos + k_len, device=self.device)[None, :]
                               <= torch.arange(q_pos, q_pos + q_len, device=self.device)[:, None])  # (q_len, k_len)
-                    if tile is None:
-                        tile = causal
-                    elif tile.dtype == torch.bool:
-                        tile = tile & causal
-                    else:
-                        tile = tile.masked_fill(~causal, float("-inf"))
+                    tile = restrict_mask(tile, causal)
                 yield slice(q_local, q_local + q_len), slice(k_local, k_local + k_len), tile
 
 
