@@ -28,8 +28,7 @@ def _check(record):
             by_length = run[split]["by_length"]
             lengths = [int(k) for k in by_length]
             assert min(lengths) >= words[split]["tgt"][0] and max(lengths) <= words[split]["tgt"][1]
-            assert all(0 <= v["exact_match"] <= v["token_accuracy"] + 1e-9 <= 1 + 1e-9 for v in by_length.values()) \
-                or all(0 <= v["exact_match"] <= 1 for v in by_length.values())
+            assert all(0 <= v["exact_match"] <= 1 and 0 <= v["token_accuracy"] <= 1 for v in by_length.values())
             total = sum(v["count"] for v in by_length.values())
             pooled = sum(v["exact_match"] * v["count"] for v in by_length.values()) / total
             assert abs(pooled - run[split]["exact_match"]) < 1e-3
