@@ -19,6 +19,7 @@ from torch import nn
 from course_lib._validate import autocast_on, check_positive_int, check_probability, shape_str
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.mha import MultiHeadAttention
+from course_lib.positional import RotaryEmbedding
 
 __all__ = ["FeedForward", "EncoderLayer", "DecoderLayer"]
 
@@ -85,13 +86,14 @@ class EncoderLayer(nn.Module):
     forward(x (B, S, d_model), attn_mask=None) -> (B, S, d_model); with need_weights=True,
     also the attention weights (B, H, S, S). attn_mask is typically the source padding mask
     course_lib.masks.padding_mask(lengths, S), (B, 1, 1, S), True = real token.
+    rotary=RotaryEmbedding(d_head) rotates the self-attention's queries and keys by their positions (RoPE).
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dropout: float = 0.0,
-                 norm_first: bool = True) -> None:
+                 norm_first: bool = True, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.norm_first = _check_norm_first(norm_first)
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, rotary=rotary)
         self.ff = FeedForward(d_model, d_ff, dropout=dropout)
         self.attn_block = _Residual(d_model, dropout, norm_first)
         self.ff_block = _Residual(d_model, dropout, norm_first)
@@ -120,13 +122,15 @@ class DecoderLayer(nn.Module):
     Incremental decoding: pass self_cache=KVCache() and cross_cache=KVCache(static=True) and
     feed one new token at a time; the self cache grows by one position per call, the cross
     cache holds the memory's keys/values, projected once on the first call.
+    rotary=RotaryEmbedding(d_head) rotates the queries and keys of the self-attention only: the
+    cross-attention compares target with source positions, which RoPE's m - n does not relate.
     """
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dropout: float = 0.0,
-                 norm_first: bool = True) -> None:
+                 norm_first: bool = True, rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.norm_first = _check_norm_first(norm_first)
-        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, rotary=rotary)
         self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
         self.ff = FeedForward(d_model, d_ff, dropout=dropout)
         self.self_block = _Residual(d_model, dropout, norm_first)

@@ -4,6 +4,10 @@
     tgt ids (B, T) --embed * sqrt(d_model) + positions--> DecoderLayer x N (causal self-attention,
         cross-attention to memory, FFN) --> Linear --> logits (B, T, tgt_vocab)
 
+positional="sinusoidal" (the default), "learned" or "none" adds position vectors to the embeddings;
+positional="rotary" adds none and rotates the queries and keys of every self-attention instead (RoPE,
+positions counted from 0 in the source and in the target); the cross-attentions stay unrotated.
+
 Padding: source and target id 0 is <pad>. The source padding mask (B, 1, 1, S) (True = real
 token) is used in the encoder's self-attention and in every cross-attention. Target padding
 needs no mask: padding sits after the real tokens, and the causal mask already stops a real
@@ -21,10 +25,11 @@ from torch import nn
 from course_lib._validate import check_bool, check_positive_int, check_probability, shape_str
 from course_lib.blocks import DecoderLayer, EncoderLayer
 from course_lib.kv_cache import KVCache, unchanged_on_error
-from course_lib.positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from course_lib.positional import LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
 
-__all__ = ["Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode", "DecoderCaches"]
+__all__ = ["Seq2SeqConfig", "Seq2SeqTransformer", "greedy_decode", "DecoderCaches", "POSITIONALS"]
 
+POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
 DecoderCaches = list[tuple[KVCache, KVCache]]  # one (self-attention cache, cross-attention cache) per layer
 
 
@@ -40,7 +45,7 @@ class Seq2SeqConfig:
     dropout: float = 0.0
     max_len: int = 64
     norm_first: bool = True
-    positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
+    positional: str = "sinusoidal"  # "sinusoidal", "learned", "rotary" or "none"
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -58,8 +63,11 @@ class Seq2SeqConfig:
                 raise ValueError(f"{name} must be a token id in [0, {vocab}); got {value!r}")
         if len({self.pad_id, self.bos_id, self.eos_id}) < 3:
             raise ValueError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
-        if self.positional not in ("sinusoidal", "learned", "none"):
-            raise ValueError(f"positional must be 'sinusoidal', 'learned' or 'none'; got {self.positional!r}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"positional must be one of {POSITIONALS}; got {self.positional!r}")
+        if self.positional == "rotary" and self.d_model % self.num_heads == 0 and (self.d_model // self.num_heads) % 2:
+            raise ValueError(f"positional='rotary' needs an even d_head = d_model / num_heads (features rotate in "
+                             f"pairs); got d_model={self.d_model}, num_heads={self.num_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +86,12 @@ def _positional(config: Seq2SeqConfig) -> nn.Module:
         return SinusoidalPositionalEncoding(config.d_model, config.max_len, dropout=config.dropout)
     if config.positional == "learned":
         return LearnedPositionalEmbedding(config.d_model, config.max_len, dropout=config.dropout)
-    return _NoPosition()
+    return _NoPosition()  # "none", and "rotary", whose positions enter in the self-attentions
+
+
+def _rotary(config: Seq2SeqConfig) -> RotaryEmbedding | None:
+    """A RotaryEmbedding(d_head) for one layer's self-attention when positional == "rotary", else None."""
+    return RotaryEmbedding(config.d_model // config.num_heads) if config.positional == "rotary" else None
 
 
 class _NoPosition(nn.Module):
@@ -98,9 +111,11 @@ class Seq2SeqTransformer(nn.Module):
         self.tgt_pos = _positional(c)
         layer_args = (c.d_model, c.num_heads, c.d_ff)
         self.encoder_layers = nn.ModuleList(
-            EncoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first) for _ in range(c.num_encoder_layers))
+            EncoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first, rotary=_rotary(c))
+            for _ in range(c.num_encoder_layers))
         self.decoder_layers = nn.ModuleList(
-            DecoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first) for _ in range(c.num_decoder_layers))
+            DecoderLayer(*layer_args, dropout=c.dropout, norm_first=c.norm_first, rotary=_rotary(c))
+            for _ in range(c.num_decoder_layers))
         # pre-LN stacks end in a LayerNorm (each layer's output is an un-normalised residual sum)
         self.encoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model) if c.norm_first else nn.Identity()

@@ -28,11 +28,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from course_lib._validate import check_positive_int
 from course_lib.paths import DATA_DIR
 
 __all__ = [
     "NOUNS", "ADJECTIVES", "VERBS", "SPLITS", "SEED", "DATA_SUBDIR",
-    "Vocab", "translate", "generate_pairs", "generate_splits", "write_splits", "load_split",
+    "Vocab", "translate", "generate_pairs", "generate_longer_pairs", "generate_splits", "write_splits", "load_split",
     "source_vocab", "target_vocab", "tokenise", "detokenise",
 ]
 
@@ -126,15 +127,19 @@ class Sentence:
         return [*self.subject.target(), "ga", *self.obj.target(), "o", *(["ne"] if self.negated else []), verb]
 
 
-def _random_noun_phrase(rng: random.Random) -> NounPhrase:
-    n_adj = rng.choices([0, 1, 2], weights=[3, 4, 3])[0]
+def _random_noun_phrase(rng: random.Random, adjective_counts: Sequence[int] | None = None) -> NounPhrase:
+    """0, 1 or 2 adjectives (weights 3:4:3), the splits' grammar; or a count drawn uniformly from adjective_counts."""
+    if adjective_counts is None:
+        n_adj = rng.choices([0, 1, 2], weights=[3, 4, 3])[0]
+    else:
+        n_adj = rng.choice(list(adjective_counts))
     return NounPhrase(noun=rng.choice(list(NOUNS)), plural=rng.random() < 0.4, definite=rng.random() < 0.5,
                       adjectives=tuple(rng.sample(list(ADJECTIVES), n_adj)))
 
 
-def _random_sentence(rng: random.Random) -> Sentence:
-    return Sentence(subject=_random_noun_phrase(rng), verb=rng.choice(list(VERBS)), negated=rng.random() < 0.25,
-                    obj=_random_noun_phrase(rng))
+def _random_sentence(rng: random.Random, adjective_counts: Sequence[int] | None = None) -> Sentence:
+    return Sentence(subject=_random_noun_phrase(rng, adjective_counts), verb=rng.choice(list(VERBS)),
+                    negated=rng.random() < 0.25, obj=_random_noun_phrase(rng, adjective_counts))
 
 
 def _parse_noun_phrase(words: list[str], i: int) -> tuple[NounPhrase, int]:
@@ -180,6 +185,39 @@ def generate_pairs(n: int, seed: int = SEED, *, exclude: set[str] | None = None)
             continue
         seen.add(src)
         pairs.append({"src": src, "tgt": detokenise(sentence.target())})
+    return pairs
+
+
+def generate_longer_pairs(n: int, *, src_longer_than: int, tgt_longer_than: int, seed: int = SEED + 1,
+                          adjective_counts: Sequence[int] = (3, 4, 5)) -> list[dict[str, str]]:
+    """n distinct pairs longer than given lengths, for testing length generalisation (notebook 12).
+
+    The same grammar, with adjective_counts adjectives in each noun phrase (the splits have 0 to 2);
+    a sentence is kept only if its source has more than src_longer_than words and its target more than
+    tgt_longer_than (pass the longest training lengths, so that no kept length occurs in training).
+    """
+    n = check_positive_int("n", n)
+    for name, value in (("src_longer_than", src_longer_than), ("tgt_longer_than", tgt_longer_than)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+    counts = list(adjective_counts)
+    if not counts or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= len(ADJECTIVES)
+                         for c in counts):
+        raise ValueError(f"adjective_counts must be ints in [0, {len(ADJECTIVES)}]; got {adjective_counts!r}")
+    # longest possible: two "det adj... noun" phrases and "does not verb" / det noun adj... twice, ga, o, ne, verb
+    if 4 + 2 * max(counts) + 3 <= src_longer_than or 8 + 2 * max(counts) <= tgt_longer_than:
+        raise ValueError(f"no sentence with at most {max(counts)} adjectives per noun phrase is longer than "
+                         f"{src_longer_than} source / {tgt_longer_than} target words")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    pairs = []
+    while len(pairs) < n:
+        sentence = _random_sentence(rng, counts)
+        src, tgt = sentence.source(), sentence.target()
+        if len(src) <= src_longer_than or len(tgt) <= tgt_longer_than or detokenise(src) in seen:
+            continue
+        seen.add(detokenise(src))
+        pairs.append({"src": detokenise(src), "tgt": detokenise(tgt)})
     return pairs
 
 

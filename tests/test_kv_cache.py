@@ -30,7 +30,7 @@ def _batch(seed=0, T=9):
     return src, tgt
 
 
-@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rotary"])
 @pytest.mark.parametrize("norm_first", [True, False])
 def test_cached_logits_equal_full_recomputation_at_every_step(positional, norm_first):
     model = _model(positional=positional, norm_first=norm_first)

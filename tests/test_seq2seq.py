@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from course_lib.capstone import CAPSTONE_BF16_PATH, CAPSTONE_PATH, exact_match, load_capstone
+from course_lib.capstone import CAPSTONE_BF16_PATH, CAPSTONE_PATH, attention_modules, exact_match, load_capstone
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from course_lib.toy_translation import load_split
 
@@ -29,7 +29,9 @@ def test_forward_shapes_and_attention_maps():
 
 def test_config_and_input_errors():
     with pytest.raises(ValueError, match="positional"):
-        Seq2SeqConfig(10, 10, positional="rotary")
+        Seq2SeqConfig(10, 10, positional="alibi")
+    with pytest.raises(ValueError, match="even d_head"):
+        Seq2SeqConfig(10, 10, d_model=12, num_heads=4, positional="rotary")
     with pytest.raises(ValueError, match="d_model"):
         Seq2SeqConfig(10, 10, d_model=0)
     with pytest.raises(ValueError, match="unknown Seq2SeqConfig fields"):
@@ -58,6 +60,36 @@ def test_greedy_decode_pads_after_eos():
             assert torch.all(row[int(ended[0]) + 1:] == 0)  # <pad> after <eos>
         first = int(ended[0]) + 1 if len(ended) else len(row)
         assert torch.equal(row[:first], row_logits[:first].argmax(-1))
+
+
+def test_rotary_positions_rotate_every_self_attention_and_no_cross_attention():
+    sinusoidal, rotary = _model(), _model(positional="rotary")
+    # the same seed gives the same weights: RoPE adds no parameters, the config changes only the positions
+    assert sinusoidal.state_dict().keys() == rotary.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(sinusoidal.state_dict().values(), rotary.state_dict().values(),
+                                                 strict=True))
+    assert all(m.rotary is None for m in attention_modules(sinusoidal).values())  # the default: unchanged
+    for name, module in attention_modules(rotary).items():
+        assert (module.rotary is not None) == name.endswith("self"), name
+        if module.rotary is not None:
+            assert module.rotary.d_head == 8 and not module.rotary.interleaved
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(rotary.src_pos(x), x) and torch.equal(rotary.tgt_pos(x), x)  # no added position vectors
+    src, tgt_in = torch.tensor([[4, 5, 6, 7]]), torch.tensor([[1, 4, 5]])
+    without = _model(positional="none")
+    with torch.no_grad():  # the same weights without positions give other logits: the rotation is what differs
+        assert not torch.allclose(rotary(src, tgt_in), without(src, tgt_in), atol=1e-4)
+        # a rotary encoder's output does not depend on where the sentence starts: q_m . k_n sees only m - n,
+        # so the encoding of a sentence equals that of its tokens with every rotation shifted by 3 positions
+        memory, _ = rotary.encode(src)
+        for layer in rotary.encoder_layers:
+            layer.self_attn.rotary.forward = _shifted(layer.self_attn.rotary.forward, 3)
+        shifted, _ = rotary.encode(src)
+    torch.testing.assert_close(shifted, memory, atol=1e-5, rtol=0)
+
+
+def _shifted(forward, by):
+    return lambda x, offset=0: forward(x, offset=offset + by)
 
 
 # ------------------------------------------------------------------ the capstone checkpoint

@@ -79,3 +79,23 @@ def test_cli_writes_the_same_bytes_and_help_writes_nothing(tmp_path, monkeypatch
     for name in ("train", "validation", "test"):
         written = (tmp_path / "out" / f"{name}.jsonl").read_bytes()
         assert written == (toy_translation.DATA_SUBDIR / f"{name}.jsonl").read_bytes()
+
+
+def test_longer_pairs_are_longer_than_every_training_sentence_and_correct():
+    train = tt.load_split("train")
+    src_max = max(len(tt.tokenise(p["src"])) for p in train)
+    tgt_max = max(len(tt.tokenise(p["tgt"])) for p in train)
+    pairs = tt.generate_longer_pairs(300, src_longer_than=src_max, tgt_longer_than=tgt_max)
+    assert pairs == tt.generate_longer_pairs(300, src_longer_than=src_max, tgt_longer_than=tgt_max)  # seeded
+    assert len({p["src"] for p in pairs}) == 300
+    src_vocab, tgt_vocab = tt.source_vocab(), tt.target_vocab()
+    for pair in pairs:
+        assert len(tt.tokenise(pair["src"])) > src_max and len(tt.tokenise(pair["tgt"])) > tgt_max
+        assert tt.translate(pair["src"]) == pair["tgt"]
+        assert tt.Vocab.unk_id not in src_vocab.encode(pair["src"]) + tgt_vocab.encode(pair["tgt"])
+    with pytest.raises(ValueError, match="no sentence"):
+        tt.generate_longer_pairs(5, src_longer_than=30, tgt_longer_than=0, adjective_counts=(3,))
+    with pytest.raises(ValueError, match="adjective_counts"):
+        tt.generate_longer_pairs(5, src_longer_than=1, tgt_longer_than=1, adjective_counts=(9,))
+    with pytest.raises(ValueError, match="tgt_longer_than"):
+        tt.generate_longer_pairs(5, src_longer_than=1, tgt_longer_than=-1)
