@@ -55,7 +55,12 @@ from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
-from course_lib.checks.nb10 import check_online_softmax_step
+from course_lib.checks.nb10 import (
+    check_causal_tiled_traffic,
+    check_merge_partials,
+    check_online_softmax_step,
+    check_tile_visited,
+)
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
 from course_lib.checks.nb12 import (
     check_gqa_attention,
@@ -121,6 +126,9 @@ __all__ = [
     "check_attention_flops",
     "check_fp16_safe_scores",
     # 10 flash attention
+    "check_tile_visited",
+    "check_merge_partials",
+    "check_causal_tiled_traffic",
     "check_online_softmax_step",
     # 11 capstone
     "check_shift_targets",
