@@ -51,7 +51,13 @@ from course_lib.checks.nb05 import (
     check_masked_softmax,
     check_to_key_padding_mask,
 )
-from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
+from course_lib.checks.nb06 import (
+    check_alibi_attention,
+    check_blocks_quiz,
+    check_cached_attention_step,
+    check_pe_shift_matrix,
+    check_sinusoidal_encoding,
+)
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
@@ -113,8 +119,11 @@ __all__ = [
     "check_masked_softmax",
     "check_future_leak_test",
     # 06 transformer blocks
-    "check_sinusoidal_encoding",
+    "check_blocks_quiz",
+    "check_pe_shift_matrix",
     "check_cached_attention_step",
+    "check_alibi_attention",
+    "check_sinusoidal_encoding",
     # 07 why several heads
     "check_param_count_vs_heads",
     "check_gated_concat",
