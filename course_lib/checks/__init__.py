@@ -60,7 +60,14 @@ from course_lib.checks.nb06 import (
 )
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
-from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
+from course_lib.checks.nb09 import (
+    check_attention_flops,
+    check_autocast_quiz,
+    check_format_facts,
+    check_fp16_safe_scores,
+    check_relative_error,
+    check_scaler_step,
+)
 from course_lib.checks.nb10 import (
     check_causal_tiled_traffic,
     check_merge_partials,
@@ -131,9 +138,12 @@ __all__ = [
     "check_head_entropy",
     "check_previous_token_score",
     # 09 GPU, Tensor Cores, mixed precision
+    "check_format_facts",
+    "check_autocast_quiz",
+    "check_fp16_safe_scores",
+    "check_scaler_step",
     "check_relative_error",
     "check_attention_flops",
-    "check_fp16_safe_scores",
     # 10 flash attention
     "check_tile_visited",
     "check_merge_partials",
