@@ -74,7 +74,12 @@ from course_lib.checks.nb10 import (
     check_online_softmax_step,
     check_tile_visited,
 )
-from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
+from course_lib.checks.nb11 import (
+    check_beam_search,
+    check_edit_distance,
+    check_greedy_decode,
+    check_shift_targets,
+)
 from course_lib.checks.nb12 import (
     check_gqa_attention,
     check_interleaved_rope,
@@ -151,7 +156,9 @@ __all__ = [
     "check_online_softmax_step",
     # 11 capstone
     "check_shift_targets",
+    "check_edit_distance",
     "check_greedy_decode",
+    "check_beam_search",
     # 12 today's attention
     "check_kv_cache_bytes",
     "check_gqa_attention",
