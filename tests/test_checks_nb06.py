@@ -119,8 +119,8 @@ def _exponent_i(k, d_model):
     return m
 
 
-def _shift_mutating(k, d_model):
-    k = -k  # rebinding a number changes nothing outside; the answer is then the -k shift, and wrong
+def _shift_by_minus_k(k, d_model):
+    k = -k  # the shift the other way: the transposed matrix
     return shift_reference(k, d_model)
 
 
@@ -137,7 +137,7 @@ def test_pe_shift_matrix_accepts_reference():
     (lambda k, d: np.eye(d), "identity"),
     (lambda k, d: shift_reference(k, d)[:, : d // 2], "shape"),
     (lambda k, d: shift_reference(k, d) * 1.01, "differs"),
-    (_shift_mutating, "transposed"),
+    (_shift_by_minus_k, "transposed"),
 ])
 def test_pe_shift_matrix_rejects_planted_mistakes(wrong, words):
     result = checks.check_pe_shift_matrix(wrong)
