@@ -185,3 +185,12 @@ def test_alibi_attention_accepts_reference():
 def test_alibi_attention_rejects_planted_mistakes(kind, words):
     result = checks.check_alibi_attention(_alibi_variant(kind))
     assert not result.passed and words in result.message, result.message
+
+
+def test_cached_step_rejects_an_answer_that_zeroes_the_cache_in_place():
+    def zeroes_the_cache(q_t, k_t, v_t, k_cache, v_cache):
+        k_cache.zero_()  # its private copy only: every earlier key is lost
+        return step_reference(q_t, k_t, v_t, k_cache, v_cache)
+
+    result = checks.check_cached_attention_step(zeroes_the_cache)
+    assert not result.passed, result

@@ -237,3 +237,12 @@ def test_scaler_step_accepts_reference_and_agrees_with_torch_gradscaler():
 def test_scaler_step_rejects_planted_mistakes(kind, words):
     result = checks.check_scaler_step(_scaler_variant(kind))
     assert not result.passed and words in result.message, result.message
+
+
+def test_fp16_scores_rejects_an_answer_that_scales_its_input_in_place():
+    def scales_k_in_place(q, k):
+        k.mul_(0.5)  # its private copy only: the scores it returns are then half the right ones
+        return (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+
+    result = checks.check_fp16_safe_scores(scales_k_in_place)
+    assert not result.passed, result

@@ -182,3 +182,12 @@ def test_causal_tiled_traffic_names_full_size_last_tiles():
 
     result = checks.check_causal_tiled_traffic(whole_tiles)
     assert not result.passed and "last key tile is shorter" in result.message, result.message
+
+
+def test_online_softmax_step_rejects_an_answer_that_changes_its_state_in_place():
+    def resets_l(m, l, acc, scores, v_block):
+        l[:] = 0.0  # its private copy only: the sum of the earlier blocks is lost
+        return online_softmax_step(m, l, acc, scores, v_block)
+
+    result = checks.check_online_softmax_step(resets_l)
+    assert not result.passed and "l_new" in result.message, result.message

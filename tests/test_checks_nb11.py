@@ -151,3 +151,12 @@ def test_greedy_decode_rejects_an_answer_that_changes_the_model_in_place():
 
     result = checks.check_greedy_decode(zeroes_the_model)
     assert not result.passed, result
+
+
+def test_shift_targets_rejects_an_answer_that_changes_its_list_in_place():
+    def appends_eos_in_place(ids, bos_id, eos_id):
+        ids.append(eos_id)  # its private copy only: the input then already ends in <eos>
+        return [bos_id, *ids], [*ids, eos_id]
+
+    result = checks.check_shift_targets(appends_eos_in_place)
+    assert not result.passed and "decoder_input" in result.message, result.message
