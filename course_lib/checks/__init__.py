@@ -51,12 +51,35 @@ from course_lib.checks.nb05 import (
     check_masked_softmax,
     check_to_key_padding_mask,
 )
-from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
+from course_lib.checks.nb06 import (
+    check_alibi_attention,
+    check_blocks_quiz,
+    check_cached_attention_step,
+    check_pe_shift_matrix,
+    check_sinusoidal_encoding,
+)
 from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
-from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
-from course_lib.checks.nb10 import check_online_softmax_step
-from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
+from course_lib.checks.nb09 import (
+    check_attention_flops,
+    check_autocast_quiz,
+    check_format_facts,
+    check_fp16_safe_scores,
+    check_relative_error,
+    check_scaler_step,
+)
+from course_lib.checks.nb10 import (
+    check_causal_tiled_traffic,
+    check_merge_partials,
+    check_online_softmax_step,
+    check_tile_visited,
+)
+from course_lib.checks.nb11 import (
+    check_beam_search,
+    check_edit_distance,
+    check_greedy_decode,
+    check_shift_targets,
+)
 from course_lib.checks.nb12 import (
     check_gqa_attention,
     check_interleaved_rope,
@@ -108,8 +131,11 @@ __all__ = [
     "check_masked_softmax",
     "check_future_leak_test",
     # 06 transformer blocks
-    "check_sinusoidal_encoding",
+    "check_blocks_quiz",
+    "check_pe_shift_matrix",
     "check_cached_attention_step",
+    "check_alibi_attention",
+    "check_sinusoidal_encoding",
     # 07 why several heads
     "check_param_count_vs_heads",
     "check_gated_concat",
@@ -117,14 +143,22 @@ __all__ = [
     "check_head_entropy",
     "check_previous_token_score",
     # 09 GPU, Tensor Cores, mixed precision
+    "check_format_facts",
+    "check_autocast_quiz",
+    "check_fp16_safe_scores",
+    "check_scaler_step",
     "check_relative_error",
     "check_attention_flops",
-    "check_fp16_safe_scores",
     # 10 flash attention
+    "check_tile_visited",
+    "check_merge_partials",
+    "check_causal_tiled_traffic",
     "check_online_softmax_step",
     # 11 capstone
     "check_shift_targets",
+    "check_edit_distance",
     "check_greedy_decode",
+    "check_beam_search",
     # 12 today's attention
     "check_kv_cache_bytes",
     "check_gqa_attention",

@@ -1,15 +1,147 @@
-"""Checkers for notebook 06 (transformer blocks): the sinusoidal encoding and one cached decoding step."""
+"""Checkers for notebook 06 (transformer blocks): predictions about LayerNorm, dropout and causal equivariance,
+the matrix that shifts a sinusoidal encoding, one cached decoding step, linear distance biases (ALiBi), and the
+sinusoidal table itself."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, multiple_choice
 from course_lib.masks import causal_mask
 from course_lib.positional import sinusoidal_table
 
-__all__ = ["check_sinusoidal_encoding", "check_cached_attention_step"]
+__all__ = [
+    "check_blocks_quiz",
+    "check_pe_shift_matrix",
+    "check_cached_attention_step",
+    "check_alibi_attention",
+    "check_sinusoidal_encoding",
+]
+
+_BLOCKS_QUIZ = (
+    ("b", {"a": "LayerNorm makes each token's features mean 0 and VARIANCE 1, so the squared norm is the sum of "
+                "d_model unit variances: ||x||^2 = d_model = 256",
+           "c": "LayerNorm removes the input's scale: with weight 1 and bias 0 every token leaves with norm "
+                "sqrt(d_model) whatever came in (up to eps)"}),
+    ("a", {"b": "in eval mode nn.Dropout is the identity: nothing is dropped, so the order cannot matter",
+           "c": "the 1/(1 - p) factor is applied only in training; in eval mode dropout does nothing at all"}),
+    ("b", {"a": "the causal mask ties each output to a position: after a permutation, token x_i sees a different "
+                "set of earlier tokens, so its output changes, not only its place",
+           "c": "the batch size plays no role: a causal mask already breaks the symmetry for one sequence"}),
+)
+
+
+@checker
+def check_blocks_quiz(fn):
+    """Check three predictions about LayerNorm, dropout in eval mode and a causal mask without positions.
+
+    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per question in the
+    order asked. Says which answer is wrong and why.
+    """
+    multiple_choice(call(fn), _BLOCKS_QUIZ)
+    return "all three predictions are right"
+
+
+def _shift_matrix(k: int, d_model: int) -> np.ndarray:
+    """Block-diagonal M with PE[pos + k] = PE[pos] @ M: pair (2i, 2i+1) rotated by k * 10000^(-2i/d)."""
+    matrix = np.zeros((d_model, d_model))
+    for i in range(d_model // 2):
+        angle = k * 10000 ** (-2 * i / d_model)
+        c, s = np.cos(angle), np.sin(angle)
+        matrix[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[c, -s], [s, c]]
+    return matrix
+
+
+def _exponent_i(k: int, d_model: int) -> np.ndarray:
+    matrix = np.zeros((d_model, d_model))
+    for i in range(d_model // 2):
+        c, s = np.cos(k * 10000 ** (-i / d_model)), np.sin(k * 10000 ** (-i / d_model))
+        matrix[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[c, -s], [s, c]]
+    return matrix
+
+
+@checker
+def check_pe_shift_matrix(fn):
+    """Check the matrix that shifts a sinusoidal positional encoding by k positions.
+
+    Your function: `fn(k, d_model) -> M`, a (d_model, d_model) array (d_model even) with
+    PE[pos + k] = PE[pos] @ M for every position pos, PE the sinusoidal table (row vectors). Checks k = 5, -3, 0
+    and 100 with d_model from 8 to 64, on the table itself; names the transposed rotation (it shifts by -k), the
+    frequency with i instead of 2i, and one frequency for every pair.
+    """
+    for k, d_model in ((5, 32), (-3, 16), (0, 8), (100, 64)):
+        case = f"k={k}, d_model={d_model}"
+        got = as_array("M", call(fn, k, d_model, what=f" ({case})"))
+        expected = _shift_matrix(k, d_model)
+        if got.shape != expected.shape:
+            raise CheckFailure(f"for {case} M has shape {got.shape}; it maps a row PE[pos] of {d_model} features to "
+                               f"PE[pos + k]: shape ({d_model}, {d_model})")
+        table = sinusoidal_table(200, d_model, dtype=torch.float64).numpy()  # (200, d_model)
+        start, stop = max(0, -k), min(200, 200 - k)
+        if np.allclose(table[start:stop] @ got, table[start + k: stop + k], atol=1e-8):
+            continue
+        message = diagnose(got, {
+            "your rotation is transposed: PE[pos] @ M^T is PE[pos - k]. For a ROW vector [sin, cos] the block is "
+            "[[cos, -sin], [sin, cos]]": _shift_matrix(-k, d_model),
+            "the frequency of pair i is 10000^(-2i / d_model) (the EVEN index 2i), not 10000^(-i / d_model)":
+                _exponent_i(k, d_model),
+            "every pair turns at its own frequency 10000^(-2i / d_model); you turned them all by the same angle":
+                np.kron(np.eye(d_model // 2), [[np.cos(k), -np.sin(k)], [np.sin(k), np.cos(k)]]),
+            "M is not the identity unless k = 0: shifting by k turns pair i by the angle k * 10000^(-2i / d_model)":
+                np.eye(d_model),
+        })
+        if message:
+            raise CheckFailure(f"for {case}: {message}.")
+        compare(f"M for {case}", got, expected, atol=1e-8, rtol=1e-6,
+                hint="block-diagonal; block i = [[cos a, -sin a], [sin a, cos a]] with a = k * 10000^(-2i / d_model)")
+    return "k = 5, -3, 0, 100: PE[pos] @ M equals PE[pos + k] on the whole table"
+
+
+def _alibi(q, k, v, slopes, *, sign=-1.0, masked=True, bias_scaled=False):
+    T, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    distance = torch.arange(T, dtype=q.dtype)[:, None] - torch.arange(S, dtype=q.dtype)[None, :]  # (T, S): i - j
+    bias = sign * slopes[:, None, None] * distance  # (H, T, S)
+    raw = q @ k.transpose(-2, -1)
+    scores = (raw + bias) / d ** 0.5 if bias_scaled else raw / d ** 0.5 + bias
+    if masked:
+        scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, d)
+
+
+@checker
+def check_alibi_attention(fn):
+    """Check causal attention with linear distance biases (ALiBi) instead of positional encodings.
+
+    Your function: `fn(q, k, v, slopes) -> out`, torch tensors q, k, v (B, H, T, d) and slopes (H,): head h adds
+    -slopes[h] * (i - j) to the scaled score of query i and key j <= i; keys after i are masked. Returns out
+    (B, H, T, d). Checks two shapes (H != T) against the formula; names a flipped sign, a missing causal mask,
+    a bias scaled by 1/sqrt(d) and one slope for every head.
+    """
+    g = torch.Generator().manual_seed(6)
+    for B, H, T, d in ((2, 4, 7, 8), (1, 3, 5, 16)):
+        q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+        slopes = 2.0 ** (-8 * torch.arange(1, H + 1, dtype=torch.float64) / H)  # ALiBi's geometric slopes
+        case = f"B={B}, H={H}, T={T}, d={d}"
+        out = call(fn, q, k, v, slopes, what=f" ({case})")
+        expected = _alibi(q, k, v, slopes)
+        got = as_array("out", out)
+        if got.shape == tuple(expected.shape) and not np.allclose(got, expected.numpy(), atol=1e-8):
+            message = diagnose(got, {
+                "the bias has the wrong sign: -slope * (i - j) makes DISTANT keys less likely; +slope * (i - j) "
+                "favours them": _alibi(q, k, v, slopes, sign=1.0),
+                "the causal mask is missing: keys j > i must get -inf (the bias alone only penalises them)":
+                    _alibi(q, k, v, slopes, masked=False),
+                "you divided the bias by sqrt(d) too: ALiBi adds it to the already scaled scores q k^T / sqrt(d)":
+                    _alibi(q, k, v, slopes, bias_scaled=True),
+                "every head used the first slope: head h has its own slope slopes[h], broadcast as slopes[:, None, "
+                "None] over (H, T, S)": _alibi(q, k, v, slopes[:1].expand(H)),
+            })
+            if message:
+                raise CheckFailure(f"for {case}: {message}.")
+        compare(f"out for {case}", out, expected, atol=1e-8, rtol=1e-6,
+                hint="scores = q k^T / sqrt(d) - slopes[:, None, None] * (i - j); -inf where j > i; softmax; @ v")
+    return "two shapes match: per-head slopes, the right sign, causal"
 
 
 @checker

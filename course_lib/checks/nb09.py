@@ -2,7 +2,10 @@
 
 - check_relative_error: ||out - ref|| / ||ref||, computed so it cannot overflow in float16;
 - check_attention_flops: the forward FLOP count of attention (4 B H T S d, halved when causal);
-- check_fp16_safe_scores: q k^T / sqrt(d) for float16 inputs whose raw products overflow.
+- check_fp16_safe_scores: q k^T / sqrt(d) for float16 inputs whose raw products overflow;
+- check_format_facts: the largest number, unit roundoff and last consecutive integer of a format, by hand;
+- check_autocast_quiz: which dtype CPU autocast gives five ops the notebook did not probe;
+- check_scaler_step: one step of a GradScaler (unscale, skip on inf/NaN, back off or grow the scale).
 On a wrong answer each checker tries the classic mistakes to say which one was made.
 """
 
@@ -13,9 +16,16 @@ import math
 import torch
 
 from course_lib.bench.attention import attention_flops
-from course_lib.checks._core import CheckFailure, call, checker, compare
+from course_lib.checks._core import CheckFailure, call, checker, compare, multiple_choice, unpack
 
-__all__ = ["check_relative_error", "check_attention_flops", "check_fp16_safe_scores"]
+__all__ = [
+    "check_format_facts",
+    "check_autocast_quiz",
+    "check_scaler_step",
+    "check_relative_error",
+    "check_attention_flops",
+    "check_fp16_safe_scores",
+]
 
 
 def _as_float(got, what: str) -> float:
@@ -158,3 +168,163 @@ def check_fp16_safe_scores(fn):
         compare(f"scores ({description})", got, expected, atol=2e-3 * float(expected.abs().max()), rtol=4e-3,
                 hint="q k^T / sqrt(d_head), with q (..., T, d) and k (..., S, d)")
     return "finite and correct, including inputs whose raw q k^T overflows float16"
+
+
+# ----------------------------------------------------------------------------- a format's numbers, by hand
+def _format_facts(exponent_bits: int, mantissa_bits: int) -> tuple[float, float, int]:
+    bias = 2 ** (exponent_bits - 1) - 1
+    return 2.0**bias * (2 - 2.0**-mantissa_bits), 2.0 ** -(mantissa_bits + 1), 2 ** (mantissa_bits + 1)
+
+
+_FORMATS = (("bfloat16", 8, 7), ("float16", 5, 10), ("float8_e5m2", 5, 2), ("float32", 8, 23), ("a made-up e6m9", 6, 9))
+
+
+@checker
+def check_format_facts(fn):
+    """Check three numbers of an IEEE-style binary format worked out from its bit counts.
+
+    Your function: `fn(exponent_bits, mantissa_bits) -> (largest, unit_roundoff, largest_integer)`: the largest
+    finite number (the top exponent code is kept for inf and NaN), the unit roundoff u (the largest relative error
+    of rounding to nearest, in the normal range) and the largest n such that every integer 0..n is representable.
+    Checks bfloat16, float16, fp8 e5m2, float32 and a made-up format; names epsilon given for u, a bias of 2^(E-1),
+    the reserved top exponent used, a forgotten significand, and a forgotten hidden bit.
+    """
+    for name, e_bits, m_bits in _FORMATS:
+        case = f"{name} (E={e_bits}, M={m_bits})"
+        got = unpack(call(fn, e_bits, m_bits, what=f" ({case})"), 3,
+                     "return a tuple (largest, unit_roundoff, largest_integer)", case=case)
+        values = [_as_float(g, f"{label} for {case}") for label, g in zip(("largest", "u", "n"), got, strict=True)]
+        largest, u, n = _format_facts(e_bits, m_bits)
+        bias = 2 ** (e_bits - 1) - 1
+        checks = (
+            ("largest", values[0], largest, {
+                2.0 ** (bias + 1) * (2 - 2.0**-m_bits): "the top exponent code (all ones) is kept for inf and NaN: "
+                                                        "the largest exponent is 2^(E-1) - 1, not 2^(E-1)",
+                2.0**bias: "the largest significand is 1.11...1 = 2 - 2^-M, not 1",
+                2.0 ** (bias + 1): "the top exponent code is kept for inf and NaN, and the significand is at most "
+                                   "2 - 2^-M: the largest number is 2^(2^(E-1) - 1) (2 - 2^-M)",
+            }),
+            ("unit roundoff", values[1], u, {
+                2.0**-m_bits: "that is epsilon, the gap between 1 and the next number; rounding to the NEAREST "
+                              "number errs by at most half of it: u = 2^-(M+1)",
+                2.0 ** -(m_bits - 1): "epsilon is 2^-M, and u is half of it: 2^-(M+1)",
+            }),
+            ("largest consecutive integer", values[2], n, {
+                2.0**m_bits: "the hidden leading 1 gives M + 1 significant bits, so every integer up to 2^(M+1) "
+                             "is exact (float16: 2048, bfloat16: 256)",
+                2.0 ** (m_bits + 1) - 1: "2^(M+1) itself is exact too (a power of two); the first integer "
+                                         "missing is 2^(M+1) + 1",
+            }),
+        )
+        for label, value, expected, mistakes in checks:
+            if math.isclose(value, expected, rel_tol=1e-9):
+                continue
+            for wrong, why in mistakes.items():
+                if math.isclose(value, wrong, rel_tol=1e-9):
+                    raise CheckFailure(f"{label} for {case}: you gave {value:.6g}; {why}")
+            raise CheckFailure(f"{label} for {case}: you gave {value:.6g}, expected {expected:.6g}")
+    return f"{len(_FORMATS)} formats: largest number, unit roundoff and last consecutive integer all right"
+
+
+# ----------------------------------------------------------------------------- which dtype under autocast
+_AUTOCAST_QUIZ = (
+    ("b", {"a": "losses are on autocast's float32 list, even on the CPU (like cross_entropy in section 4)",
+           "c": "autocast was asked for bfloat16: float16 never appears"}),
+    ("a", {"b": "bmm is a matrix multiply, on the lower-precision list: its float32 inputs are cast to bfloat16",
+           "c": "autocast was asked for bfloat16: float16 never appears"}),
+    ("a", {"b": "autocast casts BOTH inputs of a matmul to bfloat16 before the op runs; the float32 weight does "
+                "not promote the result",
+           "c": "autocast was asked for bfloat16: float16 never appears"}),
+    ("b", {"a": "exp is on neither list on the CPU: it runs in its input's dtype, and its input is float32",
+           "c": "autocast was asked for bfloat16: float16 never appears"}),
+    ("a", {"b": "on the CPU, layer_norm is not on autocast's float32 list (on CUDA it is): a bfloat16 input "
+                "stays bfloat16, as softmax did in section 4",
+           "c": "autocast was asked for bfloat16: float16 never appears"}),
+)
+
+
+@checker
+def check_autocast_quiz(fn):
+    """Check five predictions of the dtype that CPU autocast (bfloat16) gives an op.
+
+    Your function: `fn() -> answers`, five letters (a string such as "abbab" or a tuple), one per op in the order
+    asked: a = bfloat16, b = float32, c = float16. Says which answer is wrong and why.
+    """
+    multiple_choice(call(fn), _AUTOCAST_QUIZ)
+    return "all five dtypes predicted right"
+
+
+# ----------------------------------------------------------------------------- one GradScaler step
+def _scaler_step(grads, scale: float, good_steps: int, growth_interval: int):
+    finite = all(bool(torch.isfinite(g).all()) for g in grads)
+    if not finite:
+        return None, scale * 0.5, 0
+    good_steps += 1
+    if good_steps == growth_interval:
+        return [g.double() / scale for g in grads], scale * 2.0, 0
+    return [g.double() / scale for g in grads], scale, good_steps
+
+
+@checker
+def check_scaler_step(fn):
+    """Check one optimizer step of a gradient scaler, as torch.amp.GradScaler does it.
+
+    Your function: `fn(scaled_grads, scale, good_steps, growth_interval) -> (grads, new_scale, new_good_steps)`:
+    scaled_grads is a list of gradient tensors computed from loss * scale, good_steps the number of finite steps
+    since the scale last changed. Return the unscaled gradients (or None when any entry is inf or NaN: the step is
+    skipped), and the new scale and count (back off by 0.5 on inf/NaN; double after growth_interval finite steps
+    in a row, restarting the count). Checks a run of six steps; names the usual mistakes.
+    """
+    g = torch.Generator().manual_seed(99)
+    scale, good, interval = 2.0**16, 0, 3
+    finite = [torch.randn(3, generator=g) * scale * 1e-4, torch.randn(2, 2, generator=g) * scale * 1e-3]
+    with_inf = [finite[0].clone(), finite[1].clone()]
+    with_inf[1][0, 1] = float("inf")
+    with_nan = [finite[0].clone() * float("nan"), finite[1].clone()]
+    steps = [("finite", finite), ("finite", finite), ("an inf entry", with_inf), ("finite", finite),
+             ("finite", finite), ("finite, the third in a row", finite), ("a NaN entry", with_nan)]
+    for number, (what, grads) in enumerate(steps, start=1):
+        case = f"step {number} ({what}; scale {scale:g}, good_steps {good}, growth_interval {interval})"
+        result = unpack(call(fn, [t.clone() for t in grads], scale, good, interval, what=f" at {case}"), 3,
+                        "return a tuple (grads or None, new_scale, new_good_steps)", case=case)
+        exp_grads, exp_scale, exp_good = _scaler_step(grads, scale, good, interval)
+        got_grads, got_scale, got_good = result
+        if exp_grads is None and got_grads is not None:
+            raise CheckFailure(f"at {case}: a gradient is inf or NaN, so the step must be SKIPPED (return None for "
+                               f"the gradients): applying it would write inf/NaN into the parameters")
+        if exp_grads is not None:
+            if got_grads is None:
+                raise CheckFailure(f"at {case}: every gradient is finite, so the step is taken: return the "
+                                   f"unscaled gradients, not None")
+            if not isinstance(got_grads, list | tuple) or len(got_grads) != len(exp_grads):
+                raise CheckFailure(f"at {case}: return the gradients as a list of {len(exp_grads)} tensors")
+            for index, (gg, eg, sg) in enumerate(zip(got_grads, exp_grads, grads, strict=True)):
+                if isinstance(gg, torch.Tensor) and gg.shape == eg.shape:
+                    if torch.allclose(gg.double(), sg.double(), rtol=1e-6):
+                        raise CheckFailure(f"at {case}: gradient {index} is still multiplied by the scale: divide "
+                                           f"by it (unscale) before the optimizer uses it")
+                    if torch.allclose(gg.double(), sg.double() * scale, rtol=1e-6):
+                        raise CheckFailure(f"at {case}: you multiplied by the scale again; unscaling DIVIDES "
+                                           f"by it")
+                compare(f"gradient {index} at {case}", gg, eg, atol=0, rtol=1e-6,
+                        hint="grads = [g / scale for g in scaled_grads], in float32 or wider")
+        new_scale = _as_float(got_scale, f"new_scale at {case}")
+        new_good = _as_float(got_good, f"new_good_steps at {case}")
+        if new_scale != exp_scale:
+            if exp_grads is None:
+                why = ("on inf/NaN the scale backs off: multiply it by 0.5 (the scale was too large for the "
+                       "gradients' range)")
+            elif exp_scale > scale:
+                why = (f"this is the {interval}th finite step in a row: the scale doubles (and the count restarts "
+                       f"at 0)")
+            else:
+                why = (f"the scale grows only after {interval} finite steps in a row; here good_steps becomes "
+                       f"{exp_good}")
+            raise CheckFailure(f"at {case}: new_scale is {new_scale:g}, expected {exp_scale:g}: {why}")
+        if new_good != exp_good:
+            why = ("an inf/NaN step restarts the count at 0" if exp_grads is None else
+                   "the count restarts at 0 when the scale grows" if exp_scale > scale else
+                   "a finite step adds 1 to the count")
+            raise CheckFailure(f"at {case}: new_good_steps is {new_good:g}, expected {exp_good}: {why}")
+        scale, good = exp_scale, exp_good
+    return f"{len(steps)} steps: unscaled, skipped on inf and NaN, backed off and grown like GradScaler"

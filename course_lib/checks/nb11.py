@@ -1,12 +1,16 @@
-"""Checkers for notebook 11 (capstone): teacher-forcing targets and batched greedy decoding."""
+"""Checkers for notebook 11 (capstone): teacher-forcing targets, a word-level edit distance for classifying
+translation errors, batched greedy decoding, and beam search with a length penalty."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from course_lib.checks._core import CheckFailure, call, checker
 
-__all__ = ["check_shift_targets", "check_greedy_decode"]
+__all__ = ["check_shift_targets", "check_edit_distance", "check_greedy_decode", "check_beam_search"]
 
 
 @checker
@@ -87,3 +91,147 @@ def check_greedy_decode(fn, model=None, src=None):
             raise CheckFailure(f"row {b} has tokens {tail.tolist()} after its <eos>: once a row has produced "
                                f"<eos>, fill its later positions with <pad> ({c.pad_id}); stop when all rows are done")
     return f"{len(want_rows)} sentences decoded exactly like course_lib's greedy_decode"
+
+
+# ----------------------------------------------------------------------------- word-level edit distance
+def _edit_distance(a: list, b: list) -> int:
+    previous = list(range(len(b) + 1))  # distance from a[:0] to b[:j]
+    for i, x in enumerate(a, start=1):
+        current = [i]
+        for j, y in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+_EDIT_CASES = [
+    ("la rega veka silenta granda ga las dosentas o voka", "la rega silenta granda ga las dosentas o voka"),
+    ("lo kano roso ga una mika o mira", "lo kano roso ga una mika o mira"),
+    ("lo kano roso ga una mika o mira", "lo kano ga una mika pikola o mira"),
+    ("los ninos ga la ekva o ne ven", "los ninos ga la ekva o ven ne"),
+    ("un nino ga unas vulpas o ama", "un nino silento ga unas vulpas o ama"),
+    ("", "una rega ga lo amiko o trova"),
+]
+
+
+@checker
+def check_edit_distance(fn):
+    """Check a word-level edit distance between a reference translation and a prediction.
+
+    Your function: `fn(reference, prediction) -> int`, two strings of space-separated words; the least number of
+    single-word deletions, insertions and substitutions that turn the reference into the prediction. Checks six
+    pairs (a dropped word, equal sentences, a word moved, an inserted word, an empty reference); names comparing
+    position by position, counting characters instead of words, and the length difference alone.
+    """
+    for reference, prediction in _EDIT_CASES:
+        case = f"reference {reference!r}, prediction {prediction!r}"
+        got = call(fn, reference, prediction, what=f" ({case})")
+        if got is None:
+            raise CheckFailure("your function returned None: did you forget to `return` the distance?")
+        try:
+            value = float(got)
+        except (TypeError, ValueError):
+            raise CheckFailure(f"return one number (an int); got {type(got).__name__}") from None
+        ref, pred = reference.split(), prediction.split()
+        expected = _edit_distance(ref, pred)
+        if value == expected:
+            continue
+        positional = sum(x != y for x, y in zip(ref, pred, strict=False)) + abs(len(ref) - len(pred))
+        mistakes = {
+            positional: "you compared the words position by position: one dropped word shifts every later word, "
+                        "so they all count as different. An edit distance aligns the two sentences (dynamic "
+                        "programming over prefixes)",
+            _edit_distance(list(reference), list(prediction)): "you counted CHARACTERS; split the sentences into "
+                                                                "words first (str.split())",
+            abs(len(ref) - len(pred)): "the length difference counts only the words missing or added, not the "
+                                       "words that differ",
+        }
+        why = mistakes.get(value)
+        raise CheckFailure(f"for {case}: you gave {got}, expected {expected}" + (f": {why}." if why else ". Hint: "
+                           "d[i][j] = min(d[i-1][j] + 1, d[i][j-1] + 1, d[i-1][j-1] + (ref[i-1] != pred[j-1]))"))
+    return f"{len(_EDIT_CASES)} pairs: deletions, insertions, substitutions and a moved word counted right"
+
+
+# ----------------------------------------------------------------------------- beam search with a length penalty
+def _toy_model(seed: int, vocab: int, eos_id: int, eos_bias: float) -> Callable:
+    """A deterministic 'language model': log-probabilities of the next token given the prefix (a tuple)."""
+    def next_log_probs(prefix: tuple) -> np.ndarray:
+        logits = np.random.default_rng([seed, len(prefix), *prefix]).standard_normal(vocab) * 2.0
+        logits[eos_id] += eos_bias * (len(prefix) - 1.5)  # eos unlikely at first, likelier with length
+        return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    return next_log_probs
+
+
+def _beam(next_log_probs, eos_id, beam_size, max_len, alpha, *, expand_finished=False, penalise=True,
+          alpha_one=False):
+    beam, finished = [((), 0.0)], []
+    for _ in range(max_len):
+        candidates = []
+        for prefix, score in beam:
+            log_probs = next_log_probs(prefix)
+            candidates += [((*prefix, token), score + float(lp)) for token, lp in enumerate(log_probs)]
+        candidates.sort(key=lambda c: -c[1])
+        beam = []
+        for prefix, score in candidates[:beam_size]:
+            if prefix[-1] == eos_id and not expand_finished:
+                finished.append((prefix, score))
+            else:
+                beam.append((prefix, score))
+        if not beam:
+            break
+    finished += beam  # hypotheses still open after max_len tokens
+
+    def final(c):
+        if not penalise:
+            return c[1]
+        return c[1] / len(c[0]) ** (1.0 if alpha_one else alpha)
+    best = max(finished, key=final)
+    return list(best[0])
+
+
+# (seed, V, eos_id, beam_size, max_len, eos_bias, alpha): chosen so that each named mistake changes the answer
+# (the first case: the right answer and the four mistakes' answers are all different)
+_BEAM_CASES = [(10, 7, 2, 4, 10, 0.5, 0.3), (72, 6, 1, 3, 8, 0.4, 0.5), (16, 5, 2, 3, 8, 0.3, 0.4),
+               (5, 6, 1, 2, 8, 0.8, 1.0), (8, 5, 2, 1, 6, 0.7, 0.7)]
+
+
+@checker
+def check_beam_search(fn):
+    """Check beam search with a length penalty on a toy language model.
+
+    Your function: `fn(next_log_probs, eos_id, beam_size, max_len, alpha) -> tokens`, a list of ints. next_log_probs
+    (prefix tuple) gives the log-probabilities (V,) of the next token. Start from the empty prefix; at each of at
+    most max_len steps extend every open hypothesis by every token, keep the beam_size best by summed log-
+    probability; a kept hypothesis that ends in eos_id is finished (never extended again); stop when none is open.
+    Open hypotheses left after max_len steps count as finished. Return the finished hypothesis with the highest
+    score / len(tokens) ** alpha (eos included). Checks five toy models; names the usual mistakes.
+    """
+    for seed, vocab, eos_id, beam_size, max_len, eos_bias, alpha in _BEAM_CASES:
+        model = _toy_model(seed, vocab, eos_id, eos_bias)
+        case = f"toy model {seed} (V={vocab}, eos_id={eos_id}), beam_size={beam_size}, max_len={max_len}, alpha={alpha}"
+        got = call(fn, model, eos_id, beam_size, max_len, alpha, what=f" ({case})")
+        if got is None:
+            raise CheckFailure("your function returned None: did you forget to `return` the tokens?")
+        try:
+            tokens = [int(t) for t in got]
+        except (TypeError, ValueError):
+            raise CheckFailure(f"return the best hypothesis as a list of ints; got {type(got).__name__}") from None
+        expected = _beam(model, eos_id, beam_size, max_len, alpha)
+        if tokens == expected:
+            continue
+        mistakes = [
+            ("you chose the final hypothesis by its summed log-probability: without the length penalty short "
+             "hypotheses win, since every token adds a negative log-probability. Divide by len ** alpha",
+             _beam(model, eos_id, beam_size, max_len, alpha, penalise=False)),
+            ("you divided by the length itself; the penalty is len ** alpha (alpha = 1 only when asked)",
+             _beam(model, eos_id, beam_size, max_len, alpha, alpha_one=True)),
+            ("you kept extending hypotheses that already ended in <eos>: once finished, a hypothesis leaves the beam",
+             _beam(model, eos_id, beam_size, max_len, alpha, expand_finished=True)),
+            ("that is greedy decoding: keep beam_size hypotheses at every step, not only the best one",
+             _beam(model, eos_id, 1, max_len, alpha)),
+        ]
+        why = next((m for m, w in mistakes if w == tokens and w != expected), None)
+        raise CheckFailure(f"for {case}: you returned {tokens}, expected {expected}" + (f": {why}." if why else
+                           ". Hint: rank by summed log-probability while searching; apply the penalty only to "
+                           "choose among the finished hypotheses"))
+    return f"{len(_BEAM_CASES)} toy models: the same hypothesis as beam search with a length penalty"
