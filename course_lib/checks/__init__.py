@@ -52,7 +52,13 @@ from course_lib.checks.nb05 import (
     check_to_key_padding_mask,
 )
 from course_lib.checks.nb06 import check_cached_attention_step, check_sinusoidal_encoding
-from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
+from course_lib.checks.nb07 import (
+    check_circle_weights,
+    check_gated_concat,
+    check_heads_sweep_quiz,
+    check_param_count_vs_heads,
+    check_score_rank,
+)
 from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
 from course_lib.checks.nb10 import check_online_softmax_step
@@ -111,8 +117,11 @@ __all__ = [
     "check_sinusoidal_encoding",
     "check_cached_attention_step",
     # 07 why several heads
-    "check_param_count_vs_heads",
+    "check_heads_sweep_quiz",
+    "check_score_rank",
     "check_gated_concat",
+    "check_circle_weights",
+    "check_param_count_vs_heads",
     # 08 inside the heads
     "check_head_entropy",
     "check_previous_token_score",
