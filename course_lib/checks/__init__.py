@@ -59,7 +59,13 @@ from course_lib.checks.nb07 import (
     check_param_count_vs_heads,
     check_score_rank,
 )
-from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
+from course_lib.checks.nb08 import (
+    check_head_entropy,
+    check_michel_importance,
+    check_previous_token_score,
+    check_row_entropy_by_hand,
+    check_spearman,
+)
 from course_lib.checks.nb09 import check_attention_flops, check_fp16_safe_scores, check_relative_error
 from course_lib.checks.nb10 import check_online_softmax_step
 from course_lib.checks.nb11 import check_greedy_decode, check_shift_targets
@@ -123,7 +129,10 @@ __all__ = [
     "check_circle_weights",
     "check_param_count_vs_heads",
     # 08 inside the heads
+    "check_row_entropy_by_hand",
     "check_head_entropy",
+    "check_michel_importance",
+    "check_spearman",
     "check_previous_token_score",
     # 09 GPU, Tensor Cores, mixed precision
     "check_relative_error",
