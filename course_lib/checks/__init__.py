@@ -58,8 +58,20 @@ from course_lib.checks.nb06 import (
     check_pe_shift_matrix,
     check_sinusoidal_encoding,
 )
-from course_lib.checks.nb07 import check_gated_concat, check_param_count_vs_heads
-from course_lib.checks.nb08 import check_head_entropy, check_previous_token_score
+from course_lib.checks.nb07 import (
+    check_circle_weights,
+    check_gated_concat,
+    check_heads_sweep_quiz,
+    check_param_count_vs_heads,
+    check_score_rank,
+)
+from course_lib.checks.nb08 import (
+    check_head_entropy,
+    check_michel_importance,
+    check_previous_token_score,
+    check_row_entropy_by_hand,
+    check_spearman,
+)
 from course_lib.checks.nb09 import (
     check_attention_flops,
     check_autocast_quiz,
@@ -137,10 +149,16 @@ __all__ = [
     "check_alibi_attention",
     "check_sinusoidal_encoding",
     # 07 why several heads
-    "check_param_count_vs_heads",
+    "check_heads_sweep_quiz",
+    "check_score_rank",
     "check_gated_concat",
+    "check_circle_weights",
+    "check_param_count_vs_heads",
     # 08 inside the heads
+    "check_row_entropy_by_hand",
     "check_head_entropy",
+    "check_michel_importance",
+    "check_spearman",
     "check_previous_token_score",
     # 09 GPU, Tensor Cores, mixed precision
     "check_format_facts",
