@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ __all__ = [
     "CheckFailure",
     "checker",
     "call",
+    "as_number",
     "private_copy",
     "require_result",
     "as_array",
@@ -159,6 +161,18 @@ def as_tensor(name: str, got) -> torch.Tensor:
     if not isinstance(got, torch.Tensor):
         raise CheckFailure(f"{name} should be a torch.Tensor; got {type(got).__name__}")
     return got
+
+
+def as_number(name: str, got, *, hint: str = "") -> float:
+    """One real number from a learner's answer: an int, a float, or a tensor or array of one element (not a bool)."""
+    if isinstance(got, torch.Tensor | np.ndarray):
+        if np.prod(got.shape, dtype=int) != 1:
+            raise CheckFailure(f"{name} should be one number; got a {type(got).__name__} of shape "
+                               f"{tuple(got.shape)}{_hint(hint)}")
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, numbers.Real):
+        raise CheckFailure(f"{name} should be one number; got {type(got).__name__}{_hint(hint)}")
+    return float(got)
 
 
 def unpack(result, count: int, expected: str, *, case: str = "") -> tuple:

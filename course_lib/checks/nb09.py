@@ -16,7 +16,7 @@ import math
 import torch
 
 from course_lib.bench.attention import attention_flops
-from course_lib.checks._core import CheckFailure, call, checker, compare, multiple_choice, unpack
+from course_lib.checks._core import CheckFailure, as_number, call, checker, compare, multiple_choice, unpack
 
 __all__ = [
     "check_format_facts",
@@ -26,18 +26,6 @@ __all__ = [
     "check_attention_flops",
     "check_fp16_safe_scores",
 ]
-
-
-def _as_float(got, what: str) -> float:
-    if isinstance(got, torch.Tensor):
-        if got.numel() != 1:
-            raise CheckFailure(f"{what}: return one number (a float or a 0-d tensor); got a tensor of shape "
-                               f"{tuple(got.shape)}. Hint: take the norm of the whole difference, not per row")
-        got = got.item()
-    try:
-        return float(got)
-    except (TypeError, ValueError):
-        raise CheckFailure(f"{what}: return a number; got {type(got).__name__}") from None
 
 
 # ----------------------------------------------------------------------------- relative error
@@ -60,7 +48,8 @@ def check_relative_error(fn):
          (1000 * ref).half(), (1000 * ref + 3 * torch.randn(ref.shape, generator=g, dtype=torch.float64)).half()),
     ]
     for description, out, ref_ in cases:
-        got = _as_float(call(fn, out.clone(), ref_.clone(), what=f" ({description})"), description)
+        got = as_number(description, call(fn, out.clone(), ref_.clone(), what=f" ({description})"),
+                        hint="take the norm of the whole difference, not per row")
         o, r = out.double(), ref_.double()
         expected = float(torch.linalg.vector_norm(o - r) / torch.linalg.vector_norm(r))
         if math.isclose(got, expected, rel_tol=1e-6, abs_tol=1e-15):
@@ -107,7 +96,7 @@ def check_attention_flops(fn):
              (2, 8, 128, 128, 64, True), (4, 16, 4096, 4096, 128, True)]
     for B, H, T, S, d, causal in cases:
         description = f"B={B}, H={H}, T={T}, S={S}, d_head={d}, causal={causal}"
-        got = _as_float(call(fn, B, H, T, S, d, causal, what=f" ({description})"), description)
+        got = as_number(description, call(fn, B, H, T, S, d, causal, what=f" ({description})"))
         full, expected = attention_flops(B, H, T, S, d), attention_flops(B, H, T, S, d, causal=causal)
         if math.isclose(got, expected, rel_tol=1e-9):
             continue
@@ -193,7 +182,7 @@ def check_format_facts(fn):
         case = f"{name} (E={e_bits}, M={m_bits})"
         got = unpack(call(fn, e_bits, m_bits, what=f" ({case})"), 3,
                      "return a tuple (largest, unit_roundoff, largest_integer)", case=case)
-        values = [_as_float(g, f"{label} for {case}") for label, g in zip(("largest", "u", "n"), got, strict=True)]
+        values = [as_number(f"{label} for {case}", g) for label, g in zip(("largest", "u", "n"), got, strict=True)]
         largest, u, n = _format_facts(e_bits, m_bits)
         bias = 2 ** (e_bits - 1) - 1
         checks = (
@@ -308,8 +297,8 @@ def check_scaler_step(fn):
                                            f"by it")
                 compare(f"gradient {index} at {case}", gg, eg, atol=0, rtol=1e-6,
                         hint="grads = [g / scale for g in scaled_grads], in float32 or wider")
-        new_scale = _as_float(got_scale, f"new_scale at {case}")
-        new_good = _as_float(got_good, f"new_good_steps at {case}")
+        new_scale = as_number(f"new_scale at {case}", got_scale)
+        new_good = as_number(f"new_good_steps at {case}", got_good)
         if new_scale != exp_scale:
             if exp_grads is None:
                 why = ("on inf/NaN the scale backs off: multiply it by 0.5 (the scale was too large for the "

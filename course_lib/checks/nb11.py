@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, call, checker
+from course_lib.checks._core import CheckFailure, as_number, call, checker
 
 __all__ = ["check_shift_targets", "check_edit_distance", "check_greedy_decode", "check_beam_search"]
 
@@ -128,10 +128,7 @@ def check_edit_distance(fn):
         got = call(fn, reference, prediction, what=f" ({case})")
         if got is None:
             raise CheckFailure("your function returned None: did you forget to `return` the distance?")
-        try:
-            value = float(got)
-        except (TypeError, ValueError):
-            raise CheckFailure(f"return one number (an int); got {type(got).__name__}") from None
+        value = as_number(f"the distance for {case}", got)
         ref, pred = reference.split(), prediction.split()
         expected = _edit_distance(ref, pred)
         if value == expected:

@@ -3,27 +3,15 @@ interleaved rotary embeddings, and the receptive field of stacked sliding window
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 
 from course_lib.attention import repeat_kv
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, is_close
+from course_lib.checks._core import CheckFailure, as_array, as_number, call, checker, compare, diagnose, is_close
 from course_lib.masks import causal_mask
 from course_lib.positional import RotaryEmbedding
 
 __all__ = ["check_kv_cache_bytes", "check_gqa_attention", "check_interleaved_rope", "check_window_receptive_field"]
-
-
-def _number(name: str, got) -> float:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    if isinstance(got, np.ndarray) and got.size == 1:
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, numbers.Real):
-        raise CheckFailure(f"{name} should be a number; got {type(got).__name__}")
-    return float(got)
 
 
 # (num_layers, num_heads, num_kv_heads, d_head, bytes_per_number): Llama-3-8B-like in bf16, an MQA and an MHA
@@ -41,7 +29,7 @@ def check_kv_cache_bytes(fn):
     """
     for L, H, H_kv, d, nbytes in _CACHE_CASES:
         expected = 2 * L * H_kv * d * nbytes
-        got = _number(f"your answer for {(L, H, H_kv, d, nbytes)}", call(fn, L, H, H_kv, d, nbytes))
+        got = as_number(f"your answer for {(L, H, H_kv, d, nbytes)}", call(fn, L, H, H_kv, d, nbytes))
         mistakes = {
             "a factor 2 is missing: the cache holds keys AND values": expected / 2,
             "you counted query heads (num_heads): only the num_kv_heads key/value heads are cached": 2 * L * H * d
@@ -147,7 +135,7 @@ def check_window_receptive_field(fn):
     """
     for L, W in ((1, 4), (3, 4), (6, 2), (4, 5)):
         expected = L * (W - 1) + 1
-        got = _number(f"your answer for num_layers={L}, window={W}", call(fn, L, W))
+        got = as_number(f"your answer for num_layers={L}, window={W}", call(fn, L, W))
         if got != expected:
             named = {"layers x window counts the token itself once per layer: each layer reaches only "
                      "window - 1 positions further back": L * W,

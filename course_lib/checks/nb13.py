@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, unpack
+from course_lib.checks._core import CheckFailure, as_array, as_number, call, checker, compare, diagnose, unpack
 from course_lib.distributed import ring_allreduce_bytes
 from course_lib.ring_attention import SequenceLayout, block_attention, causal_work, merge_partials
 from course_lib.tensor_parallel import tp_bytes_per_step
@@ -22,14 +22,6 @@ __all__ = ["check_tp_cross_bytes", "check_merge_many", "check_zigzag_positions"]
 
 
 # ----------------------------------------------------------------------------- bytes of tensor parallelism
-def _as_number(got, what: str) -> float:
-    if isinstance(got, torch.Tensor | np.ndarray) and np.size(got) == 1:
-        got = got.item()
-    if isinstance(got, bool) or not isinstance(got, int | float | np.integer | np.floating):
-        raise CheckFailure(f"{what}: return a number of bytes; got {type(got).__name__}")
-    return float(got)
-
-
 @checker
 def check_tp_cross_bytes(fn):
     """Check the bytes one rank sends in a step of tensor-parallel cross-attention.
@@ -45,7 +37,8 @@ def check_tp_cross_bytes(fn):
         what = f"B={B}, T={T}, S={S}, d_model={D}, R={R}, element_size={size}"
         got = unpack(call(fn, B, T, S, D, R, size, what=f"; {what}"), 2,
                      "return a tuple (forward_bytes, backward_bytes)", case=what)
-        fwd, bwd = (_as_number(g, f"{name} ({what})") for g, name in zip(got, ("forward", "backward"), strict=True))
+        fwd, bwd = (as_number(f"{name} bytes ({what})", g)
+                    for g, name in zip(got, ("forward", "backward"), strict=True))
         expected = tp_bytes_per_step(B, T, S, D, R, size, self_attention=False)
         if fwd == expected["forward"] and bwd == expected["backward"]:
             continue

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 
 from course_lib import numpy_ref
 from course_lib.bench.attention import module_flops
-from course_lib.checks._core import CheckFailure, as_array, as_tensor, call, checker, compare, diagnose, unpack
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    as_number,
+    as_tensor,
+    call,
+    checker,
+    compare,
+    diagnose,
+    unpack,
+)
 
 __all__ = ["check_sdpa_mask", "check_heads_cost", "check_token_output"]
 
@@ -85,13 +95,6 @@ def check_sdpa_mask(fn):
 
 
 # ----------------------------------------------------------------------------- cost against the head count
-def _number(name: str, value) -> float:
-    array = as_array(name, value)
-    if array.size != 1:
-        raise CheckFailure(f"{name} should be one number; got an array of shape {array.shape}")
-    return float(array.reshape(-1)[0])
-
-
 @checker
 def check_heads_cost(fn):
     """Check the forward cost of one self-attention layer against its number of heads.
@@ -107,7 +110,7 @@ def check_heads_cost(fn):
         what = f"B={B}, T={T}, d_model={d}, H={H}"
         flops, entries = unpack(call(fn, B, T, d, H, what=f" ({what})"), 2,
                                 "return a tuple (flops, score_entries) of two numbers", case=what)
-        flops, entries = _number(f"flops for {what}", flops), _number(f"score_entries for {what}", entries)
+        flops, entries = as_number(f"flops for {what}", flops), as_number(f"score_entries for {what}", entries)
         expected_flops, expected_entries = module_flops(B, T, d, H, pass_="fwd"), float(B * H * T * T)
         projections, core = 8.0 * B * T * d * d, 4.0 * B * T * T * d
         if not math.isclose(flops, expected_flops, rel_tol=1e-9):
