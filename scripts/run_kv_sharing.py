@@ -2,8 +2,11 @@
 
     python scripts/run_kv_sharing.py                     # the recorded runs (11 min on one thread of a busy machine)
     python scripts/run_kv_sharing.py --tiny --out /tmp/x  # a seconds-long smoke run
+    python scripts/run_kv_sharing.py --tasks three_lookups --d-ff 0 --seeds 0 1 2 3 4 --name kv_sharing_attn_only
+                                                          # attention only: the setting that does not saturate
 
-Every run: the head-ablation model (`course_lib.head_ablation`, one layer, attention + MLP) with 4 query
+Every run: the head-ablation model (`course_lib.head_ablation`, one layer, attention + MLP, or attention only
+with --d-ff 0) with 4 query
 heads at d_model = 32, and 4 (MHA), 2 (GQA) or 1 (MQA) key/value heads, trained from a seed on fresh
 random batches exactly as notebook 07's sweep; the held-out accuracy and loss are recorded. Equal d_model
 and query heads, so the variants with fewer kv heads also have fewer parameters (recorded).
@@ -33,6 +36,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--d-model", type=int, default=32)
+    parser.add_argument("--d-ff", type=int, default=128, help="width of the MLP after attention (0: attention only)")
+    parser.add_argument("--name", default="kv_sharing", help="the record is written to <out>/<name>.json")
     parser.add_argument("--out", type=Path, default=DATA_DIR / "head_ablation")
     parser.add_argument("--tiny", action="store_true", help="1 task x 2 kv-head counts x 1 seed x 20 steps")
     args = parser.parse_args(argv)
@@ -44,8 +49,8 @@ def main(argv: list[str] | None = None) -> Path:
     for task in args.tasks:
         for kv in args.kv_heads:
             for seed in args.seeds:
-                cfg = TrainConfig(task=task, num_heads=args.heads, num_kv_heads=kv, d_model=args.d_model, d_ff=128,
-                                  steps=args.steps, seed=seed, eval_every=max(1, args.steps // 20))
+                cfg = TrainConfig(task=task, num_heads=args.heads, num_kv_heads=kv, d_model=args.d_model,
+                                  d_ff=args.d_ff, steps=args.steps, seed=seed, eval_every=max(1, args.steps // 20))
                 t0 = time.time()
                 model, curve = train_model(cfg)
                 runs.append({"config": asdict(cfg), "params": count_parameters(model),
@@ -56,10 +61,10 @@ def main(argv: list[str] | None = None) -> Path:
                       f"({runs[-1]['seconds']} s)", flush=True)
     command = "python scripts/run_kv_sharing.py" + (" " + " ".join(argv) if argv else "")
     record = {"command": command, "tasks": args.tasks, "heads": args.heads, "kv_heads": args.kv_heads,
-              "seeds": args.seeds, "steps": args.steps, "d_model": args.d_model,
+              "seeds": args.seeds, "steps": args.steps, "d_model": args.d_model, "d_ff": args.d_ff,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}, "threads": 1,
               "total_seconds": round(time.time() - start, 1), "runs": runs}
-    path = args.out / "kv_sharing.json"
+    path = args.out / f"{args.name}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path
 

@@ -1,8 +1,10 @@
-"""The recorded MHA/GQA/MQA runs of notebook 12 (course_lib/data/head_ablation/kv_sharing.json) are complete and
+"""The recorded MHA/GQA/MQA runs of notebook 12 (course_lib/data/head_ablation/kv_sharing*.json) are complete and
 consistent with the model they describe, and the script that makes them runs (a tiny run)."""
 
 import importlib.util
 import json
+
+import pytest
 
 from course_lib.head_ablation import TASKS, HeadGatedTransformer, count_parameters
 from course_lib.paths import DATA_DIR, REPO_ROOT
@@ -15,8 +17,10 @@ def _script():
     return module
 
 
-def test_recorded_runs_are_complete_and_consistent():
-    record = json.loads((DATA_DIR / "head_ablation" / "kv_sharing.json").read_text())
+@pytest.mark.parametrize("name", ["kv_sharing", "kv_sharing_attn_only"])
+def test_recorded_runs_are_complete_and_consistent(name):
+    record = json.loads((DATA_DIR / "head_ablation" / f"{name}.json").read_text())
+    assert record.get("d_ff", 128) == record["runs"][0]["config"]["d_ff"]
     assert record["command"].startswith("python scripts/run_kv_sharing.py")
     grid = {(t, kv, s) for t in record["tasks"] for kv in record["kv_heads"] for s in record["seeds"]}
     got = {(r["config"]["task"], r["config"]["num_kv_heads"], r["config"]["seed"]) for r in record["runs"]}
