@@ -80,6 +80,13 @@ def check_positive_int(name: str, value: object) -> int:
     return int(value)
 
 
+def check_nonnegative_int(name: str, value: object, meaning: str = "") -> int:
+    """A Python int >= 0 (not a bool), e.g. a position offset or a count that may be zero."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0{meaning}; got {value!r}")
+    return value
+
+
 def check_bool(name: str, value: object) -> bool:
     """A real bool: a string such as "False" is truthy, so it is refused rather than guessed at."""
     if not isinstance(value, bool):

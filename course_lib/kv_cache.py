@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from course_lib._validate import check_positive_int, shape_str
+from course_lib._validate import check_nonnegative_int, check_positive_int, shape_str
 
 __all__ = ["KVCache", "unchanged_on_error"]
 
@@ -38,8 +38,7 @@ class KVCache:
             check_positive_int("window", self.window)
             if self.static:
                 raise ValueError("a static KVCache (cross-attention memory) cannot have a window")
-        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0; got {self.sink_tokens!r}")
+        check_nonnegative_int("sink_tokens", self.sink_tokens)
         if self.sink_tokens and self.window is None:
             raise ValueError("sink_tokens needs a window: without one every position is kept anyway")
         self.seen = max(self.seen, len(self))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from course_lib._validate import broadcast_shapes, check_positive_int, shape_str
+from course_lib._validate import broadcast_shapes, check_nonnegative_int, check_positive_int, shape_str
 
 __all__ = [
     "causal_mask",
@@ -53,8 +53,7 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | Non
     """
     if window is not None:
         check_positive_int("window", window)
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise ValueError(f"sink_tokens must be an int >= 0; got {sink_tokens!r}")
+    check_nonnegative_int("sink_tokens", sink_tokens)
     p, j = q_pos.unsqueeze(1), k_pos.unsqueeze(0)  # (T, 1), (1, S)
     allowed = j <= p
     if window is not None:

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib._validate import autocast_on, check_bool, check_positive_int, check_probability, shape_str
+from course_lib._validate import (
+    autocast_on,
+    check_bool,
+    check_nonnegative_int,
+    check_positive_int,
+    check_probability,
+    shape_str,
+)
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.masks import position_mask, restrict_mask, to_additive_mask, with_causal
@@ -100,8 +107,7 @@ class MultiHeadAttention(nn.Module):
                              f"{rotary!r}")
         self.rotary = rotary
         self.window = None if window is None else check_positive_int("window", window)
-        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0; got {sink_tokens!r}")
+        check_nonnegative_int("sink_tokens", sink_tokens)
         if sink_tokens and window is None:
             raise ValueError("sink_tokens needs a window: without one every token is visible anyway")
         self.sink_tokens = sink_tokens

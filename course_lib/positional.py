@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from course_lib._validate import check_positive_int, shape_str
+from course_lib._validate import check_nonnegative_int, check_positive_int, shape_str
 
 __all__ = ["sinusoidal_table", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding",
            "interleaved_to_half"]
@@ -61,8 +61,7 @@ def _check_input(x: torch.Tensor, d_model: int, offset: int, max_len: int) -> No
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.ndim != 3 or x.shape[-1] != d_model:
         raise ValueError(f"x must have shape (B, T, d_model={d_model}); got {shape_str(x.shape)}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be an int >= 0 (the position of x's first token); got {offset!r}")
+    check_nonnegative_int("offset", offset, " (the position of x's first token)")
     if offset + x.shape[1] > max_len:
         raise ValueError(f"positions {offset}..{offset + x.shape[1] - 1} exceed max_len={max_len}; "
                          f"build the encoding with a larger max_len")
@@ -106,15 +105,20 @@ class LearnedPositionalEmbedding(nn.Module):
         return self.dropout(x + self.embedding(positions).to(x.dtype))  # (B, T, d_model)
 
 
+def _even_d_head(d_head: object) -> int:
+    d_head = check_positive_int("d_head", d_head)
+    if d_head % 2:
+        raise ValueError(f"d_head must be even for rotary embeddings (features rotate in pairs); got {d_head}")
+    return d_head
+
+
 def interleaved_to_half(d_head: int) -> torch.Tensor:
     """(d_head,) permutation [0, 2, 4, ..., 1, 3, 5, ...]: x[..., perm] puts interleaved pairs in rotate-half layout.
 
     rotate-half RoPE of x[..., perm] equals (interleaved RoPE of x)[..., perm]: the two conventions are
     one rotation, and since q and k are permuted alike, every score q . k is the same.
     """
-    d_head = check_positive_int("d_head", d_head)
-    if d_head % 2:
-        raise ValueError(f"d_head must be even for rotary embeddings (features rotate in pairs); got {d_head}")
+    d_head = _even_d_head(d_head)
     return torch.cat([torch.arange(0, d_head, 2), torch.arange(1, d_head, 2)])
 
 
@@ -131,9 +135,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, d_head: int, *, base: float = 10000.0, interleaved: bool = False) -> None:
         super().__init__()
-        d_head = check_positive_int("d_head", d_head)
-        if d_head % 2:
-            raise ValueError(f"d_head must be even for rotary embeddings (features rotate in pairs); got {d_head}")
+        d_head = _even_d_head(d_head)
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
             raise ValueError(f"base must be a number > 1; got {base!r}")
         if not isinstance(interleaved, bool):
@@ -154,8 +156,7 @@ class RotaryEmbedding(nn.Module):
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.ndim < 2 or x.shape[-1] != self.d_head:
             raise ValueError(f"x must have shape (..., T, d_head={self.d_head}); got {shape_str(x.shape)}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be an int >= 0 (the position of x's first token); got {offset!r}")
+        check_nonnegative_int("offset", offset, " (the position of x's first token)")
         T = x.shape[-2]
         cos, sin = self.cos_sin(torch.arange(offset, offset + T, device=x.device), x.dtype)  # (T, d_head/2)
         if self.interleaved:

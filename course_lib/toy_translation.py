@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_lib._validate import check_positive_int
+from course_lib._validate import check_nonnegative_int, check_positive_int
 from course_lib.paths import DATA_DIR
 
 __all__ = [
@@ -198,8 +198,7 @@ def generate_longer_pairs(n: int, *, src_longer_than: int, tgt_longer_than: int,
     """
     n = check_positive_int("n", n)
     for name, value in (("src_longer_than", src_longer_than), ("tgt_longer_than", tgt_longer_than)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+        check_nonnegative_int(name, value)
     counts = list(adjective_counts)
     if not counts or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= len(ADJECTIVES)
                          for c in counts):
