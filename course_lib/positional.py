@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from course_lib._validate import check_nonnegative_int, check_positive_int, shape_str
+from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, shape_str
 
 __all__ = ["sinusoidal_table", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding",
            "interleaved_to_half"]
@@ -138,8 +138,7 @@ class RotaryEmbedding(nn.Module):
         d_head = _even_d_head(d_head)
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
             raise ValueError(f"base must be a number > 1; got {base!r}")
-        if not isinstance(interleaved, bool):
-            raise TypeError(f"interleaved must be a bool; got {interleaved!r}")
+        check_bool("interleaved", interleaved)
         self.d_head, self.base, self.interleaved = d_head, float(base), interleaved
 
     def extra_repr(self) -> str:
