@@ -4,6 +4,7 @@
   read from `torch.finfo` (TF32 is not a storage dtype: it is float32 with a 10-bit mantissa
   inside the matmul units, so its row is derived from float32's exponent and 10 mantissa bits).
 - `relative_error(out, ref)`: ||out - ref|| / ||ref||, computed in float64.
+- `within(difference, bound)`: a rounding-level difference printed with its verdict, "4.8e-07 <= 1e-05".
 - `attention_error_table(device, ...)`: that error, per precision setting and implementation,
   against a float64 reference.
 - `autocast_dtype`, `amp_train_step`: one mixed-precision training step (autocast + GradScaler).
@@ -13,6 +14,7 @@ What the device itself supports (Tensor Cores, TF32 settings, SDPA backends) is 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +31,7 @@ __all__ = [
     "NumberFormat",
     "number_formats",
     "relative_error",
+    "within",
     "attention_error_table",
     "autocast_dtype",
     "amp_train_step",
@@ -97,6 +100,32 @@ def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarra
                          + ": a relative error is undefined (use fresh random inputs, not zeros)")
     err = np.linalg.norm((out64 - ref64).reshape(-1) if axes is None else out64 - ref64, axis=axes) / denom
     return err if per_matrix else float(err)
+
+
+def within(difference: float | torch.Tensor | np.floating, bound: float) -> str:
+    """A difference that should be rounding error, with its verdict: "4.8e-07 ≤ 1e-05", or "3.2e-02 > 1e-05".
+
+    Two computations of the same thing in floating point agree only up to rounding, and the digits of that
+    rounding depend on the CPU: torch and numpy pick their kernels by instruction set (AVX-512, AVX2, none,
+    ARM's NEON), and the thread count changes the order of sums. Whether the difference is within a stated
+    bound does not. The notebooks print this string, so a learner sees the number; nbval's sanitiser
+    (tests/nbval_sanitize.cfg) compares only the verdict of a "≤" result, so every CPU gives the same
+    compared output, and a difference above its bound fails the comparison with its digits shown.
+    """
+    if isinstance(bound, bool) or not isinstance(bound, int | float) or not 0 < bound < math.inf:
+        raise ValueError(f"bound must be a positive finite number; got {bound!r}")
+    if isinstance(difference, torch.Tensor):
+        if difference.numel() != 1 or difference.is_complex():
+            raise TypeError(f"difference must be one real number; got a tensor of shape "
+                            f"{tuple(difference.shape)} ({difference.dtype})")
+        difference = difference.item()
+    if isinstance(difference, bool) or not isinstance(difference, int | float | np.integer | np.floating):
+        raise TypeError(f"difference must be a real number; got {type(difference).__name__}")
+    difference = float(difference)
+    if difference < 0:
+        raise ValueError(f"difference must be a size (>= 0, e.g. a max |a - b|); got {difference!r}")
+    verdict = "≤" if difference <= bound else ">"  # NaN is not within any bound
+    return f"{difference:.1e} {verdict} {bound:.0e}"
 
 
 # ----------------------------------------------------------------------------- accuracy per dtype

@@ -11,7 +11,8 @@ from torch import nn
 
 from course_lib import MultiHeadAttention, numpy_ref
 from course_lib.attention import naive_attention, scaled_dot_product_attention
-from course_lib.precision import amp_train_step, attention_error_table, number_formats, relative_error
+from course_lib.paths import REPO_ROOT
+from course_lib.precision import amp_train_step, attention_error_table, number_formats, relative_error, within
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,6 +59,63 @@ def test_relative_error_takes_numpy_and_mixed_inputs_and_per_matrix():
 
 
 # ----------------------------------------------------------------------------- autocast dtypes (CPU)
+# ----------------------------------------------------------------------------- a rounding-level difference, printed
+def test_within_prints_the_difference_and_its_verdict():
+    import numpy as np
+
+    assert within(4.8e-7, 1e-5) == "4.8e-07 ≤ 1e-05"
+    assert within(1e-5, 1e-5) == "1.0e-05 ≤ 1e-05"  # the bound itself is within
+    assert within(0.13, 1e-5) == "1.3e-01 > 1e-05"
+    assert within(0, 1e-12) == "0.0e+00 ≤ 1e-12"
+    assert within(float("nan"), 1e-5) == "nan > 1e-05"  # NaN is never within a bound
+    assert within(torch.tensor(3.3e-16, dtype=torch.float64), 1e-12) == "3.3e-16 ≤ 1e-12"
+    assert within(np.float32(2.5e-7), 1e-5) == "2.5e-07 ≤ 1e-05"
+
+
+@pytest.mark.parametrize("bound", [0, -1e-5, math.inf, math.nan, True, "1e-5", None])
+def test_within_refuses_a_bound_that_is_not_a_positive_finite_number(bound):
+    with pytest.raises(ValueError, match="bound"):
+        within(1e-7, bound)
+
+
+@pytest.mark.parametrize("difference", ["1e-7", None, True, 1j, torch.ones(2), torch.tensor(1j)])
+def test_within_refuses_a_difference_that_is_not_one_real_number(difference):
+    with pytest.raises(TypeError, match="difference"):
+        within(difference, 1e-5)
+    with pytest.raises(ValueError, match="difference"):
+        within(-1e-7, 1e-5)
+
+
+def _sanitise(text: str) -> str:
+    """What nbval compares: the text after every rule of tests/nbval_sanitize.cfg, read the way nbval reads it."""
+    import re
+
+    from nbval.plugin import get_sanitize_patterns
+
+    for regex, replace in get_sanitize_patterns((REPO_ROOT / "tests" / "nbval_sanitize.cfg").read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def test_the_sanitiser_compares_the_verdict_of_a_difference_within_its_bound_and_every_digit_of_one_above():
+    line = "max |course_lib - HF| = {}; cache holds 4"
+    # two CPUs, two roundings: the same compared output
+    assert _sanitise(line.format(within(4.8e-7, 1e-5))) == _sanitise(line.format(within(6.0e-7, 1e-5)))
+    assert _sanitise(line.format(within(3.3e-16, 1e-12))) == _sanitise(line.format(within(2.2e-16, 1e-12)))
+    # the bound is compared: a looser bound is a different output
+    assert _sanitise(line.format(within(4.8e-7, 1e-5))) != _sanitise(line.format(within(4.8e-7, 1e-3)))
+    # above the bound, the digits are compared: a regression shows its number
+    assert _sanitise(line.format(within(1.3e-1, 1e-5))) != _sanitise(line.format(within(1.4e-1, 1e-5)))
+    assert _sanitise(line.format(within(4.8e-7, 1e-5))) != _sanitise(line.format(within(2.0e-5, 1e-5)))
+    # nothing else is touched: numbers in e-notation that `within` did not print are compared as they are
+    for text in ("eps 1.2e-07", "1.2e-07 <= 1e-05", "tolerance 3.9e-03: True", "2.0e-05 > 1e-05"):
+        assert _sanitise(text) == text
+
+
+def test_the_sanitiser_file_is_ascii_so_any_locale_reads_it():
+    (REPO_ROOT / "tests" / "nbval_sanitize.cfg").read_bytes().decode("ascii")  # nbval opens it without an encoding
+
+
 def test_mha_under_cpu_bf16_autocast_keeps_float32_params_and_float32_weights():
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 4)
