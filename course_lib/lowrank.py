@@ -159,6 +159,8 @@ def score_matrix_rank(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, tol
 
 def _check_target(target: torch.Tensor, x: torch.Tensor) -> None:
     T = x.shape[0]
+    if not (x.dtype.is_floating_point and target.dtype.is_floating_point):
+        raise TypeError(f"x and target must be floating-point tensors; got x {x.dtype}, target {target.dtype}")
     if x.ndim != 2:
         raise ValueError(f"x must have shape (T, d_model); got {tuple(x.shape)}")
     if target.shape != (T, T):
@@ -172,15 +174,22 @@ def fit_attention_weights(target: torch.Tensor, x: torch.Tensor, d_head: int, st
 
     The logits are a rank <= d_head matrix, so targets that need a high-rank logit matrix cannot be fitted
     when d_head is small, however long we train.
+
+    The weights start from the same float32 draw whatever x's dtype, then train in x's dtype, with the
+    learning rate decaying from `lr` to 0 (cosine). Adam at a constant rate keeps moving, and where it is
+    after `steps` steps then depends on the last bits of the arithmetic, which differ between CPUs; with
+    the decay each fit comes to rest, and in float64 the result is the same on every CPU to far more
+    digits than a table prints.
     """
     _check_target(target, x)
     check_positive_int("d_head", d_head)
     check_positive_int("steps", steps)
     d_model = x.shape[1]
     g = torch.Generator().manual_seed(seed)
-    w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
-    w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).requires_grad_(True)
+    w_q = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).to(x.dtype).requires_grad_(True)
+    w_k = (torch.randn(d_model, d_head, generator=g) / math.sqrt(d_model)).to(x.dtype).requires_grad_(True)
     opt = torch.optim.Adam([w_q, w_k], lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     log_target = torch.log(target.clamp_min(1e-12))
     for _ in range(steps):
         log_p = torch.log_softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)  # (T, T)
@@ -188,6 +197,7 @@ def fit_attention_weights(target: torch.Tensor, x: torch.Tensor, d_head: int, st
         opt.zero_grad()
         kl.backward()
         opt.step()
+        decay.step()
     with torch.no_grad():
         return torch.softmax((x @ w_q) @ (x @ w_k).T / math.sqrt(d_head), dim=-1)
 
