@@ -151,6 +151,8 @@ def test_greedy_decode_rejects_an_answer_that_changes_the_model_in_place():
 
     result = checks.check_greedy_decode(zeroes_the_model)
     assert not result.passed, result
+    # the default problem is made once per process: an answer that zeroed its model left it as it was
+    assert checks.check_greedy_decode(greedy_reference).passed
 
 
 def test_shift_targets_rejects_an_answer_that_changes_its_list_in_place():

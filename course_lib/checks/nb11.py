@@ -3,6 +3,7 @@ translation errors, batched greedy decoding, and beam search with a length penal
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -49,6 +50,19 @@ def _rows_until_eos(ids: torch.Tensor, eos: int) -> list[list[int]]:
     return rows
 
 
+@functools.cache
+def _capstone_problem(max_new_tokens: int):
+    """The default problem, made once per process: (capstone model, src (8, S) of test sentences, its greedy
+    decoding (8, L)). Safe to share: the learner's function only ever receives private copies (`call`)."""
+    from course_lib.capstone import encode_pairs, load_capstone
+    from course_lib.toy_translation import load_split
+    from course_lib.training import collate_pairs
+
+    model, src_vocab, tgt_vocab, _ = load_capstone()
+    src, _, _ = collate_pairs(encode_pairs(load_split("test")[:8], src_vocab, tgt_vocab))
+    return model, src, model.greedy_decode(src, max_new_tokens=max_new_tokens)
+
+
 @checker
 def check_greedy_decode(fn, model=None, src=None):
     """Check batched greedy decoding with the KV cache.
@@ -59,17 +73,12 @@ def check_greedy_decode(fn, model=None, src=None):
     `src` to use others) and compares with the model's own greedy_decode; names a leading <bos>, a
     first differing step, and tokens after <eos>.
     """
-    if model is None:
-        from course_lib.capstone import encode_pairs, load_capstone
-        from course_lib.toy_translation import load_split
-        from course_lib.training import collate_pairs
-
-        model, src_vocab, tgt_vocab, _ = load_capstone()
-        pairs = load_split("test")[:8]
-        src, _, _ = collate_pairs(encode_pairs(pairs, src_vocab, tgt_vocab))
-    c = model.config
     max_new = 16
-    expected = model.greedy_decode(src, max_new_tokens=max_new)  # (B, L)
+    if model is None:
+        model, src, expected = _capstone_problem(max_new)
+    else:
+        expected = model.greedy_decode(src, max_new_tokens=max_new)  # (B, L)
+    c = model.config
     got = call(fn, model, src, max_new, what=f" (max_new_tokens={max_new})")
     if not isinstance(got, torch.Tensor) or got.ndim != 2 or got.shape[0] != src.shape[0]:
         shape = tuple(got.shape) if hasattr(got, "shape") else type(got).__name__
