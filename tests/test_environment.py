@@ -4,6 +4,7 @@ import json
 import re
 import tomllib
 
+import pytest
 import yaml
 
 from course_lib.paths import DATA_DIR, REPO_ROOT
@@ -78,3 +79,34 @@ def test_recorded_benchmarks_say_where_they_ran():
 def test_where_it_ran_check_rejects_a_bare_record():
     assert not _says_where_it_ran({"rows": [{"median_s": 1.0}]})
     assert _says_where_it_ran({"device_info": {"device_name": "CPU"}, "rows": [{"median_s": 1.0}]})
+
+
+def test_git_ignores_the_environment_and_the_bertviz_scripts_as_folders_or_as_symlinks(tmp_path):
+    """A learner may keep .venv (or .offline-viz) elsewhere and link it in: git must ignore the link too."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "clone"
+    repo.mkdir()
+    shutil.copy(REPO_ROOT / ".gitignore", repo / ".gitignore")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "venv" / "bin").mkdir(parents=True)
+    (elsewhere / "venv" / "bin" / "python").write_text("")
+    (elsewhere / "viz").mkdir()
+    (elsewhere / "viz" / "d3.min.js").write_text("")
+    git = ["git", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    for name, target in ((".venv", "venv"), (".offline-viz", "viz")):
+        (repo / name).symlink_to(elsewhere / target, target_is_directory=True)
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    assert [line for line in status if line] == ["?? .gitignore"], status
+    for name in (".venv", ".offline-viz"):  # and as plain folders
+        (repo / name).unlink()
+        (repo / name / "x").mkdir(parents=True)
+        (repo / name / "x" / "f").write_text("")
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
+                            capture_output=True, text=True).stdout.split("\n")
+    assert [line for line in status if line] == ["?? .gitignore"], status
