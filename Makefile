@@ -23,11 +23,13 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install viz-assets device-report lab test lint pytest nbval execute gpu-check clean
+.PHONY: help install viz-assets device-report lab test ci maintainer-tests nbval-cpu-matrix lint pytest nbval execute gpu-check clean
 
 help:
 	@echo "make lab      create .venv if needed, install the course, start JupyterLab on notebooks/"
 	@echo "make test     install if needed, lint, run every test and re-execute every notebook (nbval)"
+	@echo "make ci       make test, then the maintainers' checks: registry resolution, Hopper compile, packaging,"
+	@echo "              and every notebook again under other CPU kernels (ATEN_CPU_CAPABILITY=default, avx2)"
 	@echo "make execute  re-run every notebook in place, top to bottom (refreshes committed outputs)"
 	@echo "make device-report  what torch sees: CPU or GPU, CUDA version, Tensor Cores, SDPA backends"
 	@echo "make viz-assets     local copies of bertviz's scripts (needs npm), so its views draw offline"
@@ -92,9 +94,28 @@ nbval: install
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope $(NBVAL_ARGS) $(NOTEBOOKS)
 
 # One pytest run for tests and notebooks keeps both workers busy; --dist loadscope keeps
-# each notebook on one worker (its cells share a kernel).
+# each notebook on one worker (its cells share a kernel). The maintainers' checks (marked
+# `maintainer`: they need the network or minutes of compiling) are left to make ci.
 test: lint
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=15 $(NBVAL_ARGS) tests $(NOTEBOOKS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=15 -m "not maintainer" $(NBVAL_ARGS) tests $(NOTEBOOKS)
+
+# What CI runs: a learner's make test, then what only a maintainer needs.
+ci: test maintainer-tests nbval-cpu-matrix
+
+maintainer-tests: install
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=10 -m maintainer tests
+
+# Every notebook again under other CPU kernels and thread counts than the native run of make test:
+# torch picks its kernels by instruction set (ATEN_CPU_CAPABILITY), so a compared output that holds
+# only on this CPU fails here, as it would on a learner's laptop. Each entry is capability:threads.
+CPU_MATRIX ?= default:1 avx2:2
+nbval-cpu-matrix: install
+	@for entry in $(CPU_MATRIX); do \
+		cap=$${entry%%:*}; threads=$${entry##*:}; \
+		echo "nbval with ATEN_CPU_CAPABILITY=$$cap and $$threads torch thread(s) per notebook"; \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads \
+			$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope $(NBVAL_ARGS) $(NOTEBOOKS) || exit 1; \
+	done
 
 execute: install
 	@for nb in $(NOTEBOOKS); do \

@@ -35,6 +35,7 @@ def _pinned(name: str) -> str:
     return pins[0].split("==")[1].split(";")[0].strip()
 
 
+@pytest.mark.maintainer
 def test_install_resolves_from_the_registry_alone(tmp_path):
     """`pip --isolated` ignores this machine's pip configuration and PIP_* variables (local wheels, extra
     indexes, constraints), so this is the resolution a learner's pip makes from PyPI: a conflict such as a

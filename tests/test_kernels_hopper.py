@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.maintainer  # a minute of compiling: make ci runs it, make test does not
 MAX_SHARED_PER_BLOCK = 232448  # 227 KiB: the opt-in limit of compute capability 9.0
 
 

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from course_lib.paths import REPO_ROOT
 
 PROBE = """
@@ -29,6 +31,7 @@ print("loaded from", DATA_DIR)
 """
 
 
+@pytest.mark.maintainer
 def test_a_non_editable_install_loads_the_capstone_and_the_data(tmp_path):
     source = tmp_path / "source"
     source.mkdir()
