@@ -141,12 +141,11 @@ def test_a_float64_fit_comes_to_rest_so_the_last_bits_of_the_arithmetic_do_not_m
     torch.randperm(16, generator=g)
     dense = torch.softmax(2 * torch.randn(16, 16, generator=g), -1).double()
     nudged = x * (1 + 1e-13 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
-    for target in (offset, dense):
-        for d_head in (1, 2, 4):
-            a = lowrank.fit_attention_weights(target, x, d_head, steps=250)
-            b = lowrank.fit_attention_weights(target, nudged, d_head, steps=250)
-            assert a.dtype == torch.float64
-            assert (a - b).abs().max() < 1e-11, d_head
+    for target, d_head in ((offset, 2), (dense, 4)):  # the two fits that a constant rate amplified most
+        a = lowrank.fit_attention_weights(target, x, d_head, steps=250)
+        b = lowrank.fit_attention_weights(target, nudged, d_head, steps=250)
+        assert a.dtype == torch.float64
+        assert (a - b).abs().max() < 1e-11, d_head
 
 
 def test_fitting_refuses_integer_inputs():
