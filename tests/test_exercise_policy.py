@@ -47,5 +47,15 @@ def test_stubs_are_visible_and_every_solution_is_collapsed_and_passes(path):
         assert "[PASSED]" not in _text(cell)
     for cell in hidden:
         assert cell["outputs"], "a reference solution that was not run: " + "".join(cell["source"])[:80]
+        # collapsed output too: a visible "[0.787 0.107 0.107]" under the stub would be the answer
+        assert cell["metadata"]["jupyter"].get("outputs_hidden") is True, "".join(cell["source"])[:80]
         if "checks.check_" in "".join(cell["source"]):
             assert "[PASSED]" in _text(cell) and "[NOT YET]" not in _text(cell), _text(cell)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_no_summary_reports_what_the_exercises_solutions_find(path):
+    """"What we measured" lists what the notebook measured; the exercises' results are the learner's to find."""
+    cells = json.loads(path.read_text())["cells"]
+    prose = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    assert not re.search(r"(?i)in the exercises'? solutions", prose)
