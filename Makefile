@@ -113,8 +113,7 @@ nbval-cpu-matrix: install
 	@for entry in $(CPU_MATRIX); do \
 		cap=$${entry%%:*}; threads=$${entry##*:}; \
 		echo "nbval with ATEN_CPU_CAPABILITY=$$cap and $$threads torch thread(s) per notebook"; \
-		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads \
-			$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope $(NBVAL_ARGS) $(NOTEBOOKS) || exit 1; \
+		ATEN_CPU_CAPABILITY=$$cap OMP_NUM_THREADS=$$threads $(MAKE) --no-print-directory nbval || exit 1; \
 	done
 
 execute: install

@@ -101,15 +101,17 @@ def test_git_ignores_the_environment_and_the_bertviz_scripts_as_folders_or_as_sy
     (elsewhere / "viz" / "d3.min.js").write_text("")
     git = ["git", "-c", "init.defaultBranch=main"]
     subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+
+    def untracked():
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
+                                capture_output=True, text=True).stdout
+        return status.splitlines()
+
     for name, target in ((".venv", "venv"), (".offline-viz", "viz")):
         (repo / name).symlink_to(elsewhere / target, target_is_directory=True)
-    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
-                            capture_output=True, text=True).stdout.split("\n")
-    assert [line for line in status if line] == ["?? .gitignore"], status
+    assert untracked() == ["?? .gitignore"]
     for name in (".venv", ".offline-viz"):  # and as plain folders
         (repo / name).unlink()
         (repo / name / "x").mkdir(parents=True)
         (repo / name / "x" / "f").write_text("")
-    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], cwd=repo, check=True,
-                            capture_output=True, text=True).stdout.split("\n")
-    assert [line for line in status if line] == ["?? .gitignore"], status
+    assert untracked() == ["?? .gitignore"]

@@ -58,7 +58,6 @@ def test_relative_error_takes_numpy_and_mixed_inputs_and_per_matrix():
         relative_error(np.ones(3), np.ones(3), per_matrix=True)
 
 
-# ----------------------------------------------------------------------------- autocast dtypes (CPU)
 # ----------------------------------------------------------------------------- a rounding-level difference, printed
 def test_within_prints_the_difference_and_its_verdict():
     import numpy as np
@@ -82,6 +81,9 @@ def test_within_refuses_a_bound_that_is_not_a_positive_finite_number(bound):
 def test_within_refuses_a_difference_that_is_not_one_real_number(difference):
     with pytest.raises(TypeError, match="difference"):
         within(difference, 1e-5)
+
+
+def test_within_refuses_a_negative_difference():
     with pytest.raises(ValueError, match="difference"):
         within(-1e-7, 1e-5)
 
@@ -116,6 +118,7 @@ def test_the_sanitiser_file_is_ascii_so_any_locale_reads_it():
     (REPO_ROOT / "tests" / "nbval_sanitize.cfg").read_bytes().decode("ascii")  # nbval opens it without an encoding
 
 
+# ----------------------------------------------------------------------------- autocast dtypes (CPU)
 def test_mha_under_cpu_bf16_autocast_keeps_float32_params_and_float32_weights():
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 4)
