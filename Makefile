@@ -58,7 +58,7 @@ endif
 	@# the course is offline: no "Jupyter news" prompt polling the internet
 	@$(BIN)/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
 	@if command -v $(NPM) >/dev/null 2>&1; then \
-		$(BIN)/python -m course_lib.viz install-assets || echo "warning: npm could not install bertviz's scripts; its views will load them from the internet. Try again later with: make viz-assets"; \
+		$(BIN)/python -m course_lib.tools.viz install-assets || echo "warning: npm could not install bertviz's scripts; its views will load them from the internet. Try again later with: make viz-assets"; \
 	else \
 		echo "note: npm was not found, so bertviz's views will load d3 and jQuery from the internet. To draw them offline, install Node.js (it ships npm), then run: make viz-assets"; \
 	fi
@@ -73,16 +73,16 @@ endif
 install: $(STAMP)
 
 viz-assets: install
-	$(BIN)/python -m course_lib.viz install-assets
+	$(BIN)/python -m course_lib.tools.viz install-assets
 
 device-report: install
-	$(BIN)/python -m course_lib.device
+	$(BIN)/python -m course_lib.tools.device
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 lint: install
-	$(BIN)/ruff check course_lib tests notebooks
+	$(BIN)/ruff check course_lib tests scripts notebooks
 
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 JOBS ?= 2

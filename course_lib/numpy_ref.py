@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from course_lib._validate import check_mask_shape, check_positive_int, check_qkv_shapes, shape_str
-from course_lib.io_complexity import IOCounter
+from course_lib.cost.io_complexity import IOCounter
 
 __all__ = [
     "softmax",
@@ -179,7 +179,7 @@ def online_softmax_attention(
     key_block_size = block_size if key_block_size is None else key_block_size
     check_positive_int("key_block_size", key_block_size)
     if io is not None and not isinstance(io, IOCounter):
-        raise TypeError(f"io must be a course_lib.io_complexity.IOCounter or None; got {type(io).__name__}")
+        raise TypeError(f"io must be a course_lib.cost.io_complexity.IOCounter or None; got {type(io).__name__}")
     q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask, dtype=None)
     batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
     q = np.broadcast_to(q, (*batch, T, q.shape[-1]))  # views: no copy

@@ -48,8 +48,8 @@ if not ON_GPU:
 
 from course_lib.bench import attention as attention_suite  # noqa: E402
 from course_lib.bench import mha as mha_bench  # noqa: E402
-from course_lib.device import device_facts  # noqa: E402
-from course_lib.precision import relative_error  # noqa: E402
+from course_lib.experiments.precision import relative_error  # noqa: E402
+from course_lib.tools.device import device_facts  # noqa: E402
 
 GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_device.py",
              "tests/test_bench.py", "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py",

@@ -10,7 +10,7 @@ recorded as steps_to_target), so that a long budget costs only what the slow run
 Every run: one of TASKS, a model with H heads at a fixed d_model (so the parameter count does not depend
 on H), trained from a seed on fresh random batches; the held-out accuracy and loss curves are recorded.
 The H = 8 model of each (task, variant), seed 0, is also saved as a checkpoint for notebooks 07 and 08
-(`course_lib.head_ablation.load_head_model` reads it back with its config).
+(`course_lib.experiments.head_ablation.load_head_model` reads it back with its config).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from course_lib.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
-from course_lib.paths import DATA_DIR
+from course_lib.experiments.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
+from course_lib.tools.paths import DATA_DIR
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
 

@@ -5,11 +5,11 @@
     python scripts/run_kv_sharing.py --tasks three_lookups --d-ff 0 --seeds 0 1 2 3 4 --name kv_sharing_attn_only
                                                           # attention only: the setting that does not saturate
 
-Every run: the head-ablation model (`course_lib.head_ablation`, one layer, attention + MLP, or attention only
-with --d-ff 0) with 4 query
-heads at d_model = 32, and 4 (MHA), 2 (GQA) or 1 (MQA) key/value heads, trained from a seed on fresh
-random batches exactly as notebook 07's sweep; the held-out accuracy and loss are recorded. Equal d_model
-and query heads, so the variants with fewer kv heads also have fewer parameters (recorded).
+Every run: the head-ablation model (`course_lib.experiments.head_ablation`, one layer, attention + MLP, or
+attention only with --d-ff 0) with 4 query heads at d_model = 32, and 4 (MHA), 2 (GQA) or 1 (MQA) key/value
+heads, trained from a seed on fresh random batches exactly as notebook 07's sweep; the held-out accuracy and
+loss are recorded. Equal d_model and query heads, so the variants with fewer kv heads also have fewer
+parameters (recorded).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from course_lib.head_ablation import TrainConfig, count_parameters, train_model
-from course_lib.paths import DATA_DIR
+from course_lib.experiments.head_ablation import TrainConfig, count_parameters, train_model
+from course_lib.tools.paths import DATA_DIR
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -3,13 +3,14 @@
     python scripts/run_length_generalisation.py                     # the recorded runs (one CPU thread)
     python scripts/run_length_generalisation.py --tiny --out /tmp/x  # a seconds-long smoke run
 
-Both models are notebook 11's float32 capstone recipe (`course_lib.capstone.CAPSTONE_RECIPE`, AdamW, warm-up +
-cosine, batch 128, lr 2e-3, 200 warm-up steps), trained on the unchanged training split for the same number of
-steps from the same seeds; they differ only in `positional`: "sinusoidal" (vectors added to the embeddings) or
-"rotary" (queries and keys of every self-attention rotated; cross-attention unrotated). Each is evaluated on the
-test split (the training lengths) and on sentences of the same grammar with 3 to 5 adjectives per noun phrase,
-kept only when source and target are longer than every training sentence. Per target length: greedy-decoding
-exact match and teacher-forced token accuracy; on the longer sentences also token accuracy by target position.
+Both models are notebook 11's float32 capstone recipe (`course_lib.experiments.capstone.CAPSTONE_RECIPE`,
+AdamW, warm-up + cosine, batch 128, lr 2e-3, 200 warm-up steps), trained on the unchanged training split for
+the same number of steps from the same seeds; they differ only in `positional`: "sinusoidal" (vectors added to
+the embeddings) or "rotary" (queries and keys of every self-attention rotated; cross-attention unrotated).
+Each is evaluated on the test split (the training lengths) and on sentences of the same grammar with 3 to 5
+adjectives per noun phrase, kept only when source and target are longer than every training sentence. Per
+target length: greedy-decoding exact match and teacher-forced token accuracy; on the longer sentences also
+token accuracy by target position.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from course_lib.capstone import CAPSTONE_RECIPE, build_capstone_model, encode_pairs, exact_match
-from course_lib.paths import DATA_DIR
-from course_lib.toy_translation import generate_longer_pairs, load_split, tokenise
-from course_lib.training import batch_iterator, collate_pairs, seq2seq_loss, train
+from course_lib.experiments.capstone import CAPSTONE_RECIPE, build_capstone_model, encode_pairs, exact_match
+from course_lib.experiments.toy_translation import generate_longer_pairs, load_split, tokenise
+from course_lib.experiments.training import batch_iterator, collate_pairs, seq2seq_loss, train
+from course_lib.tools.paths import DATA_DIR
 
 OUT_DIR = DATA_DIR / "positional"
 

@@ -3,7 +3,7 @@
     python scripts/run_parity_ablation.py                    # writes course_lib/data/head_ablation/parity.json
     python scripts/run_parity_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run
 
-`course_lib.head_ablation.train_parity` runs the seeds' recipe (embedding, one multi-head self-attention,
+`course_lib.experiments.head_ablation.train_parity` runs the seeds' recipe (embedding, one multi-head self-attention,
 mean over positions, linear; Adam at 1e-3 over the same 50 batches of 32 for 10 epochs) for every head
 count and seed, and records training and test accuracy. The test set is larger than the seeds' (10
 batches) so that its accuracy is known to about +-0.01.
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from course_lib.head_ablation import train_parity
-from course_lib.paths import DATA_DIR
+from course_lib.experiments.head_ablation import train_parity
+from course_lib.tools.paths import DATA_DIR
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -77,7 +77,7 @@ def test_every_suite_speaks_the_same_flags(suite, capsys):
 
 def test_nothing_is_written_unless_asked(capsys):
     from course_lib.bench import tiled_memory
-    from course_lib.paths import DATA_DIR
+    from course_lib.tools.paths import DATA_DIR
 
     before = {p: p.stat().st_mtime_ns for p in (DATA_DIR / "benchmarks").iterdir()}
     assert tiled_memory.main(["--seq", "32", "--d-head", "8", "--block-size", "16"]) == 0
@@ -86,7 +86,7 @@ def test_nothing_is_written_unless_asked(capsys):
 
 
 def test_recorded_runs_use_the_same_vocabulary():
-    from course_lib.paths import DATA_DIR
+    from course_lib.tools.paths import DATA_DIR
 
     recorded = {p.name: json.loads(p.read_text()) for p in sorted((DATA_DIR / "benchmarks").glob("*.json"))}
     suites = {name: data for name, data in recorded.items() if data.get("suite") in course_lib.bench.SUITES}

@@ -14,8 +14,9 @@ import course_lib
 from course_lib.attention import naive_attention
 from course_lib.bench import attention as suite
 from course_lib.bench.__main__ import main as bench_main
-from course_lib.bench.attention import attention_flops, module_flops, recorded_runs
+from course_lib.bench.attention import recorded_runs
 from course_lib.bench.timing import matmul_peak
+from course_lib.cost.flops import attention_flops, module_flops
 
 matplotlib.use("Agg")
 
@@ -37,7 +38,7 @@ def test_attention_flops_is_defined_once_in_course_lib():
     root = Path(course_lib.__file__).parent
     homes = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
                    if "def attention_flops(" in p.read_text())
-    assert homes == ["bench/attention.py"]
+    assert homes == ["cost/flops.py"]
 
 
 def test_attention_flops_equals_torch_flop_counter_on_naive_attention():

@@ -4,15 +4,15 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from course_lib.capstone import (
+from course_lib.experiments.capstone import (
     attention_modules,
     build_capstone_model,
     encode_pairs,
     removed_heads,
     teacher_forced_metrics,
 )
-from course_lib.toy_translation import load_split
-from course_lib.training import collate_pairs
+from course_lib.experiments.toy_translation import load_split
+from course_lib.experiments.training import collate_pairs
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import course_lib.checks as checks
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 NOTEBOOK_MODULES = [
     importlib.import_module(f"{checks.__name__}.{info.name}")

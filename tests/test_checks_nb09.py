@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from course_lib import checks
-from course_lib.bench.attention import attention_flops
+from course_lib.cost.flops import attention_flops
 
 
 # ----------------------------------------------------------------------------- relative error

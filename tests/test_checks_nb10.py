@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from course_lib import checks
-from course_lib.io_complexity import tiled_attention_io
+from course_lib.cost.io_complexity import tiled_attention_io
 from course_lib.numpy_ref import online_softmax_step
 
 

@@ -3,9 +3,9 @@
 import torch
 
 from course_lib import checks
-from course_lib.distributed import ring_allreduce_bytes
-from course_lib.ring_attention import SequenceLayout, merge_partials
-from course_lib.tensor_parallel import tp_bytes_per_step
+from course_lib.parallel.distributed import ring_allreduce_bytes
+from course_lib.parallel.ring_attention import SequenceLayout, merge_partials
+from course_lib.parallel.tensor_parallel import tp_bytes_per_step
 
 
 # ----------------------------------------------------------------------------- tensor-parallel bytes

@@ -17,8 +17,8 @@ from course_lib import KVCache, MultiHeadAttention, masks
 from course_lib import numpy_ref as nr
 from course_lib.attention import scaled_dot_product_attention as sdpa
 from course_lib.blocks import DecoderLayer, EncoderLayer
+from course_lib.experiments.training import CheckpointError, load_checkpoint, save_checkpoint, train
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
-from course_lib.training import CheckpointError, load_checkpoint, save_checkpoint, train
 
 
 # ----------------------------------------------------------------------------- silent wrong results

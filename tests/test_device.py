@@ -1,4 +1,4 @@
-"""What the device is and can run (course_lib.device): Tensor Core settings, SDPA backends, the report."""
+"""What the device is and can run (course_lib.tools.device): Tensor Core settings, SDPA backends, the report."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from course_lib import device
-from course_lib.device import (
+from course_lib.tools import device
+from course_lib.tools.device import (
     SDPA_BACKENDS,
     device_facts,
     device_report,

@@ -7,7 +7,7 @@ import tomllib
 import pytest
 import yaml
 
-from course_lib.paths import DATA_DIR, REPO_ROOT
+from course_lib.tools.paths import DATA_DIR, REPO_ROOT
 
 
 def _normalise(req: str) -> str:

@@ -9,7 +9,7 @@ from functools import cache
 
 import pytest
 
-from course_lib.paths import DATA_DIR, REPO_ROOT
+from course_lib.tools.paths import DATA_DIR, REPO_ROOT
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 ERRATA = NOTEBOOKS_DIR / "99_errata_of_the_sources.ipynb"

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))  # every notebook, and any added later
 

@@ -96,7 +96,7 @@ def test_parameter_count_shrinks_with_kv_heads():
 
 
 def test_head_ablation_model_takes_kv_heads():
-    from course_lib.head_ablation import GatedSelfAttention, HeadGatedTransformer
+    from course_lib.experiments.head_ablation import GatedSelfAttention, HeadGatedTransformer
 
     torch.manual_seed(0)
     gated = GatedSelfAttention(D, H, num_kv_heads=2).eval()

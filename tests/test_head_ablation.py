@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib import MultiHeadAttention
-from course_lib.head_ablation import (
+from course_lib.experiments.head_ablation import (
     TASKS,
     HeadGatedTransformer,
     MeanPoolClassifier,
@@ -28,8 +28,8 @@ from course_lib.head_ablation import (
     train_model,
     train_parity,
 )
-from course_lib.lowrank import fit_attention_pattern, score_matrix_rank
-from course_lib.training import CheckpointError, save_checkpoint
+from course_lib.experiments.lowrank import fit_attention_pattern, score_matrix_rank
+from course_lib.experiments.training import CheckpointError, save_checkpoint
 
 
 def small_model(num_heads=4, num_layers=2, seed=0, task="two_lookups"):
@@ -220,7 +220,7 @@ def test_fitting_a_permutation_pattern_needs_more_than_one_dimension():
 def test_sweep_script_runs_on_a_tiny_configuration(tmp_path):
     import importlib.util
 
-    from course_lib.paths import REPO_ROOT
+    from course_lib.tools.paths import REPO_ROOT
     spec = importlib.util.spec_from_file_location("run_head_ablation", REPO_ROOT / "scripts" / "run_head_ablation.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -237,7 +237,7 @@ def test_sweep_script_runs_on_a_tiny_configuration(tmp_path):
 
 @pytest.mark.parametrize("name", ["heads_two_lookups_attn_only_h8", "heads_three_lookups_attn_mlp_h8"])
 def test_recorded_head_checkpoints_load_with_their_config(name):
-    from course_lib.paths import DATA_DIR
+    from course_lib.tools.paths import DATA_DIR
 
     model, info = load_head_model(DATA_DIR / "checkpoints" / f"{name}.safetensors")
     assert model.num_heads == 8 and not model.training
@@ -298,7 +298,7 @@ def test_train_model_refuses_a_zero_warm_up():
 def _script(name):
     import importlib.util
 
-    from course_lib.paths import REPO_ROOT
+    from course_lib.tools.paths import REPO_ROOT
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

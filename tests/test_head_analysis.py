@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import head_analysis as ha
+from course_lib.experiments import head_analysis as ha
 
 T = 6
 

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 REGISTRY = "https://pypi.org/simple/"
 MAKE = shutil.which("make")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from course_lib import numpy_ref
-from course_lib.io_complexity import (
+from course_lib.cost.io_complexity import (
     IOCounter,
     attainable_flops,
     block_q_for_memory,

@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 
 from course_lib import numpy_ref  # noqa: E402
 from course_lib.attention import scaled_dot_product_attention  # noqa: E402
+from course_lib.experiments.precision import relative_error  # noqa: E402
 from course_lib.kernels import flash_attention, interpreter_active, kernel_tolerance, unit_roundoff  # noqa: E402
-from course_lib.precision import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -17,8 +17,8 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("triton")
 
+from course_lib.experiments.precision import relative_error  # noqa: E402
 from course_lib.kernels import _flash_triton, flash_attention, kernel_tolerance  # noqa: E402
-from course_lib.precision import relative_error  # noqa: E402
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

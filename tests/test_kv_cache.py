@@ -105,7 +105,6 @@ def test_wrong_number_of_caches_is_rejected():
 
 def test_update_checks_key_and_value_before_writing_either():
     from course_lib import KVCache
-
     cache = KVCache()
     with pytest.raises(ValueError, match="must share"):
         cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4))  # first update: 3 keys, 2 values

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from course_lib.head_ablation import TASKS, HeadGatedTransformer, count_parameters
-from course_lib.paths import DATA_DIR, REPO_ROOT
+from course_lib.experiments.head_ablation import TASKS, HeadGatedTransformer, count_parameters
+from course_lib.tools.paths import DATA_DIR, REPO_ROOT
 
 
 def _script():

@@ -4,8 +4,8 @@ are complete, their test sentences longer than every training sentence, and the 
 import importlib.util
 import json
 
-from course_lib.paths import DATA_DIR, REPO_ROOT
-from course_lib.toy_translation import load_split, tokenise
+from course_lib.experiments.toy_translation import load_split, tokenise
+from course_lib.tools.paths import DATA_DIR, REPO_ROOT
 
 
 def _script():

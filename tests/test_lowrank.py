@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from course_lib import lowrank
-from course_lib.bench.attention import attention_flops
+from course_lib.cost.flops import attention_flops
+from course_lib.experiments import lowrank
+from course_lib.experiments.precision import relative_error
 from course_lib.numpy_ref import scaled_dot_product_attention
-from course_lib.precision import relative_error
 
 
 def _qkv(seed=0, T=12, S=16, d=4):

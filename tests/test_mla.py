@@ -9,7 +9,7 @@ import torch
 from helpers import assert_clear_error
 
 from course_lib import KVCache
-from course_lib.mla import MultiHeadLatentAttention
+from course_lib.modern.mla import MultiHeadLatentAttention
 
 warnings.filterwarnings("ignore")
 CHUNKS = [5, 1, 2, 1, 1]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from course_lib.bench import tiled_memory
 from course_lib.numpy_ref import online_softmax_attention, online_softmax_step, scaled_dot_product_attention
-from course_lib.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR
 
 TOL = 1e-10
 

@@ -10,16 +10,16 @@ import sys
 
 import pytest
 
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 PROBE = """
 import pathlib, sys
 import course_lib
 from course_lib.bench.attention import recorded_runs
-from course_lib.capstone import load_capstone
-from course_lib.head_ablation import load_head_model
-from course_lib.paths import DATA_DIR
-from course_lib.toy_translation import load_split
+from course_lib.experiments.capstone import load_capstone
+from course_lib.experiments.head_ablation import load_head_model
+from course_lib.tools.paths import DATA_DIR
+from course_lib.experiments.toy_translation import load_split
 
 site = pathlib.Path(sys.argv[1]).resolve()
 assert pathlib.Path(course_lib.__file__).resolve().is_relative_to(site), course_lib.__file__

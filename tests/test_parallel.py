@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from course_lib import MultiHeadAttention
-from course_lib import ring_attention as ra
-from course_lib import tensor_parallel as tp
-from course_lib.distributed import (
+from course_lib.masks import padding_mask
+from course_lib.numpy_ref import scaled_dot_product_attention as numpy_attention
+from course_lib.parallel import ring_attention as ra
+from course_lib.parallel import tensor_parallel as tp
+from course_lib.parallel.distributed import (
     Comm,
     RankFailure,
     check_collectives,
@@ -30,9 +32,7 @@ from course_lib.distributed import (
     ring_allreduce_bytes,
     run_many,
 )
-from course_lib.masks import padding_mask
-from course_lib.numpy_ref import scaled_dot_product_attention as numpy_attention
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 TOL = 1e-5
 
@@ -248,7 +248,7 @@ def test_merging_two_empty_partials_gives_zeros_not_nan():
 
 @pytest.mark.skipif(os.environ.get("COURSE_LIB_TORCHRUN") != "1",
                     reason="starts torchrun (about 10 s): set COURSE_LIB_TORCHRUN=1 to run it")
-@pytest.mark.parametrize("module", ["course_lib.tensor_parallel", "course_lib.ring_attention"])
+@pytest.mark.parametrize("module", ["course_lib.parallel.tensor_parallel", "course_lib.parallel.ring_attention"])
 def test_torchrun_runs_the_self_check(module):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", module],

@@ -1,4 +1,4 @@
-"""Number formats, errors and mixed precision (course_lib.precision), and the autocast behaviour
+"""Number formats, errors and mixed precision (course_lib.experiments.precision), and the autocast behaviour
 of course_lib's attention on the CPU (and on a GPU when there is one)."""
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ from torch import nn
 
 from course_lib import MultiHeadAttention, numpy_ref
 from course_lib.attention import naive_attention, scaled_dot_product_attention
-from course_lib.paths import REPO_ROOT
-from course_lib.precision import amp_train_step, attention_error_table, number_formats, relative_error, within
+from course_lib.experiments.precision import (
+    amp_train_step,
+    attention_error_table,
+    number_formats,
+    relative_error,
+    within,
+)
+from course_lib.tools.paths import REPO_ROOT
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

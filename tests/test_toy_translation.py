@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from course_lib import toy_translation as tt
+from course_lib.experiments import toy_translation as tt
 
 
 def test_regenerating_the_splits_gives_the_same_bytes(tmp_path):
@@ -69,8 +69,7 @@ def test_jsonl_lines_are_objects_with_src_and_tgt():
 
 
 def test_cli_writes_the_same_bytes_and_help_writes_nothing(tmp_path, monkeypatch, capsys):
-    from course_lib import toy_translation
-
+    from course_lib.experiments import toy_translation
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         toy_translation.main(["--help"])

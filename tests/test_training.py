@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from course_lib.capstone import encode_pairs
-from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from course_lib.toy_translation import load_split, source_vocab, target_vocab
-from course_lib.training import (
+from course_lib.experiments.capstone import encode_pairs
+from course_lib.experiments.toy_translation import load_split, source_vocab, target_vocab
+from course_lib.experiments.training import (
     CheckpointError,
     batch_iterator,
     collate_pairs,
@@ -17,6 +16,7 @@ from course_lib.training import (
     set_seed,
     train,
 )
+from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 
 def _tiny(seed=0, d_model=16):

@@ -15,8 +15,8 @@ import pytest
 import torch
 from bertviz import head_view, model_view
 
-from course_lib import viz
-from course_lib.paths import REPO_ROOT
+from course_lib.tools import viz
+from course_lib.tools.paths import REPO_ROOT
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
                 None)
@@ -224,7 +224,7 @@ LAB_NOTEBOOK_CELLS = [
     "import torch\n"
     "from bertviz import head_view, model_view\n"
     "from IPython.display import display\n"
-    "from course_lib.viz import offline_view\n"
+    "from course_lib.tools.viz import offline_view\n"
     "g = torch.Generator().manual_seed(0)\n"
     f"tokens = {TOKENS!r}\n"
     f"attention = [torch.softmax(torch.randn(1, {HEADS}, {T}, {T}, generator=g), -1) for _ in range({LAYERS})]\n"

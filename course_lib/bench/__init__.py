@@ -14,7 +14,7 @@ Flags (each suite takes those that apply to it; `<suite> --help` lists them):
 
 Record (the JSON that --json writes; course_lib/data/benchmarks/ holds recorded ones):
     {"suite": name,             the suite's name in SUITES
-     "device_info": {...},      where it ran: device, versions (course_lib.device.device_facts)
+     "device_info": {...},      where it ran: device, versions (course_lib.tools.device.device_facts)
      "config": {...},           every setting of the run, dtype included; lists are plural
                                 ("seqs", "d_heads")
      "rows": [{...}, ...],      one dict per measurement (mha: per comparison of its modules);

@@ -44,15 +44,14 @@ import torch
 from course_lib.attention import naive_attention, scaled_dot_product_attention
 from course_lib.bench import int_list, write_record
 from course_lib.bench.timing import matmul_peak, peak_memory, time_fn
-from course_lib.device import device_facts, sdpa_with_backend, tensor_core_settings
-from course_lib.paths import DATA_DIR
-from course_lib.precision import attention_error_table
+from course_lib.cost.flops import attention_flops, module_flops
+from course_lib.experiments.precision import attention_error_table
+from course_lib.tools.device import device_facts, sdpa_with_backend, tensor_core_settings
+from course_lib.tools.paths import DATA_DIR
 
 __all__ = [
     "CORE_IMPLS",
     "MODULE_IMPLS",
-    "attention_flops",
-    "module_flops",
     "run_suite",
     "plot_results",
     "recorded_runs",
@@ -68,32 +67,6 @@ BENCH_DIR = DATA_DIR / "benchmarks"
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def attention_flops(B: int, H: int, T: int, S: int, d_head: int, *, causal: bool = False, pass_: str = "fwd") -> float:
-    """Floating-point operations of the attention core.
-
-    Forward: q k^T is (T, d) @ (d, S) = 2 T S d FLOPs (a multiply and an add per term), weights @ v
-    another 2 T S d: 4 B H T S d. Causal: only the lower triangle is needed, half of it.
-    Backward: five matmuls of the same size (dV, dP, dS->dQ, dS->dK, plus recomputing or reading
-    P), counted as 2.5 x forward; "fwd+bwd" is 3.5 x forward.
-    """
-    if pass_ not in ("fwd", "bwd", "fwd+bwd"):
-        raise ValueError(f"pass_ must be 'fwd', 'bwd' or 'fwd+bwd'; got {pass_!r}")
-    forward = 4.0 * B * H * T * S * d_head
-    if causal:
-        forward /= 2
-    return {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[pass_] * forward
-
-
-def module_flops(B: int, T: int, d_model: int, H: int, *, causal: bool = False, pass_: str = "fwd+bwd") -> float:
-    """Self-attention module: four (d_model, d_model) projections (2 B T d_model^2 each) + the core.
-
-    A linear layer's backward costs 2 x its forward (gradients for the input and the weight).
-    """
-    projections = 4 * 2.0 * B * T * d_model * d_model
-    factor = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_]
-    return factor * projections + attention_flops(B, H, T, T, d_model // H, causal=causal, pass_=pass_)
-
-
 # ----------------------------------------------------------------------------- implementations
 def _core_fn(impl: str, is_causal: bool) -> Callable:
     if impl == "naive":
@@ -248,7 +221,7 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
     """Run every case; return the record (course_lib.bench's vocabulary: device_info, config, rows; plus the
     measured matmul peak, the FLOP convention and the error table).
 
-    accuracy=True also records `course_lib.precision.attention_error_table` on this device (the
+    accuracy=True also records `course_lib.experiments.precision.attention_error_table` on this device (the
     error vs a float64 reference per precision setting) under the key "accuracy". threads sets
     torch's CPU thread count for the run (on a shared machine one thread gives steadier times).
     deadline: a time.monotonic() value; cases not started by then are recorded as "skipped".

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.bench import int_list, write_record
-from course_lib.bench.attention import attention_flops
 from course_lib.bench.timing import time_fn
-from course_lib.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
+from course_lib.cost.flops import attention_flops
+from course_lib.tools.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
 
 IMPLS = (*(f"sdpa_{name}" for name in SDPA_BACKENDS), "triton")  # the attention suite's names
 

@@ -36,8 +36,8 @@ from torch import nn
 
 from course_lib.bench import int_list, write_record
 from course_lib.bench.timing import time_fn
-from course_lib.device import device_facts
 from course_lib.mha import MultiHeadAttention
+from course_lib.tools.device import device_facts
 
 __all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP"]
 

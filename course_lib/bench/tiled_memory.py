@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from course_lib.bench import int_list, write_record
-from course_lib.device import device_facts
 from course_lib.numpy_ref import online_softmax_attention, scaled_dot_product_attention
+from course_lib.tools.device import device_facts
 
 
 def extra_peak_bytes(fn) -> int:

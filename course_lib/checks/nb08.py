@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from course_lib import head_analysis
 from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, is_close, unpack
+from course_lib.experiments import head_analysis
 
 __all__ = [
     "check_row_entropy_by_hand",
@@ -42,7 +42,7 @@ def check_head_entropy(fn):
     Your function: `fn(weights) -> entropy`, with weights a (B, H, T, S) numpy array whose rows sum
     to 1, and entropy (H,): -sum_s a log a over the keys in nats, averaged over queries and batch,
     with 0 log 0 = 0. Checks random and hand-built (one-hot, uniform) patterns against
-    course_lib.head_analysis; names a result that is not averaged over the batch.
+    course_lib.experiments.head_analysis; names a result that is not averaged over the batch.
     """
     for a in _cases():
         name = f"head entropy of weights {a.shape}"
@@ -62,7 +62,7 @@ def check_previous_token_score(fn):
 
     Your function: `fn(weights) -> score`, with weights a (B, H, T, T) numpy array and score (H,):
     the weight of query t on key t - 1, averaged over t = 1 .. T-1 and over the batch.
-    Checks random and hand-built patterns against course_lib.head_analysis.
+    Checks random and hand-built patterns against course_lib.experiments.head_analysis.
     """
     for a in _cases():
         got = call(fn, a.copy(), what="")

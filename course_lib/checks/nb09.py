@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from course_lib.bench.attention import attention_flops
 from course_lib.checks._core import CheckFailure, as_number, call, checker, compare, multiple_choice, unpack
+from course_lib.cost.flops import attention_flops
 
 __all__ = [
     "check_format_facts",

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, is_close, unpack
-from course_lib.io_complexity import tiled_attention_io
+from course_lib.cost.io_complexity import tiled_attention_io
 from course_lib.numpy_ref import online_softmax_step, scaled_dot_product_attention, softmax
 
 __all__ = ["check_tile_visited", "check_merge_partials", "check_causal_tiled_traffic", "check_online_softmax_step"]

@@ -54,9 +54,9 @@ def _rows_until_eos(ids: torch.Tensor, eos: int) -> list[list[int]]:
 def _capstone_problem(max_new_tokens: int):
     """The default problem, made once per process: (capstone model, src (8, S) of test sentences, its greedy
     decoding (8, L)). Safe to share: the learner's function only ever receives private copies (`call`)."""
-    from course_lib.capstone import encode_pairs, load_capstone
-    from course_lib.toy_translation import load_split
-    from course_lib.training import collate_pairs
+    from course_lib.experiments.capstone import encode_pairs, load_capstone
+    from course_lib.experiments.toy_translation import load_split
+    from course_lib.experiments.training import collate_pairs
 
     model, src_vocab, tgt_vocab, _ = load_capstone()
     src, _, _ = collate_pairs(encode_pairs(load_split("test")[:8], src_vocab, tgt_vocab))

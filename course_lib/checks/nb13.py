@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from course_lib.checks._core import CheckFailure, as_array, as_number, call, checker, compare, diagnose, unpack
-from course_lib.distributed import ring_allreduce_bytes
-from course_lib.ring_attention import SequenceLayout, block_attention, causal_work, merge_partials
-from course_lib.tensor_parallel import tp_bytes_per_step
+from course_lib.parallel.distributed import ring_allreduce_bytes
+from course_lib.parallel.ring_attention import SequenceLayout, block_attention, causal_work, merge_partials
+from course_lib.parallel.tensor_parallel import tp_bytes_per_step
 
 __all__ = ["check_tp_cross_bytes", "check_merge_many", "check_zigzag_positions"]
 

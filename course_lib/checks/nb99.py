@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from course_lib import numpy_ref
-from course_lib.bench.attention import module_flops
 from course_lib.checks._core import (
     CheckFailure,
     as_array,
@@ -29,6 +28,7 @@ from course_lib.checks._core import (
     diagnose,
     unpack,
 )
+from course_lib.cost.flops import module_flops
 
 __all__ = ["check_sdpa_mask", "check_heads_cost", "check_token_output"]
 

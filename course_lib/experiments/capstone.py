@@ -1,8 +1,8 @@
 """Notebook 11's translator: the recipe that trains it, the checkpoint it produced, its accuracy.
 
-    python -m course_lib.capstone [--steps N] [--seed S] [--threads T] [--out PATH]
+    python -m course_lib.experiments.capstone [--steps N] [--seed S] [--threads T] [--out PATH]
 
-trains the toy translation model with `course_lib.training.train` and writes
+trains the toy translation model with `course_lib.experiments.training.train` and writes
 course_lib/data/checkpoints/capstone.safetensors plus capstone.json (config, seed, accuracy, loss curve,
 the command and how long it took). `load_capstone()` loads the recorded checkpoint.
 """
@@ -20,11 +20,8 @@ from pathlib import Path
 
 import torch
 
-from course_lib.mha import MultiHeadAttention
-from course_lib.paths import DATA_DIR
-from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from course_lib.toy_translation import load_split, source_vocab, target_vocab
-from course_lib.training import (
+from course_lib.experiments.toy_translation import load_split, source_vocab, target_vocab
+from course_lib.experiments.training import (
     batch_iterator,
     collate_pairs,
     load_model,
@@ -33,6 +30,9 @@ from course_lib.training import (
     set_seed,
     train,
 )
+from course_lib.mha import MultiHeadAttention
+from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from course_lib.tools.paths import DATA_DIR
 
 __all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
            "teacher_forced_metrics", "attention_modules", "removed_heads", "build_capstone_model", "load_capstone",
@@ -164,7 +164,8 @@ def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, l
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m course_lib.capstone", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m course_lib.experiments.capstone",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train under CPU autocast in bfloat16 (mixed precision); default float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = " ".join(["python -m course_lib.capstone", *argv])
+    command = " ".join(["python -m course_lib.experiments.capstone", *argv])
     info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command,
                           amp_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None)
     print(f"trained {info['steps']} steps in {info['train_seconds']} s on {info['torch_threads']} threads; "

@@ -3,7 +3,7 @@
 bertviz's HTML loads require.js, d3 and jQuery from a CDN, so without internet it draws nothing. Two ways
 around that, both built on local copies of the scripts:
 
-    python -m course_lib.viz install-assets            # once (make install does it when npm is present)
+    python -m course_lib.tools.viz install-assets            # once (make install does it when npm is present)
     view = offline_view(head_view(attention, tokens, html_action="return"))
     display(view)                                       # draws in JupyterLab and in an nbconvert HTML export
     save_bertviz_html(view, "attention.html")           # the same view as a standalone page, for any browser
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from IPython.display import HTML
 
-from course_lib.paths import REPO_ROOT
+from course_lib.tools.paths import REPO_ROOT
 
 __all__ = ["DEFAULT_ASSETS_DIR", "NPM_PACKAGES", "asset_paths", "compact_bertviz_html", "install_assets",
            "offline_view", "save_bertviz_html"]
@@ -64,7 +64,7 @@ def asset_paths(assets_dir: str | Path | None = None) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(
             f"the offline copies of bertviz's scripts are missing ({', '.join(missing)}); "
-            f"run `python -m course_lib.viz install-assets` (needs npm and access to the npm registry)")
+            f"run `python -m course_lib.tools.viz install-assets` (needs npm and access to the npm registry)")
     return paths
 
 
@@ -186,7 +186,7 @@ _FETCH_CDN_JS = """function fetchText(name) {
     return fetch(URLS[name]).then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.text(); });
   }
   var URLS = CDN_URLS_JSON;"""
-_HINT = ("For views that draw without internet, run make viz-assets (or python -m course_lib.viz install-assets; "
+_HINT = ("For views that draw without internet, run make viz-assets (or python -m course_lib.tools.viz install-assets; "
          "both need npm, which comes with Node.js), then run the cell again.")
 
 
@@ -239,7 +239,7 @@ def offline_view(html, assets_dir: str | Path | None = None) -> HTML:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.viz", description="view bertviz pages offline")
+    parser = argparse.ArgumentParser(prog="python -m course_lib.tools.viz", description="view bertviz pages offline")
     sub = parser.add_subparsers(dest="command", required=True)
     install = sub.add_parser("install-assets", help="npm install d3, require.js and jQuery for offline pages")
     install.add_argument("--dir", type=Path, default=None, help=f"target folder (default {DEFAULT_ASSETS_DIR})")

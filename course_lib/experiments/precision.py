@@ -9,7 +9,7 @@
   against a float64 reference.
 - `autocast_dtype`, `amp_train_step`: one mixed-precision training step (autocast + GradScaler).
 
-What the device itself supports (Tensor Cores, TF32 settings, SDPA backends) is in `course_lib.device`.
+What the device itself supports (Tensor Cores, TF32 settings, SDPA backends) is in `course_lib.tools.device`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from course_lib import numpy_ref
 from course_lib.attention import naive_attention, scaled_dot_product_attention
-from course_lib.device import tensor_core_settings
 from course_lib.masks import causal_mask
+from course_lib.tools.device import tensor_core_settings
 
 __all__ = [
     "amp_backward_step",

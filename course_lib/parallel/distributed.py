@@ -1,6 +1,6 @@
 """Several processes that talk to each other: starting them, and the messages they exchange.
 
-Tensor parallelism (`course_lib.tensor_parallel`) and ring attention (`course_lib.ring_attention`)
+Tensor parallelism (`course_lib.parallel.tensor_parallel`) and ring attention (`course_lib.parallel.ring_attention`)
 run one copy of the program per *rank* (a process; on a cluster, one per GPU). The ranks of a
 `torch.distributed` process group exchange tensors through a backend: gloo on CPUs (what this
 course uses on a laptop), NCCL between NVIDIA GPUs. Three pieces live here:
@@ -85,7 +85,8 @@ def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # torch.autograd's first backward imports symbolic_shapes (and sympy): seconds per rank, paid once here
-        ctx.set_forkserver_preload(["torch", "torch.fx.experimental.symbolic_shapes", "course_lib.distributed"])
+        ctx.set_forkserver_preload(
+            ["torch", "torch.fx.experimental.symbolic_shapes", "course_lib.parallel.distributed"])
         return ctx
     return mp.get_context("spawn")
 

@@ -10,7 +10,7 @@
   (`SDPA_BACKENDS`); `sdpa_with_backend` runs one, `sdpa_backend_report` says which accept a problem.
 - `device_report(device, ...)`: `device_facts`, the current settings and the SDPA backend report.
 
-    python -m course_lib.device          # prints the device report of this machine (the GPU when there is one)
+    python -m course_lib.tools.device          # prints the device report of this machine (the GPU when there is one)
 """
 
 from __future__ import annotations

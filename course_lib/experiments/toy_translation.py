@@ -1,7 +1,7 @@
 """A generated toy translation task: English-like sentences -> "Zibic", a made-up SOV language.
 
 Nothing is downloaded: the grammar below generates every sentence from a fixed seed, and
-`python -m course_lib.toy_translation` writes the splits to course_lib/data/toy_translation/*.jsonl.
+`python -m course_lib.experiments.toy_translation` writes the splits to course_lib/data/toy_translation/*.jsonl.
 The target language differs from the source in ways that make cross-attention learn a
 non-trivial alignment rather than a copy:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib._validate import check_nonnegative_int, check_positive_int
-from course_lib.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR
 
 __all__ = [
     "NOUNS", "ADJECTIVES", "VERBS", "SPLITS", "SEED", "DATA_SUBDIR",
@@ -254,7 +254,7 @@ def load_split(name: str, data_dir: Path | str = DATA_SUBDIR) -> list[dict[str, 
     path = Path(data_dir) / f"{name}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path.name} not found in {Path(data_dir).name}/: run "
-                                f"`python -m course_lib.toy_translation` to generate it")
+                                f"`python -m course_lib.experiments.toy_translation` to generate it")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
@@ -311,7 +311,7 @@ def target_vocab() -> Vocab:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m course_lib.toy_translation",
+        prog="python -m course_lib.experiments.toy_translation",
         description="Regenerate the toy translation splits (fixed seed: the same bytes every time).",
     )
     parser.add_argument("out_dir", nargs="?", type=Path, default=DATA_SUBDIR, help=f"default: {DATA_SUBDIR}")

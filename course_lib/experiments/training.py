@@ -5,7 +5,7 @@
     save_checkpoint("m.safetensors", model, config=cfg.to_dict())
     load_checkpoint("m.safetensors", model)   # clear errors on wrong shapes or a non-checkpoint file
 
-The recipe that trains notebook 11's translator with this loop is `course_lib.capstone`.
+The recipe that trains notebook 11's translator with this loop is `course_lib.experiments.capstone`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ with warnings.catch_warnings():  # without ipywidgets tqdm.auto warns, then fall
     from tqdm.auto import tqdm
 
 from course_lib._validate import check_positive_int, shape_str
-from course_lib.precision import amp_backward_step
+from course_lib.experiments.precision import amp_backward_step
 
 __all__ = [
     "TrainResult", "set_seed", "train", "warmup_cosine", "collate_pairs", "batch_iterator", "seq2seq_loss",

@@ -26,9 +26,9 @@ from torch import nn
 
 from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
-from course_lib.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel_check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 
 __all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
 
@@ -69,7 +69,7 @@ class TensorParallelAttention(nn.Module):
         check_plain_mha(mha, "tensor parallelism")
         comm = Comm() if comm is None else comm
         if not isinstance(comm, Comm):
-            raise TypeError(f"comm must be a course_lib.distributed.Comm; got {type(comm).__name__}")
+            raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
         R, r = comm.world_size, comm.rank
         if mha.num_heads % R:
             raise ValueError(f"num_heads={mha.num_heads} must be divisible by the number of ranks R={R}: each "
@@ -268,6 +268,8 @@ def self_check(rank: int, world_size: int, cases: tuple[dict, ...] = DEFAULT_CAS
 
 
 if __name__ == "__main__":
-    from course_lib.tensor_parallel import self_check as _importable_self_check  # spawned ranks import it by name
+    from course_lib.parallel.tensor_parallel import (
+        self_check as _importable_self_check,  # spawned ranks import it by name
+    )
 
     raise SystemExit(self_check_main(_importable_self_check))

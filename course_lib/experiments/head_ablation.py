@@ -31,8 +31,8 @@ from torch import nn
 
 from course_lib._validate import check_positive_int
 from course_lib.attention import repeat_kv, scaled_dot_product_attention
+from course_lib.experiments.training import load_model, save_checkpoint, train
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.training import load_model, save_checkpoint, train
 
 __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
@@ -207,7 +207,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def train_model(cfg: TrainConfig, progress: bool = False) -> tuple[HeadGatedTransformer, dict]:
-    """Train with `course_lib.training.train` on fresh random batches (no data is seen twice).
+    """Train with `course_lib.experiments.training.train` on fresh random batches (no data is seen twice).
 
     The model is initialised from seed cfg.seed, the batches come from their own generator
     (seed cfg.seed + DATA_SEED_OFFSET), and the fixed evaluation batch from `eval_batch`.

@@ -35,10 +35,10 @@ from torch import nn
 
 from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
-from course_lib.distributed import Comm, saved_bytes, self_check_main, time_steps
 from course_lib.masks import restrict_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel_check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.distributed import Comm, saved_bytes, self_check_main, time_steps
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
            "causal_work", "ring_bytes_per_step", "compare_case", "measure_step", "self_check", "LAYOUTS"]
@@ -459,6 +459,8 @@ def self_check(rank: int, world_size: int, cases: tuple[dict, ...] = DEFAULT_CAS
 
 
 if __name__ == "__main__":
-    from course_lib.ring_attention import self_check as _importable_self_check  # spawned ranks import it by name
+    from course_lib.parallel.ring_attention import (
+        self_check as _importable_self_check,  # spawned ranks import it by name
+    )
 
     raise SystemExit(self_check_main(_importable_self_check))

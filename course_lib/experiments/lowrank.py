@@ -137,7 +137,7 @@ def truncated_svd_attention(weights: np.ndarray, v: np.ndarray, rank: int | list
 def linformer_flops(T: int, S: int, d: int, rank: int, d_v: int | None = None) -> int:
     """Projecting k and v (2 rank S (d + d_v)) plus attending over rank keys (2 T rank (d + d_v)).
 
-    Exact attention, for comparison, is `course_lib.bench.attention.attention_flops(1, 1, T, S, d)`
+    Exact attention, for comparison, is `course_lib.cost.flops.attention_flops(1, 1, T, S, d)`
     per head (4 T S d when d_v = d).
     """
     d_v = d if d_v is None else d_v

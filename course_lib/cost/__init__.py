@@ -1,0 +1,1 @@
+"""What attention costs, as closed forms: arithmetic (flops) and memory traffic (io_complexity)."""

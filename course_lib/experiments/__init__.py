@@ -1,0 +1,7 @@
+"""The course's experiments: the models trained and measured in notebooks 07-11 and 99.
+
+toy_translation and training: the toy dataset and a small training loop; head_ablation: why
+several heads (notebook 07); head_analysis: what heads do (notebook 08); lowrank: the low-rank
+bottleneck and low-rank approximations (07, 10); precision: number formats and mixed precision
+(09); capstone: the trained encoder-decoder (11).
+"""

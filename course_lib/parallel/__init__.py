@@ -1,0 +1,7 @@
+"""Attention across devices on torch.distributed (notebook 13).
+
+distributed: a launcher for several processes and a counted communication layer;
+tensor_parallel: heads split over ranks (Megatron-LM); ring_attention: the sequence split over
+ranks (ring attention, Ulysses); check: the self-check harness every parallel module runs against
+the single-device MultiHeadAttention.
+"""
