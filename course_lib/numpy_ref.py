@@ -15,11 +15,12 @@ computes and returns in the inputs' dtype, at least float32.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from course_lib._validate import check_mask_shape, check_positive_int, check_qkv_shapes, shape_str
-from course_lib.cost.io_complexity import IOCounter
 
 __all__ = [
     "softmax",
@@ -27,7 +28,27 @@ __all__ = [
     "scaled_dot_product_attention_backward",
     "online_softmax_attention",
     "online_softmax_step",
+    "IOCounterLike",
 ]
+
+
+class IOCounterLike(Protocol):
+    """What `online_softmax_attention(..., io=...)` calls: course_lib.cost.io_complexity.IOCounter has it.
+
+    Any object with these three methods will do, so this reference imports nothing but numpy.
+    """
+
+    def read(self, n: int) -> None:
+        """n more elements read from slow memory."""
+
+    def write(self, n: int) -> None:
+        """n more elements written to slow memory."""
+
+    def on_chip(self, n: int) -> None:
+        """A working set of n elements held on chip at once."""
+
+
+_IO_METHODS = ("read", "write", "on_chip")
 
 
 def _as_float_array(name: str, x: object, dtype: type | None = np.float64) -> np.ndarray:
@@ -58,7 +79,7 @@ def _as_mask(mask: object, scores_shape: tuple[int, ...]) -> np.ndarray | None:
     return m.reshape((1,) * (2 - m.ndim) + m.shape) if m.ndim < 2 else m  # at least (T|1, S|1)
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+def softmax(x: ArrayLike, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along `axis` (the log-sum-exp trick).
 
     Subtracting the row maximum leaves the result unchanged (softmax is shift-invariant) and
@@ -92,7 +113,8 @@ def _check_inputs(q, k, v, mask, dtype: type | None = np.float64):
     return q, k, v, _as_mask(mask, scores_shape), scores_shape
 
 
-def scaled_dot_product_attention(q, k, v, mask=None) -> tuple[np.ndarray, np.ndarray]:
+def scaled_dot_product_attention(q: ArrayLike, k: ArrayLike, v: ArrayLike, mask: ArrayLike | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q k^T / sqrt(d) [masked]) v.
 
     Returns (out (..., T, d_v), weights (..., T, S)).
@@ -110,7 +132,9 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return grad.sum(axis=axes, keepdims=True) if axes else grad
 
 
-def scaled_dot_product_attention_backward(q, k, v, d_out, mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def scaled_dot_product_attention_backward(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, d_out: ArrayLike, mask: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of sum(out * d_out) with respect to q, k and v, derived by hand (notebook 02).
 
     With P = softmax(S), S = q k^T / sqrt(d), out = P v:
@@ -159,7 +183,14 @@ def online_softmax_step(
 
 
 def online_softmax_attention(
-    q, k, v, mask=None, block_size: int = 64, *, key_block_size: int | None = None, io: IOCounter | None = None
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    mask: ArrayLike | None = None,
+    block_size: int = 64,
+    *,
+    key_block_size: int | None = None,
+    io: IOCounterLike | None = None,
 ) -> np.ndarray:
     """Attention computed tile by tile with the online softmax (FlashAttention's recurrence).
 
@@ -171,15 +202,19 @@ def online_softmax_attention(
     whose keys are all masked gets output 0. Equals `scaled_dot_product_attention(q, k, v, mask)[0]`.
 
     key_block_size: the size of the key tiles (default: block_size, which then sizes the query blocks).
-    io: an `io_complexity.IOCounter` that counts, in elements, what a kernel with this loop would read
-    from slow memory (each query block once, every key and value tile once per query block, mask tiles)
-    and write (each output block once), and the largest per-head working set of one tile step.
+    io: a counter with methods read(n), write(n) and on_chip(n) (`IOCounterLike`, e.g.
+    `course_lib.cost.io_complexity.IOCounter`) that counts, in elements, what a kernel with this loop would
+    read from slow memory (each query block once, every key and value tile once per query block, mask
+    tiles) and write (each output block once), and the largest per-head working set of one tile step.
     """
     check_positive_int("block_size", block_size)
     key_block_size = block_size if key_block_size is None else key_block_size
     check_positive_int("key_block_size", key_block_size)
-    if io is not None and not isinstance(io, IOCounter):
-        raise TypeError(f"io must be a course_lib.cost.io_complexity.IOCounter or None; got {type(io).__name__}")
+    missing = [] if io is None else [name for name in _IO_METHODS if not callable(getattr(io, name, None))]
+    if missing:
+        raise TypeError(f"io must be None or an IO counter with methods read(n), write(n) and on_chip(n), such as "
+                        f"course_lib.cost.io_complexity.IOCounter(); got {type(io).__name__}, which has no "
+                        f"{', '.join(missing)}")
     q, k, v, mask, scores_shape = _check_inputs(q, k, v, mask, dtype=None)
     batch, T, S = scores_shape[:-2], scores_shape[-2], scores_shape[-1]
     q = np.broadcast_to(q, (*batch, T, q.shape[-1]))  # views: no copy

@@ -76,6 +76,47 @@ def test_roofline():
             attainable_flops(bad, 1e15, 1e12)
 
 
+class _TallyCounter:
+    """Not an IOCounter: any object with read, write and on_chip is accepted as io."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"read": 0, "write": 0, "on_chip": 0}
+
+    def read(self, n: int) -> None:
+        self.calls["read"] += n
+
+    def write(self, n: int) -> None:
+        self.calls["write"] += n
+
+    def on_chip(self, n: int) -> None:
+        self.calls["on_chip"] = max(self.calls["on_chip"], n)
+
+
+def test_a_duck_typed_counter_counts_what_an_io_counter_counts():
+    q = np.random.default_rng(0).standard_normal((12, 4))
+    duck, counter = _TallyCounter(), IOCounter()
+    numpy_ref.online_softmax_attention(q, q, q, block_size=4, io=duck)
+    numpy_ref.online_softmax_attention(q, q, q, block_size=4, io=counter)
+    assert duck.calls == {"read": counter.reads, "write": counter.writes, "on_chip": counter.on_chip_peak}
+    assert counter.reads > 0
+
+
+class _ReadOnly:
+    def read(self, n: int) -> None:
+        pass
+
+    write = None  # present but not callable
+
+
+@pytest.mark.parametrize(("io", "missing"), [({}, "read, write, on_chip"), (_ReadOnly(), "write, on_chip"),
+                                             ("counter", "read, write, on_chip")])
+def test_an_object_without_the_counter_methods_is_refused_by_name(io, missing):
+    q = np.ones((4, 2))
+    with pytest.raises(TypeError, match=rf"^io must be None or an IO counter with methods read\(n\), write\(n\) "
+                                        rf"and on_chip\(n\).*IOCounter.*has no {missing}$"):
+        numpy_ref.online_softmax_attention(q, q, q, io=io)
+
+
 def test_bad_arguments_are_named():
     q = np.ones((4, 2))
     with pytest.raises(ValueError, match="key_block_size"):
