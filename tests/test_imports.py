@@ -1,9 +1,12 @@
-"""course_lib's modules import each other without a cycle (lazy imports inside functions included)."""
+"""course_lib's modules import each other without a cycle, and only downwards through its layers
+(lazy imports inside functions included)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import course_lib
 
@@ -88,3 +91,97 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_the_graph_sees_lazy_imports():
     assert "course_lib.kernels" in import_graph()["course_lib.attention"]  # imported inside a function
+
+
+# ------------------------------------------------------------------------------------------ layers
+# course_lib's folders are layers. A module may import its own layer and the layers listed here, nothing
+# else: the spine (the root modules: the numpy reference, attention, masks, caches, positions, the modules)
+# needs only the input checks and the optional Triton kernels; today's variants and the parallel code are
+# built on the spine; the experiments use all of that plus the tools (device, viz, paths) and the cost
+# formulas; benchmarks and exercise checkers sit on top and never import each other.
+BELOW_SPINE = {"_validate", "kernels"}
+LAYER_IMPORTS: dict[str, set[str]] = {
+    "_validate": set(),
+    "tools": {"_validate"},
+    "cost": {"_validate"},
+    "kernels": {"_validate"},
+    "spine": BELOW_SPINE,
+    "modern": BELOW_SPINE | {"spine"},
+    "parallel": BELOW_SPINE | {"spine"},
+    "experiments": BELOW_SPINE | {"spine", "modern", "parallel", "tools", "cost"},
+    "bench": BELOW_SPINE | {"spine", "modern", "parallel", "tools", "cost", "experiments"},
+    "checks": BELOW_SPINE | {"spine", "modern", "parallel", "tools", "cost", "experiments"},
+}
+# Modules held to less than their layer allows: the pure numpy reference, which every other
+# implementation is checked against, depends on numpy and the input checks only.
+MODULE_IMPORTS: dict[str, set[str]] = {"course_lib.numpy_ref": {"course_lib._validate"}}
+FOLDERS = set(LAYER_IMPORTS) - {"_validate", "spine"}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of a course_lib module: its folder, "spine" for the root modules, None if unknown."""
+    parts = module.split(".")
+    if module == "course_lib._validate":
+        return "_validate"
+    if len(parts) > 1 and parts[1] in FOLDERS:
+        return parts[1]
+    if len(parts) == 1 or (len(parts) == 2 and not (PACKAGE / parts[1]).is_dir()):
+        return "spine"  # the package itself and the modules at its root
+    return None  # a folder the table does not know
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """One line per import that crosses the layers the wrong way (or leaves a module's own allowance)."""
+    found = []
+    for module in sorted(graph):
+        layer = layer_of(module)
+        if layer is None:
+            found.append(f"{module} is in no known layer: add its folder to LAYER_IMPORTS")
+            continue
+        for target in sorted(graph[module]):
+            target_layer = layer_of(target)
+            if module in MODULE_IMPORTS:
+                if target not in MODULE_IMPORTS[module]:
+                    found.append(f"{module} imports {target}; it may import only {sorted(MODULE_IMPORTS[module])}")
+            elif target_layer != layer and target_layer not in LAYER_IMPORTS[layer]:
+                found.append(f"{module} ({layer}) imports {target} ({target_layer}); {layer} may import only "
+                             f"{sorted(LAYER_IMPORTS[layer] | {layer})}")
+    return found
+
+
+def test_course_lib_imports_follow_its_layers():
+    found = layer_violations(import_graph())
+    assert not found, "imports against the layers:\n" + "\n".join(found)
+
+
+def test_every_layer_of_the_table_has_modules():
+    empty = set(LAYER_IMPORTS) - {layer_of(m) for m in import_graph()}
+    assert not empty, f"LAYER_IMPORTS names layers with no module (a folder renamed?): {sorted(empty)}"
+
+
+@pytest.mark.parametrize(("module", "target", "message"), [
+    ("course_lib.numpy_ref", "course_lib.cost.io_complexity",
+     "course_lib.numpy_ref imports course_lib.cost.io_complexity; it may import only ['course_lib._validate']"),
+    ("course_lib.numpy_ref", "course_lib.masks", "course_lib.numpy_ref imports course_lib.masks"),
+    ("course_lib.mha", "course_lib.tools.device",
+     "course_lib.mha (spine) imports course_lib.tools.device (tools); spine may import only"),
+    ("course_lib.modern.mla", "course_lib.parallel.distributed",
+     "course_lib.modern.mla (modern) imports course_lib.parallel.distributed (parallel)"),
+    ("course_lib.experiments.precision", "course_lib.bench.timing",
+     "course_lib.experiments.precision (experiments) imports course_lib.bench.timing (bench)"),
+    ("course_lib.checks.nb09", "course_lib.bench.timing",
+     "course_lib.checks.nb09 (checks) imports course_lib.bench.timing (bench)"),
+    ("course_lib.cost.flops", "course_lib.tools.device",
+     "course_lib.cost.flops (cost) imports course_lib.tools.device (tools)"),
+])
+def test_the_layer_check_finds_a_planted_violation(module, target, message):
+    graph = import_graph()
+    assert target not in graph[module]
+    graph[module] = graph[module] | {target}
+    found = layer_violations(graph)
+    assert len(found) == 1 and found[0].startswith(message), found
+
+
+def test_the_layer_check_names_a_folder_it_does_not_know():
+    graph = import_graph() | {"course_lib.extras.thing": {"course_lib.mha"}}
+    assert layer_violations(graph) == ["course_lib.extras.thing is in no known layer: add its folder to LAYER_IMPORTS"]
