@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from course_lib.experiments.head_gate import gated_heads
 from course_lib.experiments.toy_translation import load_split, source_vocab, target_vocab
 from course_lib.experiments.training import (
     batch_iterator,
@@ -86,8 +87,8 @@ def attention_modules(model) -> dict[str, MultiHeadAttention]:
 def removed_heads(model, heads: Iterable[tuple[str, int]]):
     """Inside the block, the listed heads ((attention name, head index) pairs, names as in `attention_modules`)
     contribute nothing: their output is multiplied by a gate of 0 before W_O (Michel et al. 2019's xi_h = 0),
-    by a forward pre-hook on each attention's out_proj, so the fused and the math path are both gated.
-    The model is unchanged afterwards, also when the block raises."""
+    with `course_lib.experiments.head_gate.gated_heads` (a forward pre-hook on each attention's out_proj, so the
+    fused and the math path are both gated). The model is unchanged afterwards, also when the block raises."""
     modules = attention_modules(model)
     gates: dict[str, torch.Tensor] = {}
     for name, head in heads:
@@ -97,22 +98,8 @@ def removed_heads(model, heads: Iterable[tuple[str, int]]):
         if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < H:
             raise ValueError(f"heads: head index must be an int in [0, {H}) for {name!r}; got {head!r}")
         gates.setdefault(name, torch.ones(H))[head] = 0.0
-    handles = []
-
-    def gate_hook(gate):
-        def hook(module, args):
-            (x,) = args  # (B, T, H * d_head): head h fills features h*d_head ... (h+1)*d_head - 1
-            g = gate.to(x.dtype).repeat_interleave(x.shape[-1] // gate.numel())  # (H * d_head,)
-            return (x * g,)
-        return hook
-
-    try:
-        for name, gate in gates.items():
-            handles.append(modules[name].out_proj.register_forward_pre_hook(gate_hook(gate)))
+    with gated_heads({modules[name]: gate for name, gate in gates.items()}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def load_capstone(path: Path | str = CAPSTONE_PATH):

@@ -9,8 +9,8 @@ value vectors, so one head must blend the tokens it needs into one vector; H hea
 
 The model (`HeadGatedTransformer`) is the classic small study model: token + learned position
 embeddings, pre-norm layers of [multi-head self-attention, MLP], a linear read-out. Each attention
-layer uses `course_lib.MultiHeadAttention`'s projections, but runs the heads itself so that every
-head's output can be multiplied by a gate xi_h before W_O (Michel et al. 2019):
+layer is a `course_lib.MultiHeadAttention`, and every head's output can be multiplied by a gate xi_h
+before W_O (Michel et al. 2019; `course_lib.experiments.head_gate`, the gate the capstone uses too):
 
     out = concat_h(xi_h * head_h) W_O,   head_h = softmax(q_h k_h^T / sqrt(d_head)) v_h
 
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib._validate import check_positive_int
-from course_lib.attention import repeat_kv, scaled_dot_product_attention
+from course_lib.experiments.head_gate import gated_heads
 from course_lib.experiments.training import load_model, save_checkpoint, train
-from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
+from course_lib.mha import MultiHeadAttention
 
 __all__ = [
     "TASKS", "LookupTask", "make_batch", "HeadGatedTransformer", "TrainConfig", "train_model", "evaluate",
@@ -80,7 +80,11 @@ def make_batch(task: LookupTask, batch_size: int, generator: torch.Generator) ->
 
 # --------------------------------------------------------------------------------------------- model
 class GatedSelfAttention(nn.Module):
-    """Self-attention with a per-head gate. Owns a course_lib.MultiHeadAttention for its weights."""
+    """Self-attention with a per-head gate: a course_lib.MultiHeadAttention (`.mha`) and `gated_heads`.
+
+    The module computes its heads as always (grouped-query attention included, with num_kv_heads);
+    the gate scales them on their way into W_O.
+    """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
@@ -88,14 +92,13 @@ class GatedSelfAttention(nn.Module):
         self.num_heads = num_heads
 
     def forward(self, x: torch.Tensor, head_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.mha
-        n_rep = m.num_heads // m.num_kv_heads  # grouped-query: each kv head serves n_rep query heads
-        q = split_heads(m.q_proj(x), self.num_heads)  # (B, H, T, d_head)
-        k, v = (repeat_kv(split_heads(proj(x), m.num_kv_heads), n_rep) for proj in (m.k_proj, m.v_proj))
-        heads, weights = scaled_dot_product_attention(q, k, v, need_weights=True)  # (B, H, T, d_head), (B, H, T, T)
-        if head_gate is not None:  # (H,) for every example, or (B, H): one gate per example
-            heads = heads * head_gate.reshape(-1, self.num_heads, 1, 1)
-        return m.out_proj(merge_heads(heads)), weights  # (B, T, d_model), (B, H, T, T)
+        """x (B, T, d_model), head_gate (H,) for every example or (B, H), one gate per example, or None.
+
+        Returns (out (B, T, d_model), weights (B, H, T, T)). The weights are always computed, so the
+        attention takes the same (math) path whether or not the caller keeps them.
+        """
+        with gated_heads({} if head_gate is None else {self.mha: head_gate}):
+            return self.mha(x, need_weights=True)
 
 
 class _Layer(nn.Module):
