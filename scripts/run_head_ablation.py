@@ -1,4 +1,4 @@
-"""Run the head-count ablation of notebook 07 and write course_lib/data/head_ablation/sweep.json.
+"""Run the head-count ablation of notebook 07 and write data/head_ablation/sweep.json.
 
     python scripts/run_head_ablation.py                  # the recorded sweep (about 15 min on one core)
     python scripts/run_head_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run (used by the tests)
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from course_lib.experiments.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR, PACKAGE_DATA
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "head_ablation")
-    parser.add_argument("--checkpoint-dir", type=Path, default=DATA_DIR / "checkpoints")
+    parser.add_argument("--checkpoint-dir", type=Path, default=PACKAGE_DATA / "checkpoints")
     parser.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig.lr], help="peak learning rates")
     parser.add_argument("--stop-at-acc", type=float, default=None, help="stop a run once it reaches this accuracy")
     parser.add_argument("--eval-every", type=int, default=None, help="default: steps // 20")

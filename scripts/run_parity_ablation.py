@@ -1,6 +1,6 @@
 """Run the seeds' own head-count ablation (parity of a 50-token sum, mean pooling) and record it.
 
-    python scripts/run_parity_ablation.py                    # writes course_lib/data/head_ablation/parity.json
+    python scripts/run_parity_ablation.py                    # writes data/head_ablation/parity.json
     python scripts/run_parity_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run
 
 `course_lib.experiments.head_ablation.train_parity` runs the seeds' recipe (embedding, one multi-head self-attention,

@@ -73,7 +73,7 @@ def _says_where_it_ran(data: dict) -> bool:
 
 def test_recorded_benchmarks_say_where_they_ran():
     recorded = sorted((DATA_DIR / "benchmarks").glob("*.json"))
-    assert recorded, "course_lib/data/benchmarks/ holds no recorded runs"
+    assert recorded, "data/benchmarks/ holds no recorded runs"
     for path in recorded:
         data = json.loads(path.read_text())
         assert _says_where_it_ran(data), f"{path.name} records benchmark numbers without the device they ran on"

@@ -237,9 +237,9 @@ def test_sweep_script_runs_on_a_tiny_configuration(tmp_path):
 
 @pytest.mark.parametrize("name", ["heads_two_lookups_attn_only_h8", "heads_three_lookups_attn_mlp_h8"])
 def test_recorded_head_checkpoints_load_with_their_config(name):
-    from course_lib.tools.paths import DATA_DIR
+    from course_lib.tools.paths import PACKAGE_DATA
 
-    model, info = load_head_model(DATA_DIR / "checkpoints" / f"{name}.safetensors")
+    model, info = load_head_model(PACKAGE_DATA / "checkpoints" / f"{name}.safetensors")
     assert model.num_heads == 8 and not model.training
     task = TASKS[info["metadata"]["task"]]
     x, y = make_batch(task, 256, torch.Generator().manual_seed(0))

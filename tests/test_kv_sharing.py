@@ -1,4 +1,4 @@
-"""The recorded MHA/GQA/MQA runs of notebook 12 (course_lib/data/head_ablation/kv_sharing*.json) are complete and
+"""The recorded MHA/GQA/MQA runs of notebook 12 (data/head_ablation/kv_sharing*.json) are complete and
 consistent with the model they describe, and the script that makes them runs (a tiny run)."""
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""The recorded sinusoidal-vs-rotary length runs of notebook 12 (course_lib/data/positional/length_generalisation.json)
+"""The recorded sinusoidal-vs-rotary length runs of notebook 12 (data/positional/length_generalisation.json)
 are complete, their test sentences longer than every training sentence, and the script that makes them runs."""
 
 import importlib.util

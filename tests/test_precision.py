@@ -274,7 +274,7 @@ def test_course_lib_error_at_most_twice_sdpa_on_gpu(seed):
     for r in rows:
         assert r["course_lib"] <= 2 * r["torch_sdpa"] + 1e-15, r
         # With TF32 allowed, torch's fused float32 kernels still multiply in float32 (error 5.6e-7 on
-        # an H200, course_lib/data/benchmarks/gpu_check_run1.json) while every matmul-based path uses TF32 (4.2e-4):
+        # an H200, data/benchmarks/gpu_check_run1.json) while every matmul-based path uses TF32 (4.2e-4):
         # the math path is held to the naive formula, which runs the same matmuls.
         bound = max(r["torch_sdpa"], r["naive"]) if r["setting"] == "tf32" else r["torch_sdpa"]
         assert r["course_lib_math"] <= 2 * bound + 1e-15, r

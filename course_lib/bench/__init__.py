@@ -9,10 +9,11 @@ Flags (each suite takes those that apply to it; `<suite> --help` lists them):
     --batch, --heads, --dtype, --device, --repeats, --warmup
                            one value each; --device defaults to cuda when there is a GPU, else cpu
     --json PATH            write the record (below) to PATH. Nothing is written unless this is
-                           given: a suite never writes into course_lib/data/ on its own (to remake a recorded
-                           run, pass --json course_lib/data/benchmarks/<name>.json; README.md gives each command)
+                           given: a suite never writes a file on its own, and never into course_lib/ (to
+                           remake a recorded run, pass --json data/benchmarks/<name>.json from the repository
+                           root; README.md gives each command)
 
-Record (the JSON that --json writes; course_lib/data/benchmarks/ holds recorded ones):
+Record (the JSON that --json writes; the repository's data/benchmarks/ holds recorded ones):
     {"suite": name,             the suite's name in SUITES
      "device_info": {...},      where it ran: device, versions (course_lib.tools.device.device_facts)
      "config": {...},           every setting of the run, dtype included; lists are plural

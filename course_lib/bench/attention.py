@@ -47,7 +47,7 @@ from course_lib.bench.timing import matmul_peak, peak_memory, time_fn
 from course_lib.cost.flops import attention_flops, module_flops
 from course_lib.experiments.precision import attention_error_table
 from course_lib.tools.device import device_facts, sdpa_with_backend, tensor_core_settings
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import RecordsNotFoundError, records_dir
 
 __all__ = [
     "CORE_IMPLS",
@@ -63,7 +63,6 @@ CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn
 MODULE_IMPLS = ("course_lib", "plain_sdpa", "torch_mha")  # the names course_lib.bench.mha uses
 PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BENCH_DIR = DATA_DIR / "benchmarks"
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -378,9 +377,14 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
 
 
 # ----------------------------------------------------------------------------- recorded runs
-def recorded_runs(device_type: str | None = None, directory: Path = BENCH_DIR) -> list[dict]:
-    """Every recorded attention-suite JSON under course_lib/data/benchmarks (optionally only 'cpu' or 'cuda'),
-    each with its file name under the key "file"."""
+def recorded_runs(device_type: str | None = None, directory: Path | str | None = None) -> list[dict]:
+    """Every recorded attention-suite JSON in `directory` (default: the repository's data/benchmarks), optionally
+    only 'cpu' or 'cuda', each with its file name under the key "file". A folder that does not exist raises
+    RecordsNotFoundError naming it (an installed course_lib has no records)."""
+    if directory is None:
+        directory = records_dir("benchmarks")
+    elif not Path(directory).is_dir():
+        raise RecordsNotFoundError(f"{directory} does not exist: no recorded runs to read there")
     runs = []
     for file in sorted(Path(directory).glob("*.json")):
         try:

@@ -33,14 +33,14 @@ from course_lib.experiments.training import (
 )
 from course_lib.mha import MultiHeadAttention
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import PACKAGE_DATA
 
 __all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
            "teacher_forced_metrics", "attention_modules", "removed_heads", "build_capstone_model", "load_capstone",
            "train_capstone"]
 
-CAPSTONE_PATH = DATA_DIR / "checkpoints" / "capstone.safetensors"
-CAPSTONE_BF16_PATH = DATA_DIR / "checkpoints" / "capstone_bf16.safetensors"  # trained under bfloat16 autocast
+CAPSTONE_PATH = PACKAGE_DATA / "checkpoints" / "capstone.safetensors"
+CAPSTONE_BF16_PATH = PACKAGE_DATA / "checkpoints" / "capstone_bf16.safetensors"  # trained under bfloat16 autocast
 CAPSTONE_RECIPE = {"d_model": 64, "num_heads": 4, "d_ff": 256, "num_encoder_layers": 2, "num_decoder_layers": 2,
                    "dropout": 0.0, "max_len": 32, "norm_first": True, "positional": "sinusoidal"}
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib._validate import check_nonnegative_int, check_positive_int
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import PACKAGE_DATA
 
 __all__ = [
     "NOUNS", "ADJECTIVES", "VERBS", "SPLITS", "SEED", "DATA_SUBDIR",
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 SEED = 20240611
-DATA_SUBDIR = DATA_DIR / "toy_translation"
+DATA_SUBDIR = PACKAGE_DATA / "toy_translation"
 SPLITS = {"train": 12000, "validation": 500, "test": 1000}
 
 # source noun (singular, plural) -> (target stem, gender). Target: stem+"o"/"a", plural +"s".

@@ -282,7 +282,7 @@ def _attn_bwd_dq(
 # 64 or more; the causal split needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M
 # == 0 (dK/dV). A small set per kernel, timed once per (BLOCK_D, causal, dtype, precision) by the
 # autotuner; the first is the default when autotuning is off (measured on an H200: the fastest or
-# within 10% of it at d_head 64 and 128, course_lib/data/benchmarks/gpu_check_run1.json).
+# within 10% of it at d_head 64 and 128, data/benchmarks/gpu_check_run1.json).
 FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2))
 DKDV_CONFIGS = ((64, 64, 4, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 2))
 DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2))

@@ -1,12 +1,37 @@
 """Where the course's files are, wherever a notebook or script runs from.
 
-DATA_DIR is package data (course_lib/data: datasets, checkpoints, recorded benchmarks), so it is
-there in a source checkout and after a plain `pip install .` alike. REPO_ROOT is the checkout
-itself (notebooks, scripts): it exists only when course_lib runs from the repository.
+Two data folders, for two kinds of files:
+
+PACKAGE_DATA  course_lib/data/: what the library's own functions load (the toy translation splits, the
+              capstone and head-ablation checkpoints). It is package data, so it is there in a source
+              checkout and after a plain `pip install .` alike.
+DATA_DIR      the repository's data/: the course's records (benchmark results, sweeps, logs, figures, the
+              source articles' code), written by scripts/ and `python -m course_lib.bench`, read by the
+              notebooks and tests. It exists only in a source checkout (an editable install points at one):
+              a non-editable `pip install .` carries no records. Library code that reads them goes through
+              `records_dir`, which names the missing folder instead of failing deep inside.
+REPO_ROOT     the checkout itself (notebooks, scripts, data/): it too exists only in a source checkout.
 """
 
 from pathlib import Path
 
+__all__ = ["PACKAGE_DIR", "PACKAGE_DATA", "REPO_ROOT", "DATA_DIR", "RecordsNotFoundError", "records_dir"]
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-DATA_DIR = PACKAGE_DIR / "data"
+PACKAGE_DATA = PACKAGE_DIR / "data"
 REPO_ROOT = PACKAGE_DIR.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+class RecordsNotFoundError(FileNotFoundError):
+    """The course's records (DATA_DIR) are not here: course_lib runs from an installed copy, not a checkout."""
+
+
+def records_dir(*parts: str) -> Path:
+    """DATA_DIR / parts, checked to exist: RecordsNotFoundError, naming the folder, where it does not."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.is_dir():
+        raise RecordsNotFoundError(
+            f"{path} does not exist: the course's records (data/) are in a source checkout of the repository, "
+            "not in an installed course_lib; run from a clone (pip install -e .) or pass the folder explicitly")
+    return path
