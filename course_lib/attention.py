@@ -25,7 +25,7 @@ from course_lib._validate import (
     check_qkv_shapes,
     shape_str,
 )
-from course_lib.masks import causal_mask, check_mask, with_causal
+from course_lib.masks import canonical_mask, causal_mask, check_mask
 
 __all__ = ["scaled_dot_product_attention", "attention_core", "naive_attention", "safe_softmax", "check_attn_mask",
            "repeat_kv", "SDPA_HAS_GQA"]
@@ -202,7 +202,8 @@ def scaled_dot_product_attention(
     if backend != "auto":
         raise ValueError(f"backend must be 'auto' or 'triton'; got {backend!r}")
     check_causal_lengths(is_causal, T, S, q.shape, k.shape)
-    out, weights = attention_core(q, k, v, mask, is_causal, dropout_p, need_weights)
+    mask, is_causal = canonical_mask(mask, is_causal, T, S, need_weights=need_weights, device=q.device)
+    out, weights = attention_core(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, need_weights=need_weights)
     return (out, weights) if need_weights else out
 
 
@@ -211,25 +212,21 @@ def attention_core(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    is_causal: bool,
-    dropout_p: float,
-    need_weights: bool,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
     enable_gqa: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The computation behind `scaled_dot_product_attention`, with no checks: (out, weights or None).
 
-    For callers that validated their inputs already (MultiHeadAttention checks everything once,
-    before its projections); is_causal needs T == S. enable_gqa: k and v (B, H_kv, S, d) have fewer
-    heads than q (B, H, T, d), H_kv dividing H: grouped-query attention, each kv head shared by a
-    group of H / H_kv query heads. Calling it with unchecked inputs gives
-    torch's errors, or silently broadcast masks: use the public function instead.
+    It trusts its inputs: checked by the caller, and the mask in the canonical form of
+    `masks.canonical_mask` (is_causal only with T == S, no mask and no weights: the fused
+    kernel's own causal path; otherwise the causal part is already in the mask). enable_gqa:
+    k and v (B, H_kv, S, d) have fewer heads than q (B, H, T, d), H_kv dividing H: grouped-query
+    attention, each kv head shared by a group of H / H_kv query heads. Calling it with unchecked
+    inputs gives torch's errors, or silently broadcast masks: use the public function instead.
     """
-    T, S = q.shape[-2], k.shape[-2]
-    if T == 0 or S == 0:
-        is_causal = False  # no query or no key: nothing to mask (and rows with no keys give 0)
-    if is_causal and (mask is not None or need_weights):
-        mask = with_causal(mask, T, S, device=q.device)  # one boolean mask: the causal part folded in
-        is_causal = False
     if need_weights:
         return _math_attention(q, k, v, mask, dropout_p, enable_gqa)
     return _fused_attention(q, k, v, mask, is_causal, dropout_p, enable_gqa), None

@@ -60,6 +60,12 @@ class _Residual(nn.Module):
         return self.norm(x + self.dropout(out)), extra
 
 
+def _pair(attn: MultiHeadAttention, *args, need_weights: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """attn(...) as the pair (out, weights or None) whatever need_weights: what _Residual passes on."""
+    result = attn(*args, need_weights=need_weights, **kwargs)
+    return result if need_weights else (result, None)
+
+
 def _check_norm_first(norm_first: object) -> bool:
     if not isinstance(norm_first, bool):
         raise TypeError(f"norm_first must be a bool (True = pre-LN, False = post-LN); got {norm_first!r}")
@@ -107,7 +113,7 @@ class EncoderLayer(nn.Module):
         """`forward`, always returning the pair (x (B, S, d_model), weights (B, H, S, S) or None)."""
         _check_sequence("x", x, self.self_attn)
         x, weights = self.attn_block(
-            x, lambda h: self.self_attn.attend(h, attn_mask=attn_mask, need_weights=need_weights))  # (B, S, d_model)
+            x, lambda h: _pair(self.self_attn, h, attn_mask=attn_mask, need_weights=need_weights))  # (B, S, d_model)
         x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
         return x, weights
 
@@ -157,9 +163,9 @@ class DecoderLayer(nn.Module):
         if self_cache is not None and self_cache.static:
             raise ValueError("self_cache must be a growing KVCache() (static=False): each new token is appended")
         with unchanged_on_error(self_cache, cross_cache):  # e.g. a bad memory_mask after the self-attention step
-            x, self_weights = self.self_block(x, lambda h: self.self_attn.attend(  # (B, T, d_model)
+            x, self_weights = self.self_block(x, lambda h: _pair(self.self_attn,  # (B, T, d_model)
                 h, attn_mask=tgt_mask, is_causal=True, need_weights=need_weights, cache=self_cache))
-            x, cross_weights = self.cross_block(x, lambda h: self.cross_attn.attend(  # (B, T, d_model)
+            x, cross_weights = self.cross_block(x, lambda h: _pair(self.cross_attn,  # (B, T, d_model)
                 h, memory, memory, attn_mask=memory_mask, need_weights=need_weights, cache=cross_cache))
         x, _ = self.ff_block(x, lambda h: (self.ff(h), None))
         return x, self_weights, cross_weights

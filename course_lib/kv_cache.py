@@ -41,7 +41,20 @@ class KVCache:
         check_nonnegative_int("sink_tokens", self.sink_tokens)
         if self.sink_tokens and self.window is None:
             raise ValueError("sink_tokens needs a window: without one every position is kept anyway")
-        self.seen = max(self.seen, len(self))
+        check_nonnegative_int("seen", self.seen)
+        if self.sink_tokens and self.seen:
+            raise ValueError(f"sink_tokens keeps the first positions of a text; a cache that starts at position "
+                             f"seen={self.seen} has lost them: use seen=0 or sink_tokens=0")
+        self.seen = self.next_position
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next token appended: every position seen so far, evicted ones included.
+
+        A cache may start at a later position (KVCache(seen=k): a text whose first k tokens are
+        gone); it has always seen at least what it holds (for tensors assigned directly).
+        """
+        return max(self.seen, len(self))
 
     def key_positions(self, length: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """(length,) positions of the keys held (length = len(self)) or just returned by `update`.
@@ -61,9 +74,12 @@ class KVCache:
     def is_filled(self) -> bool:
         return self.key is not None
 
-    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor, *,
+               source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, H, S_new, d) keys/values; return everything cached so far.
 
+        source: for a static cache, the memory the keys and values were projected from (so a later
+        call with another memory is refused instead of silently reading this one).
         Every check runs before anything is stored, so an update that fails leaves the cache as it
         was; `unchanged_on_error` does the same for work that can fail after an update.
         """
@@ -75,8 +91,8 @@ class KVCache:
             raise ValueError(f"key {shape_str(key.shape)} and value {shape_str(value.shape)} must share (B, H, S_new): "
                              f"one value per key")
         if self.key is None:
-            self.key, self.value = key, value
-            self.seen = key.shape[-2]
+            self.key, self.value, self.source = key, value, source if self.static else None
+            self.seen += key.shape[-2]  # a cache that starts at position k keeps counting from k
             self._evict()
             return key, value
         if self.static:
@@ -90,8 +106,7 @@ class KVCache:
                                 f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
                                 f"and on one device")
         full_k, full_v = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
-        # max(): a cache whose tensors were assigned directly has seen at least what it holds
-        self.key, self.value, self.seen = full_k, full_v, max(self.seen, len(self)) + key.shape[-2]
+        self.key, self.value, self.seen = full_k, full_v, self.next_position + key.shape[-2]
         self._evict()
         return full_k, full_v  # this step attends to everything before eviction (its own window)
 

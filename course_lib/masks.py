@@ -19,6 +19,7 @@ __all__ = [
     "position_mask",
     "check_mask",
     "with_causal",
+    "canonical_mask",
     "restrict_mask",
     "padding_mask",
     "combine_masks",
@@ -100,6 +101,29 @@ def with_causal(mask: torch.Tensor | None, T: int, S: int, device: torch.device 
         raise ValueError(f"mask of shape {shape_str(mask.shape)} does not broadcast to the (T, S) = ({T}, {S}) "
                          f"causal mask")
     return restrict_mask(mask, causal)
+
+
+def canonical_mask(attn_mask: torch.Tensor | None, is_causal: bool, T: int, S: int, *,
+                   need_weights: bool = False, allowed: torch.Tensor | None = None,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor | None, bool]:
+    """The one form the attention core consumes: (mask or None, is_causal), made once, at the entrance.
+
+    The queries are the last T of S positions (bottom-right aligned, as in causal_mask). The
+    causal part is folded into the mask, except in the one case a fused kernel does it better:
+    is_causal with T == S, no other mask and no weights asked for, which stays (None, True).
+    allowed: a (T, S) bool mask from positions (a sliding window, sinks: `position_mask`) that
+    replaces the causal one. The inputs are trusted (checked by the caller); a query row left with
+    nothing to attend to is the core's to handle (output 0, weights 0).
+    """
+    if allowed is not None:
+        return restrict_mask(attn_mask, allowed), False
+    if not is_causal or T == 0 or S == 0:
+        return attn_mask, False
+    if attn_mask is None and not need_weights and T == S:
+        return None, True  # the kernel's own causal path (no (T, S) mask is built)
+    if attn_mask is None and T == 1:
+        return None, False  # one new query is the last position: it sees every key
+    return with_causal(attn_mask, T, S, device=device), False
 
 
 def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ class Seq2SeqTransformer(nn.Module):
         if caches is not None:
             self._check_caches(caches)
         # positions seen so far (more than the cache holds once a windowed cache evicts)
-        offset = 0 if caches is None else max(caches[0][0].seen, len(caches[0][0]))
+        offset = 0 if caches is None else caches[0][0].next_position
         x = self.tgt_pos(self.tgt_embed(tgt) * math.sqrt(self.config.d_model), offset)  # (B, T, d_model)
         self_weights, cross_weights = [], []
         with unchanged_on_error(*(c for pair in caches or () for c in pair)):  # every layer's caches, or none

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from course_lib import MultiHeadAttention
+from course_lib.modern import DecoderAttention
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore")
@@ -78,7 +78,7 @@ def test_equals_hugging_face_over_cached_steps(kind):
     ids = torch.randint(0, 50, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
     seen = _run_hf(model, ids, CHUNKS)
     for i, layer in enumerate(model.layers):
-        ours = MultiHeadAttention.from_hf_decoder_attention(layer.self_attn).eval()
+        ours = DecoderAttention.from_hf(layer.self_attn).eval()
         assert ours.num_kv_heads == H_KV
         cache = _check_layer(ours, seen[i], chunks=CHUNKS)
         window = ours.window
@@ -86,7 +86,7 @@ def test_equals_hugging_face_over_cached_steps(kind):
         expected_len = sum(CHUNKS) if window is None else min(sum(CHUNKS), window)
         assert len(cache) == expected_len, (kind, i, len(cache))
     if kind == "gpt_oss":
-        windows = [MultiHeadAttention.from_hf_decoder_attention(layer.self_attn).window for layer in model.layers]
+        windows = [DecoderAttention.from_hf(layer.self_attn).window for layer in model.layers]
         assert windows == [4, None]  # gpt-oss alternates sliding and full layers
 
 
@@ -95,7 +95,7 @@ def test_one_pass_equals_hf_with_weights_path():
     model = _bigger_weights(_tiny("mistral")).eval()
     ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(2))
     (x, ref), = _run_hf(model, ids, [9])[0]
-    ours = MultiHeadAttention.from_hf_decoder_attention(model.layers[0].self_attn).eval()
+    ours = DecoderAttention.from_hf(model.layers[0].self_attn).eval()
     with torch.no_grad():
         out, weights = ours(x, is_causal=True, need_weights=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -103,8 +103,20 @@ def test_one_pass_equals_hf_with_weights_path():
 
 
 def test_refuses_unsupported_rope_and_non_attention():
-    with pytest.raises(TypeError, match="q/k/v/o_proj"):
-        MultiHeadAttention.from_hf_decoder_attention(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="LlamaAttention, MistralAttention, GptOssAttention"):
+        DecoderAttention.from_hf(torch.nn.Linear(2, 2))
     model = _tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="rope_type"):
-        MultiHeadAttention.from_hf_decoder_attention(model.layers[0].self_attn)
+        DecoderAttention.from_hf(model.layers[0].self_attn)
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("qwen2", "o_proj has none"), ("cohere", "interleaved")])
+def test_close_relatives_that_differ_are_refused_by_name(kind, reason):
+    common = dict(hidden_size=D, num_attention_heads=H, num_key_value_heads=H_KV, intermediate_size=48,
+                  vocab_size=50, max_position_embeddings=64, num_hidden_layers=1, attn_implementation="eager")
+    model = (transformers.Qwen2Model(transformers.Qwen2Config(**common)) if kind == "qwen2"
+             else transformers.CohereModel(transformers.CohereConfig(**common)))
+    attention = model.layers[0].self_attn
+    with pytest.raises(TypeError, match=reason) as info:
+        DecoderAttention.from_hf(attention)
+    assert type(attention).__name__ in str(info.value)

@@ -7,6 +7,7 @@ import torch
 from course_lib.blocks import DecoderLayer
 from course_lib.kv_cache import KVCache
 from course_lib.masks import padding_mask
+from course_lib.mha import MultiHeadAttention
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 
 SRC_LENGTHS = [7, 4, 2]
@@ -114,3 +115,24 @@ def test_update_checks_key_and_value_before_writing_either():
     with pytest.raises(ValueError, match="new values"):
         cache.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 5))  # a d_head mismatch in the values only
     assert cache.key is key and cache.value is value and len(cache) == 3
+
+
+def test_a_cache_that_starts_later_keeps_its_start_through_every_update():
+    from course_lib.positional import RotaryEmbedding
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 2, rotary=RotaryEmbedding(8)).eval()
+    x = torch.randn(1, 6, 16)
+    cache = KVCache(seen=3)  # the text's first 3 tokens are gone: these are positions 3, 4, ...
+    with torch.no_grad():
+        steps = [mha(x[:, :4], is_causal=True, cache=cache)] + [mha(x[:, t:t + 1], is_causal=True, cache=cache)
+                                                                 for t in (4, 5)]
+        full = mha(x, is_causal=True)  # RoPE scores depend on distances only: positions 0.. give the same
+    assert cache.next_position == 3 + 6
+    assert cache.key_positions().tolist() == list(range(3, 9))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
+
+
+def test_sink_tokens_are_refused_for_a_cache_that_starts_later():
+    with pytest.raises(ValueError, match="seen=3"):
+        KVCache(window=4, sink_tokens=1, seen=3)

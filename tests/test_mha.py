@@ -403,51 +403,55 @@ def test_bad_input_gets_a_clear_error_before_any_arithmetic(name, monkeypatch):
     assert words in str(info.value), str(info.value)
 
 
-def test_fused_qkv_weight_is_reused_without_grad_and_refreshed_when_a_weight_changes():
+# ----------------------------------------------------------------------------- a module made of its projections
+def _reference_forward(mha, x):
+    """Multi-head self-attention written out from the projection modules."""
+    q, k, v = (split_heads(proj(x), mha.num_heads) for proj in (mha.q_proj, mha.k_proj, mha.v_proj))
+    return mha.out_proj(merge_heads(torch.nn.functional.scaled_dot_product_attention(q, k, v)))
+
+
+def test_an_in_place_change_to_a_projection_is_seen_at_once():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4)
+    mha = MultiHeadAttention(16, 4).eval()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         before = mha(x)
-        first = mha._fused_qkv()[0]
-        assert mha._fused_qkv()[0] is first  # computed once, reused
-        mha.k_proj.weight.mul_(2.0)  # an in-place update (an optimizer step, load_state_dict)
+        mha.q_proj.weight.data.mul_(0)  # no weight stack can go stale
         after = mha(x)
-        assert mha._fused_qkv()[0] is not first
-        mha.v_proj.weight = torch.nn.Parameter(torch.zeros(16, 16))  # a replaced parameter
-        zeroed = mha(x)
-    reference = MultiHeadAttention(16, 4)
-    reference.load_state_dict(mha.state_dict())
-    assert set(mha.state_dict()) == set(reference.state_dict())  # the cached stack is not saved
-    with torch.no_grad():
-        assert torch.allclose(zeroed, reference(x), atol=1e-6)
-    assert not torch.allclose(before, after)
-    # values = v_proj's bias alone: every position gets the same output (a stale stack would not)
-    assert torch.allclose(zeroed, zeroed[:, :1].expand_as(zeroed), atol=1e-6)
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, _reference_forward(mha, x), atol=1e-6)
 
 
-def test_fused_qkv_weight_keeps_gradients_flowing_when_training():
+def test_hooks_and_linear_subclasses_on_the_projections_run_in_self_attention():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4)
-    mha(torch.randn(2, 5, 16)).sum().backward()
-    for proj in (mha.q_proj, mha.k_proj, mha.v_proj):
-        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+    mha = MultiHeadAttention(16, 4).eval()
+    calls = []
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        getattr(mha, name).register_forward_hook(lambda mod, args, out, name=name: calls.append(name))
+    mha(torch.randn(1, 3, 16))
+    assert calls == ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def test_fused_qkv_weight_keeps_gradients_when_only_some_projections_train():
+def test_prune_weight_norm_and_functional_call_work_on_the_projections():
+    import torch.nn.utils.prune
+
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4)
-    mha.q_proj.requires_grad_(False)  # frozen queries, trainable keys and values
+    x = torch.randn(2, 5, 16)
+    mha = MultiHeadAttention(16, 4).eval()
+    torch.nn.utils.prune.l1_unstructured(mha.k_proj, "weight", amount=0.5)
+    torch.nn.utils.parametrizations.weight_norm(mha.v_proj)
     with torch.no_grad():
-        mha(torch.randn(1, 3, 16))  # fills the no-grad cache
-    mha(torch.randn(2, 5, 16)).sum().backward()
-    assert mha.k_proj.weight.grad is not None and mha.v_proj.weight.grad is not None
-    assert mha.q_proj.weight.grad is None
+        assert torch.allclose(mha(x), _reference_forward(mha, x), atol=1e-6)
+    plain = MultiHeadAttention(16, 4).eval()
+    params = {name: torch.zeros_like(p) for name, p in plain.named_parameters()}
+    batched = torch.func.vmap(lambda xi: torch.func.functional_call(plain, params, (xi[None],)))(x)
+    assert torch.equal(batched, torch.zeros(2, 1, 5, 16))  # every weight and bias zero: output zero
 
 
 # ----------------------------------------------------------------------------- one route for the mask
 def _count_mask_work(monkeypatch) -> dict[str, int]:
     """Count mask validations, causal folds and NaN scans (a host sync on a GPU) made by one call."""
+    import course_lib._mha_checks as checks_module
     import course_lib.attention as attention_module
     import course_lib.masks as masks_module
     import course_lib.mha as mha_module
@@ -461,7 +465,7 @@ def _count_mask_work(monkeypatch) -> dict[str, int]:
         return wrapper
 
     check, fold, isnan = attention_module.check_attn_mask, masks_module.with_causal, torch.isnan
-    for module in (attention_module, mha_module):
+    for module in (attention_module, mha_module, checks_module):
         monkeypatch.setattr(module, "check_attn_mask", counting("check_attn_mask", check), raising=False)
     for module in (masks_module, attention_module, mha_module):
         monkeypatch.setattr(module, "with_causal", counting("with_causal", fold), raising=False)
@@ -497,42 +501,3 @@ def test_functional_attention_validates_the_mask_once(monkeypatch):
     counts = _count_mask_work(monkeypatch)
     scaled_dot_product_attention(q, q, q, attn_mask=mask, is_causal=True)
     assert counts == {"check_attn_mask": 1, "with_causal": 1, "isnan": 1}
-
-
-def test_attend_always_returns_a_pair():
-    mha = MultiHeadAttention(16, 4).eval()
-    x = torch.randn(2, 5, 16)
-    out, weights = mha.attend(x)
-    assert weights is None and torch.equal(out, mha(x))
-    out_w, weights = mha.attend(x, need_weights=True)
-    assert weights.shape == (2, 4, 5, 5) and torch.allclose(out_w, out, atol=1e-6)
-
-
-def test_value_defaults_to_key_and_key_to_query():
-    torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4).eval()
-    x, memory = torch.randn(2, 3, 16), torch.randn(2, 7, 16)
-    torch.testing.assert_close(mha(x, memory), mha(x, memory, memory))
-    torch.testing.assert_close(mha(x), mha(x, x, x))
-
-
-def test_a_static_cache_accepts_an_equal_memory_computed_again():
-    mha = MultiHeadAttention(16, 4).eval()
-    memory, q = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
-    cache = KVCache(static=True)
-    first = mha(q, memory, memory, cache=cache)
-    again = memory.clone()  # e.g. model.encode(src) run a second time
-    torch.testing.assert_close(mha(q, again, again, cache=cache), first, atol=0, rtol=0)
-
-
-def test_forward_hooks_on_a_layers_attention_run():
-    from course_lib.blocks import DecoderLayer, EncoderLayer
-
-    calls = []
-    encoder, decoder = EncoderLayer(16, 4, 32), DecoderLayer(16, 4, 32)
-    for module in (encoder.self_attn, decoder.self_attn, decoder.cross_attn):
-        module.register_forward_hook(lambda *args: calls.append(1))
-    x = torch.randn(1, 3, 16)
-    encoder(x)
-    decoder(x, x, need_weights=True)
-    assert len(calls) == 3

@@ -313,9 +313,11 @@ def test_ring_takes_an_additive_float_mask_like_the_module(one_rank):
 
 @pytest.mark.parametrize("options", [{"num_kv_heads": 2}, {"learned_sink": True}, {"window": 3}])
 def test_modern_options_are_refused_not_split_wrongly(one_rank, options):
+    from course_lib.modern import DecoderAttention
     from course_lib.positional import RotaryEmbedding
 
-    for mha in (MultiHeadAttention(16, 4, **options), MultiHeadAttention(16, 4, rotary=RotaryEmbedding(4))):
+    cls = MultiHeadAttention if "num_kv_heads" in options else DecoderAttention
+    for mha in (cls(16, 4, **options), MultiHeadAttention(16, 4, rotary=RotaryEmbedding(4))):
         for build in (tp.TensorParallelAttention.from_module, ra.RingAttention.from_module):
             with pytest.raises(ValueError, match="splits plain multi-head attention only"):
                 build(mha)

@@ -7,6 +7,7 @@ from helpers import assert_clear_error
 
 from course_lib import KVCache, MultiHeadAttention
 from course_lib.masks import causal_mask, position_mask, sliding_window_mask
+from course_lib.modern import DecoderAttention
 from course_lib.positional import RotaryEmbedding
 
 
@@ -25,9 +26,9 @@ def test_bad_window_arguments_are_refused():
     assert_clear_error(lambda: position_mask(torch.arange(3), torch.arange(3), window=2, sink_tokens=-1),
                        ValueError, ["sink_tokens"])
     assert_clear_error(lambda: KVCache(sink_tokens=2), ValueError, ["sink_tokens", "window"])
-    assert_clear_error(lambda: MultiHeadAttention(8, 2, sink_tokens=1), ValueError, ["sink_tokens"])
-    assert_clear_error(lambda: MultiHeadAttention(8, 2, window=2)(torch.randn(1, 3, 8)), ValueError, ["is_causal"])
-    windowed = MultiHeadAttention(8, 2, window=4)
+    assert_clear_error(lambda: DecoderAttention(8, 2, sink_tokens=1), ValueError, ["sink_tokens"])
+    assert_clear_error(lambda: DecoderAttention(8, 2, window=2)(torch.randn(1, 3, 8)), ValueError, ["is_causal"])
+    windowed = DecoderAttention(8, 2, window=4)
     assert_clear_error(lambda: windowed(torch.randn(1, 1, 8), is_causal=True, cache=KVCache(window=2)),
                        ValueError, ["new_cache"])
 
@@ -37,7 +38,7 @@ def test_bad_window_arguments_are_refused():
 def test_windowed_cache_decoding_equals_one_masked_pass(sink_tokens, rotary):
     torch.manual_seed(0)
     W, T = 3, 11
-    mha = MultiHeadAttention(32, 4, num_kv_heads=2, window=W, sink_tokens=sink_tokens,
+    mha = DecoderAttention(32, 4, num_kv_heads=2, window=W, sink_tokens=sink_tokens,
                              rotary=RotaryEmbedding(8) if rotary else None).eval()
     x = torch.randn(2, T, 32)
     cache = mha.new_cache()
@@ -58,7 +59,7 @@ def test_windowed_cache_decoding_equals_one_masked_pass(sink_tokens, rotary):
 
 
 def test_failed_call_leaves_windowed_cache_unchanged():
-    mha = MultiHeadAttention(8, 2, window=2).eval()
+    mha = DecoderAttention(8, 2, window=2).eval()
     cache = mha.new_cache()
     with torch.no_grad():
         mha(torch.randn(1, 4, 8), is_causal=True, cache=cache)
@@ -70,7 +71,7 @@ def test_failed_call_leaves_windowed_cache_unchanged():
 
 def test_learned_sink_takes_weight_and_gives_nothing():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 2, learned_sink=True).eval()
+    mha = DecoderAttention(16, 2, learned_sink=True).eval()
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         mha.sink_logits.copy_(torch.tensor([-float("inf"), 3.0]))
@@ -90,7 +91,7 @@ def test_learned_sink_takes_weight_and_gives_nothing():
 
 
 def test_learned_sink_gets_gradients_and_masked_rows_give_zero():
-    mha = MultiHeadAttention(16, 2, learned_sink=True)
+    mha = DecoderAttention(16, 2, learned_sink=True)
     x = torch.randn(1, 4, 16)
     mha(x, is_causal=True).sum().backward()
     assert mha.sink_logits.grad is not None and mha.sink_logits.grad.abs().sum() > 0

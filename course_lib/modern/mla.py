@@ -25,7 +25,7 @@ from torch import nn
 from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import attention_core
 from course_lib.kv_cache import KVCache, unchanged_on_error
-from course_lib.masks import causal_mask
+from course_lib.masks import canonical_mask
 from course_lib.mha import merge_heads
 from course_lib.positional import RotaryEmbedding
 
@@ -103,31 +103,31 @@ class MultiHeadLatentAttention(nn.Module):
                                  f"{shape_str(cache.value.shape)}; this call needs B={x.shape[0]}, "
                                  f"kv_rank={self.kv_rank}, d_rope={self.d_rope}")
         B, T, _ = x.shape
-        start = 0 if cache is None else max(cache.seen, len(cache))  # position of the first new token
+        start = 0 if cache is None else cache.next_position  # position of the first new token
         q_nope, q_rope = self._queries(x, start)
         c, k_rope = self._latent(x, start)  # (B, 1, T, r), (B, 1, T, d_rope)
         with unchanged_on_error(cache):
             if cache is not None:
                 c, k_rope = cache.update(c, k_rope)  # (B, 1, S, r), (B, 1, S, d_rope)
             S = c.shape[-2]
-            mask = None if T == S else causal_mask(T, S, device=x.device)  # new queries are the last T positions
+            mask, is_causal = canonical_mask(None, True, T, S, device=x.device)  # new queries: the last T positions
             if absorbed:
-                out = self._absorbed(q_nope, q_rope, c, k_rope, mask)
+                out = self._absorbed(q_nope, q_rope, c, k_rope, mask, is_causal)
             else:
-                out = self._plain(q_nope, q_rope, c, k_rope, mask)
+                out = self._plain(q_nope, q_rope, c, k_rope, mask, is_causal)
         return self.out_proj(merge_heads(out))  # (B, H, T, d_v) -> (B, T, d_model)
 
-    def _plain(self, q_nope, q_rope, c, k_rope, mask) -> torch.Tensor:
+    def _plain(self, q_nope, q_rope, c, k_rope, mask, is_causal) -> torch.Tensor:
         """Expand the latent into every head's keys and values, then ordinary multi-head attention."""
         B, H, S = c.shape[0], self.num_heads, c.shape[-2]
         kv = self.kv_up(c.squeeze(1)).view(B, S, H, self.d_nope + self.d_v).transpose(1, 2)  # (B, H, S, dn + dv)
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, H, T, d_qk)
         k = torch.cat([k_nope, k_rope.expand(B, H, S, self.d_rope)], dim=-1)  # (B, H, S, d_qk)
-        out, _ = attention_core(q, k, v, mask, mask is None, 0.0, False)  # scale 1/sqrt(d_qk)
+        out, _ = attention_core(q, k, v, mask, is_causal=is_causal)  # scale 1/sqrt(d_qk)
         return out  # (B, H, T, d_v)
 
-    def _absorbed(self, q_nope, q_rope, c, k_rope, mask) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_rope, c, k_rope, mask, is_causal) -> torch.Tensor:
         """Attention over the cached latent itself: W_UK folded into the queries, W_UV into the output."""
         w_uk, w_uv = self._up_weights()  # (H, dn, r), (H, dv, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r): W_UK^T q_nope
@@ -136,7 +136,7 @@ class MultiHeadLatentAttention(nn.Module):
         ratio = ((self.kv_rank + self.d_rope) / (self.d_nope + self.d_rope)) ** 0.5
         q = torch.cat([q_lat, q_rope], dim=-1) * ratio  # (B, H, T, r + d_rope)
         k = torch.cat([c, k_rope], dim=-1)  # (B, 1, S, r + d_rope)
-        out_lat, _ = attention_core(q, k, c, mask, mask is None, 0.0, False, enable_gqa=True)  # (B, H, T, r)
+        out_lat, _ = attention_core(q, k, c, mask, is_causal=is_causal, enable_gqa=True)  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)  # (B, H, T, d_v): W_UV applied after the sum
 
     @classmethod

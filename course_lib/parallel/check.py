@@ -27,7 +27,8 @@ def check_plain_mha(mha: object, what: str) -> MultiHeadAttention:
     if not isinstance(mha, MultiHeadAttention):
         raise TypeError(f"mha must be a course_lib.MultiHeadAttention; got {type(mha).__name__}")
     options = {"num_kv_heads": mha.num_kv_heads if mha.num_kv_heads != mha.num_heads else None,
-               "rotary": mha.rotary, "window": mha.window, "learned_sink": mha.sink_logits is not None or None}
+               "rotary": mha.rotary, "window": getattr(mha, "window", None),  # DecoderAttention's options
+               "learned_sink": getattr(mha, "sink_logits", None) is not None or None}
     used = [f"{name}={value!r}" for name, value in options.items() if value is not None]
     if used:
         raise ValueError(f"mha uses {', '.join(used)}: {what} splits plain multi-head attention only "

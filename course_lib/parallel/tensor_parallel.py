@@ -26,6 +26,7 @@ from torch import nn
 
 from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
+from course_lib.masks import canonical_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 from course_lib.parallel.check import check_plain_mha, example_case, max_abs_error, report
 from course_lib.parallel.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
@@ -154,9 +155,10 @@ class TensorParallelAttention(nn.Module):
         self_attention = key is None and value is None
         key = query if key is None else key
         value = key if value is None else value
-        self._check(query, key, value, attn_mask, is_causal)
+        B, T, S = self._check(query, key, value, attn_mask, is_causal)
         if attn_mask is not None and attn_mask.ndim == 4 and attn_mask.shape[1] == self.num_heads:
             attn_mask = attn_mask[:, self.h0 : self.h0 + self.local_heads]  # this rank's heads
+        attn_mask, is_causal = canonical_mask(attn_mask, is_causal, T, S, device=query.device)  # made once
         x_q = _CopyToShards.apply(query, self.comm)  # (B, T, d_model): f
         if self_attention:
             x_k = x_v = x_q
@@ -166,7 +168,7 @@ class TensorParallelAttention(nn.Module):
         q = split_heads(self.q_proj(x_q), self.local_heads)  # (B, H/R, T, d_head)
         k = split_heads(self.k_proj(x_k), self.local_heads)  # (B, H/R, S, d_head)
         v = split_heads(self.v_proj(x_v), self.local_heads)  # (B, H/R, S, d_head)
-        out, _ = attention_core(q, k, v, attn_mask, is_causal, 0.0, False)  # (B, H/R, T, d_head)
+        out, _ = attention_core(q, k, v, attn_mask, is_causal=is_causal)  # (B, H/R, T, d_head)
         partial = self.out_proj(merge_heads(out))  # (B, T, d_model): this rank's heads' share of W_O's sum
         out = _SumShards.apply(partial, self.comm)  # g: the sum over every rank's heads
         return out if self.out_bias is None else out + self.out_bias

@@ -1,0 +1,73 @@
+"""Copy Hugging Face decoder attention (Llama, Mistral, gpt-oss) into course_lib.modern.DecoderAttention.
+
+DecoderAttention.from_hf is this function bound as a class method (it takes the class to build, so
+this module needs nothing from decoder_attention.py). It copies exactly or refuses by name: a
+module whose projections, rotary pairing or scaling differ is refused, not converted approximately.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from course_lib.positional import RotaryEmbedding
+
+__all__ = ["from_hf_decoder_attention", "SUPPORTED"]
+
+D = TypeVar("D", bound=nn.Module)
+
+SUPPORTED = ("LlamaAttention", "MistralAttention", "GptOssAttention")
+UNSUPPORTED = {  # what a close relative does differently
+    "Qwen2Attention": "q/k/v have a bias and o_proj has none",
+    "CohereAttention": "its RoPE pairs neighbouring features (interleaved), not the two halves",
+}
+
+
+def from_hf_decoder_attention(cls: type[D], attention: nn.Module) -> D:
+    """Copy a Hugging Face Llama, Mistral or gpt-oss attention (q_proj, k_proj, v_proj, o_proj + config).
+
+    Reads from `attention.config`: num_attention_heads, num_key_value_heads, the rotary base
+    (rope_parameters["rope_theta"], default RoPE only), the sliding window (Mistral's
+    config.sliding_window, or the layer's own `sliding_window` in gpt-oss) and gpt-oss's `sinks`.
+    The result computes the attention of one layer (input: the normalised hidden states), with
+    is_causal=True.
+    """
+    kind = type(attention).__name__
+    if kind not in SUPPORTED:
+        raise TypeError(f"attention must be one of {', '.join(SUPPORTED)} (Hugging Face), copied exactly; got "
+                        f"{kind}" + (f": {UNSUPPORTED[kind]}" if kind in UNSUPPORTED else ""))
+    config = getattr(attention, "config", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if config is None or not all(isinstance(getattr(attention, n, None), nn.Linear) for n in names):
+        raise TypeError(f"attention must be a Hugging Face decoder attention with .config and q/k/v/o_proj; "
+                        f"got {kind}")
+    biases = {n: getattr(attention, n).bias is not None for n in names}
+    if len(set(biases.values())) > 1:
+        raise ValueError(f"{kind} has a bias on some projections only ({biases}); DecoderAttention has one "
+                         f"bias setting for all four, so it cannot copy this module exactly")
+    d_model, num_heads = config.hidden_size, config.num_attention_heads
+    d_head = getattr(attention, "head_dim", d_model // num_heads)
+    if d_head * num_heads != d_model:
+        raise ValueError(f"this module needs head_dim * num_attention_heads = hidden_size; got head_dim={d_head}, "
+                         f"num_attention_heads={num_heads}, hidden_size={d_model}")
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"only the default RoPE is supported; got rope_type={rope.get('rope_type')!r}")
+    window = getattr(attention, "sliding_window", None) if hasattr(attention, "sinks") else \
+        getattr(config, "sliding_window", None)
+    w = attention.q_proj.weight
+    new = cls(d_model, num_heads, num_kv_heads=config.num_key_value_heads, bias=attention.q_proj.bias is not None,
+              dropout=float(getattr(config, "attention_dropout", 0.0) or 0.0),
+              rotary=RotaryEmbedding(d_head, base=float(rope.get("rope_theta", 10000.0))),
+              window=window, learned_sink=hasattr(attention, "sinks"), device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        for ours, theirs in zip((new.q_proj, new.k_proj, new.v_proj, new.out_proj),
+                                (getattr(attention, n) for n in names), strict=True):
+            ours.weight.copy_(theirs.weight)
+            if theirs.bias is not None:
+                ours.bias.copy_(theirs.bias)
+        if new.sink_logits is not None:
+            new.sink_logits.copy_(attention.sinks)
+    return new.train(attention.training)
