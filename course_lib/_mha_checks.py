@@ -43,6 +43,14 @@ def check_init(d_model: object, num_heads: object, num_kv_heads: object, kdim: o
 
 
 def _check_tensors(module, query, key, value) -> None:
+    q_proj = module._modules["q_proj"]  # module.q_proj.weight without nn.Module's slow getattr (once per token)...
+    weight = q_proj._parameters.get("weight")
+    if weight is None:  # ...unless pruning or weight_norm made the weight a computed attribute
+        weight = q_proj.weight
+    if (key is query and value is query and isinstance(query, torch.Tensor) and query.ndim == 3
+            and query.shape[-1] == module.d_model == module.kdim == module.vdim and query.device == weight.device
+            and (query.dtype == weight.dtype or autocast_on(query.device.type))):
+        return  # self-attention with a good input: one test per call (decoding calls this per token)
     dims = {"query": ("d_model", module.d_model), "key": ("kdim", module.kdim), "value": ("vdim", module.vdim)}
     same = key is query and value is query and module.kdim == module.vdim == module.d_model  # self-attention
     inputs = (("query", query),) if same else (("query", query), ("key", key), ("value", value))
@@ -59,7 +67,6 @@ def _check_tensors(module, query, key, value) -> None:
     if key.shape[1] != value.shape[1]:
         raise ValueError(f"key and value must have the same length S; got key {shape_str(key.shape)}, "
                          f"value {shape_str(value.shape)}")
-    weight = module.q_proj.weight
     for name, t in inputs:
         if t.device != weight.device:
             raise ValueError(f"{name} is on {t.device} but the module's weights are on {weight.device}; "
@@ -79,11 +86,12 @@ def _same_memory(key: torch.Tensor, source: torch.Tensor | None) -> bool:
 def _check_cache(module, query, key, cache: object) -> None:
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a course_lib.KVCache; got {type(cache).__name__}")
-    window, sinks = getattr(module, "window", None), getattr(module, "sink_tokens", 0)  # DecoderAttention's
-    if cache.window is not None and (window is None or cache.window < window or cache.sink_tokens < sinks):
-        raise ValueError(f"this cache keeps only window={cache.window}, sink_tokens={cache.sink_tokens} "
-                         f"positions but the module attends to window={window}, sink_tokens={sinks}; "
-                         f"use module.new_cache()")
+    if cache.window is not None:  # a windowed cache has evicted keys: only a module with that window may use it
+        window, sinks = getattr(module, "window", None), getattr(module, "sink_tokens", 0)  # DecoderAttention's
+        if window is None or cache.window < window or cache.sink_tokens < sinks:
+            raise ValueError(f"this cache keeps only window={cache.window}, sink_tokens={cache.sink_tokens} "
+                             f"positions but the module attends to window={window}, sink_tokens={sinks}; "
+                             f"use module.new_cache()")
     if cache.static and key is query:
         raise ValueError("a static KVCache holds cross-attention memory; self-attention needs a growing "
                          "KVCache() (static=False)")
@@ -98,8 +106,8 @@ def _check_cache(module, query, key, cache: object) -> None:
                              f"call needs B={expected[0]}, H_kv={expected[1]}, d_head={expected[2]}")
 
 
-def check_forward(module, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
-    """Every argument of MultiHeadAttention.forward; -> (B, T, S) with S counting the cached keys."""
+def check_forward(module, query, key, value, attn_mask, is_causal, need_weights, cache) -> int:
+    """Every argument of MultiHeadAttention.forward; -> S, the number of keys, cached ones included."""
     check_bool("is_causal", is_causal)
     check_bool("need_weights", need_weights)
     _check_tensors(module, query, key, value)
@@ -114,4 +122,4 @@ def check_forward(module, query, key, value, attn_mask, is_causal, need_weights,
         S = len(cache) if cache.static and cache.is_filled else len(cache) + S
     if attn_mask is not None:
         check_attn_mask(attn_mask, (B, module.num_heads, T, S), query.device, module_ndim=True)
-    return B, T, S
+    return S

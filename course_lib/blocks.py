@@ -104,7 +104,8 @@ class EncoderLayer(nn.Module):
         self.attn_block = _Residual(d_model, dropout, norm_first)
         self.ff_block = _Residual(d_model, dropout, norm_first)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x, weights = self.run(x, attn_mask, need_weights=need_weights)
         return (x, weights) if need_weights else x
 
@@ -145,7 +146,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, *, memory_mask: torch.Tensor | None = None,
                 tgt_mask: torch.Tensor | None = None, self_cache: KVCache | None = None,
-                cross_cache: KVCache | None = None, need_weights: bool = False):
+                cross_cache: KVCache | None = None,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, self_weights, cross_weights = self.run(x, memory, memory_mask=memory_mask, tgt_mask=tgt_mask,
                                                   self_cache=self_cache, cross_cache=cross_cache,
                                                   need_weights=need_weights)

@@ -2,7 +2,7 @@
 
 MultiHeadAttention.from_torch and .from_hf_bert are these functions, bound as class methods; they
 take the class to build (cls), so this module needs nothing from mha.py. Each copies exactly, so the
-outputs match (tests/test_mha.py, notebook 04), or refuses what it cannot copy by name.
+outputs match (tests/unit/test_mha.py, notebook 04), or refuses what it cannot copy by name.
 """
 
 from __future__ import annotations

@@ -12,8 +12,6 @@ original position (`key_positions` says which positions the cache holds).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +23,13 @@ __all__ = ["KVCache", "unchanged_on_error"]
 
 @dataclass
 class KVCache:
+    """The keys and values of the positions seen so far, for one attention layer (see the module docstring).
+
+    A growing cache (self-attention) is appended to by each call; a static one (cross-attention)
+    is filled once from the encoder memory. window and sink_tokens make a cache that keeps only
+    the positions a sliding-window module can attend to; seen=k starts a cache at position k.
+    """
+
     key: torch.Tensor | None = None  # (B, H, S_cached, d_head)
     value: torch.Tensor | None = None  # (B, H, S_cached, d_head_v)
     static: bool = False  # True for cross-attention: filled once, then only read
@@ -83,31 +88,28 @@ class KVCache:
         Every check runs before anything is stored, so an update that fails leaves the cache as it
         was; `unchanged_on_error` does the same for work that can fail after an update.
         """
-        for name, t in (("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 4:
-                raise TypeError(f"{name} must be a (B, H, S_new, d) torch.Tensor; got "
-                                f"{shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if key.shape[:3] != value.shape[:3]:
-            raise ValueError(f"key {shape_str(key.shape)} and value {shape_str(value.shape)} must share (B, H, S_new): "
-                             f"one value per key")
-        if self.key is None:
+        old_k, old_v = self.key, self.value
+        if not (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor) and key.ndim == value.ndim == 4):
+            _refuse_new(key, value)
+        ks, vs = key.shape, value.shape  # integers compared, not sliced: decoding runs this once per token
+        if not (ks[0] == vs[0] and ks[1] == vs[1] and ks[2] == vs[2]):
+            _refuse_new(key, value)
+        if old_k is None:
             self.key, self.value, self.source = key, value, source if self.static else None
             self.seen += key.shape[-2]  # a cache that starts at position k keeps counting from k
             self._evict()
             return key, value
         if self.static:
             raise RuntimeError("this KVCache is static (cross-attention memory): it is filled once, not appended to")
-        for name, new, old in (("key", key, self.key), ("value", value, self.value)):
-            if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1]:
-                raise ValueError(f"new {name}s {shape_str(new.shape)} do not match the cached {name}s "
-                                 f"{shape_str(old.shape)} in batch, heads or d_head")
-            if new.dtype != old.dtype or new.device != old.device:
-                raise TypeError(f"new {name}s are {new.dtype} on {new.device} but the cache holds {old.dtype} on "
-                                f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
-                                f"and on one device")
-        full_k, full_v = torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
-        self.key, self.value, self.seen = full_k, full_v, self.next_position + key.shape[-2]
-        self._evict()
+        oks, ovs = old_k.shape, old_v.shape
+        if not (ks[0] == oks[0] and ks[1] == oks[1] and ks[3] == oks[3] and vs[0] == ovs[0] and vs[1] == ovs[1]
+                and vs[3] == ovs[3] and key.dtype == old_k.dtype and value.dtype == old_v.dtype
+                and key.device == old_k.device and value.device == old_v.device):
+            _refuse_mismatch(key, value, old_k, old_v)
+        full_k, full_v = torch.cat([old_k, key], dim=-2), torch.cat([old_v, value], dim=-2)
+        self.key, self.value, self.seen = full_k, full_v, self.next_position + ks[2]
+        if self.window is not None:
+            self._evict()
         return full_k, full_v  # this step attends to everything before eviction (its own window)
 
     def _evict(self) -> None:
@@ -119,17 +121,46 @@ class KVCache:
         self.value = torch.cat([self.value[..., :s, :], self.value[..., -w:, :]], dim=-2)
 
 
-@contextlib.contextmanager
-def unchanged_on_error(*caches: KVCache | None) -> Iterator[None]:
+def _refuse_new(key: object, value: object) -> None:
+    """The message for new keys/values that are not a pair of (B, H, S_new, d) tensors with one value per key."""
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise TypeError(f"{name} must be a (B, H, S_new, d) torch.Tensor; got "
+                            f"{shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    raise ValueError(f"key {shape_str(key.shape)} and value {shape_str(value.shape)} must share (B, H, S_new): "
+                     f"one value per key")
+
+
+def _refuse_mismatch(key: torch.Tensor, value: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor) -> None:
+    """The message for new keys/values that do not extend the cached ones."""
+    for name, new, old in (("key", key, old_k), ("value", value, old_v)):
+        if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1]:
+            raise ValueError(f"new {name}s {shape_str(new.shape)} do not match the cached {name}s "
+                             f"{shape_str(old.shape)} in batch, heads or d_head")
+        if new.dtype != old.dtype or new.device != old.device:
+            raise TypeError(f"new {name}s are {new.dtype} on {new.device} but the cache holds {old.dtype} on "
+                            f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
+                            f"and on one device")
+
+
+class unchanged_on_error:  # noqa: N801 (used like a function: `with unchanged_on_error(cache):`)
     """Run a block that may fill or extend `caches`; if it raises, put every cache back as it was.
 
     An update never writes into the tensors it replaces (torch.cat makes new ones), so keeping the
-    old references is enough to restore them.
+    old references is enough to restore them. (A class rather than a generator: decoding enters it
+    once per token, and this costs a fifth as much.)
     """
-    saved = [(c, c.key, c.value, c.source, c.seen) for c in caches if c is not None]
-    try:
-        yield
-    except BaseException:
-        for cache, key, value, source, seen in saved:
-            cache.key, cache.value, cache.source, cache.seen = key, value, source, seen
-        raise
+
+    __slots__ = ("saved",)
+
+    def __init__(self, *caches: KVCache | None) -> None:
+        self.saved = [(c, c.key, c.value, c.source, c.seen) for c in caches if c is not None]
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> bool:
+        if kind is not None:
+            for cache, key, value, source, seen in self.saved:
+                cache.key, cache.value, cache.source, cache.seen = key, value, source, seen
+        return False  # the error goes on

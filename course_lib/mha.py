@@ -91,9 +91,9 @@ class MultiHeadAttention(nn.Module):
         """
         key = query if key is None else key
         value = key if value is None else value
-        B, T, S = self._check(query, key, value, attn_mask, is_causal, need_weights, cache)
+        S = self._check(query, key, value, attn_mask, is_causal, need_weights, cache)  # keys, cached ones included
         start = 0 if cache is None or cache.static else cache.next_position  # position of the first new query
-        mask, is_causal = self._mask(attn_mask, is_causal, T, S, start, cache, need_weights)  # made once, here
+        mask, is_causal = self._mask(query, attn_mask, is_causal, S, start, cache, need_weights)  # made once, here
         reuse = cache is not None and cache.static and cache.is_filled  # the memory's keys/values, projected once
         q = split_heads(self.q_proj(query), self.num_heads)  # (B, H, T, d_head)
         k = None if reuse else split_heads(self.k_proj(key), self.num_kv_heads)  # (B, H_kv, S_new, d_head)
@@ -108,14 +108,13 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if need_weights else out
 
     # The three steps a variant may change (course_lib.modern.DecoderAttention changes all three).
-    def _check(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
-        """Every argument checked before any arithmetic; -> (B, T, S), S counting the cached keys."""
+    def _check(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> int:
+        """Every argument checked before any arithmetic; -> S, the number of keys, cached ones included."""
         return check_forward(self, query, key, value, attn_mask, is_causal, need_weights, cache)
 
-    def _mask(self, attn_mask, is_causal, T, S, start, cache, need_weights) -> tuple[torch.Tensor | None, bool]:
+    def _mask(self, query, attn_mask, is_causal, S, start, cache, need_weights) -> tuple[torch.Tensor | None, bool]:
         """The mask in the one form attention_core consumes (causal folded in unless the kernel does it)."""
-        return canonical_mask(attn_mask, is_causal, T, S, need_weights=need_weights,
-                              device=self.q_proj.weight.device)
+        return canonical_mask(attn_mask, is_causal, query.shape[1], S, need_weights=need_weights, device=query.device)
 
     def _attend(self, q, k, v, mask, is_causal, need_weights) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scaled dot-product attention of every head at once: (B, H, T, d_head), weights or None."""

@@ -35,6 +35,14 @@ DecoderCaches = list[tuple[KVCache, KVCache]]  # one (self-attention cache, cros
 
 @dataclass
 class Seq2SeqConfig:
+    """The sizes of a Seq2SeqTransformer, checked when made (a bad value is refused by name).
+
+    Vocabularies of the source and target languages; d_model, num_heads, d_ff and the layer counts
+    of the encoder and decoder; dropout everywhere; max_len, the longest sequence the positions
+    cover; norm_first, pre-LN (True) or post-LN; positional, how positions enter ("sinusoidal",
+    "learned", "rotary" or "none"); the ids of the padding, begin and end tokens.
+    """
+
     src_vocab_size: int
     tgt_vocab_size: int
     d_model: int = 64
@@ -95,11 +103,20 @@ def _rotary(config: Seq2SeqConfig) -> RotaryEmbedding | None:
 
 
 class _NoPosition(nn.Module):
+    """positional="none": the embeddings as they are (attention then sees a set, not a sequence)."""
+
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return x
 
 
 class Seq2SeqTransformer(nn.Module):
+    """An encoder-decoder transformer (Vaswani et al. 2017) built from course_lib's layers (notebooks 06, 11).
+
+    encode(src (B, S)) -> memory (B, S, d_model) and its padding mask; decode(tgt (B, T), memory,
+    memory_mask) -> logits (B, T, tgt_vocab_size), teacher-forced, or with caches (new_caches())
+    one step at a time; forward(src, tgt) does both. greedy_decode(model, src) generates.
+    """
+
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         if not isinstance(config, Seq2SeqConfig):

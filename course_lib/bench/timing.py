@@ -18,6 +18,8 @@ __all__ = ["Timing", "time_fn", "peak_memory", "matmul_peak"]
 
 @dataclass(frozen=True)
 class Timing:
+    """Wall times of repeated calls, in seconds: median, fastest and slowest of `repeats`."""
+
     median_s: float
     min_s: float
     max_s: float

@@ -5,7 +5,7 @@
 
 Every checker `check_<name>` of the notebook modules is listed here, in exercise order, so that
 readers and tools can follow each name to its module. A new checker goes into its notebook
-module's `__all__` and into the lists below; tests/test_checks_meta.py fails if one is missing
+module's `__all__` and into the lists below; tests/checkers/test_checks_meta.py fails if one is missing
 or if two notebook modules export the same name.
 """
 

@@ -53,6 +53,8 @@ class CheckFailure(Exception):
 
 @dataclass(frozen=True)
 class CheckResult:
+    """A checker's verdict: the exercise's name, passed or not, and the message a learner reads."""
+
     name: str
     passed: bool
     message: str

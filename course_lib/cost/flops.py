@@ -1,7 +1,7 @@
 """Floating-point operations of attention, counted by hand (notebooks 04, 09, 10 and 99).
 
 A matmul (m, k) @ (k, n) costs 2 m k n FLOPs: a multiply and an add per term. torch's
-FlopCounterMode counts the same way (tests/test_bench_attention.py checks it on naive attention).
+FlopCounterMode counts the same way (tests/unit/test_bench_attention.py checks it on naive attention).
 """
 
 from __future__ import annotations

@@ -102,13 +102,16 @@ class GatedSelfAttention(nn.Module):
 
 
 class _Layer(nn.Module):
+    """Pre-LN: x + attention(LN(x)), then x + MLP(LN(x)) unless d_ff = 0 (attention only)."""
+
     def __init__(self, d_model: int, num_heads: int, d_ff: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(d_model), GatedSelfAttention(d_model, num_heads, num_kv_heads)
         self.norm2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model)) if d_ff else None
 
-    def forward(self, x, head_gate=None):
+    def forward(self, x: torch.Tensor,
+                head_gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         a, weights = self.attn(self.norm1(x), head_gate)
         x = x + a
         if self.mlp is not None:
@@ -139,7 +142,8 @@ class HeadGatedTransformer(nn.Module):
         self.layers = nn.ModuleList(_Layer(d_model, num_heads, d_ff, num_kv_heads) for _ in range(num_layers))
         self.norm, self.readout = nn.LayerNorm(d_model), nn.Linear(d_model, num_classes)
 
-    def forward(self, tokens: torch.Tensor, head_gate: torch.Tensor | None = None, need_weights: bool = False):
+    def forward(self, tokens: torch.Tensor, head_gate: torch.Tensor | None = None,
+                need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         if tokens.ndim != 2 or tokens.shape[1] > self.config["seq_len"]:
             raise ValueError(f"tokens must have shape (B, T) with T <= {self.config['seq_len']}; "
                              f"got {tuple(tokens.shape)}")
@@ -168,6 +172,8 @@ DATA_SEED_OFFSET = 1000  # the batches' generator is seeded apart from the model
 
 @dataclass
 class TrainConfig:
+    """One training run of the head-ablation model: the task, the model's sizes, the optimiser and the schedule."""
+
     task: str = "two_lookups"
     num_heads: int = 4
     d_model: int = 32

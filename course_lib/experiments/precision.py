@@ -41,6 +41,8 @@ __all__ = [
 # ----------------------------------------------------------------------------- number formats
 @dataclass(frozen=True)
 class NumberFormat:
+    """A floating-point format's layout and the limits that follow from it (notebook 09's table)."""
+
     name: str
     bits: int  # storage bits (TF32: the 19 bits the matmul unit keeps; stored as 32)
     exponent_bits: int

@@ -90,6 +90,8 @@ def detokenise(tokens: Iterable[str]) -> str:
 # --------------------------------------------------------------------------- the grammar
 @dataclass(frozen=True)
 class NounPhrase:
+    """A determiner, adjectives and a noun, written in the source language or the target language."""
+
     noun: tuple[str, str]  # a key of NOUNS
     plural: bool
     definite: bool
@@ -109,6 +111,8 @@ class NounPhrase:
 
 @dataclass(frozen=True)
 class Sentence:
+    """Subject, verb (maybe negated) and object: one sentence pair of the toy translation task."""
+
     subject: NounPhrase
     verb: tuple[str, str]  # a key of VERBS
     negated: bool

@@ -45,6 +45,8 @@ CHECKPOINT_FORMAT = "course_lib.checkpoint/1"
 # =========================================================================== the loop
 @dataclass
 class TrainResult:
+    """What `train` recorded: the loss and the gradient norm of every step, and the wall time."""
+
     losses: list[float] = field(default_factory=list)  # one per step
     grad_norms: list[float] = field(default_factory=list)  # global grad norm before clipping, one per step
     seconds: float = 0.0

@@ -151,7 +151,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     """autograd wrapper: forward saves (q, k, v, out, lse) — O(T) extra, not the (T, S) weights."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal: bool, input_precision: str):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                input_precision: str) -> torch.Tensor:
         kernels = _kernels()
         batch, T, S, d = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
         q3 = q.reshape(-1, T, d).contiguous()  # (N, T, d), N = product of the leading dims
@@ -164,7 +165,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return out.reshape(*batch, T, d)
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q3, k3, v3, out, lse = ctx.saved_tensors
         q_shape, k_shape = ctx.shapes
         d_out3 = d_out.reshape(out.shape).to(out.dtype)

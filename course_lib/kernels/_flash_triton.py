@@ -295,7 +295,7 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize:
     """Bytes of shared memory a config needs: the streamed tiles times the pipeline depth, plus the resident ones.
 
     Checked against what Triton 3.6 allocates for sm_90, for every candidate config of every kernel,
-    dtype and head size (tests/test_kernels_hopper.py, COURSE_LIB_HOPPER_SWEEP=1): exact for the
+    dtype and head size (tests/gpu/test_kernels_hopper.py, COURSE_LIB_HOPPER_SWEEP=1): exact for the
     forward kernel, within 4 KiB for the backward ones. The largest candidate needs 229376 bytes.
     """
     if kind == "fwd":  # streams K, V tiles; q resident
@@ -398,7 +398,7 @@ def _meta(q: torch.Tensor, is_causal: bool, precision: str) -> dict:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, precision: str, interpret: bool,
-            config: tuple[int, int, int, int] | None = None):
+            config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, T, D), k (N, S, D), v (N, S, D) contiguous -> (out (N, T, D), lse (N, T) float32, base 2)."""
     N, T, D = q.shape
     S = k.shape[1]
@@ -411,7 +411,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, 
 
 
 def backward(q, k, v, out, lse, d_out, is_causal: bool, precision: str, interpret: bool,
-             configs: tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None] = (None, None)):
+             configs: tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None] = (None, None),
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients from the saved log-sum-exp: P is recomputed tile by tile, never stored."""
     N, T, D = q.shape
     S = k.shape[1]

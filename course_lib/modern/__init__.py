@@ -7,6 +7,6 @@ decoding form.
 """
 
 from course_lib.modern.decoder_attention import DecoderAttention
-from course_lib.modern.mla import MultiHeadLatentAttention
+from course_lib.modern.mla import LatentCache, MultiHeadLatentAttention
 
-__all__ = ["DecoderAttention", "MultiHeadLatentAttention"]
+__all__ = ["DecoderAttention", "LatentCache", "MultiHeadLatentAttention"]

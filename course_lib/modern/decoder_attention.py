@@ -51,18 +51,18 @@ class DecoderAttention(MultiHeadAttention):
         """An empty cache that keeps what this module can attend to (only the window and sinks, if any)."""
         return KVCache(window=self.window, sink_tokens=self.sink_tokens)
 
-    def _check(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> tuple[int, int, int]:
-        B, T, S = super()._check(query, key, value, attn_mask, is_causal, need_weights, cache)
+    def _check(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> int:
+        S = super()._check(query, key, value, attn_mask, is_causal, need_weights, cache)
         if self.window is not None and key is not query:
             raise ValueError("this module has a window, which applies to self-attention; call it with one "
                              "sequence (mha(x)), not with separate key/value")
         if self.window is not None and not is_causal:
             raise ValueError(f"window={self.window} is a causal sliding window: pass is_causal=True")
-        return B, T, S
+        return S
 
-    def _mask(self, attn_mask, is_causal, T, S, start, cache, need_weights) -> tuple[torch.Tensor | None, bool]:
+    def _mask(self, query, attn_mask, is_causal, S, start, cache, need_weights) -> tuple[torch.Tensor | None, bool]:
         """A window: causal and windowed from positions (a windowed cache has evicted the oldest keys)."""
-        device = self.q_proj.weight.device
+        T, device = query.shape[1], query.device
         if self.window is None and (cache is None or cache.window is None):
             # a learned sink runs on the math path, which takes the causal part as a mask
             return canonical_mask(attn_mask, is_causal, T, S, device=device,

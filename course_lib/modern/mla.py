@@ -29,13 +29,48 @@ from course_lib.masks import canonical_mask
 from course_lib.mha import merge_heads
 from course_lib.positional import RotaryEmbedding
 
-__all__ = ["MultiHeadLatentAttention"]
+__all__ = ["MultiHeadLatentAttention", "LatentCache"]
+
+
+class LatentCache:
+    """MLA's cache: per token the latent c (kv_rank numbers) and the shared rotary key (d_rope), not keys and values.
+
+    latent (B, 1, S, kv_rank) and rope_key (B, 1, S, d_rope) grow by the new tokens at each call;
+    next_position is the position of the next token. (It stores them in a KVCache, whose checks
+    and restore-on-error it reuses.)
+    """
+
+    def __init__(self) -> None:
+        self.store = KVCache()
+
+    @property
+    def latent(self) -> torch.Tensor | None:
+        return self.store.key  # (B, 1, S, kv_rank)
+
+    @property
+    def rope_key(self) -> torch.Tensor | None:
+        return self.store.value  # (B, 1, S, d_rope)
+
+    @property
+    def next_position(self) -> int:
+        return self.store.next_position
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __repr__(self) -> str:
+        shape = None if self.latent is None else tuple(self.latent.shape)
+        return f"LatentCache(latent={shape}, rope_key={None if shape is None else tuple(self.rope_key.shape)})"
+
+    def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, 1, S_new, .) latents and rotary keys; return everything cached so far."""
+        return self.store.update(latent, rope_key)
 
 
 class MultiHeadLatentAttention(nn.Module):
     """Causal self-attention with DeepSeek's latent key/value compression; see the module docstring.
 
-    A cache is a KVCache holding key = the latent c (B, 1, S, kv_rank) and value = k_rope (B, 1, S, d_rope).
+    A cache is a LatentCache (`new_cache()`): the latent c (B, 1, S, kv_rank) and k_rope (B, 1, S, d_rope).
     """
 
     def __init__(self, d_model: int, num_heads: int, *, kv_rank: int, d_nope: int, d_rope: int, d_v: int,
@@ -66,6 +101,10 @@ class MultiHeadLatentAttention(nn.Module):
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "
                 f"d_nope={self.d_nope}, d_rope={self.d_rope}, d_v={self.d_v}")
 
+    def new_cache(self) -> LatentCache:
+        """An empty cache of latents and rotary keys."""
+        return LatentCache()
+
     def cache_numbers_per_token(self) -> int:
         """Numbers one layer's cache holds per token: the latent and the rotary key (MHA: 2 * H * d_head)."""
         return self.kv_rank + self.d_rope
@@ -86,7 +125,7 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_up.weight.view(self.num_heads, self.d_nope + self.d_v, self.kv_rank)
         return w[:, : self.d_nope], w[:, self.d_nope:]
 
-    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, absorbed: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, cache: LatentCache | None = None, absorbed: bool = False) -> torch.Tensor:
         """x (B, T, d_model) -> (B, T, d_model), causal; with a cache, x holds only the new tokens."""
         check_bool("absorbed", absorbed)
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.d_model:
@@ -95,18 +134,20 @@ class MultiHeadLatentAttention(nn.Module):
         if x.dtype != self.kv_down.weight.dtype:
             raise TypeError(f"x has dtype {x.dtype} but the weights are {self.kv_down.weight.dtype}")
         if cache is not None:
-            if not isinstance(cache, KVCache) or cache.static or cache.window is not None:
-                raise TypeError(f"cache must be a growing course_lib.KVCache() without a window; got {cache!r:.80}")
-            if cache.is_filled and (cache.key.shape[0] != x.shape[0] or cache.key.shape[-1] != self.kv_rank
-                                    or cache.value.shape[-1] != self.d_rope):
-                raise ValueError(f"cache holds latents {shape_str(cache.key.shape)} and rotary keys "
-                                 f"{shape_str(cache.value.shape)}; this call needs B={x.shape[0]}, "
+            if not isinstance(cache, LatentCache):
+                raise TypeError(f"cache must be a LatentCache (mla.new_cache()): MLA caches latents, not keys and "
+                                f"values; got {type(cache).__name__}")
+            held = cache.latent
+            if held is not None and (held.shape[0] != x.shape[0] or held.shape[-1] != self.kv_rank
+                                     or cache.rope_key.shape[-1] != self.d_rope):
+                raise ValueError(f"cache holds latents {shape_str(cache.latent.shape)} and rotary keys "
+                                 f"{shape_str(cache.rope_key.shape)}; this call needs B={x.shape[0]}, "
                                  f"kv_rank={self.kv_rank}, d_rope={self.d_rope}")
         B, T, _ = x.shape
         start = 0 if cache is None else cache.next_position  # position of the first new token
         q_nope, q_rope = self._queries(x, start)
         c, k_rope = self._latent(x, start)  # (B, 1, T, r), (B, 1, T, d_rope)
-        with unchanged_on_error(cache):
+        with unchanged_on_error(None if cache is None else cache.store):
             if cache is not None:
                 c, k_rope = cache.update(c, k_rope)  # (B, 1, S, r), (B, 1, S, d_rope)
             S = c.shape[-2]

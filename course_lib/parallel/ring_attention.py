@@ -273,8 +273,10 @@ def _ring_backward(q, k, v, out, lse, d_out, plan: _Plan, comm: Comm):
 
 
 class _RingAttentionFunction(torch.autograd.Function):
+    """autograd for ring attention: forward saves the log-sum-exp; backward passes the key/value blocks around again."""
+
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan, comm: Comm):
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, comm: Comm) -> torch.Tensor:
         with torch.no_grad():
             out, lse = _ring_forward(q, k, v, plan, comm)
         ctx.save_for_backward(q, k, v, out, lse)  # O(T_r) per rank: the lse, not the (T, S) weights
@@ -282,7 +284,7 @@ class _RingAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, d_out):
+    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
         q, k, v, out, lse = ctx.saved_tensors
         with torch.no_grad():
             dq, dk, dv = _ring_backward(q, k, v, out, lse, d_out.contiguous(), ctx.plan, ctx.comm)

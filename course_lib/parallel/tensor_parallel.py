@@ -43,7 +43,7 @@ class _CopyToShards(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.comm.all_reduce(grad, what="f backward: gradient of the input"), None
 
 
@@ -55,7 +55,7 @@ class _SumShards(torch.autograd.Function):
         return comm.all_reduce(partial, what="g forward: sum of the partial outputs")
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
 
 

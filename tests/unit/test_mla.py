@@ -30,12 +30,12 @@ def test_absorbed_equals_plain_and_cache_equals_one_pass(q_rank):
         full = mla(x)
         torch.testing.assert_close(mla(x, absorbed=True), full, rtol=0, atol=1e-12)
         for absorbed in (False, True):
-            cache, outs, start = KVCache(), [], 0
+            cache, outs, start = mla.new_cache(), [], 0
             for n in CHUNKS:
                 outs.append(mla(x[:, start:start + n], cache=cache, absorbed=absorbed))
                 start += n
             torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-12)
-            assert cache.key.shape == (2, 1, sum(CHUNKS), 16) and cache.value.shape == (2, 1, sum(CHUNKS), 4)
+            assert cache.latent.shape == (2, 1, sum(CHUNKS), 16) and cache.rope_key.shape == (2, 1, sum(CHUNKS), 4)
     assert mla.cache_numbers_per_token() == 16 + 4
 
 
@@ -56,12 +56,13 @@ def test_bad_input_refused_and_cache_unchanged():
     assert_clear_error(lambda: mla(torch.randn(1, 3, 16)), ValueError, ["d_model=32"])
     assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, kv_rank=0, d_nope=8, d_rope=4, d_v=6),
                        ValueError, ["kv_rank"])
-    cache = KVCache()
+    assert_clear_error(lambda: mla(torch.randn(1, 3, 32), cache=KVCache()), TypeError, ["LatentCache", "KVCache"])
+    cache = mla.new_cache()
     with torch.no_grad():
         mla(torch.randn(1, 3, 32), cache=cache)
-    before = cache.key
+    before = cache.latent
     assert_clear_error(lambda: mla(torch.randn(2, 1, 32), cache=cache), ValueError, ["B=2"])
-    assert cache.key is before and cache.seen == 3
+    assert cache.latent is before and cache.next_position == 3
 
 
 @pytest.mark.parametrize("q_rank", [None, 12])
@@ -92,7 +93,7 @@ def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
     hook.remove()
     ours = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
     for absorbed in (False, True):
-        cache = KVCache()
+        cache = ours.new_cache()
         with torch.no_grad():
             for x, ref in seen:
                 torch.testing.assert_close(ours(x, cache=cache, absorbed=absorbed), ref, atol=1e-5, rtol=1e-5)

@@ -63,7 +63,7 @@ def test_every_checker_is_exercised_by_its_notebooks_test_module():
     missing = []
     for name in CHECKERS:
         notebook = getattr(checks, name).__module__.rsplit(".", 1)[1]  # e.g. nb04
-        test_file = REPO_ROOT / "tests" / f"test_checks_{notebook}.py"
+        test_file = REPO_ROOT / "tests" / "checkers" / f"test_checks_{notebook}.py"
         if not test_file.exists() or test_file.read_text().count(name) < 2:
             missing.append(f"{name} ({test_file.name})")
     assert not missing, "checkers without a pass and a fail test: " + ", ".join(missing)

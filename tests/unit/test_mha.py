@@ -437,11 +437,12 @@ def test_prune_weight_norm_and_functional_call_work_on_the_projections():
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
-    mha = MultiHeadAttention(16, 4).eval()
-    torch.nn.utils.prune.l1_unstructured(mha.k_proj, "weight", amount=0.5)
-    torch.nn.utils.parametrizations.weight_norm(mha.v_proj)
-    with torch.no_grad():
-        assert torch.allclose(mha(x), _reference_forward(mha, x), atol=1e-6)
+    for pruned, normed in (("q_proj", "v_proj"), ("k_proj", "q_proj")):
+        mha = MultiHeadAttention(16, 4).eval()
+        torch.nn.utils.prune.l1_unstructured(getattr(mha, pruned), "weight", amount=0.5)
+        torch.nn.utils.parametrizations.weight_norm(getattr(mha, normed))
+        with torch.no_grad():
+            assert torch.allclose(mha(x), _reference_forward(mha, x), atol=1e-6)
     plain = MultiHeadAttention(16, 4).eval()
     params = {name: torch.zeros_like(p) for name, p in plain.named_parameters()}
     batched = torch.func.vmap(lambda xi: torch.func.functional_call(plain, params, (xi[None],)))(x)

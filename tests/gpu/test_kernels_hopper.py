@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.maintainer  # a minute of compiling: make ci runs it, make test does not
 MAX_SHARED_PER_BLOCK = 232448  # 227 KiB: the opt-in limit of compute capability 9.0
 
@@ -34,7 +34,7 @@ def compile_for_hopper(cases: list[dict]) -> list[dict]:
     (TRITON_INTERPRET=1 is read once, at import), where kernels cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "hopper_compile.py")], input=json.dumps(cases),
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu" / "hopper_compile.py")], input=json.dumps(cases),
                          env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
