@@ -51,9 +51,17 @@ from course_lib.bench import mha as mha_bench  # noqa: E402
 from course_lib.experiments.precision import relative_error  # noqa: E402
 from course_lib.tools.device import device_facts  # noqa: E402
 
-GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_kernels.py", "tests/test_precision.py", "tests/test_device.py",
-             "tests/test_bench.py", "tests/test_bench_attention.py", "tests/test_attention.py", "tests/test_mha.py",
-             "tests/test_kv_cache.py"]
+GPU_TESTS = [
+    "tests/gpu/test_kernels_gpu.py",
+    "tests/unit/test_kernels.py",
+    "tests/unit/test_precision.py",
+    "tests/unit/test_device.py",
+    "tests/unit/test_bench.py",
+    "tests/unit/test_bench_attention.py",
+    "tests/unit/test_attention.py",
+    "tests/unit/test_mha.py",
+    "tests/unit/test_kv_cache.py",
+]
 TARGETS = {
     "module_fwd_bwd_ratio_max": 1.10,  # course_lib.MultiHeadAttention / plain SDPA module, T >= 1024, bf16
     "decode_ratio_max": 1.10,
@@ -116,7 +124,7 @@ def write_json(path: Path, data: dict) -> None:
 
 # ----------------------------------------------------------------------------- 1. tests
 def run_tests(run: Run, timeout_s: float, files: list[str] | None = None) -> dict:
-    files = files or (GPU_TESTS if ON_GPU else ["tests/test_kernels_gpu.py"])  # dry run: the plumbing only
+    files = files or (GPU_TESTS if ON_GPU else ["tests/gpu/test_kernels_gpu.py"])  # dry run: the plumbing only
     junit = Path("/tmp") / f"gpu_check_junit_{os.getpid()}.xml"
     workers = ["-n", "8", "--dist", "load"] if run.summary["versions"]["xdist"] else []
     env = os.environ | {"PYTHONPATH": str(ROOT), "COURSE_LIB_AUTOTUNE": "0"}  # tests: one config per kernel
