@@ -16,8 +16,9 @@ from course_lib.positional import RotaryEmbedding
 __all__ = ["check_init", "check_forward"]
 
 
-def check_init(d_model: object, num_heads: object, num_kv_heads: object, kdim: object, vdim: object,
-               dropout: object, rotary: object, dtype: object) -> tuple[int, int, int, int, float]:
+def check_init(d_model: int, num_heads: int, num_kv_heads: int | None, kdim: int | None, vdim: int | None,
+               dropout: float, rotary: RotaryEmbedding | None, dtype: torch.dtype | None
+               ) -> tuple[int, int, int, int, float]:
     """-> (num_kv_heads, d_head, kdim, vdim, dropout), every one checked."""
     check_positive_int("d_model", d_model)
     check_positive_int("num_heads", num_heads)
@@ -98,7 +99,7 @@ def _check_cache(module, query, key, cache: object) -> None:
     if cache.static and cache.is_filled and (key.shape[1] != len(cache) or not _same_memory(key, cache.source)):
         raise ValueError(f"this static KVCache was filled from another memory (length {len(cache)}); "
                          f"got key {shape_str(key.shape)}: use a new KVCache(static=True) per memory")
-    if cache.is_filled:
+    if cache.key is not None:  # filled
         expected = (query.shape[0], module.num_kv_heads, module.d_head)
         got = (cache.key.shape[0], cache.key.shape[1], cache.key.shape[-1])
         if got != expected:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ def check_attn_mask(
 
     module_ndim: only 2-D or 4-D masks, as MultiHeadAttention takes them (see `masks.check_mask`).
     """
-    check_mask("attn_mask", attn_mask, module_ndim=module_ndim)
+    attn_mask = check_mask("attn_mask", attn_mask, module_ndim=module_ndim)
     check_mask_shape(tuple(attn_mask.shape), scores_shape, name="attn_mask")
     if attn_mask.device != device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but the inputs are on {device}")
@@ -141,7 +142,7 @@ def _math_attention(q, k, v, mask, dropout_p, enable_gqa=False):
 
 
 def _fused_attention(q, k, v, mask, is_causal, dropout_p, enable_gqa=False):
-    gqa = {}
+    gqa: dict[str, Any] = {}
     if enable_gqa and q.shape[-3] != k.shape[-3]:  # grouped-query: fewer kv heads
         if SDPA_HAS_GQA:
             gqa = {"enable_gqa": True}  # the kernel indexes the shared heads, no copy

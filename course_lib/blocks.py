@@ -107,7 +107,7 @@ class EncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
                 need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x, weights = self.run(x, attn_mask, need_weights=need_weights)
-        return (x, weights) if need_weights else x
+        return x if weights is None else (x, weights)  # weights: only if need_weights
 
     def run(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
             need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -151,7 +151,9 @@ class DecoderLayer(nn.Module):
         x, self_weights, cross_weights = self.run(x, memory, memory_mask=memory_mask, tgt_mask=tgt_mask,
                                                   self_cache=self_cache, cross_cache=cross_cache,
                                                   need_weights=need_weights)
-        return (x, self_weights, cross_weights) if need_weights else x
+        if self_weights is None or cross_weights is None:  # need_weights=False
+            return x
+        return x, self_weights, cross_weights
 
     def run(self, x: torch.Tensor, memory: torch.Tensor, *, memory_mask: torch.Tensor | None = None,
             tgt_mask: torch.Tensor | None = None, self_cache: KVCache | None = None,

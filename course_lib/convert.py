@@ -1,23 +1,37 @@
 """Copy the weights of torch's and Hugging Face's attention modules into MultiHeadAttention.
 
-MultiHeadAttention.from_torch and .from_hf_bert are these functions, bound as class methods; they
-take the class to build (cls), so this module needs nothing from mha.py. Each copies exactly, so the
-outputs match (tests/unit/test_mha.py, notebook 04), or refuses what it cannot copy by name.
+MultiHeadAttention.from_torch and .from_hf_bert call these functions; they take the class to build
+(cls), so this module needs nothing from mha.py (`Projections` says what they fill). Each copies
+exactly, so the outputs match (tests/unit/test_mha.py, notebook 04), or refuses what it cannot copy
+by name.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Protocol, Self, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = ["from_torch", "from_hf_bert"]
 
-M = TypeVar("M", bound=nn.Module)
+
+class Projections(Protocol):
+    """What a conversion fills: the four projections of a MultiHeadAttention (or of a subclass)."""
+
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+
+    def train(self, mode: bool = True) -> Self: ...
 
 
-def from_torch(cls: type[M], module: nn.MultiheadAttention) -> M:
+M = TypeVar("M", bound=Projections)
+
+
+def from_torch(cls: Callable[..., M], module: nn.MultiheadAttention) -> M:
     """Copy an nn.MultiheadAttention's weights. Call the result batch-first, with OUR mask polarity."""
     if not isinstance(module, nn.MultiheadAttention):
         raise TypeError(f"module must be a torch.nn.MultiheadAttention; got {type(module).__name__}")
@@ -40,7 +54,7 @@ def from_torch(cls: type[M], module: nn.MultiheadAttention) -> M:
             new.out_proj.bias.copy_(module.out_proj.bias)
     return new.train(module.training)
 
-def from_hf_bert(cls: type[M], attention: nn.Module) -> M:
+def from_hf_bert(cls: Callable[..., M], attention: nn.Module) -> M:
     """Copy a Hugging Face BertAttention (layer.attention): query/key/value, then output.dense as W_O.
 
     The result computes BERT's attention up to (and including) the output dense layer, i.e.

@@ -13,6 +13,7 @@ original position (`key_positions` says which positions the cache holds).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, NoReturn
 
 import torch
 
@@ -101,6 +102,7 @@ class KVCache:
             return key, value
         if self.static:
             raise RuntimeError("this KVCache is static (cross-attention memory): it is filled once, not appended to")
+        assert old_v is not None  # key and value are filled together
         oks, ovs = old_k.shape, old_v.shape
         if not (ks[0] == oks[0] and ks[1] == oks[1] and ks[3] == oks[3] and vs[0] == ovs[0] and vs[1] == ovs[1]
                 and vs[3] == ovs[3] and key.dtype == old_k.dtype and value.dtype == old_v.dtype
@@ -117,11 +119,12 @@ class KVCache:
         if self.window is None or len(self) <= self.sink_tokens + self.window:
             return
         s, w = self.sink_tokens, self.window
+        assert self.key is not None and self.value is not None  # len(self) > 0: both are filled
         self.key = torch.cat([self.key[..., :s, :], self.key[..., -w:, :]], dim=-2)
         self.value = torch.cat([self.value[..., :s, :], self.value[..., -w:, :]], dim=-2)
 
 
-def _refuse_new(key: object, value: object) -> None:
+def _refuse_new(key: torch.Tensor, value: torch.Tensor) -> NoReturn:
     """The message for new keys/values that are not a pair of (B, H, S_new, d) tensors with one value per key."""
     for name, t in (("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
@@ -159,7 +162,8 @@ class unchanged_on_error:  # noqa: N801 (used like a function: `with unchanged_o
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: object) -> Literal[False]:
         if kind is not None:
             for cache, key, value, source, seen in self.saved:
                 cache.key, cache.value, cache.source, cache.seen = key, value, source, seen

@@ -177,10 +177,10 @@ def combine_masks(*masks: torch.Tensor | None) -> torch.Tensor | None:
         raise ValueError("masks do not broadcast together: " + ", ".join(shape_str(m.shape) for m in present))
     additive = [m for m in present if m.dtype.is_floating_point]
     if not additive:
-        out = present[0]
+        allowed = present[0]
         for m in present[1:]:
-            out = out & m
-        return out
+            allowed = allowed & m
+        return allowed
     dtype = additive[0].dtype
     for m in additive[1:]:
         dtype = torch.promote_types(dtype, m.dtype)

@@ -21,6 +21,8 @@ from torch and Hugging Face modules in course_lib.convert.
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -102,10 +104,14 @@ class MultiHeadAttention(nn.Module):
             q, k = self.rotary(q, offset=start), self.rotary(k, offset=start)
         with unchanged_on_error(cache):  # a call that fails leaves the cache as it was
             if cache is not None:
-                k, v = (cache.key, cache.value) if reuse else cache.update(k, v, source=key)  # (B, H_kv, S, d_head)
+                if reuse:  # (B, H_kv, S, d_head), projected on the first call
+                    k, v = cache.key, cache.value
+                else:
+                    assert k is not None and v is not None  # projected above: only `reuse` skips them
+                    k, v = cache.update(k, v, source=key)  # (B, H_kv, S, d_head)
             out, weights = self._attend(q, k, v, mask, is_causal, need_weights)  # (B, H, T, d_head), (B, H, T, S)
             out = self.out_proj(merge_heads(out))  # concat heads (B, T, d_model), then W_O
-        return (out, weights) if need_weights else out
+        return out if weights is None else (out, weights)  # weights: only if need_weights
 
     # The three steps a variant may change (course_lib.modern.DecoderAttention changes all three).
     def _check(self, query, key, value, attn_mask, is_causal, need_weights, cache) -> int:
@@ -130,5 +136,12 @@ class MultiHeadAttention(nn.Module):
         """An empty self-attention cache."""
         return KVCache()
 
-    from_torch = classmethod(convert.from_torch)
-    from_hf_bert = classmethod(convert.from_hf_bert)
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> Self:
+        """A copy of an nn.MultiheadAttention (`convert.from_torch`); call it batch-first, with OUR mask polarity."""
+        return convert.from_torch(cls, module)
+
+    @classmethod
+    def from_hf_bert(cls, attention: nn.Module) -> Self:
+        """A copy of a Hugging Face BertAttention, up to its output dense layer (`convert.from_hf_bert`)."""
+        return convert.from_hf_bert(cls, attention)

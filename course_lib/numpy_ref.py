@@ -107,7 +107,9 @@ def _masked_scores(q: np.ndarray, k: np.ndarray, mask: np.ndarray | None) -> np.
     return scores + mask
 
 
-def _check_inputs(q, k, v, mask, dtype: type | None = np.float64):
+def _check_inputs(
+    q: ArrayLike, k: ArrayLike, v: ArrayLike, mask: ArrayLike | None, dtype: type | None = np.float64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, tuple[int, ...]]:
     q, k, v = (_as_float_array(n, a, dtype) for n, a in (("q", q), ("k", k), ("v", v)))
     scores_shape = check_qkv_shapes(q.shape, k.shape, v.shape)
     return q, k, v, _as_mask(mask, scores_shape), scores_shape

@@ -70,6 +70,8 @@ def _check_input(x: torch.Tensor, d_model: int, offset: int, max_len: int) -> No
 class SinusoidalPositionalEncoding(nn.Module):
     """x (B, T, d_model) -> x + PE[offset : offset + T] (then dropout). No trainable parameters."""
 
+    table: torch.Tensor  # (max_len, d_model): a buffer, registered in __init__
+
     def __init__(self, d_model: int, max_len: int = 512, *, dropout: float = 0.0, base: float = 10000.0) -> None:
         super().__init__()
         self.d_model, self.max_len = d_model, max_len

@@ -17,7 +17,9 @@ token from seeing anything to its right; the loss ignores padded positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import cast
 
 import torch
 from torch import nn
@@ -162,7 +164,7 @@ class Seq2SeqTransformer(nn.Module):
         memory_mask = self.source_mask(src)
         x = self.src_pos(self.src_embed(src) * math.sqrt(self.config.d_model))  # (B, S, d_model)
         weights = []
-        for layer in self.encoder_layers:
+        for layer in cast("Iterable[EncoderLayer]", self.encoder_layers):  # nn.ModuleList yields nn.Module
             x, w = layer.run(x, memory_mask, need_weights=need_weights)
             weights.append(w)
         memory = self.encoder_norm(x)
@@ -202,7 +204,7 @@ class Seq2SeqTransformer(nn.Module):
         x = self.tgt_pos(self.tgt_embed(tgt) * math.sqrt(self.config.d_model), offset)  # (B, T, d_model)
         self_weights, cross_weights = [], []
         with unchanged_on_error(*(c for pair in caches or () for c in pair)):  # every layer's caches, or none
-            for i, layer in enumerate(self.decoder_layers):
+            for i, layer in enumerate(cast("Iterable[DecoderLayer]", self.decoder_layers)):  # as in encode
                 self_cache, cross_cache = (None, None) if caches is None else caches[i]
                 x, sw, cw = layer.run(x, memory, memory_mask=memory_mask, self_cache=self_cache,
                                       cross_cache=cross_cache, need_weights=need_weights)

@@ -114,10 +114,10 @@ def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, 
                cpu_max_bytes: float) -> dict:
     itemsize = torch.empty((), dtype=dtype).element_size()
     scores_bytes = B * H * T * T * itemsize
-    record = {"level": "core", "impl": impl, "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "causal": causal,
-              "pass": pass_, "status": "ok", "reason": "", "median_s": None, "min_s": None, "max_s": None,
-              "repeats": repeats, "flops": attention_flops(B, H, T, T, d_head, causal=causal, pass_=pass_),
-              "tflops": None, "frac_peak": None, "peak_memory_bytes": None, "scores_bytes": scores_bytes}
+    record: dict = {"level": "core", "impl": impl, "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "causal": causal,
+                    "pass": pass_, "status": "ok", "reason": "", "median_s": None, "min_s": None, "max_s": None,
+                    "repeats": repeats, "flops": attention_flops(B, H, T, T, d_head, causal=causal, pass_=pass_),
+                    "tflops": None, "frac_peak": None, "peak_memory_bytes": None, "scores_bytes": scores_bytes}
     if device.type == "cpu" and _materialises_scores(impl) and 3 * scores_bytes > cpu_max_bytes:
         record |= {"status": "skipped", "reason": f"would allocate ~{3 * scores_bytes / 2**30:.1f} GiB of scores on "
                                                   f"the CPU (limit --cpu-max-gib)"}
@@ -334,8 +334,8 @@ def plot_results(data: dict, path: str | Path | None = None, *, d_head: int | No
                 ax_m.axvline(r["T"], color="r", ls="--", alpha=0.4)
                 ax_m.annotate(f"{impl}: OOM", (r["T"], 1), rotation=90, color="r", fontsize=8)
     if not measured:
-        rows = sorted({(r["T"], r["scores_bytes"]) for r in records if r["level"] == "core" and r["d_head"] == d_head})
-        ax_m.plot([t for t, _ in rows], [b / 2**20 for _, b in rows], "o-", color="gray",
+        sizes = sorted({(r["T"], r["scores_bytes"]) for r in records if r["level"] == "core" and r["d_head"] == d_head})
+        ax_m.plot([t for t, _ in sizes], [b / 2**20 for _, b in sizes], "o-", color="gray",
                   label="one (B, H, T, T) score matrix (analytic)")
         ax_m.text(0.03, 0.9, "CPU: torch does not track peak memory;\nshown: the size naive attention must hold",
                   transform=ax_m.transAxes, fontsize=8, va="top")

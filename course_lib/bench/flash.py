@@ -83,7 +83,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _versions() -> dict:
-    versions = {"torch": torch.__version__}
+    versions: dict[str, str | None] = {"torch": torch.__version__}
     try:
         import triton
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ def run(
     heads: int = 12,
     repeats: int = 10,
     warmup: int = 2,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     causal: bool = False,
     seed: int = 0,
@@ -137,7 +138,7 @@ def run(
     }
 
 
-def _interleaved(steps: dict[str, Callable[[], object]], *, device, warmup: int, repeats: int,
+def _interleaved(steps: Mapping[str, Callable[[], object]], *, device, warmup: int, repeats: int,
                  baselines: tuple[str, ...]) -> dict[str, dict]:
     """Warm each step up, then time one call of each per repeat in rotating order; ratios to the best baseline."""
     for step in steps.values():
@@ -148,7 +149,7 @@ def _interleaved(steps: dict[str, Callable[[], object]], *, device, warmup: int,
     for r in range(repeats):
         for name in itertools.islice(itertools.cycle(names), r % len(names), r % len(names) + len(names)):
             samples[name].append(time_fn(steps[name], device=device, warmup=0, repeats=1).median_s)
-    timings = {}
+    timings: dict[str, dict] = {}
     for name, times in samples.items():
         timings[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                          "repeats": len(times), "samples_s": times}
@@ -168,7 +169,7 @@ def run_decode(
     heads: int = 12,
     repeats: int = 50,
     warmup: int = 5,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> dict:
@@ -184,7 +185,7 @@ def run_decode(
     device = torch.device(device)
     torch.manual_seed(seed)
     modules = build_modules(d_model, heads, device, dtype)
-    ours, plain = modules["course_lib"], modules["plain_sdpa"]
+    ours, plain = modules["course_lib"], cast(PlainSDPAttention, modules["plain_sdpa"])  # for plain.decode
     d_head = d_model // heads
     keys, values = (torch.randn(batch, heads, cache_len, d_head, device=device, dtype=dtype) for _ in range(2))
     x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)  # (B, 1, d_model): the newest token

@@ -40,8 +40,9 @@ def measure(T: int, d_head: int, block_size: int, seed: int = 0, naive: bool = T
     """Extra bytes of tiled (and naive) attention on one head: q, k, v of shape (T, d_head), float64."""
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((T, d_head)) for _ in range(3))  # (T, d_head) float64
-    row = {"T": T, "d_head": d_head, "block_size": block_size,
-           "tiled_bytes": extra_peak_bytes(lambda: online_softmax_attention(q, k, v, block_size=block_size))}
+    row: dict[str, int | None] = {
+        "T": T, "d_head": d_head, "block_size": block_size,
+        "tiled_bytes": extra_peak_bytes(lambda: online_softmax_attention(q, k, v, block_size=block_size))}
     row["naive_bytes"] = extra_peak_bytes(lambda: scaled_dot_product_attention(q, k, v)) if naive else None
     return row
 

@@ -276,7 +276,7 @@ def check_masked_attention(fn: Callable) -> str:
             leaked = (weights > 1e-12) & ~full
             if leaked.any():
                 idx = tuple(int(i) for i in np.argwhere(leaked)[0])
-                if not full.any(axis=-1)[idx[:-1]]:
+                if not full[idx[:-1]].any():
                     raise CheckFailure(f"for {label}, query row {_row(idx[:-1])} may attend to nothing, but your "
                                        f"weights there are {np.round(weights[idx[:-1]], 4).tolist()}. A fully "
                                        f"masked row must give weights 0 and output 0 (not a uniform average, "

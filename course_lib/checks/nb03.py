@@ -79,7 +79,7 @@ def check_torch_attention(fn):
         if isinstance(got, tuple):
             raise CheckFailure(f"{description}: return only the output tensor (not a tuple)")
         if not is_close(got, expected):
-            variants = {
+            variants: dict[str, dict] = {
                 f"softmax over dim {axis} of the scores; it must run over the LAST dim (the keys), "
                 "so each query's weights sum to 1": {"softmax_axis": axis}
                 for axis in range(-len(q_shape), -1)

@@ -151,7 +151,7 @@ def check_mha_forward(fn):
         x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
         w_q, w_k, w_v, w_o = (torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 for _ in range(4))
         mask = torch.ones(T, T, dtype=torch.bool).tril() if mask_kind else None
-        kwargs = {"mask": mask} if mask is not None else {}
+        kwargs: dict = {"mask": mask} if mask is not None else {}
         got = call(fn, x.clone(), w_q, w_k, w_v, w_o, H, **kwargs)
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
         expected = scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D) @ w_o.T

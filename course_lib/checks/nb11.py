@@ -143,7 +143,7 @@ def check_edit_distance(fn):
         if value == expected:
             continue
         positional = sum(x != y for x, y in zip(ref, pred, strict=False)) + abs(len(ref) - len(pred))
-        mistakes = {
+        mistakes: dict[float, str] = {
             positional: "you compared the words position by position: one dropped word shifts every later word, "
                         "so they all count as different. An edit distance aligns the two sentences (dynamic "
                         "programming over prefixes)",
@@ -170,7 +170,8 @@ def _toy_model(seed: int, vocab: int, eos_id: int, eos_bias: float) -> Callable:
 
 def _beam(next_log_probs, eos_id, beam_size, max_len, alpha, *, expand_finished=False, penalise=True,
           alpha_one=False):
-    beam, finished = [((), 0.0)], []
+    beam: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (prefix, log-probability)
+    finished: list[tuple[tuple[int, ...], float]] = []
     for _ in range(max_len):
         candidates = []
         for prefix, score in beam:

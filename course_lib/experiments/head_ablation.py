@@ -21,8 +21,10 @@ head importance (`head_importance`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -347,7 +349,7 @@ def parameter_gradient_importance(model: HeadGatedTransformer, x: torch.Tensor, 
     finally:
         model.train(was_training)
     out = torch.zeros(model.num_layers, model.num_heads, dtype=model.readout.weight.dtype)
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(cast("Iterable[_Layer]", model.layers)):  # nn.ModuleList yields nn.Module
         m = layer.attn.mha
         params = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight, m.out_proj.weight]
         params += [p for p in (m.q_proj.bias, m.k_proj.bias, m.v_proj.bias) if p is not None]

@@ -42,7 +42,8 @@ def gate_heads(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return (x.reshape(B, T, H, D // H) * g).reshape(B, T, D)
 
 
-def _check_gate(attn: nn.Module, gate: object) -> torch.Tensor:
+def _check_gate(attn: nn.Module, gate: object) -> tuple[nn.Module, int, torch.Tensor]:
+    """(out_proj, num_heads, gate) of one entry of gated_heads, checked."""
     out_proj = getattr(attn, "out_proj", None)
     H = getattr(attn, "num_heads", None)
     if not isinstance(out_proj, nn.Module) or not isinstance(H, int):
@@ -55,7 +56,7 @@ def _check_gate(attn: nn.Module, gate: object) -> torch.Tensor:
     if gate.ndim not in (1, 2) or gate.shape[-1] != H:
         raise ValueError(f"gated_heads: a gate must have shape ({H},) or (B, {H}) (num_heads={H}); "
                          f"got {tuple(gate.shape)}")
-    return gate
+    return out_proj, H, gate
 
 
 def _hook(gate: torch.Tensor, num_heads: int):
@@ -79,11 +80,11 @@ def gated_heads(gates: Mapping[nn.Module, torch.Tensor]) -> Iterator[None]:
     each call). Every gate is checked before any hook is registered, and the hooks are removed on
     leaving the block, also when it raises. The modules' weights are never touched.
     """
-    checked = [(attn, _check_gate(attn, gate)) for attn, gate in gates.items()]
+    checked = [_check_gate(attn, gate) for attn, gate in gates.items()]
     handles = []
     try:
-        for attn, gate in checked:
-            handles.append(attn.out_proj.register_forward_pre_hook(_hook(gate, attn.num_heads)))
+        for out_proj, num_heads, gate in checked:
+            handles.append(out_proj.register_forward_pre_hook(_hook(gate, num_heads)))
         yield
     finally:
         for handle in handles:

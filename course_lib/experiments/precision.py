@@ -80,7 +80,7 @@ def number_formats() -> list[NumberFormat]:
 
 # ----------------------------------------------------------------------------- error metric
 def relative_error(out: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, *,
-                   per_matrix: bool = False) -> float | np.ndarray:
+                   per_matrix: bool = False) -> float | np.floating | np.ndarray:
     """||out - ref||_F / ||ref||_F, computed in float64; torch tensors (any device) or numpy arrays.
 
     per_matrix=True gives one error per matrix (over the last two axes), shape out.shape[:-2].
@@ -190,8 +190,8 @@ def attention_error_table(device: torch.device | str = "cpu", *, shape: tuple[in
         if low is None:
             low = torch.float64 if setting == "float64" else torch.float32
         qr, kr, vr = (t.to(low).to(torch.float64) for t in (q, k, v))  # the inputs every impl actually sees
-        ref, _ = numpy_ref.scaled_dot_product_attention(qr.numpy(), kr.numpy(), vr.numpy(), mask)
-        ref = torch.from_numpy(ref)
+        ref_np, _ = numpy_ref.scaled_dot_product_attention(qr.numpy(), kr.numpy(), vr.numpy(), mask)
+        ref = torch.from_numpy(ref_np)
         row: dict = {"setting": setting, "device": device.type}
         with torch.no_grad():
             for name, fn in impls.items():

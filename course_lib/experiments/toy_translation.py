@@ -181,7 +181,7 @@ def generate_pairs(n: int, seed: int = SEED, *, exclude: set[str] | None = None)
     """n distinct {"src", "tgt"} pairs from random.Random(seed), skipping sources in `exclude`."""
     rng = random.Random(seed)
     seen = set(exclude or ())
-    pairs = []
+    pairs: list[dict[str, str]] = []
     while len(pairs) < n:
         sentence = _random_sentence(rng)
         src = detokenise(sentence.source())
@@ -213,7 +213,7 @@ def generate_longer_pairs(n: int, *, src_longer_than: int, tgt_longer_than: int,
                          f"{src_longer_than} source / {tgt_longer_than} target words")
     rng = random.Random(seed)
     seen: set[str] = set()
-    pairs = []
+    pairs: list[dict[str, str]] = []
     while len(pairs) < n:
         sentence = _random_sentence(rng, counts)
         src, tgt = sentence.source(), sentence.target()

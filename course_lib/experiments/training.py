@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "course_lib.checkpoint/1"
+
+Batch = TypeVar("Batch")  # whatever `batches` yields: loss_fn(model, batch) reads it
+M = TypeVar("M", bound=nn.Module)  # the model class a checkpoint's config builds
 
 
 # =========================================================================== the loop
@@ -71,7 +75,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -
     return factor
 
 
-def train(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn.Module, object], torch.Tensor], *,
+def train(model: nn.Module, batches: Iterable[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor], *,
           steps: int, lr: float = 1e-3, seed: int = 0, warmup_steps: int = 0, weight_decay: float = 0.0,
           betas: tuple[float, float] = (0.9, 0.98), grad_clip: float | None = 1.0,
           schedule: Callable[[int], float] | None = None, progress: bool = True, desc: str = "training",
@@ -251,7 +255,7 @@ def load_checkpoint(path: Path | str, model: nn.Module) -> dict:
     return info
 
 
-def load_model(path: Path | str, build: Callable[[dict], nn.Module], what: str = "model") -> tuple[nn.Module, dict]:
+def load_model(path: Path | str, build: Callable[[dict], M], what: str = "model") -> tuple[M, dict]:
     """(model in eval mode, {"config", "metadata"}): build(config) from the checkpoint's header, then its weights.
 
     The file is read (and its checksum verified) once. A config that `build` rejects is a

@@ -1,22 +1,31 @@
 """Copy Hugging Face decoder attention (Llama, Mistral, gpt-oss) into course_lib.modern.DecoderAttention.
 
-DecoderAttention.from_hf is this function bound as a class method (it takes the class to build, so
-this module needs nothing from decoder_attention.py). It copies exactly or refuses by name: a
-module whose projections, rotary pairing or scaling differ is refused, not converted approximately.
+DecoderAttention.from_hf calls this function (it takes the class to build, so this module needs
+nothing from decoder_attention.py). It copies exactly or refuses by name: a module whose
+projections, rotary pairing or scaling differ is refused, not converted approximately.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from course_lib.convert import Projections
 from course_lib.positional import RotaryEmbedding
 
 __all__ = ["from_hf_decoder_attention", "SUPPORTED"]
 
-D = TypeVar("D", bound=nn.Module)
+
+class DecoderProjections(Projections, Protocol):
+    """What from_hf_decoder_attention fills: a DecoderAttention's projections and its learned sink, if any."""
+
+    sink_logits: nn.Parameter | None
+
+
+D = TypeVar("D", bound=DecoderProjections)
 
 SUPPORTED = ("LlamaAttention", "MistralAttention", "GptOssAttention")
 UNSUPPORTED = {  # what a close relative does differently
@@ -25,7 +34,7 @@ UNSUPPORTED = {  # what a close relative does differently
 }
 
 
-def from_hf_decoder_attention(cls: type[D], attention: nn.Module) -> D:
+def from_hf_decoder_attention(cls: Callable[..., D], attention: Any) -> D:
     """Copy a Hugging Face Llama, Mistral or gpt-oss attention (q_proj, k_proj, v_proj, o_proj + config).
 
     Reads from `attention.config`: num_attention_heads, num_key_value_heads, the rotary base

@@ -9,6 +9,8 @@ module changes only its three steps (the checks, the mask, the attention core).
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -95,6 +97,7 @@ class DecoderAttention(MultiHeadAttention):
         out, weights = attention_core(q, k, v, torch.cat([add, sink], dim=-1), need_weights=True,
                                       dropout_p=self.dropout if self.training else 0.0,
                                       enable_gqa=self.num_kv_heads != self.num_heads)
+        assert weights is not None  # need_weights=True: the math path, which returns them
         return out, weights[..., :S] if need_weights else None  # the sink's weight is what is missing
 
     @classmethod
@@ -110,4 +113,7 @@ class DecoderAttention(MultiHeadAttention):
         new.load_state_dict(module.state_dict())
         return new.train(module.training)
 
-    from_hf = classmethod(convert.from_hf_decoder_attention)
+    @classmethod
+    def from_hf(cls, attention: nn.Module) -> Self:
+        """A copy of a Hugging Face Llama, Mistral or gpt-oss attention (`convert.from_hf_decoder_attention`)."""
+        return convert.from_hf_decoder_attention(cls, attention)

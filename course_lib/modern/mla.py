@@ -19,6 +19,8 @@ number of heads. Two ways to decode from it compute the same function:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -59,8 +61,9 @@ class LatentCache:
         return len(self.store)
 
     def __repr__(self) -> str:
-        shape = None if self.latent is None else tuple(self.latent.shape)
-        return f"LatentCache(latent={shape}, rope_key={None if shape is None else tuple(self.rope_key.shape)})"
+        latent = None if self.latent is None else tuple(self.latent.shape)
+        rope_key = None if self.rope_key is None else tuple(self.rope_key.shape)  # filled with the latent
+        return f"LatentCache(latent={latent}, rope_key={rope_key})"
 
     def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, 1, S_new, .) latents and rotary keys; return everything cached so far."""
@@ -137,11 +140,12 @@ class MultiHeadLatentAttention(nn.Module):
             if not isinstance(cache, LatentCache):
                 raise TypeError(f"cache must be a LatentCache (mla.new_cache()): MLA caches latents, not keys and "
                                 f"values; got {type(cache).__name__}")
-            held = cache.latent
-            if held is not None and (held.shape[0] != x.shape[0] or held.shape[-1] != self.kv_rank
-                                     or cache.rope_key.shape[-1] != self.d_rope):
-                raise ValueError(f"cache holds latents {shape_str(cache.latent.shape)} and rotary keys "
-                                 f"{shape_str(cache.rope_key.shape)}; this call needs B={x.shape[0]}, "
+            held, held_rope = cache.latent, cache.rope_key  # both None, or both filled
+            if held is not None and held_rope is not None and (
+                    held.shape[0] != x.shape[0] or held.shape[-1] != self.kv_rank
+                    or held_rope.shape[-1] != self.d_rope):
+                raise ValueError(f"cache holds latents {shape_str(held.shape)} and rotary keys "
+                                 f"{shape_str(held_rope.shape)}; this call needs B={x.shape[0]}, "
                                  f"kv_rank={self.kv_rank}, d_rope={self.d_rope}")
         B, T, _ = x.shape
         start = 0 if cache is None else cache.next_position  # position of the first new token
@@ -181,7 +185,7 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", out_lat, w_uv)  # (B, H, T, d_v): W_UV applied after the sum
 
     @classmethod
-    def from_hf_deepseek_v3(cls, attention: nn.Module) -> MultiHeadLatentAttention:
+    def from_hf_deepseek_v3(cls, attention: Any) -> MultiHeadLatentAttention:
         """Copy a Hugging Face DeepseekV3Attention (default RoPE; its config says the sizes and the pairing)."""
         config = getattr(attention, "config", None)
         if config is None or not hasattr(attention, "kv_a_proj_with_mqa"):
@@ -194,8 +198,9 @@ class MultiHeadLatentAttention(nn.Module):
                   q_rank=config.q_lora_rank, rope_base=float(rope.get("rope_theta", 10000.0)),
                   rope_interleaved=bool(config.rope_interleave), eps=attention.kv_a_layernorm.variance_epsilon,
                   bias=bool(config.attention_bias))
-        pairs = [(new.kv_down, attention.kv_a_proj_with_mqa), (new.kv_up, attention.kv_b_proj),
-                 (new.out_proj, attention.o_proj), (new.kv_norm, attention.kv_a_layernorm)]
+        pairs: list[tuple[nn.Linear | nn.RMSNorm, Any]] = [  # (ours, theirs)
+            (new.kv_down, attention.kv_a_proj_with_mqa), (new.kv_up, attention.kv_b_proj),
+            (new.out_proj, attention.o_proj), (new.kv_norm, attention.kv_a_layernorm)]
         if new.q_rank is None:
             pairs.append((new.q_proj, attention.q_proj))
         else:
@@ -204,6 +209,6 @@ class MultiHeadLatentAttention(nn.Module):
         with torch.no_grad():
             for ours, theirs in pairs:
                 ours.weight.copy_(theirs.weight)
-                if getattr(theirs, "bias", None) is not None:
+                if isinstance(ours, nn.Linear) and getattr(theirs, "bias", None) is not None:
                     ours.bias.copy_(theirs.bias)
         return new.to(attention.kv_b_proj.weight.dtype).train(attention.training)

@@ -13,7 +13,7 @@ import torch
 from course_lib.masks import causal_mask, combine_masks, padding_mask
 from course_lib.mha import MultiHeadAttention
 
-__all__ = ["check_plain_mha", "example_case", "max_abs_error", "report", "TOLERANCE"]
+__all__ = ["check_plain_mha", "example_case", "grad_of", "max_abs_error", "report", "TOLERANCE"]
 
 TOLERANCE = 1e-5  # float32: the parallel modules add and rescale in another order than the single one
 
@@ -59,6 +59,12 @@ def example_case(case: dict, seed: int = 0):
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| as a float (0 for empty tensors; NaN if either has NaN, which fails any `< tol`)."""
     return float((a - b).detach().abs().max()) if a.numel() else 0.0
+
+
+def grad_of(t: torch.Tensor | None) -> torch.Tensor:
+    """t.grad, which the backward pass of a check has filled (a tensor it did not reach is a bug of the check)."""
+    assert t is not None and t.grad is not None, "the backward pass did not reach this tensor"
+    return t.grad
 
 
 def report(results: list[dict], world_size: int, rank: int) -> str:

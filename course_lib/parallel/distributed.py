@@ -334,12 +334,11 @@ class Comm:
         """
         R, r = self.world_size, self.rank
         shapes = [tuple(tensor.shape)] * R if shapes is None else [tuple(s) for s in shapes]
-        blocks: list[torch.Tensor | None] = [None] * R
-        blocks[r] = tensor.detach().contiguous()
+        blocks = {r: tensor.detach().contiguous()}  # rank -> its block, as they arrive
         for step in range(R - 1):  # receive the block of rank r - step - 1
             source = (r - step - 1) % R
             blocks[source] = self.ring_shift(blocks[(r - step) % R], shapes[source], what=what)
-        return blocks
+        return [blocks[rank] for rank in range(R)]
 
     def all_reduce(self, tensor: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
         """The sum of `tensor` over all ranks, by the ring algorithm; returns a new tensor.

@@ -37,7 +37,7 @@ from course_lib._validate import check_bool, check_positive_int, shape_str
 from course_lib.attention import check_attn_mask, check_causal_lengths
 from course_lib.masks import restrict_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel.check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.check import check_plain_mha, example_case, grad_of, max_abs_error, report
 from course_lib.parallel.distributed import Comm, saved_bytes, self_check_main, time_steps
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
@@ -404,11 +404,11 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     sent_backward = comm.sent - sent_forward
     ring.all_reduce_grads()
     errors = {"out": max_abs_error(out, q_layout.shard(ref, rank)),
-              "grad query": max_abs_error(x.grad, q_layout.shard(ref_q_grad, rank))}
-    if memory is not None:
-        errors["grad memory"] = max_abs_error(m.grad, kv_layout.shard(ref_m_grad, rank))
+              "grad query": max_abs_error(grad_of(x), q_layout.shard(ref_q_grad, rank))}
+    if ref_m_grad is not None:  # cross-attention: a memory
+        errors["grad memory"] = max_abs_error(grad_of(m), kv_layout.shard(ref_m_grad, rank))
     for (name, p), p_ref in zip(ring.attn.named_parameters(), mha.parameters(), strict=True):
-        errors[f"grad {name}"] = max_abs_error(p.grad, p_ref.grad)
+        errors[f"grad {name}"] = max_abs_error(grad_of(p), grad_of(p_ref))
     expected = ring_bytes_per_step(kv_layout, rank, query.shape[0], mha.d_model, 4)
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],

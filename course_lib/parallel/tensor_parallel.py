@@ -28,7 +28,7 @@ from course_lib._validate import check_bool, shape_str
 from course_lib.attention import attention_core, check_attn_mask, check_causal_lengths
 from course_lib.masks import canonical_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
-from course_lib.parallel.check import check_plain_mha, example_case, max_abs_error, report
+from course_lib.parallel.check import check_plain_mha, example_case, grad_of, max_abs_error, report
 from course_lib.parallel.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 
 __all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
@@ -218,8 +218,8 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
         shard, full = getattr(tp, name), getattr(mha, name)
         errors[f"grad {name}.weight"] = max_abs_error(shard.weight.grad, full.weight.grad[rows])
         errors[f"grad {name}.bias"] = max_abs_error(shard.bias.grad, full.bias.grad[rows])
-    errors["grad out_proj.weight"] = max_abs_error(tp.out_proj.weight.grad, mha.out_proj.weight.grad[:, rows])
-    errors["grad out_proj.bias"] = max_abs_error(tp.out_bias.grad, mha.out_proj.bias.grad)
+    errors["grad out_proj.weight"] = max_abs_error(grad_of(tp.out_proj.weight), mha.out_proj.weight.grad[:, rows])
+    errors["grad out_proj.bias"] = max_abs_error(grad_of(tp.out_bias), mha.out_proj.bias.grad)
     back = tp.to_module()
     errors["to_module"] = max(max_abs_error(a, b) for a, b in zip(back.parameters(), mha.parameters(), strict=True))
     B, T, D = query.shape

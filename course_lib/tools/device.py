@@ -174,7 +174,7 @@ def sdpa_backend_report(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
                             "reasons": [f"the {name} kernel needs a CUDA device; the inputs are on {q.device.type}"]}
             continue
         runs, run_error = _try_backend(name, q, k, v, attn_mask, dropout_p, is_causal)
-        reasons = []
+        reasons: list[str] = []
         if q.device.type == "cuda":
             _, reasons = _cuda_reasons(name, q, k, v, attn_mask, dropout_p, is_causal)
         if not runs and not reasons:
