@@ -83,6 +83,7 @@ lab: install
 
 lint: install
 	$(BIN)/ruff check course_lib tests scripts notebooks
+	$(BIN)/mypy
 
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 JOBS ?= 2
@@ -131,4 +132,4 @@ gpu-check:
 
 # Always .venv, never $(VENV): a conda env passed as VENV is not the course's to delete.
 clean:
-	rm -rf .venv .offline-viz .pytest_cache .hypothesis
+	rm -rf .venv .offline-viz .pytest_cache .hypothesis .mypy_cache
