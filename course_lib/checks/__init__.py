@@ -42,6 +42,7 @@ from course_lib.checks.nb04 import (
     check_heads_quiz,
     check_merge_heads,
     check_mha_forward,
+    check_mha_module,
     check_mha_param_count,
     check_split_heads,
 )
@@ -133,6 +134,7 @@ __all__ = [
     "check_split_heads",
     "check_merge_heads",
     "check_mha_forward",
+    "check_mha_module",
     "check_mha_param_count",
     "check_cross_mha_forward",
     "check_cross_mha_cost",

@@ -30,6 +30,7 @@ __all__ = [
     "check_split_heads",
     "check_merge_heads",
     "check_mha_forward",
+    "check_mha_module",
     "check_mha_param_count",
     "check_cross_mha_forward",
     "check_cross_mha_cost",
@@ -145,6 +146,12 @@ def check_mha_forward(fn):
     missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, a forgotten .T,
     a reshape without transpose (splitting or merging the heads), one big head, and an ignored mask.
     """
+    _forward_cases(fn, "your output")
+    return "4 cases (H = 1 to 4, one with a causal mask) equal course_lib to 1e-10 in float64"
+
+
+def _forward_cases(fn, label: str) -> None:
+    """check_mha_forward's four cases, each compared with course_lib and, when it differs, diagnosed."""
     g = torch.Generator().manual_seed(4)
     cases = [(1, 3, 4, 2, None), (2, 5, 12, 3, None), (2, 6, 16, 4, "causal"), (3, 4, 8, 1, None)]
     for B, T, D, H, mask_kind in cases:
@@ -156,7 +163,7 @@ def check_mha_forward(fn):
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
         expected = scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D) @ w_o.T
         what = f"B={B}, T={T}, d_model={D}, H={H}{', causal mask' if mask is not None else ''}"
-        as_tensor(f"your output ({what})", got)
+        as_tensor(f"{label} ({what})", got)
         if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
             args = (x, w_q, w_k, w_v, w_o, H)
             candidates = {
@@ -181,9 +188,87 @@ def check_mha_forward(fn):
             mistake = diagnose(got, candidates)
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
-        compare(f"your output ({what})", got, expected,
+        compare(f"{label} ({what})", got, expected,
                 hint="project (x @ w.T), split heads, softmax(q k^T / sqrt(d_head)) v per head, merge, then @ w_o.T")
-    return "4 cases (H = 1 to 4, one with a causal mask) equal course_lib to 1e-10 in float64"
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _built(build, d_model: int, num_heads: int) -> torch.nn.Module:
+    """The learner's module, checked for the four nn.Linear projections, in float64."""
+    module = call(build, d_model, num_heads, what=f" = (d_model, num_heads) = ({d_model}, {num_heads})")
+    if module is None:
+        raise CheckFailure("your class built None: did you forget to `return` it (from a function), or is "
+                           "the class itself not passed?")
+    if not isinstance(module, torch.nn.Module):
+        raise CheckFailure(f"your class should build an nn.Module (class MyMultiHeadAttention(nn.Module)); "
+                           f"got {type(module).__name__}")
+    for name in _PROJECTIONS:
+        lin = getattr(module, name, None)
+        if not isinstance(lin, torch.nn.Linear) or tuple(lin.weight.shape) != (d_model, d_model):
+            got = type(lin).__name__ if not isinstance(lin, torch.nn.Linear) else f"weight {tuple(lin.weight.shape)}"
+            raise CheckFailure(f"your module needs self.{name} = nn.Linear(d_model, d_model) (weight "
+                               f"{(d_model, d_model)}); got {got}. The checker loads the same weights into it, "
+                               f"course_lib.MultiHeadAttention and nn.MultiheadAttention by these names")
+    return module.double()
+
+
+def _load(module: torch.nn.Module, weights, biases) -> None:
+    with torch.no_grad():
+        for name, w, b in zip(_PROJECTIONS, weights, biases, strict=True):
+            lin = getattr(module, name)
+            lin.weight.copy_(w)
+            if lin.bias is not None:
+                lin.bias.copy_(b)
+
+
+@checker
+def check_mha_module(build):
+    """Check a multi-head attention nn.Module.
+
+    Your function: `fn(d_model, num_heads) -> module`, i.e. your class MyMultiHeadAttention itself, whose
+    instances have four nn.Linear(d_model, d_model) layers q_proj, k_proj, v_proj, out_proj (with bias)
+    and forward(x, attn_mask=None) -> out: x (B, T, d_model), attn_mask bool broadcastable to (B, H, T, T),
+    True = may attend, out (B, T, d_model). Loads the same weights into yours, course_lib.MultiHeadAttention
+    and torch.nn.MultiheadAttention and compares the outputs to 1e-10 in float64; names the mistakes that
+    check_mha_forward names (no scale, sqrt(d_model), softmax over queries, reshape without transpose, ...).
+    """
+    from course_lib.mha import MultiHeadAttention  # the library is what the learner's module is checked against
+
+    _built(build, 8, 2)  # the structure first: a clear message before any arithmetic
+
+    def as_function(x, w_q, w_k, w_v, w_o, num_heads, mask=None):
+        module = _built(build, x.shape[-1], num_heads)
+        _load(module, (w_q, w_k, w_v, w_o), [torch.zeros(x.shape[-1], dtype=x.dtype)] * 4)
+        return module(x) if mask is None else module(x, attn_mask=mask)
+
+    _forward_cases(as_function, "your module's output")
+    g = torch.Generator().manual_seed(5)
+    B, T, D, H = 2, 5, 12, 3
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weights = [torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 for _ in range(4)]
+    biases = [torch.randn(D, generator=g, dtype=torch.float64) for _ in range(4)]
+    yours, ours = _built(build, D, H), MultiHeadAttention(D, H, dtype=torch.float64)
+    theirs = torch.nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64)
+    _load(yours, weights, biases)
+    _load(ours, weights, biases)
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(torch.cat(weights[:3]))
+        theirs.in_proj_bias.copy_(torch.cat(biases[:3]))
+        theirs.out_proj.weight.copy_(weights[3])
+        theirs.out_proj.bias.copy_(biases[3])
+        got = call(yours, x.clone(), what=" (with biases)")
+        expected, torch_out = ours(x), theirs(x, x, x, need_weights=False)[0]
+    as_tensor(f"your module's output (B={B}, T={T}, d_model={D}, H={H}, with biases)", got)
+    if tuple(got.shape) == tuple(expected.shape) and is_close(got, expected - biases[3]):
+        raise CheckFailure("out_proj's bias is missing from your output: call self.out_proj(...), the nn.Linear, "
+                           "rather than multiplying by its weight")
+    compare(f"your module's output (B={B}, T={T}, d_model={D}, H={H}, with biases)", got, expected,
+            hint="each projection is its nn.Linear, bias included: self.q_proj(x), ...")
+    compare("course_lib vs nn.MultiheadAttention (the checker's own agreement)", expected, torch_out)
+    return ("5 cases equal course_lib.MultiHeadAttention, and nn.MultiheadAttention with the same weights, "
+            "to 1e-10 in float64")
 
 
 # ----------------------------------------------------------------------------- parameter count

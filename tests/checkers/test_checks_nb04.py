@@ -231,3 +231,106 @@ def test_heads_quiz_accepts_the_right_letters():
 def test_heads_quiz_rejects_wrong_answers(wrong, words):
     result = checks.check_heads_quiz(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- the learner's nn.Module
+class ModuleRef(torch.nn.Module):
+    """The ~15-line module notebook 04's exercise asks for."""
+
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        self.num_heads, self.d_head = num_heads, d_model // num_heads
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d_model, d_model) for _ in range(3))
+        self.out_proj = torch.nn.Linear(d_model, d_model)
+
+    def heads(self, t):
+        B, T, _ = t.shape
+        return t.view(B, T, self.num_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
+
+    def attend(self, q, k, v, attn_mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    def forward(self, x, attn_mask=None):
+        B, T, D = x.shape
+        out = self.attend(self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x)),
+                          attn_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+
+class _Unscaled(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        scores = q @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
+class _ScaledByDModel(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        return super().attend(q * (self.d_head / (self.d_head * self.num_heads)) ** 0.5, k, v, attn_mask)
+
+
+class _SoftmaxOverQueries(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        scores = q @ k.transpose(-2, -1) / self.d_head**0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(-2) @ v
+
+
+class _NoTranspose(ModuleRef):
+    def heads(self, t):
+        B, T, _ = t.shape
+        return t.reshape(B, self.num_heads, T, self.d_head)
+
+
+class _MaskIgnored(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        return super().attend(q, k, v, None)
+
+
+class _OutWeightOnly(ModuleRef):
+    def forward(self, x, attn_mask=None):
+        B, T, D = x.shape
+        out = self.attend(self.heads(self.q_proj(x)), self.heads(self.k_proj(x)), self.heads(self.v_proj(x)),
+                          attn_mask)
+        return out.transpose(1, 2).reshape(B, T, D) @ self.out_proj.weight.T
+
+
+class _OtherNames(ModuleRef):
+    def __init__(self, d_model, num_heads):
+        super().__init__(d_model, num_heads)
+        self.wq = self.q_proj
+        del self.q_proj
+
+
+class _NotAModule:
+    def __init__(self, d_model, num_heads):
+        pass
+
+
+class _ChangesItsInput(ModuleRef):
+    def forward(self, x, attn_mask=None):
+        x.mul_(0.5)  # in place: the checker's copy, not the learner's tensor, and the output is then wrong
+        return super().forward(x, attn_mask)
+
+
+def test_mha_module_accepts_reference():
+    result = checks.check_mha_module(ModuleRef)
+    assert result.passed, result.message
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_Unscaled, "divide q k^T by sqrt(d_head)"),
+    (_ScaledByDModel, "you scaled by sqrt(d_model)"),
+    (_SoftmaxOverQueries, "softmax runs over the queries"),
+    (_NoTranspose, "without the transpose"),
+    (_MaskIgnored, "the mask is ignored"),
+    (_OutWeightOnly, "out_proj's bias is missing"),
+    (_OtherNames, "needs self.q_proj = nn.Linear(d_model, d_model)"),
+    (_NotAModule, "should build an nn.Module"),
+    (_ChangesItsInput, "differs from the reference"),
+])
+def test_mha_module_rejects_planted_mistakes(wrong, words):
+    result = checks.check_mha_module(wrong)
+    assert not result.passed and words in result.message, result.message
