@@ -18,10 +18,9 @@ __all__ = ["check_init", "check_forward"]
 
 def check_init(d_model: int, num_heads: int, num_kv_heads: int | None, kdim: int | None, vdim: int | None,
                dropout: float, rotary: RotaryEmbedding | None, dtype: torch.dtype | None
-               ) -> tuple[int, int, int, int, float]:
-    """-> (num_kv_heads, d_head, kdim, vdim, dropout), every one checked."""
-    check_positive_int("d_model", d_model)
-    check_positive_int("num_heads", num_heads)
+               ) -> tuple[int, int, int, int, int, int, float]:
+    """-> (d_model, num_heads, num_kv_heads, d_head, kdim, vdim, dropout), every one checked (Python ints)."""
+    d_model, num_heads = check_positive_int("d_model", d_model), check_positive_int("num_heads", num_heads)
     if d_model % num_heads:
         raise ValueError(
             f"d_model must be divisible by num_heads so every head gets d_head = d_model / num_heads "
@@ -40,7 +39,7 @@ def check_init(d_model: int, num_heads: int, num_kv_heads: int | None, kdim: int
     dropout = check_probability("dropout", dropout)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype (or None for the default); got {dtype!r}")
-    return num_kv_heads, d_head, kdim, vdim, dropout
+    return d_model, num_heads, num_kv_heads, d_head, kdim, vdim, dropout
 
 
 def _check_tensors(module, query, key, value) -> None:

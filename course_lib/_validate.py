@@ -8,6 +8,7 @@ The checks work on plain shapes, so numpy arrays and torch tensors share them.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -73,18 +74,44 @@ def check_mask_shape(mask: Shape, scores: Shape, name: str = "mask") -> None:
         )
 
 
-def check_positive_int(name: str, value: object) -> int:
-    """A positive integer (Python or numpy; not a bool), returned as a Python int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r} ({type(value).__name__})")
+def _check_int(name: str, value: object, lowest: int, expected: str) -> int:
+    """The one integer check: `value` as a Python int >= lowest, or an error naming `name`.
+
+    Python and numpy integers pass; a bool (an int to Python, never meant as a size) and anything
+    else that is not an integer (str, float, tensor, even 3.0) is a TypeError, an integer below
+    `lowest` a ValueError.
+    """
+    if type(value) is int and value >= lowest:  # the common case first: decoding checks an offset per token
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}; got {value!r} ({type(value).__name__})")
+    if value < lowest:
+        raise ValueError(f"{name} must be {expected}; got {value!r}")
     return int(value)
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """An integer >= 1 (Python or numpy; not a bool), returned as a Python int."""
+    return _check_int(name, value, 1, "a positive int")
+
+
 def check_nonnegative_int(name: str, value: object, meaning: str = "") -> int:
-    """A Python int >= 0 (not a bool), e.g. a position offset or a count that may be zero."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0{meaning}; got {value!r}")
-    return value
+    """An integer >= 0 (Python or numpy; not a bool), e.g. a position offset or a count that may be zero,
+    returned as a Python int; `meaning` says what the number is, in the message."""
+    return _check_int(name, value, 0, f"an int >= 0{meaning}")
+
+
+def check_positive_number(name: str, value: object, *, above: float = 0.0) -> float:
+    """A finite real number > `above` (Python or numpy int or float; not a bool), returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > {above:g}; got {value!r} ({type(value).__name__})")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not (math.isfinite(number) and number > above):
+        raise ValueError(f"{name} must be a finite number > {above:g}; got {value!r}")
+    return number
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -95,7 +122,10 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_probability(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    """A number in [0, 1) (Python or numpy; not a bool), e.g. a dropout rate, returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1); got {value!r} ({type(value).__name__})")
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
     return float(value)
 

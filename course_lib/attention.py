@@ -22,6 +22,7 @@ from course_lib._validate import (
     autocast_on,
     check_bool,
     check_mask_shape,
+    check_positive_int,
     check_probability,
     check_qkv_shapes,
     shape_str,
@@ -41,6 +42,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     Grouped-query attention written out: each key/value head repeated for the query heads of its
     group (torch.repeat_interleave, the layout of Hugging Face's repeat_kv and of SDPA's enable_gqa).
     """
+    n_rep = check_positive_int("n_rep", n_rep)
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=-3)
 
 

@@ -41,13 +41,13 @@ class KVCache:
 
     def __post_init__(self) -> None:
         if self.window is not None:
-            check_positive_int("window", self.window)
+            self.window = check_positive_int("window", self.window)
             if self.static:
                 raise ValueError("a static KVCache (cross-attention memory) cannot have a window")
-        check_nonnegative_int("sink_tokens", self.sink_tokens)
+        self.sink_tokens = check_nonnegative_int("sink_tokens", self.sink_tokens)
         if self.sink_tokens and self.window is None:
             raise ValueError("sink_tokens needs a window: without one every position is kept anyway")
-        check_nonnegative_int("seen", self.seen)
+        self.seen = check_nonnegative_int("seen", self.seen)
         if self.sink_tokens and self.seen:
             raise ValueError(f"sink_tokens keeps the first positions of a text; a cache that starts at position "
                              f"seen={self.seen} has lost them: use seen=0 or sink_tokens=0")
@@ -68,7 +68,7 @@ class KVCache:
         Either way they are the first min(sink_tokens, length) positions, then consecutive positions up
         to seen - 1: eviction only ever removes a block between the sinks and the window.
         """
-        length = len(self) if length is None else length
+        length = len(self) if length is None else check_nonnegative_int("length", length)
         sinks = min(self.sink_tokens, length)
         return torch.cat([torch.arange(sinks, device=device),
                           torch.arange(self.seen - (length - sinks), self.seen, device=device)])

@@ -52,9 +52,8 @@ def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | Non
     p - W < j (the last W positions, itself included: Mistral's and Hugging Face's convention) or
     j < sink_tokens (StreamingLLM's attention sinks: the first tokens stay visible).
     """
-    if window is not None:
-        check_positive_int("window", window)
-    check_nonnegative_int("sink_tokens", sink_tokens)
+    window = None if window is None else check_positive_int("window", window)
+    sink_tokens = check_nonnegative_int("sink_tokens", sink_tokens)
     p, j = q_pos.unsqueeze(1), k_pos.unsqueeze(0)  # (T, 1), (1, S)
     allowed = j <= p
     if window is not None:

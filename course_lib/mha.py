@@ -28,7 +28,7 @@ from torch import nn
 
 from course_lib import convert
 from course_lib._mha_checks import check_forward, check_init
-from course_lib._validate import shape_str
+from course_lib._validate import check_positive_int, shape_str
 from course_lib.attention import attention_core
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.masks import canonical_mask
@@ -40,6 +40,7 @@ __all__ = ["MultiHeadAttention", "split_heads", "merge_heads"]
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, L, H * d_head) -> (B, H, L, d_head): a view and a transpose, no copy."""
     B, L, D = x.shape
+    num_heads = check_positive_int("num_heads", num_heads)
     if D % num_heads:
         raise ValueError(f"the last dimension ({D}) of x {shape_str(x.shape)} must be divisible by "
                          f"num_heads={num_heads}")
@@ -69,8 +70,8 @@ class MultiHeadAttention(nn.Module):
                  rotary: RotaryEmbedding | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        num_kv_heads, d_head, kdim, vdim, dropout = check_init(d_model, num_heads, num_kv_heads, kdim, vdim,
-                                                               dropout, rotary, dtype)
+        d_model, num_heads, num_kv_heads, d_head, kdim, vdim, dropout = check_init(
+            d_model, num_heads, num_kv_heads, kdim, vdim, dropout, rotary, dtype)
         self.d_model, self.num_heads, self.num_kv_heads, self.d_head = d_model, num_heads, num_kv_heads, d_head
         self.kdim, self.vdim, self.dropout, self.rotary = kdim, vdim, dropout, rotary
         factory = {"device": device, "dtype": dtype}

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, shape_str
+from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, check_positive_number, shape_str
 
 __all__ = ["sinusoidal_table", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding",
            "interleaved_to_half"]
@@ -47,8 +47,8 @@ def _angles(positions: torch.Tensor, dim: int, base: float) -> torch.Tensor:
 def sinusoidal_table(max_len: int, d_model: int, *, base: float = 10000.0, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """(max_len, d_model): row pos is the sinusoidal encoding of position pos."""
-    check_positive_int("max_len", max_len)
-    check_positive_int("d_model", d_model)
+    max_len, d_model = check_positive_int("max_len", max_len), check_positive_int("d_model", d_model)
+    base = check_positive_number("base", base, above=1.0)
     angle = _angles(torch.arange(max_len, device=device), d_model, base)  # (max_len, ceil(d/2))
     table = torch.zeros(max_len, d_model, dtype=torch.float64, device=device)
     table[:, 0::2] = torch.sin(angle)
@@ -56,15 +56,17 @@ def sinusoidal_table(max_len: int, d_model: int, *, base: float = 10000.0, dtype
     return table.to(dtype)
 
 
-def _check_input(x: torch.Tensor, d_model: int, offset: int, max_len: int) -> None:
+def _check_input(x: torch.Tensor, d_model: int, offset: int, max_len: int) -> int:
+    """-> offset, a Python int."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
     if x.ndim != 3 or x.shape[-1] != d_model:
         raise ValueError(f"x must have shape (B, T, d_model={d_model}); got {shape_str(x.shape)}")
-    check_nonnegative_int("offset", offset, " (the position of x's first token)")
+    offset = check_nonnegative_int("offset", offset, " (the position of x's first token)")
     if offset + x.shape[1] > max_len:
         raise ValueError(f"positions {offset}..{offset + x.shape[1] - 1} exceed max_len={max_len}; "
                          f"build the encoding with a larger max_len")
+    return offset
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -74,7 +76,7 @@ class SinusoidalPositionalEncoding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 512, *, dropout: float = 0.0, base: float = 10000.0) -> None:
         super().__init__()
-        self.d_model, self.max_len = d_model, max_len
+        self.d_model, self.max_len = check_positive_int("d_model", d_model), check_positive_int("max_len", max_len)
         self.register_buffer("table", sinusoidal_table(max_len, d_model, base=base), persistent=False)
         self.dropout = nn.Dropout(dropout)
 
@@ -82,7 +84,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         return f"d_model={self.d_model}, max_len={self.max_len}"
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        _check_input(x, self.d_model, offset, self.max_len)
+        offset = _check_input(x, self.d_model, offset, self.max_len)
         return self.dropout(x + self.table[offset: offset + x.shape[1]].to(x.dtype))  # (B, T, d_model)
 
 
@@ -91,9 +93,7 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def __init__(self, d_model: int, max_len: int = 512, *, dropout: float = 0.0) -> None:
         super().__init__()
-        check_positive_int("d_model", d_model)
-        check_positive_int("max_len", max_len)
-        self.d_model, self.max_len = d_model, max_len
+        self.d_model, self.max_len = check_positive_int("d_model", d_model), check_positive_int("max_len", max_len)
         self.embedding = nn.Embedding(max_len, d_model)
         nn.init.normal_(self.embedding.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
@@ -102,7 +102,7 @@ class LearnedPositionalEmbedding(nn.Module):
         return f"d_model={self.d_model}, max_len={self.max_len}"
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        _check_input(x, self.d_model, offset, self.max_len)
+        offset = _check_input(x, self.d_model, offset, self.max_len)
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)  # (T,)
         return self.dropout(x + self.embedding(positions).to(x.dtype))  # (B, T, d_model)
 
@@ -138,10 +138,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, d_head: int, *, base: float = 10000.0, interleaved: bool = False) -> None:
         super().__init__()
         d_head = _even_d_head(d_head)
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-            raise ValueError(f"base must be a number > 1; got {base!r}")
+        base = check_positive_number("base", base, above=1.0)
         check_bool("interleaved", interleaved)
-        self.d_head, self.base, self.interleaved = d_head, float(base), interleaved
+        self.d_head, self.base, self.interleaved = d_head, base, interleaved
 
     def extra_repr(self) -> str:
         return f"d_head={self.d_head}, base={self.base:g}, interleaved={self.interleaved}"
@@ -157,7 +156,7 @@ class RotaryEmbedding(nn.Module):
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.ndim < 2 or x.shape[-1] != self.d_head:
             raise ValueError(f"x must have shape (..., T, d_head={self.d_head}); got {shape_str(x.shape)}")
-        check_nonnegative_int("offset", offset, " (the position of x's first token)")
+        offset = check_nonnegative_int("offset", offset, " (the position of x's first token)")
         T = x.shape[-2]
         cos, sin = self.cos_sin(torch.arange(offset, offset + T, device=x.device), x.dtype)  # (T, d_head/2)
         if self.interleaved:

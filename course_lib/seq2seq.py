@@ -24,7 +24,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from course_lib._validate import check_bool, check_positive_int, check_probability, shape_str
+from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, check_probability, shape_str
 from course_lib.blocks import DecoderLayer, EncoderLayer
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.positional import LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEncoding
@@ -63,14 +63,15 @@ class Seq2SeqConfig:
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len",
                      "num_encoder_layers", "num_decoder_layers"):
-            check_positive_int(name, getattr(self, name))
+            setattr(self, name, check_positive_int(name, getattr(self, name)))  # numpy ints become ints (JSON)
         check_probability("dropout", self.dropout)
         check_bool("norm_first", self.norm_first)
         for name, vocab in (("pad_id", min(self.src_vocab_size, self.tgt_vocab_size)),
                             ("bos_id", self.tgt_vocab_size), ("eos_id", self.tgt_vocab_size)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            value = check_nonnegative_int(name, getattr(self, name), " (a token id)")
+            if value >= vocab:
                 raise ValueError(f"{name} must be a token id in [0, {vocab}); got {value!r}")
+            setattr(self, name, value)
         if len({self.pad_id, self.bos_id, self.eos_id}) < 3:
             raise ValueError(f"pad_id, bos_id and eos_id must differ; got {self.pad_id}, {self.bos_id}, {self.eos_id}")
         if self.positional not in POSITIONALS:

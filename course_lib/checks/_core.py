@@ -149,10 +149,16 @@ def to_numpy(x):
 
 
 def as_array(name: str, got, *, hint: str = "") -> np.ndarray:
-    """The learner's answer as a float64 array; a readable failure for None or something not numeric."""
+    """The learner's answer as a float64 array; a readable failure for None, something not numeric, or
+    complex numbers (whose imaginary part a conversion to float64 would silently drop)."""
     require_result(name, got, hint=hint)
     try:
-        return np.asarray(to_numpy(got), dtype=np.float64)
+        raw = np.asarray(to_numpy(got))
+        if np.iscomplexobj(raw):
+            raise CheckFailure(f"{name} is complex ({raw.dtype}); the answer is real numbers: turn a complex "
+                               f"intermediate back into real ones (torch.view_as_real), its imaginary part "
+                               f"is not ignored{_hint(hint)}")
+        return np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError):
         raise CheckFailure(f"{name} should be an array of numbers; got {type(got).__name__}{_hint(hint)}") from None
 
@@ -187,9 +193,13 @@ def unpack(result, count: int, expected: str, *, case: str = "") -> tuple:
 
 
 def is_close(got, expected, *, atol: float = ATOL, rtol: float = RTOL) -> bool:
-    """Does `got` have the shape and (within atol/rtol) the values of `expected`? False for non-numbers."""
+    """Does `got` have the shape and (within atol/rtol) the values of `expected`? False for non-numbers
+    and complex numbers."""
     try:
-        got = np.asarray(to_numpy(got), dtype=np.float64)
+        got = np.asarray(to_numpy(got))
+        if np.iscomplexobj(got):
+            return False
+        got = np.asarray(got, dtype=np.float64)
     except (TypeError, ValueError):
         return False
     expected = np.asarray(to_numpy(expected), dtype=np.float64)

@@ -45,6 +45,17 @@ def check_kv_cache_bytes(fn):
     return f"{len(_CACHE_CASES)} configurations (GQA, MQA, MHA) match 2 * L * H_kv * d_head * bytes"
 
 
+def _float64_answer(name: str, got, inputs: str) -> np.ndarray:
+    """The learner's answer as an array, which must be float64 like the inputs: a float32 answer is off by
+    its rounding (~1e-7) everywhere, and the message says so instead of showing two numbers that print alike."""
+    arr = as_array(name, got)
+    if isinstance(got, torch.Tensor | np.ndarray) and got.dtype not in (torch.float64, np.float64):
+        dtype = str(got.dtype).removeprefix("torch.")
+        raise CheckFailure(f"{name} is {dtype}, expected float64: {inputs} float64, and the answer must keep "
+                           f"their precision (look for a .float(), a dtype=torch.float32 or a float32 array)")
+    return arr
+
+
 def _gqa_reference(q, k, v, layout="interleave"):
     n_rep = q.shape[1] // k.shape[1]
     if layout == "interleave":
@@ -63,7 +74,7 @@ def check_gqa_attention(fn):
     Your function: `fn(q, k, v) -> out` with q (B, H, T, d) and k, v (B, H_kv, T, d) float64 tensors,
     H_kv dividing H: query heads g * (H / H_kv) ... (g + 1) * (H / H_kv) - 1 share key/value head g. Causal,
     scaled by 1/sqrt(d); out (B, H, T, d). Three shapes (GQA, MQA, MHA), to 1e-8; names the tiled (wrong)
-    grouping, a missing causal mask and a missing scale.
+    grouping, a missing causal mask, a missing scale, and an answer in float32 (or complex) instead of float64.
     """
     g = torch.Generator().manual_seed(12)
     for H, H_kv in ((6, 2), (4, 1), (3, 3)):
@@ -71,7 +82,8 @@ def check_gqa_attention(fn):
         q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
         k, v = (torch.randn(B, H_kv, T, d, generator=g, dtype=torch.float64) for _ in range(2))
         expected = _gqa_reference(q, k, v)
-        got = as_array(f"out for H={H}, H_kv={H_kv}", call(fn, q, k, v, what=f" (H={H}, H_kv={H_kv})"))
+        got = _float64_answer(f"out for H={H}, H_kv={H_kv}", call(fn, q, k, v, what=f" (H={H}, H_kv={H_kv})"),
+                              "q, k and v are")
         if not is_close(got, expected, atol=1e-8, rtol=1e-6):
             n_rep = H // H_kv
             unscaled = torch.softmax((q @ repeat_kv(k, n_rep).transpose(-2, -1)).masked_fill(
@@ -97,14 +109,15 @@ def check_interleaved_rope(fn):
 
     Your function: `fn(x, offset) -> rotated` with x a (T, d) float64 tensor at positions offset ...
     offset + T - 1: pair (x[2i], x[2i+1]) turns by the angle pos * 10000^(-2i / d). Three cases, to 1e-10;
-    names the rotate-half layout, a rotation the wrong way, and an ignored offset.
+    names the rotate-half layout, a rotation the wrong way, an ignored offset, and an answer that is complex
+    or not float64.
     """
     g = torch.Generator().manual_seed(7)
     for T, d, offset in ((5, 8, 0), (4, 16, 9), (3, 2, 100)):
         x = torch.randn(T, d, generator=g, dtype=torch.float64)
         expected = RotaryEmbedding(d, interleaved=True)(x, offset=offset)
-        got = as_array(f"rotated x for T={T}, d={d}, offset={offset}", call(fn, x, offset,
-                                                                             what=f" (offset={offset})"))
+        got = _float64_answer(f"rotated x for T={T}, d={d}, offset={offset}",
+                              call(fn, x, offset, what=f" (offset={offset})"), "x is")
         if not is_close(got, expected, atol=1e-10, rtol=1e-8):
             cos, sin = RotaryEmbedding(d).cos_sin(torch.arange(offset, offset + T), torch.float64)  # (T, d/2)
             back = torch.stack((x[:, 0::2] * cos + x[:, 1::2] * sin, x[:, 1::2] * cos - x[:, 0::2] * sin),

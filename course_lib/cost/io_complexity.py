@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from course_lib._validate import check_positive_int
+from course_lib._validate import check_nonnegative_int, check_positive_int, check_positive_number
 
 __all__ = [
     "IOCounter",
@@ -44,22 +44,25 @@ class IOCounter:
     on_chip_peak: int = 0
 
     def read(self, n: int) -> None:
-        self.reads += int(n)
+        """n more elements read from slow memory (an int >= 0: a count, never rounded)."""
+        self.reads += check_nonnegative_int("n", n, " (elements read)")
 
     def write(self, n: int) -> None:
-        self.writes += int(n)
+        """n more elements written to slow memory."""
+        self.writes += check_nonnegative_int("n", n, " (elements written)")
 
     def on_chip(self, n: int) -> None:
-        self.on_chip_peak = max(self.on_chip_peak, int(n))
+        """A working set of n elements held on chip at once."""
+        self.on_chip_peak = max(self.on_chip_peak, check_nonnegative_int("n", n, " (elements on chip)"))
 
     @property
     def total(self) -> int:
         return self.reads + self.writes
 
 
-def _check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        check_positive_int(name, value)
+def _check_dims(**dims: int) -> list[int]:
+    """Every size a positive int (numpy ints too), returned as Python ints in the order given."""
+    return [check_positive_int(name, value) for name, value in dims.items()]
 
 
 def standard_attention_io(T: int, S: int, d: int, d_v: int | None = None) -> int:
@@ -69,7 +72,7 @@ def standard_attention_io(T: int, S: int, d: int, d_v: int | None = None) -> int
     (T S + S d_v), write the output (T d_v): T d + S d + S d_v + T d_v + 4 T S = Theta(T d + T^2).
     """
     d_v = d if d_v is None else d_v
-    _check_dims(T=T, S=S, d=d, d_v=d_v)
+    T, S, d, d_v = _check_dims(T=T, S=S, d=d, d_v=d_v)
     return T * d + S * d + S * d_v + T * d_v + 4 * T * S
 
 
@@ -81,7 +84,7 @@ def tiled_attention_io(T: int, S: int, d: int, d_v: int | None = None, *, block_
     The key block size does not enter: it changes how the keys are cut, not how often they are read.
     """
     d_v = d if d_v is None else d_v
-    _check_dims(T=T, S=S, d=d, d_v=d_v, block_q=block_q)
+    T, S, d, d_v, block_q = _check_dims(T=T, S=S, d=d, d_v=d_v, block_q=block_q)
     return T * d + math.ceil(T / block_q) * S * (d + d_v) + T * d_v
 
 
@@ -90,14 +93,14 @@ def tiled_on_chip_elements(d: int, d_v: int | None = None, *, block_q: int, bloc
     the accumulator and the running max and sum (block_q d + block_k (d + d_v) + block_q block_k
     + block_q d_v + 2 block_q)."""
     d_v = d if d_v is None else d_v
-    _check_dims(d=d, d_v=d_v, block_q=block_q, block_k=block_k)
+    d, d_v, block_q, block_k = _check_dims(d=d, d_v=d_v, block_q=block_q, block_k=block_k)
     return block_q * d + block_k * (d + d_v) + block_q * block_k + block_q * d_v + 2 * block_q
 
 
 def block_q_for_memory(M: int, d: int, d_v: int | None = None, *, block_k: int) -> int:
     """The largest query block whose working set (`tiled_on_chip_elements`) fits in M elements."""
     d_v = d if d_v is None else d_v
-    _check_dims(M=M, d=d, d_v=d_v, block_k=block_k)
+    M, d, d_v, block_k = _check_dims(M=M, d=d, d_v=d_v, block_k=block_k)
     block_q = (M - block_k * (d + d_v)) // (d + block_k + d_v + 2)
     if block_q < 1:
         need = tiled_on_chip_elements(d, d_v, block_q=1, block_k=block_k)
@@ -108,14 +111,13 @@ def block_q_for_memory(M: int, d: int, d_v: int | None = None, *, block_k: int) 
 
 def theorem2_bound(T: int, d: int, M: int) -> float:
     """T^2 d^2 / M: the order of FlashAttention's HBM accesses (Theorem 2, for d <= M <= T d), constant 1."""
-    _check_dims(T=T, d=d, M=M)
+    T, d, M = _check_dims(T=T, d=d, M=M)
     return T * T * d * d / M
 
 
 def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> float:
     """The roofline: a kernel doing `intensity` FLOPs per byte of slow-memory traffic can run at most at
     min(peak_flops, intensity x bandwidth) FLOP/s (bandwidth in bytes/s)."""
-    for name, value in (("intensity", intensity), ("peak_flops", peak_flops), ("bandwidth", bandwidth)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or math.isinf(value):
-            raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    intensity, peak_flops, bandwidth = (check_positive_number(name, value) for name, value in (
+        ("intensity", intensity), ("peak_flops", peak_flops), ("bandwidth", bandwidth)))  # numpy numbers too
     return min(peak_flops, intensity * bandwidth)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from course_lib._validate import check_bool, check_positive_int, shape_str
+from course_lib._validate import check_bool, check_positive_int, check_positive_number, shape_str
 from course_lib.attention import attention_core
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.masks import canonical_mask
@@ -80,11 +80,15 @@ class MultiHeadLatentAttention(nn.Module):
                  q_rank: int | None = None, rope_base: float = 10000.0, rope_interleaved: bool = True,
                  eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
-        for name, value in (("d_model", d_model), ("num_heads", num_heads), ("kv_rank", kv_rank),
-                            ("d_nope", d_nope), ("d_rope", d_rope), ("d_v", d_v)):
-            check_positive_int(name, value)
-        if q_rank is not None:
-            check_positive_int("q_rank", q_rank)
+        d_model, num_heads, kv_rank, d_nope, d_rope, d_v = (check_positive_int(name, value) for name, value in (
+            ("d_model", d_model), ("num_heads", num_heads), ("kv_rank", kv_rank), ("d_nope", d_nope),
+            ("d_rope", d_rope), ("d_v", d_v)))
+        if d_rope % 2:
+            raise ValueError(f"d_rope must be even: the rotary part turns its features in pairs; got d_rope={d_rope}")
+        q_rank = None if q_rank is None else check_positive_int("q_rank", q_rank)
+        rope_base = check_positive_number("rope_base", rope_base, above=1.0)  # named as here, not as RotaryEmbedding's
+        check_bool("rope_interleaved", rope_interleaved)
+        check_bool("bias", bias)
         self.d_model, self.num_heads, self.kv_rank, self.q_rank = d_model, num_heads, kv_rank, q_rank
         self.d_nope, self.d_rope, self.d_v = d_nope, d_rope, d_v
         d_qk = d_nope + d_rope
@@ -152,7 +156,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = self._queries(x, start)
         c, k_rope = self._latent(x, start)  # (B, 1, T, r), (B, 1, T, d_rope)
         with unchanged_on_error(None if cache is None else cache.store):
-            if cache is not None:
+            if cache is not None and T:  # no new token (T = 0): nothing to append, the cache stays as it was
                 c, k_rope = cache.update(c, k_rope)  # (B, 1, S, r), (B, 1, S, d_rope)
             S = c.shape[-2]
             mask, is_causal = canonical_mask(None, True, T, S, device=x.device)  # new queries: the last T positions

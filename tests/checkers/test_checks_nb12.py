@@ -52,10 +52,18 @@ def gqa_mutating(q, k, v):
     return gqa_reference(q, k, v)
 
 
+def gqa_float32(q, k, v):
+    return gqa_reference(q.float(), k.float(), v.float())  # right, but computed in float32
+
+
 def test_gqa_checker():
     assert checks.check_gqa_attention(gqa_reference).passed
+    assert checks.check_gqa_attention(lambda q, k, v: gqa_reference(q, k, v).numpy()).passed  # float64 numpy too
     for wrong, words in ((gqa_tiled, "tiled"), (gqa_not_causal, "causal"), (gqa_unscaled, "sqrt(d)"),
-                         (gqa_mutating, "differs")):
+                         (gqa_mutating, "differs"), (gqa_float32, "is float32, expected float64"),
+                         (lambda q, k, v: gqa_float32(q, k, v).numpy(), "is float32, expected float64"),
+                         (lambda q, k, v: gqa_reference(q, k, v).half(), "is float16, expected float64"),
+                         (lambda q, k, v: gqa_reference(q, k, v) + 1e-3j, "is complex")):
         r = checks.check_gqa_attention(wrong)
         assert not r.passed and words in r.message, r.message
 
@@ -87,6 +95,16 @@ def test_interleaved_rope_checker():
 
     r = checks.check_interleaved_rope(mutating)
     assert not r.passed
+
+
+def test_interleaved_rope_checker_refuses_complex_and_float32_answers():
+    # the right answer plus an imaginary part: converting it to float64 would drop the 5j and pass
+    for wrong in (lambda x, o: rope_reference(x, o) + 5j, lambda x, o: rope_reference(x, o).numpy() + 5j,
+                  lambda x, o: torch.complex(rope_reference(x, o), torch.zeros_like(x))):
+        r = checks.check_interleaved_rope(wrong)
+        assert not r.passed and "is complex" in r.message and "real" in r.message, r.message
+    r = checks.check_interleaved_rope(lambda x, o: rope_reference(x.float(), o))
+    assert not r.passed and "is float32, expected float64" in r.message, r.message
 
 
 def test_window_receptive_field_checker():

@@ -101,7 +101,7 @@ def test_python_m_course_lib_device_prints_the_report_as_json(capsys):
     (lambda: enable_tensor_cores(tf32="no"), TypeError, "tf32"),
     (lambda: device.sdpa_backend_enum("fast"), ValueError, "name must be one of"),
     (lambda: device_report("cpu", shape=(2, 8, 256)), ValueError, "shape"),
-    (lambda: tensor_core_friendly(64.5), ValueError, "size"),
+    (lambda: tensor_core_friendly(64.5), TypeError, "size"),
     (lambda: tensor_core_friendly(64, dtype="float16"), TypeError, "dtype"),
     (lambda: device_facts("gpu"), ValueError, "device"),
 ])

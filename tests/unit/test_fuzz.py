@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from course_lib import KVCache, MultiHeadAttention, masks
 from course_lib import numpy_ref as nr
 from course_lib.attention import scaled_dot_product_attention as sdpa
+from course_lib.modern import DecoderAttention, MultiHeadLatentAttention
+from course_lib.positional import RotaryEmbedding
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CLEAN_ERRORS = (ValueError, TypeError)
@@ -175,3 +177,110 @@ def test_numpy_reference_and_online_softmax_agree(dtype, seed, T, S):
     assert out.dtype == np.float64 and np.isfinite(out).all()
     assert np.allclose(out[~mask.any(-1)], 0) and np.allclose(weights.sum(-1), mask.any(-1))
     assert np.allclose(nr.online_softmax_attention(q, k, v, mask, block_size=2), out, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- today's attention (course_lib.modern)
+MODERN_FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # the profile's 60 examples
+
+
+def _chunks(draw, total: int) -> list[int]:
+    """Random chunk sizes that add up to `total` (cut at random places); a chunk may be empty (a step with no
+    new token)."""
+    cuts = [0, *sorted(draw(st.lists(st.integers(0, total), max_size=6))), total]
+    return [b - a for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+@st.composite
+def decoder_attention_setups(draw):
+    H = draw(st.sampled_from([1, 2, 4]))
+    H_kv = draw(st.sampled_from([h for h in (1, 2, 4) if H % h == 0]))
+    d_head = draw(st.sampled_from([2, 4]))
+    window = draw(st.one_of(st.none(), st.integers(1, 6)))
+    sink_tokens = 0 if window is None else draw(st.integers(0, 2))
+    learned_sink, rotary = draw(st.booleans()), draw(st.booleans())
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, 10))
+    seed = draw(st.integers(0, 2**16))
+    return H, H_kv, d_head, window, sink_tokens, learned_sink, rotary, B, T, _chunks(draw, T), seed
+
+
+def _brute_force(module: MultiHeadAttention, x: torch.Tensor, window, sink_tokens: int) -> torch.Tensor:
+    """Causal (windowed, with sinks and a learned sink) attention written out: every key of every query by hand."""
+    B, T, _ = x.shape
+    H, H_kv, d = module.num_heads, module.num_kv_heads, module.d_head
+    q = module.q_proj(x).view(B, T, H, d).transpose(1, 2)
+    k = module.k_proj(x).view(B, T, H_kv, d).transpose(1, 2)
+    v = module.v_proj(x).view(B, T, H_kv, d).transpose(1, 2)
+    if module.rotary is not None:
+        q, k = module.rotary(q), module.rotary(k)
+    k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)  # kv head g -> h // (H/H_kv)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    for i in range(T):
+        for j in range(i + 1):
+            allowed[i, j] = window is None or i - j < window or j < sink_tokens
+    scores = (q @ k.transpose(-2, -1) / d**0.5).masked_fill(~allowed, float("-inf"))  # (B, H, T, T)
+    sink = getattr(module, "sink_logits", None)
+    if sink is not None:
+        scores = torch.cat([scores, sink.view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    weights = torch.softmax(scores, dim=-1)[..., :T]  # the sink's column takes weight and gives nothing
+    return module.out_proj((weights @ v).transpose(1, 2).reshape(B, T, H * d))
+
+
+@MODERN_FUZZ
+@given(setup=decoder_attention_setups())
+def test_decoder_attention_cached_in_chunks_equals_one_pass_and_the_brute_force_mask(setup):
+    H, H_kv, d_head, window, sink_tokens, learned_sink, rotary, B, T, chunks, seed = setup
+    torch.manual_seed(seed)
+    kwargs = {"num_kv_heads": H_kv, "rotary": RotaryEmbedding(d_head) if rotary else None, "dtype": torch.float64}
+    if window is None and not learned_sink and seed % 2:
+        module = MultiHeadAttention(H * d_head, H, **kwargs).eval()  # the spine's module, same contract
+    else:
+        module = DecoderAttention(H * d_head, H, window=window, sink_tokens=sink_tokens, learned_sink=learned_sink,
+                                  **kwargs).eval()
+        if learned_sink:
+            with torch.no_grad():
+                module.sink_logits.normal_(0.0, 2.0)
+    x = torch.randn(B, T, H * d_head, dtype=torch.float64)
+    with torch.no_grad():
+        full = module(x, is_causal=True)
+        torch.testing.assert_close(full, _brute_force(module, x, window, sink_tokens), rtol=1e-10, atol=1e-10)
+        out, weights = module(x, is_causal=True, need_weights=True)
+        torch.testing.assert_close(out, full, rtol=1e-10, atol=1e-10)
+        assert weights.shape == (B, H, T, T) and (weights.sum(-1) <= 1 + 1e-12).all()
+        cache, steps, start = module.new_cache(), [], 0
+        for n in chunks:
+            steps.append(module(x[:, start:start + n], is_causal=True, cache=cache))
+            start += n
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert cache.next_position == T
+    if window is not None:  # the cache keeps only what a next token can see
+        assert len(cache) == min(T, sink_tokens + window)
+
+
+@st.composite
+def latent_attention_setups(draw):
+    sizes = {"kv_rank": draw(st.integers(1, 6)), "d_nope": draw(st.integers(1, 4)),
+             "d_rope": draw(st.sampled_from([2, 4])), "d_v": draw(st.integers(1, 4)),
+             "q_rank": draw(st.one_of(st.none(), st.integers(1, 5))),
+             "rope_interleaved": draw(st.booleans()), "bias": draw(st.booleans())}
+    H, d_model = draw(st.integers(1, 3)), draw(st.integers(1, 8))
+    B, T = draw(st.integers(1, 2)), draw(st.integers(1, 9))
+    return H, d_model, sizes, B, T, _chunks(draw, T), draw(st.booleans()), draw(st.integers(0, 2**16))
+
+
+@MODERN_FUZZ
+@given(setup=latent_attention_setups())
+def test_latent_attention_absorbed_equals_plain_and_cached_chunks_equal_one_pass(setup):
+    H, d_model, sizes, B, T, chunks, absorbed, seed = setup
+    torch.manual_seed(seed)
+    mla = MultiHeadLatentAttention(d_model, H, **sizes).double().eval()
+    x = torch.randn(B, T, d_model, dtype=torch.float64)
+    with torch.no_grad():
+        full = mla(x)
+        torch.testing.assert_close(mla(x, absorbed=True), full, rtol=1e-10, atol=1e-10)
+        cache, steps, start = mla.new_cache(), [], 0
+        for n in chunks:
+            steps.append(mla(x[:, start:start + n], cache=cache, absorbed=absorbed))
+            start += n
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    assert cache.next_position == T and cache.latent.shape == (B, 1, T, sizes["kv_rank"])
+    assert cache.rope_key.shape == (B, 1, T, sizes["d_rope"])

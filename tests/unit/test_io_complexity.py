@@ -71,9 +71,51 @@ def test_block_q_for_memory_is_the_largest_that_fits():
 def test_roofline():
     assert attainable_flops(10.0, 1e15, 1e12) == 1e13
     assert attainable_flops(1e4, 1e15, 1e12) == 1e15
-    for bad in (0, -1.0, math.inf, math.nan, True, "1"):
+    for bad in (0, -1.0, math.inf, math.nan, -math.inf, np.float32(0.0), np.float64(np.nan), np.int64(-3)):
         with pytest.raises(ValueError, match="intensity"):
             attainable_flops(bad, 1e15, 1e12)
+    for bad in (True, np.True_, "1", None, 1j):
+        with pytest.raises(TypeError, match="intensity"):
+            attainable_flops(bad, 1e15, 1e12)
+
+
+def test_roofline_takes_numpy_numbers_of_every_kind():
+    for intensity, peak, bandwidth in ((np.float32(2.0), 1e15, 1e12), (2.0, np.float64(1e15), np.int64(10**12)),
+                                       (np.int32(2), np.float16(1000.0), 1e12), (np.float64(2.0), 1e15, 1e12)):
+        got = attainable_flops(intensity, peak, bandwidth)
+        assert type(got) is float and got == min(float(peak), float(intensity) * float(bandwidth))
+    for name, args in (("peak_flops", (2.0, np.float32("inf"), 1e12)), ("bandwidth", (2.0, 1e15, np.int64(0)))):
+        with pytest.raises(ValueError, match=name):
+            attainable_flops(*args)
+
+
+def test_io_counter_counts_only_whole_non_negative_numbers():
+    io = IOCounter()
+    io.read(np.int64(3))
+    io.write(np.int32(2))
+    io.on_chip(np.uint8(7))
+    io.read(0)
+    assert (io.reads, io.writes, io.on_chip_peak) == (3, 2, 7)
+    assert all(type(n) is int for n in (io.reads, io.writes, io.on_chip_peak))
+    for method in (io.read, io.write, io.on_chip):
+        for bad in (2.9, 2.0, np.float64(3.0), "3", True, None):
+            with pytest.raises(TypeError, match=r"^n must be an int >= 0"):
+                method(bad)
+        for bad in (-5, np.int64(-1)):
+            with pytest.raises(ValueError, match=r"^n must be an int >= 0"):
+                method(bad)
+    assert (io.reads, io.writes, io.on_chip_peak) == (3, 2, 7)  # nothing counted by a refused call
+
+
+def test_closed_forms_take_numpy_ints_and_give_python_ints():
+    sizes = {name: np.int64(v) for name, v in (("T", 37), ("S", 53), ("d", 5), ("d_v", 3))}
+    assert standard_attention_io(**sizes) == standard_attention_io(37, 53, 5, 3)
+    assert type(standard_attention_io(**sizes)) is int
+    assert type(tiled_attention_io(**sizes, block_q=np.int32(10))) is int
+    assert block_q_for_memory(np.int64(5000), np.int64(64), block_k=np.int16(16)) == block_q_for_memory(
+        5000, 64, block_k=16)
+    with pytest.raises(TypeError, match="block_k"):
+        block_q_for_memory(5000, 64, block_k=16.0)
 
 
 class _TallyCounter:

@@ -79,7 +79,7 @@ def test_additive_mask_is_zero_or_minus_inf_in_every_dtype(dtype):
 
 BAD = {
     "causal_T_zero": (lambda: causal_mask(0), ValueError, "T must be a positive int"),
-    "causal_T_float": (lambda: causal_mask(2.5), ValueError, "T must be a positive int"),
+    "causal_T_float": (lambda: causal_mask(2.5), TypeError, "T must be a positive int"),
     "padding_length_too_long": (lambda: padding_mask([5], 4), ValueError, "lengths must lie in [0, max_len=4]"),
     "padding_lengths_2d": (lambda: padding_mask([[1, 2]], 4), ValueError, "1-D sequence of ints"),
     "padding_lengths_float": (lambda: padding_mask([1.5], 4), ValueError, "1-D sequence of ints"),

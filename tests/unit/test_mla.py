@@ -4,6 +4,7 @@ attention (tiny random config, weights copied, float32, 1e-5) over several cache
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_clear_error
@@ -63,6 +64,54 @@ def test_bad_input_refused_and_cache_unchanged():
     before = cache.latent
     assert_clear_error(lambda: mla(torch.randn(2, 1, 32), cache=cache), ValueError, ["B=2"])
     assert cache.latent is before and cache.next_position == 3
+
+
+def test_arguments_are_refused_by_their_own_names():
+    sizes = {"kv_rank": 16, "d_nope": 8, "d_rope": 4, "d_v": 6}
+    # an odd rotary part: the message names d_rope, not RotaryEmbedding's d_head
+    for d_rope in (3, 5, np.int64(7)):
+        with pytest.raises(ValueError, match=r"^d_rope must be even") as info:
+            MultiHeadLatentAttention(32, 4, **{**sizes, "d_rope": d_rope})
+        assert "d_head" not in str(info.value)
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, rope_base=1.0), ValueError, ["rope_base"])
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, rope_base="1e4"), TypeError, ["rope_base"])
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, rope_interleaved=1), TypeError,
+                       ["rope_interleaved"])
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, q_rank=2.0), TypeError, ["q_rank"])
+
+
+def test_numpy_sizes_build_the_same_module():
+    torch.manual_seed(0)
+    ours = MultiHeadLatentAttention(np.int64(32), np.int32(4), kv_rank=np.int64(16), d_nope=np.int16(8),
+                                    d_rope=np.int64(4), d_v=np.uint8(6), q_rank=np.int64(12),
+                                    rope_base=np.float32(10000.0)).eval()
+    assert all(type(getattr(ours, n)) is int for n in ("d_model", "num_heads", "kv_rank", "q_rank", "d_nope",
+                                                        "d_rope", "d_v"))
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), _mla(12, seed=0)(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("absorbed", [False, True])
+@pytest.mark.parametrize("q_rank", [None, 12])
+def test_a_step_without_tokens_returns_nothing_and_leaves_the_cache_as_it_was(absorbed, q_rank):
+    mla = _mla(q_rank)
+    empty = torch.randn(2, 0, 32)
+    cache = mla.new_cache()
+    with torch.no_grad():
+        assert mla(empty, cache=cache, absorbed=absorbed).shape == (2, 0, 32)  # like MultiHeadAttention
+        assert cache.latent is None and cache.rope_key is None and cache.next_position == 0  # still empty
+        x = torch.randn(2, 3, 32)
+        first = mla(x, cache=cache, absorbed=absorbed)
+        latent, rope_key = cache.latent, cache.rope_key
+        out = mla(empty, cache=cache, absorbed=absorbed)
+        assert out.shape == (2, 0, 32) and out.dtype == x.dtype
+        assert cache.latent is latent and cache.rope_key is rope_key and cache.next_position == 3
+        # decoding goes on from position 3 as if the empty step had not happened
+        nxt = torch.randn(2, 2, 32)
+        torch.testing.assert_close(torch.cat([first, mla(nxt, cache=cache, absorbed=absorbed)], 1),
+                                   mla(torch.cat([x, nxt], 1)), atol=1e-5, rtol=1e-5)
+        assert mla(empty, absorbed=absorbed).shape == (2, 0, 32)  # no cache either
 
 
 @pytest.mark.parametrize("q_rank", [None, 12])

@@ -75,9 +75,9 @@ def test_broadcast_batch_and_float32():
     np.testing.assert_allclose(out, scaled_dot_product_attention(q, k, v)[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [0, -1, 2.5, True])
-def test_bad_block_size_raises(block):
-    with pytest.raises(ValueError, match="block_size"):
+@pytest.mark.parametrize(("block", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_block_size_raises(block, error):
+    with pytest.raises(error, match="block_size"):
         online_softmax_attention(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)), block_size=block)
 
 
