@@ -13,6 +13,10 @@ Flags (each suite takes those that apply to it; `<suite> --help` lists them):
                            remake a recorded run, pass --json data/benchmarks/<name>.json from the repository
                            root; README.md gives each command)
 
+A bad flag value (zero or negative where a count is meant, NaN, an unknown name, a device this machine
+lacks, ...) gets argparse's usage error naming the flag, and exit status 2, before any work: the flags'
+types are shared with course_lib's other command lines in course_lib.tools.cli.
+
 Record (the JSON that --json writes; the repository's data/benchmarks/ holds recorded ones):
     {"suite": name,             the suite's name in SUITES
      "device_info": {...},      where it ran: device, versions (course_lib.tools.device.device_facts)
@@ -28,9 +32,10 @@ Times are in seconds, as `timing.Timing` measures them: "median_s", "min_s", "ma
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from course_lib.tools.cli import int_list  # the argparse types every suite shares live in course_lib.tools.cli
 
 __all__ = ["SUITES", "int_list", "write_record"]
 
@@ -42,17 +47,6 @@ SUITES = {
     "mha": "three multi-head attention modules with the same weights: a training step or a decoding step",
     "tiled_memory": "extra memory of naive vs tiled (online-softmax) attention in numpy",
 }
-
-
-def int_list(text: str) -> list[int]:
-    """argparse type of --seq and --d-head: comma-separated positive ints."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, e.g. 256,512; got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints; got {text!r}")
-    return values
 
 
 def write_record(path: Path, record: dict) -> None:

@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -41,11 +42,21 @@ from pathlib import Path
 
 import torch
 
+from course_lib._validate import check_nonnegative_int, check_positive_int
 from course_lib.attention import naive_attention, scaled_dot_product_attention
-from course_lib.bench import int_list, write_record
+from course_lib.bench import write_record
 from course_lib.bench.timing import matmul_peak, peak_memory, time_fn
 from course_lib.cost.flops import attention_flops, module_flops
 from course_lib.experiments.precision import attention_error_table
+from course_lib.tools.cli import (
+    choice_list,
+    int_list,
+    nonnegative_int,
+    output_file,
+    positive_finite_float,
+    positive_int,
+    torch_device,
+)
 from course_lib.tools.device import device_facts, sdpa_with_backend, tensor_core_settings
 from course_lib.tools.paths import RecordsNotFoundError, records_dir
 
@@ -230,6 +241,21 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
     unknown = set(impls) - set(CORE_IMPLS)
     if unknown:
         raise ValueError(f"impls must be among {CORE_IMPLS}; got unknown {sorted(unknown)}")
+    if not passes or set(passes) - set(PASSES):
+        raise ValueError(f"passes must be one or more of {PASSES}; got {passes!r}")
+    for name, values in (("seqs", seqs), ("d_heads", d_heads)):
+        if not values:
+            raise ValueError(f"{name} must hold at least one positive int; got {values!r}")
+        for value in values:
+            check_positive_int(name, value)
+    for name, value in (("batch", batch), ("heads", heads), ("repeats", repeats)):
+        check_positive_int(name, value)
+    check_nonnegative_int("warmup", warmup)
+    if threads is not None:
+        check_positive_int("threads", threads)
+    if (isinstance(cpu_max_gib, bool) or not isinstance(cpu_max_gib, int | float)
+            or not (math.isfinite(cpu_max_gib) and cpu_max_gib > 0)):  # NaN would switch the memory guard off
+        raise ValueError(f"cpu_max_gib must be a positive finite number of GiB; got {cpu_max_gib!r}")
     device_ = torch.device(device)
     torch_dtype = DTYPES[dtype]
     cases = [(T, d, c) for d in d_heads for c in causal for T in seqs]
@@ -420,29 +446,44 @@ def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = N
 
 
 # ----------------------------------------------------------------------------- CLI
+def _plot_file(text: str) -> Path:
+    """argparse type of --plot: a file path whose suffix is a format matplotlib writes (.png, .pdf, .svg, ...)."""
+    path = output_file(text)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.removeprefix(".").lower() not in formats:
+        raise argparse.ArgumentTypeError(f"expected an image file ending in one of .{', .'.join(sorted(formats))}; "
+                                         f"got {text!r}")
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m course_lib.bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--seq", type=int_list, default=[512, 1024, 2048, 4096, 8192, 16384] if on_gpu else [128, 256, 512],
                    help="comma-separated sequence lengths T")
     p.add_argument("--d-head", type=int_list, default=[64, 128] if on_gpu else [64], help="comma-separated head dims")
-    p.add_argument("--batch", type=int, default=4 if on_gpu else 2)
-    p.add_argument("--heads", type=int, default=16 if on_gpu else 4)
+    p.add_argument("--batch", type=positive_int, default=4 if on_gpu else 2)
+    p.add_argument("--heads", type=positive_int, default=16 if on_gpu else 4)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if on_gpu else "float32",
                    help="tf32 = float32 tensors with TF32 matmuls allowed")
-    p.add_argument("--device", default="cuda" if on_gpu else "cpu")
+    p.add_argument("--device", type=torch_device, default="cuda" if on_gpu else "cpu")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
-    p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--impls", default=",".join(CORE_IMPLS), help="comma-separated core implementations")
+    p.add_argument("--passes", type=choice_list(PASSES), default=",".join(PASSES), help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--impls", type=choice_list(CORE_IMPLS), default=",".join(CORE_IMPLS),
+                   help="comma-separated core implementations: " + ", ".join(CORE_IMPLS))
     p.add_argument("--no-modules", action="store_true", help="skip the module comparison")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20 if on_gpu else 5)
+    p.add_argument("--warmup", type=nonnegative_int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=20 if on_gpu else 5)
     p.add_argument("--no-peak", action="store_true", help="do not measure the matmul peak")
     p.add_argument("--no-accuracy", action="store_true", help="do not record the error table")
-    p.add_argument("--cpu-max-gib", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the run (default: unchanged)")
-    p.add_argument("--json", type=Path, default=None, help="write the record here")
-    p.add_argument("--plot", type=Path, default=None, help="draw the four panels here (PNG)")
+    p.add_argument("--cpu-max-gib", type=positive_finite_float, default=2.0,
+                   help="on the CPU, skip the cases whose score matrices would take more GiB than this")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads for the run (default: unchanged)")
+    p.add_argument("--json", type=output_file, default=None, help="write the record here")
+    p.add_argument("--plot", type=_plot_file, default=None, help="draw the four panels here (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -467,21 +508,11 @@ def format_table(data: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
-    if not passes or set(passes) - set(PASSES):
-        raise SystemExit(f"--passes must be among {PASSES}; got {args.passes!r}")
-    impls = tuple(i.strip() for i in args.impls.split(",") if i.strip())
-    if set(impls) - set(CORE_IMPLS):
-        raise SystemExit(f"--impls must be among {CORE_IMPLS}; got {args.impls!r}")
-    for name in ("batch", "heads", "repeats"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name} must be a positive int; got {getattr(args, name)}")
+    args = _parser().parse_args(argv)  # every flag is checked here (course_lib.tools.cli): a bad one exits with 2
     causal = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     data = run_suite(seqs=args.seq, d_heads=args.d_head, dtype=args.dtype, device=args.device, batch=args.batch,
-                     heads=args.heads, causal=causal, passes=passes, impls=impls, modules=not args.no_modules,
+                     heads=args.heads, causal=causal, passes=args.passes, impls=args.impls,
+                     modules=not args.no_modules,
                      warmup=args.warmup, repeats=args.repeats, measure_peak=not args.no_peak,
                      accuracy=not args.no_accuracy, cpu_max_gib=args.cpu_max_gib, threads=args.threads,
                      progress=not args.quiet)

@@ -15,14 +15,15 @@ the versions of torch and triton.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from course_lib.bench import int_list, write_record
+from course_lib._validate import check_nonnegative_int, check_positive_int
+from course_lib.bench import write_record
 from course_lib.bench.timing import time_fn
 from course_lib.cost.flops import attention_flops
+from course_lib.tools.cli import choice_list, int_list, nonnegative_int, output_file, positive_int, torch_device
 from course_lib.tools.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
 
 IMPLS = (*(f"sdpa_{name}" for name in SDPA_BACKENDS), "triton")  # the attention suite's names
@@ -40,6 +41,14 @@ def _ours_runner(q, k, v, causal: bool):
 
 def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, causal: bool, device: str,
               repeats: int, warmup: int, impls: tuple[str, ...]) -> list[dict]:
+    """One row per implementation in impls (names from IMPLS): its forward time and error vs a float32 SDPA;
+    a backend that refuses these inputs on this device gets a row with its "error" instead."""
+    for name, value in (("batch", batch), ("heads", heads), ("T", T), ("d_head", d_head), ("repeats", repeats)):
+        check_positive_int(name, value)
+    check_nonnegative_int("warmup", warmup)
+    unknown = [name for name in impls if name not in IMPLS]
+    if not impls or unknown:
+        raise ValueError(f"impls must be one or more of {IMPLS}; got {tuple(impls)!r}")
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, T, d_head, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     flops = attention_flops(batch, heads, T, T, d_head, causal=causal)
@@ -95,44 +104,46 @@ def _versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench flash", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seq", type=int_list, help="comma-separated sequence lengths "
                                                       "(default: 1024,...,16384 on a GPU, 16,32 on the CPU)")
     parser.add_argument("--d-head", type=int_list, help="comma-separated head dims (default: 64,128 on a GPU, "
                                                          "32 on the CPU)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--batch", type=int, help="default: 4 on a GPU, 1 on the CPU")
-    parser.add_argument("--heads", type=int, help="default: 16 on a GPU, 2 on the CPU")
+    parser.add_argument("--batch", type=positive_int, help="default: 4 on a GPU, 1 on the CPU")
+    parser.add_argument("--heads", type=positive_int, help="default: 16 on a GPU, 2 on the CPU")
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
-    parser.add_argument("--json", type=Path, default=None, help="write the record here")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("no CUDA device: pass --device cpu (tiny shapes only; our kernel runs in the interpreter)")
-        return 2
+    parser.add_argument("--repeats", type=positive_int, default=20)
+    parser.add_argument("--warmup", type=nonnegative_int, default=5)
+    parser.add_argument("--impls", type=choice_list(IMPLS), default=",".join(IMPLS),
+                        help="comma-separated: " + ", ".join(IMPLS))
+    parser.add_argument("--json", type=output_file, default=None, help="write the record here")
+    args = parser.parse_args(argv)  # every flag is checked here (course_lib.tools.cli): a bad one exits with 2
     on_gpu = args.device.startswith("cuda")
     if not on_gpu:
         print("CPU: our kernel runs in Triton's interpreter; tiny shapes only, and the times say nothing about a GPU")
-    args.seq = args.seq or ([1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32])
-    args.d_head = args.d_head or ([64, 128] if on_gpu else [32])
-    args.batch = args.batch or (4 if on_gpu else 1)
-    args.heads = args.heads or (16 if on_gpu else 2)
+    if args.seq is None:
+        args.seq = [1024, 2048, 4096, 8192, 16384] if on_gpu else [16, 32]
+    if args.d_head is None:
+        args.d_head = [64, 128] if on_gpu else [32]
+    if args.batch is None:
+        args.batch = 4 if on_gpu else 1
+    if args.heads is None:
+        args.heads = 16 if on_gpu else 2
     dtype = getattr(torch, args.dtype)
     info = device_facts(args.device)
     rows = []
     for d_head in args.d_head:
         for T in args.seq:
             for row in bench_one(args.batch, args.heads, T, d_head, dtype, args.causal, args.device,
-                                 args.repeats, args.warmup, tuple(args.impls.split(","))):
+                                 args.repeats, args.warmup, args.impls):
                 rows.append(row)
                 what = (f"{row['tflops']:8.2f} TFLOP/s {row['median_s'] * 1e3:9.3f} ms" if "tflops" in row
                         else row["error"])
                 print(f"d_head={d_head:4d} T={T:6d} {row['impl']:20s} {what}")
     record = {"suite": "flash", "device_info": info, "versions": _versions(),
               "config": {"dtype": args.dtype, "seqs": args.seq, "d_heads": args.d_head, "batch": args.batch,
-                         "heads": args.heads, "causal": args.causal, "impls": args.impls.split(","),
+                         "heads": args.heads, "causal": args.causal, "impls": list(args.impls),
                          "flops_per_call": "4*B*H*T*S*d_head (halved if causal)", "repeats": args.repeats,
                          "warmup": args.warmup},
               "rows": rows, "summary": summarize(rows)}

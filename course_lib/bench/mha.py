@@ -28,16 +28,17 @@ import argparse
 import itertools
 import statistics
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.bench import int_list, write_record
+from course_lib._validate import check_nonnegative_int, check_positive_int
+from course_lib.bench import write_record
 from course_lib.bench.timing import time_fn
 from course_lib.mha import MultiHeadAttention
+from course_lib.tools.cli import int_list, nonnegative_int, output_file, positive_int, torch_device
 from course_lib.tools.device import device_facts
 
 __all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP"]
@@ -118,6 +119,8 @@ def run(
     seed: int = 0,
 ) -> dict:
     """Time one forward+backward step of each module; return config, per-module timings and ratios."""
+    check_positive_int("repeats", repeats)
+    check_nonnegative_int("warmup", warmup)
     device = torch.device(device)
     torch.manual_seed(seed)
     modules = build_modules(d_model, heads, device, dtype)
@@ -182,6 +185,8 @@ def run_decode(
     """
     from course_lib.kv_cache import KVCache
 
+    check_positive_int("repeats", repeats)
+    check_nonnegative_int("warmup", warmup)
     device = torch.device(device)
     torch.manual_seed(seed)
     modules = build_modules(d_model, heads, device, dtype)
@@ -242,31 +247,27 @@ def format_decode(result: dict) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m course_lib.bench mha", description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--seq", type=int_list, default=[512], help="comma-separated sequence lengths (training step)")
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=positive_int, default=768, help="a multiple of --heads")
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--causal", action="store_true", help="causal self-attention instead of unmasked")
     p.add_argument("--decode", action="store_true",
                    help="time one decoding step (one new token, a KV cache of --cache-len) instead of training")
-    p.add_argument("--cache-len", type=int, default=1024)
-    p.add_argument("--json", type=Path, default=None, help="write the record here")
+    p.add_argument("--cache-len", type=positive_int, default=1024)
+    p.add_argument("--json", type=output_file, default=None, help="write the record here")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name in ("batch", "d_model", "heads", "repeats", "cache_len"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive int; got {getattr(args, name)}")
+    parser = _parser()
+    args = parser.parse_args(argv)  # every flag is checked here (course_lib.tools.cli): a bad one exits with 2
     if args.d_model % args.heads:
-        raise SystemExit(f"--d-model ({args.d_model}) must be divisible by --heads ({args.heads})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
+        parser.error(f"argument --d-model: expected a multiple of --heads ({args.heads}); got {args.d_model}")
     dtype = getattr(torch, args.dtype)
     rows = []
     if args.decode:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
-from course_lib.bench import int_list, write_record
+from course_lib.bench import write_record
 from course_lib.numpy_ref import online_softmax_attention, scaled_dot_product_attention
+from course_lib.tools.cli import int_list, output_file, positive_int
 from course_lib.tools.device import device_facts
 
 
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int_list, default=[1024, 2048, 4096, 8192, 16384],
                         help="comma-separated sequence lengths T (= S)")
     parser.add_argument("--d-head", type=int_list, default=[64], help="comma-separated head dims")
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--json", type=Path, default=None, help="write the record here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--block-size", type=positive_int, default=64)
+    parser.add_argument("--json", type=output_file, default=None, help="write the record here")
+    args = parser.parse_args(argv)  # every flag is checked here (course_lib.tools.cli): a bad one exits with 2
     rows = []
     for d in args.d_head:
         for T in args.seq:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from course_lib._validate import check_nonnegative_int, check_positive_int
+
 __all__ = ["Timing", "time_fn", "peak_memory", "matmul_peak"]
 
 
@@ -29,7 +31,9 @@ class Timing:
 def time_fn(
     fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, repeats: int = 10
 ) -> Timing:
-    """Median wall time of fn() over `repeats` runs after `warmup` runs."""
+    """Median wall time of fn() over `repeats` runs (at least one) after `warmup` runs (possibly none)."""
+    check_positive_int("repeats", repeats)
+    check_nonnegative_int("warmup", warmup)
     device = torch.device(device)
     for _ in range(warmup):
         fn()

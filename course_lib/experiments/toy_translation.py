@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from course_lib._validate import check_nonnegative_int, check_positive_int
+from course_lib.tools.cli import output_dir
 from course_lib.tools.paths import PACKAGE_DATA
 
 __all__ = [
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m course_lib.experiments.toy_translation",
         description="Regenerate the toy translation splits (fixed seed: the same bytes every time).",
     )
-    parser.add_argument("out_dir", nargs="?", type=Path, default=DATA_SUBDIR, help=f"default: {DATA_SUBDIR}")
+    parser.add_argument("out_dir", nargs="?", type=output_dir, default=DATA_SUBDIR, help=f"default: {DATA_SUBDIR}")
     out_dir = parser.parse_args(argv).out_dir
     for name, path in write_splits(out_dir).items():
         print(f"wrote {name}: {len(load_split(name, out_dir))} pairs -> {path}")

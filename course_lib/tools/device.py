@@ -11,10 +11,12 @@
 - `device_report(device, ...)`: `device_facts`, the current settings and the SDPA backend report.
 
     python -m course_lib.tools.device          # prints the device report of this machine (the GPU when there is one)
+    python -m course_lib.tools.device cpu      # ... of its CPU
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import platform
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from course_lib._validate import check_bool, check_positive_int
+from course_lib.tools.cli import torch_device
 
 __all__ = [
     "device_facts",
@@ -262,13 +265,15 @@ def device_report(device: torch.device | str | None = None, *, shape: tuple[int,
     return report
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Print this machine's device report as JSON (the GPU when there is one)."""
-    argv = sys.argv[1:] if argv is None else argv
-    device = argv[0] if argv else None
-    print(json.dumps(device_report(device), indent=2, default=str))
+    """Print this machine's device report as JSON (the GPU when there is one, or the device named)."""
+    parser = argparse.ArgumentParser(prog="python -m course_lib.tools.device",
+                                     description="Print this machine's device report as JSON: device_facts, the "
+                                                 "Tensor Core settings and which SDPA backends run.")
+    parser.add_argument("device", nargs="?", type=torch_device, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    args = parser.parse_args(argv)  # a bad device, or an unknown flag, exits with argparse's usage error (2)
+    print(json.dumps(device_report(args.device), indent=2, default=str))
     return 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from IPython.display import HTML
 
+from course_lib.tools.cli import output_dir
 from course_lib.tools.paths import REPO_ROOT
 
 __all__ = ["DEFAULT_ASSETS_DIR", "NPM_PACKAGES", "asset_paths", "compact_bertviz_html", "install_assets",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.tools.viz", description="view bertviz pages offline")
     sub = parser.add_subparsers(dest="command", required=True)
     install = sub.add_parser("install-assets", help="npm install d3, require.js and jQuery for offline pages")
-    install.add_argument("--dir", type=Path, default=None, help=f"target folder (default {DEFAULT_ASSETS_DIR})")
+    install.add_argument("--dir", type=output_dir, default=None, help=f"target folder (default {DEFAULT_ASSETS_DIR})")
     args = parser.parse_args(argv)
     try:
         paths = install_assets(args.dir)
