@@ -1,7 +1,10 @@
 """Run the head-count ablation of notebook 07 and write data/head_ablation/sweep.json.
 
-    python scripts/run_head_ablation.py                  # the recorded sweep (about 15 min on one core)
+    python scripts/run_head_ablation.py --force          # the recorded sweep (about 15 min on one core)
     python scripts/run_head_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run (used by the tests)
+
+A run that would write over a file that exists (OUT/NAME.json, a checkpoint in --checkpoint-dir: the
+recorded ones by default) is refused before it trains, unless --force.
 
 Other arms write their own file (--name) and no checkpoints: --lrs sweeps the learning rate, and
 --stop-at-acc stops each run at the first evaluation that reaches that held-out accuracy (its step is
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 from course_lib.experiments.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
-from course_lib.tools.paths import DATA_DIR, PACKAGE_DATA
+from course_lib.tools.paths import DATA_DIR, PACKAGE_DATA, refuse_overwrite
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
 
@@ -48,15 +51,31 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", default="sweep", help="writes OUT/NAME.json")
     parser.add_argument("--no-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="2 heads counts x 1 seed x 20 steps, for tests")
+    parser.add_argument("--force", action="store_true",
+                        help="write over OUT/NAME.json and the checkpoints if they exist (otherwise refused)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.tasks, args.heads, args.seeds, args.variants, args.steps = ["two_lookups"], [1, 2], [0], ["attn_mlp"], 20
         args.checkpoint_dir = args.out
+
+    path = args.out / f"{args.name}.json"
+    # seeds outermost: a sweep stopped early has every configuration for its first seeds
+    configs = [(seed, variant, task, heads, lr) for seed in args.seeds for variant in args.variants
+               for task in args.tasks for heads in args.heads for lr in args.lrs
+               if not (variant == "attn_only" and task == "one_lookup")]  # the control task: full model only
+    checkpoints = [] if args.no_checkpoints else sorted({
+        args.checkpoint_dir / f"heads_{task}_{variant}_h{max(args.heads)}.safetensors"
+        for _, variant, task, _, _ in configs})
+    try:
+        refuse_overwrite([path, *checkpoints], force=args.force, argument="--out/--name/--checkpoint-dir",
+                         how="pass another --out or --name (and --checkpoint-dir or --no-checkpoints), or --force "
+                             "to replace them")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before any training
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
-    path = args.out / f"{args.name}.json"
     runs: list[dict] = []
     start = time.time()
 
@@ -73,10 +92,6 @@ def main(argv: list[str] | None = None) -> Path:
         }
         path.write_text(json.dumps(record, indent=1))
 
-    # seeds outermost: a sweep stopped early has every configuration for its first seeds
-    configs = [(seed, variant, task, heads, lr) for seed in args.seeds for variant in args.variants
-               for task in args.tasks for heads in args.heads for lr in args.lrs
-               if not (variant == "attn_only" and task == "one_lookup")]  # the control task: full model only
     for seed, variant, task, heads, lr in configs:
         cfg = TrainConfig(task=task, num_heads=heads, d_model=args.d_model, d_ff=VARIANTS[variant],
                           steps=args.steps, seed=seed, lr=lr, stop_at_acc=args.stop_at_acc,

@@ -1,9 +1,11 @@
 """What sharing key/value heads costs on the lookup tasks of notebook 07: MHA vs GQA vs MQA (notebook 12).
 
-    python scripts/run_kv_sharing.py                     # the recorded runs (11 min on one thread of a busy machine)
+    python scripts/run_kv_sharing.py --force             # the recorded runs (11 min on one thread of a busy machine)
     python scripts/run_kv_sharing.py --tiny --out /tmp/x  # a seconds-long smoke run
-    python scripts/run_kv_sharing.py --tasks three_lookups --d-ff 0 --seeds 0 1 2 3 4 --name kv_sharing_attn_only
-                                                          # attention only: the setting that does not saturate
+    python scripts/run_kv_sharing.py --tasks three_lookups --d-ff 0 --seeds 0 1 2 3 4 --name kv_sharing_attn_only \
+        --force                                           # attention only: the setting that does not saturate
+
+A run whose <out>/<name>.json exists (a recorded one by default) is refused before it trains, unless --force.
 
 Every run: the head-ablation model (`course_lib.experiments.head_ablation`, one layer, attention + MLP, or
 attention only with --d-ff 0) with 4 query heads at d_model = 32, and 4 (MHA), 2 (GQA) or 1 (MQA) key/value
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from course_lib.experiments.head_ablation import TrainConfig, count_parameters, train_model
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR, refuse_overwrite
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -40,7 +42,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", default="kv_sharing", help="the record is written to <out>/<name>.json")
     parser.add_argument("--out", type=Path, default=DATA_DIR / "head_ablation")
     parser.add_argument("--tiny", action="store_true", help="1 task x 2 kv-head counts x 1 seed x 20 steps")
+    parser.add_argument("--force", action="store_true", help="write over <out>/<name>.json if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out / f"{args.name}.json"], force=args.force, argument="--out/--name",
+                         how="pass another --out or --name, or --force to replace it")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before any training
     if args.tiny:
         args.tasks, args.kv_heads, args.seeds, args.steps = ["two_lookups"], [4, 1], [0], 20
     torch.set_num_threads(1)

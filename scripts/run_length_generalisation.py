@@ -1,7 +1,10 @@
 """Length generalisation of the capstone task: sinusoidal vs rotary positions (notebook 12).
 
-    python scripts/run_length_generalisation.py                     # the recorded runs (one CPU thread)
+    python scripts/run_length_generalisation.py --force             # the recorded runs (one CPU thread)
     python scripts/run_length_generalisation.py --tiny --out /tmp/x  # a seconds-long smoke run
+
+A run whose <out>/length_generalisation.json exists (the recorded one by default) is refused before it trains,
+unless --force.
 
 Both models are notebook 11's float32 capstone recipe (`course_lib.experiments.capstone.CAPSTONE_RECIPE`,
 AdamW, warm-up + cosine, batch 128, lr 2e-3, 200 warm-up steps), trained on the unchanged training split for
@@ -29,7 +32,7 @@ import torch
 from course_lib.experiments.capstone import CAPSTONE_RECIPE, build_capstone_model, encode_pairs, exact_match
 from course_lib.experiments.toy_translation import generate_longer_pairs, load_split, tokenise
 from course_lib.experiments.training import batch_iterator, collate_pairs, seq2seq_loss, train
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR, refuse_overwrite
 
 OUT_DIR = DATA_DIR / "positional"
 
@@ -73,7 +76,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--longer", type=int, default=1000, help="how many longer sentences to test on")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--tiny", action="store_true", help="1 seed x 20 steps, 100 longer sentences")
+    parser.add_argument("--force", action="store_true", help="write over <out>/length_generalisation.json if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out / "length_generalisation.json"], force=args.force, argument="--out",
+                         how="pass another --out, or --force to replace it")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before any training
     if args.tiny:
         args.seeds, args.steps, args.warmup_steps, args.longer = [0], 20, 5, 100
     torch.set_num_threads(1)

@@ -1,7 +1,9 @@
 """Run the seeds' own head-count ablation (parity of a 50-token sum, mean pooling) and record it.
 
-    python scripts/run_parity_ablation.py                    # writes data/head_ablation/parity.json
+    python scripts/run_parity_ablation.py --force            # writes data/head_ablation/parity.json
     python scripts/run_parity_ablation.py --tiny --out /tmp/x  # a seconds-long smoke run
+
+A run whose <out>/parity.json exists (the recorded one by default) is refused before it trains, unless --force.
 
 `course_lib.experiments.head_ablation.train_parity` runs the seeds' recipe (embedding, one multi-head self-attention,
 mean over positions, linear; Adam at 1e-3 over the same 50 batches of 32 for 10 epochs) for every head
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from course_lib.experiments.head_ablation import train_parity
-from course_lib.tools.paths import DATA_DIR
+from course_lib.tools.paths import DATA_DIR, refuse_overwrite
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -36,7 +38,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--test-batches", type=int, default=100)
     parser.add_argument("--out", type=Path, default=DATA_DIR / "head_ablation")
     parser.add_argument("--tiny", action="store_true", help="2 head counts, 1 seed, 1 epoch, small model")
+    parser.add_argument("--force", action="store_true", help="write over <out>/parity.json if it exists")
     args = parser.parse_args(argv)
+    try:
+        refuse_overwrite([args.out / "parity.json"], force=args.force, argument="--out",
+                         how="pass another --out, or --force to replace it")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before any training
     if args.tiny:
         args.heads, args.seeds, args.d_model, args.vocab, args.epochs, args.test_batches = [1, 2], [0], 8, 50, 1, 2
     torch.set_num_threads(1)

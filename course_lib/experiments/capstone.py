@@ -1,10 +1,12 @@
 """Notebook 11's translator: the recipe that trains it, the checkpoint it produced, its accuracy.
 
-    python -m course_lib.experiments.capstone [--steps N] [--seed S] [--threads T] [--out PATH]
+    python -m course_lib.experiments.capstone [--steps N] [--seed S] [--threads T] [--out PATH] [--force]
 
 trains the toy translation model with `course_lib.experiments.training.train` and writes
 course_lib/data/checkpoints/capstone.safetensors plus capstone.json (config, seed, accuracy, loss curve,
-the command and how long it took). `load_capstone()` loads the recorded checkpoint.
+the command and how long it took). Those are the recorded checkpoint: a run that would write over an
+existing file is refused before it trains, unless --force (or --out names a new file).
+`load_capstone()` loads the recorded checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from course_lib._validate import check_bool, check_positive_int
 from course_lib.experiments.head_gate import gated_heads
 from course_lib.experiments.toy_translation import load_split, source_vocab, target_vocab
 from course_lib.experiments.training import (
@@ -33,7 +36,7 @@ from course_lib.experiments.training import (
 )
 from course_lib.mha import MultiHeadAttention
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
-from course_lib.tools.paths import PACKAGE_DATA
+from course_lib.tools.paths import PACKAGE_DATA, refuse_overwrite
 
 __all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
            "teacher_forced_metrics", "attention_modules", "removed_heads", "build_capstone_model", "load_capstone",
@@ -52,7 +55,13 @@ def encode_pairs(pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab) -> list[
 @torch.no_grad()
 def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *, batch_size: int = 250,
                 use_cache: bool = True) -> tuple[float, list[str]]:
-    """(fraction of sentences translated exactly, the predicted translations) with batched greedy decoding."""
+    """(fraction of sentences translated exactly, the predicted translations) with batched greedy decoding.
+
+    `pairs` must hold at least one pair (an accuracy over no sentences is undefined, not 0); batch_size >= 1.
+    """
+    check_positive_int("batch_size", batch_size)
+    if len(pairs) == 0:
+        raise ValueError("pairs is empty: exact_match needs at least one {'src', 'tgt'} pair to score")
     predictions = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
@@ -60,7 +69,7 @@ def exact_match(model, pairs: Sequence[dict[str, str]], src_vocab, tgt_vocab, *,
         out = model.greedy_decode(src, max_new_tokens=model.config.max_len - 1, use_cache=use_cache)
         predictions += [tgt_vocab.decode(row.tolist()) for row in out]
     correct = sum(p == q["tgt"] for p, q in zip(predictions, pairs, strict=True))
-    return correct / max(1, len(pairs)), predictions
+    return correct / len(pairs), predictions
 
 
 @torch.no_grad()
@@ -118,9 +127,17 @@ def build_capstone_model(seed: int, **overrides):
 
 def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, lr: float = 2e-3,
                    warmup_steps: int = 200, out: Path | str = CAPSTONE_PATH, progress: bool = True,
-                   command: str = "", amp_dtype: torch.dtype | None = None) -> dict:
-    """Train the capstone on the CPU and write the checkpoint and its record. amp_dtype=torch.bfloat16
-    trains under CPU autocast (mixed precision; the weights stay float32)."""
+                   command: str = "", amp_dtype: torch.dtype | None = None, force: bool = False) -> dict:
+    """Train the capstone on the CPU and write the checkpoint `out` and its record (`out` with .json).
+    amp_dtype=torch.bfloat16 trains under CPU autocast (mixed precision; the weights stay float32).
+
+    The default `out` is the recorded checkpoint: if `out` or its .json exists, the call is refused
+    (ValueError) before it trains, unless force=True.
+    """
+    out = Path(out)
+    check_bool("force", force)
+    refuse_overwrite([out, out.with_suffix(".json")], force=force, argument="out",
+                     how="pass another out, or force=True to replace them")
     model, src_vocab, tgt_vocab = build_capstone_model(seed)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     train_examples = encode_pairs(load_split("train"), src_vocab, tgt_vocab)
@@ -142,7 +159,6 @@ def train_capstone(*, steps: int = 2000, seed: int = 0, batch_size: int = 128, l
         "loss_every_10_steps": [round(x, 5) for x in result.losses[::10]],
         "command": command,
     }
-    out = Path(out)
     save_checkpoint(out, model, config=model.config.to_dict(),
                     metadata={k: info[k] for k in ("seed", "steps", "test_exact_match", "command")})
     out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
@@ -156,14 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(CAPSTONE_PATH))
+    parser.add_argument("--out", default=str(CAPSTONE_PATH),
+                        help="the checkpoint to write (its record goes next to it, .json); default: the recorded one")
+    parser.add_argument("--force", action="store_true",
+                        help="write over --out and its .json if they exist (by default such a run is refused)")
     parser.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
                         help="train under CPU autocast in bfloat16 (mixed precision); default float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    try:
+        refuse_overwrite([out, out.with_suffix(".json")], force=args.force, argument="--out",
+                         how="pass --out PATH to write elsewhere, or --force to replace them")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before any training
     command = " ".join(["python -m course_lib.experiments.capstone", *argv])
-    info = train_capstone(steps=args.steps, seed=args.seed, out=args.out, command=command,
-                          amp_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None)
+    info = train_capstone(steps=args.steps, seed=args.seed, out=out, command=command,
+                          amp_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None, force=args.force)
     print(f"trained {info['steps']} steps in {info['train_seconds']} s on {info['torch_threads']} threads; "
           f"validation exact match {info['validation_exact_match']:.3f}, test {info['test_exact_match']:.3f}")
     return 0

@@ -1,7 +1,8 @@
 """A generated toy translation task: English-like sentences -> "Zibic", a made-up SOV language.
 
 Nothing is downloaded: the grammar below generates every sentence from a fixed seed, and
-`python -m course_lib.experiments.toy_translation` writes the splits to course_lib/data/toy_translation/*.jsonl.
+`python -m course_lib.experiments.toy_translation --force` writes the splits to course_lib/data/toy_translation/*.jsonl
+(without --force it refuses to write over the shipped files; `... OUT_DIR` writes them to a new folder).
 The target language differs from the source in ways that make cross-attention learn a
 non-trivial alignment rather than a copy:
 
@@ -28,9 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_lib._validate import check_nonnegative_int, check_positive_int
+from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int
 from course_lib.tools.cli import output_dir
-from course_lib.tools.paths import PACKAGE_DATA
+from course_lib.tools.paths import PACKAGE_DATA, refuse_overwrite
 
 __all__ = [
     "NOUNS", "ADJECTIVES", "VERBS", "SPLITS", "SEED", "DATA_SUBDIR",
@@ -241,9 +242,16 @@ def _jsonl_bytes(pairs: list[dict[str, str]]) -> bytes:
     return "".join(json.dumps(p, ensure_ascii=True, sort_keys=True) + "\n" for p in pairs).encode("utf-8")
 
 
-def write_splits(out_dir: Path | str = DATA_SUBDIR, seed: int = SEED) -> dict[str, Path]:
-    """Write <split>.jsonl (one {"src", "tgt"} object per line) for every split; return the paths."""
+def write_splits(out_dir: Path | str = DATA_SUBDIR, seed: int = SEED, *, force: bool = False) -> dict[str, Path]:
+    """Write <split>.jsonl (one {"src", "tgt"} object per line) for every split; return the paths.
+
+    The default out_dir holds the shipped splits: a split file that exists is not written over
+    (ValueError, before anything is written) unless force=True.
+    """
     out_dir = Path(out_dir)
+    check_bool("force", force)
+    refuse_overwrite([out_dir / f"{name}.jsonl" for name in SPLITS], force=force, argument="out_dir",
+                     how="pass another out_dir, or force=True to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, pairs in generate_splits(seed).items():
@@ -320,8 +328,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Regenerate the toy translation splits (fixed seed: the same bytes every time).",
     )
     parser.add_argument("out_dir", nargs="?", type=output_dir, default=DATA_SUBDIR, help=f"default: {DATA_SUBDIR}")
-    out_dir = parser.parse_args(argv).out_dir
-    for name, path in write_splits(out_dir).items():
+    parser.add_argument("--force", action="store_true",
+                        help="write over split files that exist (the shipped ones by default); otherwise refused")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir
+    try:
+        refuse_overwrite([Path(out_dir) / f"{name}.jsonl" for name in SPLITS], force=args.force, argument="out_dir",
+                         how="name a new OUT_DIR, or pass --force to replace them")
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2, before anything is written
+    for name, path in write_splits(out_dir, force=args.force).items():
         print(f"wrote {name}: {len(load_split(name, out_dir))} pairs -> {path}")
     return 0
 

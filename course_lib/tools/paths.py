@@ -11,11 +11,16 @@ DATA_DIR      the repository's data/: the course's records (benchmark results, s
               a non-editable `pip install .` carries no records. Library code that reads them goes through
               `records_dir`, which names the missing folder instead of failing deep inside.
 REPO_ROOT     the checkout itself (notebooks, scripts, data/): it too exists only in a source checkout.
+
+The commands that remake these files (README, "Where the recorded results come from") write over an
+existing file only when asked to (`--force`, or `force=True` in Python): `refuse_overwrite` is that check.
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["PACKAGE_DIR", "PACKAGE_DATA", "REPO_ROOT", "DATA_DIR", "RecordsNotFoundError", "records_dir"]
+__all__ = ["PACKAGE_DIR", "PACKAGE_DATA", "REPO_ROOT", "DATA_DIR", "RecordsNotFoundError", "records_dir",
+           "refuse_overwrite"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 PACKAGE_DATA = PACKAGE_DIR / "data"
@@ -35,3 +40,19 @@ def records_dir(*parts: str) -> Path:
             f"{path} does not exist: the course's records (data/) are in a source checkout of the repository, "
             "not in an installed course_lib; run from a clone (pip install -e .) or pass the folder explicitly")
     return path
+
+
+def refuse_overwrite(paths: Iterable[Path | str], *, force: bool, argument: str, how: str) -> None:
+    """ValueError, before any work, when a file of `paths` exists and force is False.
+
+    A re-run (a smoke run with --steps 1, a sweep with other settings) must not replace a recorded
+    result by accident: the shipped checkpoints and dataset, data/'s records. Every existing file
+    counts, wherever it is, since a file a command would replace may be a record. `argument` names
+    the output argument (`out`, `--out`), `how` says how to write anyway ("pass --force ...").
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not force:
+        names = ", ".join(str(p) for p in existing)
+        raise ValueError(f"{argument}: refusing to write over {names}, which already exist"
+                         f"{'s' if len(existing) == 1 else ''} (recorded results the notebooks and tests read may be "
+                         f"among them); {how}")

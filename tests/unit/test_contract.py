@@ -17,7 +17,15 @@ from course_lib import KVCache, MultiHeadAttention, masks
 from course_lib import numpy_ref as nr
 from course_lib.attention import scaled_dot_product_attention as sdpa
 from course_lib.blocks import DecoderLayer, EncoderLayer
-from course_lib.experiments.training import CheckpointError, load_checkpoint, save_checkpoint, train
+from course_lib.experiments.training import (
+    CHECKPOINT_FORMAT,
+    DIGEST_FORMAT,
+    CheckpointError,
+    checkpoint_digest,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, greedy_decode
 
 
@@ -150,12 +158,10 @@ def test_corrupted_tensor_bytes_are_refused(tmp_path):
 
 
 def test_integer_tensors_are_not_cast_into_a_float_model(tmp_path):
-    model, path = _saved(tmp_path)
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        header = {k: v for k, v in f.metadata().items() if k != "sha256"}
-    save_file({k: v.to(torch.int32) for k, v in load_file(str(path)).items()}, str(path), metadata=header)
+    ints = torch.nn.Module()  # a valid checkpoint (checksum and all) whose tensors have Linear(3, 2)'s names, as int32
+    ints.register_buffer("weight", torch.zeros(2, 3, dtype=torch.int32))
+    ints.register_buffer("bias", torch.zeros(2, dtype=torch.int32))
+    path = save_checkpoint(tmp_path / "m.safetensors", ints, config={"in": 3})
     with pytest.raises(CheckpointError, match="cast silently"):
         load_checkpoint(path, torch.nn.Linear(3, 2))
 
@@ -163,7 +169,9 @@ def test_integer_tensors_are_not_cast_into_a_float_model(tmp_path):
 def test_a_bad_json_config_is_a_checkpoint_error(tmp_path):
     model, path = _saved(tmp_path)
     tensors = load_file(str(path))
-    save_file(tensors, str(path), metadata={"format": "course_lib.checkpoint/1", "config": "{not json"})
+    header = {"format": CHECKPOINT_FORMAT, "digest": DIGEST_FORMAT, "config": "{not json", "metadata": "{}"}
+    header["sha256"] = checkpoint_digest(tensors, header)  # checksummed as written: only the JSON is wrong
+    save_file(tensors, str(path), metadata=header)
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(path, torch.nn.Linear(3, 2))
     assert json.loads("{}") == {}
