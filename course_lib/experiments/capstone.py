@@ -36,6 +36,7 @@ from course_lib.experiments.training import (
 )
 from course_lib.mha import MultiHeadAttention
 from course_lib.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
+from course_lib.tools.cli import output_file, positive_int, seed
 from course_lib.tools.paths import PACKAGE_DATA, refuse_overwrite
 
 __all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
@@ -169,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m course_lib.experiments.capstone",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(CAPSTONE_PATH),
+    parser.add_argument("--steps", type=positive_int, default=2000)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--out", type=output_file, default=CAPSTONE_PATH,
                         help="the checkpoint to write (its record goes next to it, .json); default: the recorded one")
     parser.add_argument("--force", action="store_true",
                         help="write over --out and its .json if they exist (by default such a run is refused)")
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="train under CPU autocast in bfloat16 (mixed precision); default float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args.out
     try:
         refuse_overwrite([out, out.with_suffix(".json")], force=args.force, argument="--out",
                          how="pass --out PATH to write elsewhere, or --force to replace them")

@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["positive_int", "nonnegative_int", "positive_finite_float", "int_list", "choice_list", "torch_device",
-           "output_file", "output_dir"]
+__all__ = ["positive_int", "nonnegative_int", "seed", "positive_finite_float", "int_list", "choice_list",
+           "torch_device", "output_file", "output_dir"]
 
 
 def _int(text: str, expected: str) -> int:
@@ -41,6 +41,14 @@ def nonnegative_int(text: str) -> int:
     value = _int(text, "an int >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an int >= 0; got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an int from 0 to 2**32 - 1 (what numpy's and torch's generators accept)."""
+    value = nonnegative_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**32 - 1; got {text!r}")
     return value
 
 

@@ -98,6 +98,11 @@ BAD = [
     ("experiments.capstone", ["--autocast", "float16"], "--autocast"),
     ("experiments.capstone", ["--steps", "many"], "--steps"),
     ("experiments.capstone", ["--threads", "1.5"], "--threads"),
+    *[("experiments.capstone", ["--steps", value], "--steps") for value in ("0", "-1")],
+    *[("experiments.capstone", ["--threads", value], "--threads") for value in ("0", "-2")],
+    *[("experiments.capstone", ["--seed", value], "--seed") for value in ("-1", str(2**32), "0.5")],
+    ("experiments.capstone", ["--out", "{dir}"], "--out"),
+    ("experiments.capstone", ["--out", "{file}/capstone.safetensors"], "--out"),
 ]
 
 
