@@ -9,6 +9,7 @@ On a wrong answer each checker tries the classic mistakes to say which one was m
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -132,6 +133,37 @@ def check_merge_many(fn):
 
 
 # ----------------------------------------------------------------------------- a balanced causal split
+def _integer(p: object) -> int | None:
+    """p as a Python int if it is an integer (Python, numpy, or a 0-d integer tensor/array); else None.
+
+    int() would also take 2.5 (to 2), "3" and True: a position is an index, and those are not indices.
+    """
+    if isinstance(p, torch.Tensor | np.ndarray) and p.ndim == 0:
+        integral = (p.dtype != torch.bool and not p.is_floating_point() and not p.is_complex()
+                    if isinstance(p, torch.Tensor) else np.issubdtype(p.dtype, np.integer))
+        return int(p.item()) if integral else None
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral):
+        return None
+    return int(p)
+
+
+def _positions(what: str, rank: int, entry: object) -> list[int]:
+    """Rank `rank`'s entry as a list of Python ints, or a CheckFailure saying what it is instead."""
+    if isinstance(entry, torch.Tensor | np.ndarray):
+        entry = entry.tolist() if entry.ndim == 1 else entry
+    if not isinstance(entry, list | tuple | range):
+        raise CheckFailure(f"{what}: each rank's entry must be a list of integer positions; rank {rank}'s is a "
+                           f"{type(entry).__name__}")
+    positions = []
+    for p in entry:
+        value = _integer(p)
+        if value is None:
+            raise CheckFailure(f"{what}: positions are token indices, integers; rank {rank} has {p!r} "
+                               f"({type(p).__name__}). Hint: keep the integer tensor torch.arange(T) gives")
+        positions.append(value)
+    return positions
+
+
 @checker
 def check_zigzag_positions(fn):
     """Check a split of a sequence that gives every rank the same causal work.
@@ -148,10 +180,7 @@ def check_zigzag_positions(fn):
         if isinstance(got, torch.Tensor | np.ndarray) or not isinstance(got, list | tuple) or len(got) != R:
             raise CheckFailure(f"{what}: return a list of {R} lists of positions (one per rank); got "
                                f"{type(got).__name__}")
-        try:
-            ranks = [[int(p) for p in (r.tolist() if isinstance(r, torch.Tensor | np.ndarray) else r)] for r in got]
-        except (TypeError, ValueError):
-            raise CheckFailure(f"{what}: each rank's entry must be a list of integer positions") from None
+        ranks = [_positions(what, rank, entry) for rank, entry in enumerate(got)]
         flat = sorted(p for r in ranks for p in r)
         if flat != list(range(T)):
             lost = sorted(set(range(T)) - set(flat))

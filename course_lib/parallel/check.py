@@ -8,6 +8,8 @@ its own part. `report` turns the results into the one-line verdicts the self-che
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from course_lib.masks import causal_mask, combine_masks, padding_mask
@@ -68,13 +70,18 @@ def grad_of(t: torch.Tensor | None) -> torch.Tensor:
 
 
 def report(results: list[dict], world_size: int, rank: int) -> str:
-    """One line per compared case: ok when every error is below TOLERANCE and the bytes equal the formula."""
+    """One line per compared case: ok when every error is below TOLERANCE and the bytes equal the formula.
+
+    A NaN error (or a case with no errors at all) is FAILED, and the line shows the NaN: `max` alone
+    would drop it, since every comparison with NaN is False.
+    """
     lines = []
     for result in results:
-        worst = max(result["errors"].values())
+        errors = [float(e) for e in result["errors"].values()]
+        worst = math.nan if not errors or any(math.isnan(e) for e in errors) else max(errors)
         bytes_ok = (result["sent forward"], result["sent backward"]) == (result["expected forward"],
                                                                          result["expected backward"])
-        verdict = "ok" if worst < TOLERANCE and bytes_ok else "FAILED"
+        verdict = "ok" if worst < TOLERANCE and bytes_ok else "FAILED"  # NaN < TOLERANCE is False
         lines.append(f"[{verdict}] R={world_size} rank {rank} {result['case']}: max error {worst:.1e}, bytes sent "
                      f"forward {result['sent forward']} (formula {result['expected forward']}), backward "
                      f"{result['sent backward']} (formula {result['expected backward']})")

@@ -8,10 +8,12 @@ course uses on a laptop), NCCL between NVIDIA GPUs. Three pieces live here:
 - `launch(fn, world_size, ...)` starts `world_size` processes with `torch.multiprocessing` (forkserver,
   or spawn where there is no forkserver; never a plain fork of a notebook kernel),
   joins them into a gloo group through a file (no network port to pick, so two launches at once
-  cannot collide), runs `fn(rank, world_size, *args)` in each and returns the list of results.
-  A rank that raises, dies or hangs fails the launch with that rank's error and traceback, after
-  at most `timeout` seconds; every other rank is then stopped. `fn` must be importable (defined in
-  a module, not in a notebook cell): a spawned process imports it by name.
+  cannot collide), runs `fn(rank, world_size, *args)` in each and returns the list of results
+  (pickled by value: tensors come back as copies). A rank that raises, dies, hangs or returns
+  something that cannot be pickled fails the launch with that rank's error, after at most
+  `timeout` seconds; every other rank is then stopped. `fn` must be importable (defined in a
+  module, not in a notebook cell, or a functools.partial of such a function): a spawned process
+  imports it by name.
 - `Comm`: the messages, counted. `ring_shift` sends a tensor to the next rank and receives one from
   the previous rank (the step of every ring algorithm); `all_reduce` sums a tensor over the ranks
   with the ring algorithm (a reduce-scatter then an all-gather, each R - 1 ring steps), which is
@@ -26,9 +28,15 @@ Under `torchrun` (or `python -m torch.distributed.run`), the processes are start
 
 from __future__ import annotations
 
+import argparse
+import functools
+import math
+import numbers
 import os
+import pickle
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -41,7 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from course_lib._validate import check_positive_int
+from course_lib._validate import check_nonnegative_int, check_positive_int
 
 __all__ = ["launch", "run_many", "Comm", "ring_allreduce_bytes", "saved_bytes", "time_steps", "init_from_env",
            "self_check_main", "RankFailure", "demo_failure", "check_collectives"]
@@ -70,9 +78,20 @@ def _worker(rank: int, world_size: int, store_path: str, timeout: float, fn: Cal
             dist.barrier()  # no rank leaves (closing its connections) while another still needs them
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, value))
     except BaseException:  # noqa: BLE001 - report everything, the parent decides
         results.put((rank, False, traceback.format_exc()))
+        return
+    # Pickled here, by value: the queue would pickle it in a background thread that only prints a
+    # failure (the parent would wait for the timeout), and would send a tensor as a handle to this
+    # process's shared memory, which is gone once this process exits.
+    try:
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # noqa: BLE001 - any pickling error: a lambda, a lock, a generator, ...
+        results.put((rank, False, f"fn returned a {type(value).__name__}, which cannot be pickled to send it back "
+                                  f"to the launching process ({type(e).__name__}: {e}); return numbers, strings, "
+                                  f"numpy arrays or tensors, in lists, tuples or dicts"))
+        return
+    results.put((rank, True, payload))
 
 
 def _context():
@@ -91,52 +110,89 @@ def _context():
     return mp.get_context("spawn")
 
 
+def _importable(fn: object) -> bool:
+    """Can a fresh process find fn by name? (a function or class at the top level of a module, or a partial of one)"""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    qualname = str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+    return getattr(fn, "__module__", None) not in (None, "__main__") and "<locals>" not in qualname \
+        and "<lambda>" not in qualname
+
+
+def _death(rank: int, world_size: int, exitcode: int) -> str:
+    """What became of a rank whose process ended without reporting a result."""
+    if exitcode < 0:
+        try:
+            how = f"was killed by signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"died with exit code {exitcode}"
+    return f"rank {rank} of {world_size} {how} before reporting a result"
+
+
 def launch(fn: Callable, world_size: int, args: tuple = (), *, timeout: float = 60.0) -> list:
     """Run fn(rank, world_size, *args) in world_size fresh processes joined by gloo; return their results.
 
-    The results (one per rank, in rank order) must be picklable; send numbers or numpy arrays
-    rather than tensors. Raises RankFailure naming the first rank that failed, with its traceback,
-    or the ranks still running after `timeout` seconds (the whole launch, start-up included).
+    fn: a function at the top level of an importable module, or a functools.partial of one.
+    args: a tuple (or list) of further arguments, the same for every rank; fn and args must be picklable.
+    The results (one per rank, in rank order) come back pickled by value: numbers, numpy arrays,
+    tensors (as copies) and containers of them. Raises RankFailure naming the rank that failed
+    first, with its traceback (a rank that died names its exit code; a result that cannot be
+    pickled is reported at once), or the ranks still running after `timeout` seconds (the whole
+    launch, start-up included).
     """
     check_positive_int("world_size", world_size)
-    if not callable(fn) or getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in fn.__qualname__:
+    if not callable(fn) or not _importable(fn):
         raise TypeError(f"fn must be a function defined at the top level of an importable module (a spawned "
-                        f"process imports it by name); got {fn!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+                        f"process imports it by name), or a functools.partial of one; got {fn!r}")
+    if not isinstance(args, tuple | list):
+        raise TypeError(f"args must be a tuple of the further arguments of fn(rank, world_size, *args); got "
+                        f"{args!r} ({type(args).__name__}); for one argument write args=({args!r},)")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a positive number of seconds; got {timeout!r} ({type(timeout).__name__})")
+    if not (math.isfinite(timeout) and timeout > 0):  # NaN and inf would pass `timeout <= 0`, then fail every rank
+        raise ValueError(f"timeout must be a finite positive number of seconds; got {timeout!r}")
+    timeout = float(timeout)
     ctx = _context()
     results = ctx.Queue()
     tmp = tempfile.mkdtemp(prefix="course_lib_rendezvous_")
     store_path = os.path.join(tmp, "store")
-    processes = [ctx.Process(target=_worker, args=(r, world_size, store_path, float(timeout), fn, tuple(args),
+    processes = [ctx.Process(target=_worker, args=(r, world_size, store_path, timeout, fn, tuple(args),
                                                    results), daemon=True)
                  for r in range(world_size)]
     deadline = time.monotonic() + timeout
     collected: dict[int, object] = {}
     try:
         for p in processes:
-            p.start()
+            try:
+                p.start()  # pickles fn and args for the new process
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
+                raise TypeError(f"fn and args must be picklable: each rank receives them pickled; "
+                                f"{type(e).__name__}: {e}") from e
         while len(collected) < world_size:
             try:
                 rank, ok, value = results.get(timeout=0.2)
             except queue.Empty:
-                dead = [r for r, p in enumerate(processes) if r not in collected and p.exitcode not in (None, 0)]
-                if dead:
+                if any(p.exitcode is not None for r, p in enumerate(processes) if r not in collected):  # ended
                     time.sleep(0.5)  # its report may still be in the pipe
                     try:
                         rank, ok, value = results.get(timeout=0.5)
                     except queue.Empty:
-                        raise RankFailure(f"rank {dead[0]} of {world_size} died with exit code "
-                                          f"{processes[dead[0]].exitcode} before reporting a result") from None
+                        raise RankFailure(_failure_report({}, results, processes, collected, world_size)) from None
                 elif time.monotonic() > deadline:
                     waiting = [r for r in range(world_size) if r not in collected]
-                    raise RankFailure(f"ranks {waiting} of {world_size} did not finish within timeout={timeout} s "
+                    raise RankFailure(f"ranks {waiting} of {world_size} did not finish within timeout={timeout:g} s "
                                       f"(a rank waiting for a message nobody sends hangs; all were stopped)") from None
                 else:
                     continue
             if not ok:
-                raise RankFailure(_failure_report(rank, value, results, world_size))
-            collected[rank] = value
+                raise RankFailure(_failure_report({rank: value}, results, processes, collected, world_size))
+            try:
+                collected[rank] = pickle.loads(value)
+            except Exception as e:  # noqa: BLE001 - e.g. a class this process cannot import
+                raise RankFailure(f"rank {rank} of {world_size} returned a result this process cannot unpickle "
+                                  f"({type(e).__name__}: {e})") from None
     finally:
         started = [p for p in processes if p.pid is not None]
         for p in started:
@@ -203,23 +259,34 @@ def time_steps(step: Callable[[], object], repeats: int = 5, group: dist.Process
 _PEER_FAILED = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out")
 
 
-def _failure_report(rank: int, trace: str, results, world_size: int) -> str:
-    """Every failure reported within a second, the cause first.
+def _failure_report(failures: dict[int, str], results, processes: list, collected: dict, world_size: int) -> str:
+    """Every failure reported within a second, and every rank that died without a word, the cause first.
 
     When one rank fails, its neighbours soon fail too ("connection closed by peer"): those are
     listed after the failures that did not come from a peer, so the message starts with the cause.
+    A rank whose process ended without reporting (os._exit, a crash, the OOM killer) is named with
+    its exit code or signal.
     """
-    failures = {rank: trace}
+    failures = dict(failures)
+    reported = set(collected)
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
             other, ok, value = results.get(timeout=0.1)
         except queue.Empty:
+            if all(p.exitcode is not None for r, p in enumerate(processes) if r not in reported | set(failures)):
+                break  # every rank has reported or ended: nothing more will come
             continue
-        if not ok:
+        if ok:
+            reported.add(other)
+        else:
             failures[other] = value
-    order = sorted(failures, key=lambda r: (any(p in failures[r] for p in _PEER_FAILED), r))
-    return "\n".join(f"rank {r} of {world_size} failed:\n{failures[r]}" for r in order)
+    reports = {r: f"rank {r} of {world_size} failed:\n{trace}" for r, trace in failures.items()}
+    for r, p in enumerate(processes):
+        if p.exitcode is not None and r not in reported and r not in failures:
+            reports[r] = _death(r, world_size, p.exitcode)
+    order = sorted(reports, key=lambda r: (any(p in reports[r] for p in _PEER_FAILED), r))
+    return "\n".join(reports[r] for r in order)
 
 
 def init_from_env() -> tuple[int, int]:
@@ -237,26 +304,63 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _world_size_arg(text: str) -> int:
+    """argparse's reading of the world_size argument: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (the number of ranks); got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (the number of ranks); got {value}")
+    return value
+
+
+def _verdict(reports: list[object]) -> tuple[str, int]:
+    """Rank 0's report, then every line of another rank that is not ok; exit code 0 only if no line FAILED."""
+    lines = str(reports[0]).splitlines()
+    for report in reports[1:]:
+        lines += [line for line in str(report).splitlines() if not line.startswith("[ok]")]
+    failed = any("FAILED" in str(report) for report in reports)
+    return "\n".join(lines), 1 if failed else 0
+
+
 def self_check_main(check: Callable, argv: list[str] | None = None, default_world_size: int = 2) -> int:
-    """`python -m course_lib.<module>`: run `check(rank, world_size)` on every rank and print rank 0's report.
+    """`python -m course_lib.<module> [world_size]`: run `check(rank, world_size)` on every rank; print the verdict.
 
     Under torchrun the ranks already exist; otherwise `launch` starts `default_world_size` of them
-    (or the number given as the first argument).
+    (or the number given as the first argument). Prints rank 0's report and every line of the other
+    ranks' reports that is not "[ok]"; returns 1 (the exit code) if any rank's report says FAILED
+    or a rank fails, 0 otherwise. A bad argument is a usage error (exit code 2); --help prints the usage.
     """
     argv = sys.argv[1:] if argv is None else argv
+    module = getattr(check, "__module__", "course_lib.parallel")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=f"Self-check of {module}: every rank compares its part with the single-device module.")
+    parser.add_argument("world_size", nargs="?", type=_world_size_arg, default=default_world_size,
+                        help=f"number of ranks to start (default {default_world_size}); under torchrun, "
+                             f"its --nproc-per-node decides")
+    world_size = parser.parse_args(argv).world_size
     if "RANK" in os.environ:
         rank, world_size = init_from_env()
         torch.manual_seed(0)
         report = check(rank, world_size)
+        reports: list[object] = [None] * world_size
+        dist.all_gather_object(reports, report)  # every rank's verdict counts, not only rank 0's
         dist.barrier()
         dist.destroy_process_group()
+        text, code = _verdict(reports)
         if rank == 0:
-            print(report)
-        return 0 if "FAILED" not in str(report) else 1
-    world_size = int(argv[0]) if argv else default_world_size
-    report = launch(check, world_size, timeout=120)[0]
-    print(report)
-    return 0 if "FAILED" not in str(report) else 1
+            print(text)
+        return code
+    try:
+        reports = launch(check, world_size, timeout=120)
+    except RankFailure as failure:
+        print(f"[FAILED] R={world_size}: a rank failed\n{failure}")
+        return 1
+    text, code = _verdict(reports)
+    print(text)
+    return code
 
 
 # ----------------------------------------------------------------------------- messages, counted
@@ -365,9 +469,30 @@ class Comm:
         return flat.view(tensor.shape)
 
 
-def ring_allreduce_bytes(numel: int, world_size: int, element_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of `numel` elements (numel divisible by world_size)."""
-    return 2 * (world_size - 1) * (numel // world_size) * element_size
+def ring_allreduce_bytes(numel: int, world_size: int, element_size: int, rank: int | None = None) -> int:
+    """Bytes rank `rank` sends in `Comm.all_reduce` of `numel` elements: exactly what it sends.
+
+    The N elements are cut into R chunks as torch.tensor_split cuts them (sizes differ by at most
+    one); rank r sends every chunk but chunk r + 1 in the reduce-scatter and every chunk but chunk
+    r + 2 in the all-gather. When R divides N every rank sends 2 (R - 1) N / R elements and `rank`
+    may be left out; otherwise the ranks send different amounts and `rank` must be given (a
+    ValueError says so rather than a count no rank sends).
+    """
+    numel = check_nonnegative_int("numel", numel)
+    R = check_positive_int("world_size", world_size)
+    element_size = check_positive_int("element_size", element_size)
+    if rank is None:
+        if numel % R:
+            raise ValueError(f"numel={numel} is not divisible by world_size={R}: the ranks' chunks differ in size "
+                             f"and so do the bytes they send; pass rank=0 ... {R - 1}")
+        return 2 * (R - 1) * (numel // R) * element_size
+    rank = check_nonnegative_int("rank", rank)
+    if rank >= R:
+        raise ValueError(f"rank must be in 0 ... {R - 1} (world_size={R}); got {rank}")
+    if R == 1:
+        return 0
+    sizes = [numel // R + (1 if i < numel % R else 0) for i in range(R)]  # torch.tensor_split's chunks
+    return (2 * numel - sizes[(rank + 1) % R] - sizes[(rank + 2) % R]) * element_size
 
 
 def saved_bytes(fn: Callable[[], object], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[object, int]:

@@ -153,13 +153,33 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     out (..., T, d_v) is normalised over this block's keys; lse (..., T) = log sum_j exp(score_j)
     (-inf, with out 0, for a row whose keys in this block are all masked). mask: bool (True = may
     attend) or additive float, broadcastable to (..., T, S).
+
+    As in MultiHeadAttention's math path, the scores, the softmax and the product with v are
+    computed in float32 at least (float64 stays float64): out comes back in q's dtype, lse stays in
+    that float32-or-wider dtype. A float16 lse near 12800 would be off by up to 4 (its spacing there
+    is 8), which multiplies exp(score - lse) by up to e^4, and it overflows above 65504.
     """
+    out, lse = _block(q, k, v, mask, torch.promote_types(q.dtype, torch.float32))
+    return out.to(q.dtype), lse
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_dtype: torch.dtype) -> torch.Tensor:
+    """(q / sqrt(d)) k^T, masked, in q's dtype: -inf where a bool mask is False; an additive mask is
+    rounded to the inputs' dtype `mask_dtype` first, as MultiHeadAttention's paths do, then added."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., T, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(mask_dtype).to(scores.dtype))
+    return scores
+
+
+def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, compute: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_attention with out and lse both in `compute` (the ring accumulates in it, rounding once at the end)."""
+    scores = _scores(q.to(compute), k.to(compute), mask, q.dtype)  # (..., T, S)
     lse = torch.logsumexp(scores, dim=-1)  # (..., T)
     p = torch.exp(scores - _finite(lse).unsqueeze(-1))  # (..., T, S); rows of -inf give 0
-    return p @ v, lse
+    return p @ v.to(compute), lse
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -173,13 +193,16 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
 
     out_* (..., T, d_v) are each normalised over their own keys, lse_* (..., T) their log-sum-exps.
     The merged normaliser is e^lse = e^lse_a + e^lse_b, and each partial output is re-weighted by
-    its share of it. Rows that saw no key in either (lse -inf in both) stay 0, not NaN.
+    its share of it. Rows that saw no key in either (lse -inf in both) stay 0, not NaN. Computed in
+    float32 at least; out comes back in the outs' dtype, lse in float32 at least (see block_attention).
     """
-    lse = torch.logaddexp(lse_a, lse_b)  # (..., T)
+    compute = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
+    lse = torch.logaddexp(lse_a.to(compute), lse_b.to(compute))  # (..., T)
     shift = _finite(lse)
-    w_a = torch.exp(lse_a - shift).unsqueeze(-1)  # (..., T, 1): the share of a's keys
-    w_b = torch.exp(lse_b - shift).unsqueeze(-1)
-    return w_a * out_a + w_b * out_b, lse
+    w_a = torch.exp(lse_a.to(compute) - shift).unsqueeze(-1)  # (..., T, 1): the share of a's keys
+    w_b = torch.exp(lse_b.to(compute) - shift).unsqueeze(-1)
+    out_dtype = torch.promote_types(out_a.dtype, out_b.dtype)
+    return (w_a * out_a + w_b * out_b).to(out_dtype), lse
 
 
 # ----------------------------------------------------------------------------- the ring, forward and backward
@@ -220,8 +243,9 @@ class _Plan:
 def _ring_forward(q, k, v, plan: _Plan, comm: Comm):
     R, r = comm.world_size, comm.rank
     B, H, _, d = k.shape
-    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)  # (B, H, T_r, d_v)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)  # (B, H, T_r)
+    compute = torch.promote_types(q.dtype, torch.float32)  # accumulate in float32 at least, as block_attention
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=compute, device=q.device)  # (B, H, T_r, d_v)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=compute, device=q.device)  # (B, H, T_r)
     kv = torch.stack([k, v])  # (2, B, H, S_r, d): what travels
     for step in range(R):
         owner = (r - step) % R  # whose keys this rank holds now
@@ -232,44 +256,51 @@ def _ring_forward(q, k, v, plan: _Plan, comm: Comm):
         for rows, cols, tile in plan.tiles(r, owner):
             if tile is not None and tile.dtype == torch.bool and tile.numel() and not tile.any():
                 continue  # masked out entirely (padding, say): nothing to add
-            o, l = block_attention(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], tile)
+            o, l = _block(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], tile, compute)
             out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
             plan.scores_computed += (rows.stop - rows.start) * (cols.stop - cols.start)
         if wait is not None:
             kv = wait()
-    return out, lse
+    return out.to(q.dtype), lse  # out rounded once to the input dtype; lse kept in float32 at least
 
 
 def _ring_backward(q, k, v, out, lse, d_out, plan: _Plan, comm: Comm):
     R, r = comm.world_size, comm.rank
     B, H, _, d = k.shape
     scale = d**-0.5
-    delta = (d_out * out).sum(dim=-1, keepdim=True)  # (B, H, T_r, 1): rowsum(dP * P), as in notebook 02
+    compute = lse.dtype  # float32 at least (the forward's); q, k, v, d_out may be float16 or bfloat16
+    qc, doc = q.to(compute), d_out.to(compute)
+    delta = (doc * out.to(compute)).sum(dim=-1, keepdim=True)  # (B, H, T_r, 1): rowsum(dP * P), as in notebook 02
     shift = _finite(lse).unsqueeze(-1)  # (B, H, T_r, 1)
-    dq = torch.zeros_like(q)
-    travelling = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])  # k, v, dk, dv of one shard
+    dq = torch.zeros_like(qc)
+    # k, v, dk, dv of one shard travel together in the input dtype (the bytes of ring_bytes_per_step);
+    # each rank sums its share of dk, dv in float32 at least and rounds once when adding it
+    travelling = torch.stack([k, v, torch.zeros_like(k), torch.zeros_like(v)])
     for step in range(R):
         owner = (r - step) % R
-        k_blk, v_blk, dk_blk, dv_blk = travelling.unbind(0)  # views: adding to dk_blk adds to travelling
+        k_blk, v_blk = travelling[0].to(compute), travelling[1].to(compute)
+        grads = travelling[2:]  # a view: adding to it adds to what travels on
+        share = grads if grads.dtype == compute else torch.zeros(grads.shape, dtype=compute, device=grads.device)
+        dk_blk, dv_blk = share.unbind(0)
         for rows, cols, tile in plan.tiles(r, owner):
             if tile is not None and tile.dtype == torch.bool and tile.numel() and not tile.any():
                 continue
-            qb, kb, vb, dob = q[..., rows, :], k_blk[..., cols, :], v_blk[..., cols, :], d_out[..., rows, :]
-            scores = (qb * scale) @ kb.transpose(-2, -1)  # (B, H, t, s)
-            if tile is not None:
-                scores = scores.masked_fill(~tile, float("-inf")) if tile.dtype == torch.bool else scores + tile
+            qb, kb, vb, dob = qc[..., rows, :], k_blk[..., cols, :], v_blk[..., cols, :], doc[..., rows, :]
+            scores = _scores(qb, kb, tile, q.dtype)  # (B, H, t, s)
             p = torch.exp(scores - shift[..., rows, :])  # the final probabilities, recomputed
             dv_blk[..., cols, :] += p.transpose(-2, -1) @ dob
             ds = p * (dob @ vb.transpose(-2, -1) - delta[..., rows, :])  # (B, H, t, s)
             dq[..., rows, :] += (ds @ kb) * scale
             dk_blk[..., cols, :] += (ds.transpose(-2, -1) @ qb) * scale
+        if share is not grads:
+            grads += share
         if step < R - 1:
             incoming = (4, B, H, plan.kv_layout.lengths[(owner - 1) % R], d)
             travelling = comm.ring_shift(travelling, incoming, what="backward: key/value shard and its gradients")
         elif R > 1:  # the last hop: each shard's gradients go home
             home = comm.ring_shift(travelling[2:], (2, B, H, k.shape[2], d), what="backward: gradients home")
-            return dq, home[0], home[1]
-    return dq, travelling[2], travelling[3]
+            return dq.to(q.dtype), home[0], home[1]
+    return dq.to(q.dtype), travelling[2], travelling[3]
 
 
 class _RingAttentionFunction(torch.autograd.Function):
@@ -302,19 +333,21 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm
     is_causal: query at position i sees keys 0 ... i (needs T == S). Returns (out (B, H, T_r, d),
     number of score entries this rank computed).
     """
-    kv_layout = q_layout if kv_layout is None else kv_layout
+    kv_layout = _check_layouts(comm, q_layout, kv_layout)
     check_bool("is_causal", is_causal)
-    for name, layout in (("q_layout", q_layout), ("kv_layout", kv_layout)):
-        if not isinstance(layout, SequenceLayout):
-            raise TypeError(f"{name} must be a SequenceLayout; got {type(layout).__name__}")
-        if layout.world_size != comm.world_size:
-            raise ValueError(f"{name} is for {layout.world_size} ranks; the group has {comm.world_size}")
     r = comm.rank
     for name, t, layout in (("q", q, q_layout), ("k", k, kv_layout), ("v", v, kv_layout)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[2] != layout.lengths[r]:
-            got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.ndim != 4 or t.shape[2] != layout.lengths[r]:
             raise ValueError(f"{name} must be this rank's shard (B, H, {layout.lengths[r]}, d) (rank {r}'s "
-                             f"positions); got {got}")
+                             f"positions); got {shape_str(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q (B, H, T_r, d), k and v (B, H, S_r, d) must share B, H and d; got q "
+                         f"{shape_str(q.shape)}, k {shape_str(k.shape)}, v {shape_str(v.shape)}")
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        raise TypeError(f"q, k and v must share one dtype and device; got q {q.dtype} on {q.device}, k {k.dtype} on "
+                        f"{k.device}, v {v.dtype} on {v.device}")
     T, S = q_layout.length, kv_layout.length
     check_causal_lengths(is_causal, T, S, (q.shape[0], T, q.shape[-1]), (k.shape[0], S, k.shape[-1]))
     if attn_mask is not None:
@@ -322,6 +355,19 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Comm
     plan = _Plan(q_layout, kv_layout, attn_mask, is_causal, q.device)
     out = _RingAttentionFunction.apply(q, k, v, plan, comm)
     return out, plan.scores_computed
+
+
+def _check_layouts(comm: object, q_layout: SequenceLayout, kv_layout: SequenceLayout | None) -> SequenceLayout:
+    """Both layouts are SequenceLayouts for the group's ranks; -> kv_layout (q_layout when None: self-attention)."""
+    if not isinstance(comm, Comm):
+        raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
+    kv_layout = q_layout if kv_layout is None else kv_layout
+    for name, layout in (("q_layout", q_layout), ("kv_layout", kv_layout)):
+        if not isinstance(layout, SequenceLayout):
+            raise TypeError(f"{name} must be a SequenceLayout; got {type(layout).__name__}")
+        if layout.world_size != comm.world_size:
+            raise ValueError(f"{name} is for {layout.world_size} ranks; the group has {comm.world_size}")
+    return kv_layout
 
 
 class RingAttention(nn.Module):
@@ -335,7 +381,10 @@ class RingAttention(nn.Module):
     def __init__(self, mha: MultiHeadAttention, comm: Comm | None = None) -> None:
         super().__init__()
         self.attn = check_plain_mha(mha, "ring attention")
-        self.comm = Comm() if comm is None else comm
+        comm = Comm() if comm is None else comm
+        if not isinstance(comm, Comm):
+            raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
+        self.comm = comm
         self.scores_computed = 0  # by the last forward, on this rank
 
     @classmethod
@@ -353,6 +402,41 @@ class RingAttention(nn.Module):
             if p.grad is not None:
                 p.grad.copy_(self.comm.all_reduce(p.grad, what="weight gradients"))
 
+    def _check(self, query, key, value, q_layout, kv_layout, attn_mask, is_causal) -> SequenceLayout:
+        """Every argument of forward, before any arithmetic (as MultiHeadAttention checks its own); -> kv_layout."""
+        mha = self.attn
+        check_bool("is_causal", is_causal)
+        if mha.training and mha.dropout > 0:
+            raise ValueError(f"dropout={mha.dropout} in training mode is not supported by ring attention; "
+                             f"call .eval() or use dropout=0")
+        kv_layout = _check_layouts(self.comm, q_layout, kv_layout)
+        r, w = self.comm.rank, mha.q_proj.weight
+        inputs = (("query", query, mha.d_model, q_layout), ("key", key, mha.kdim, kv_layout),
+                  ("value", value, mha.vdim, kv_layout))
+        for name, t, feat, _ in inputs:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+            if t.ndim != 3 or t.shape[-1] != feat:
+                raise ValueError(f"{name} must have shape (B, L, {feat}) (this rank's positions); got "
+                                 f"{shape_str(t.shape)}")
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            raise ValueError(f"query, key and value must share the batch size B; got query "
+                             f"{shape_str(query.shape)}, key {shape_str(key.shape)}, value {shape_str(value.shape)}")
+        for name, t, feat, layout in inputs:
+            if t.shape[1] != layout.lengths[r]:
+                raise ValueError(f"{name} must be this rank's shard (B, {layout.lengths[r]}, {feat}) (rank {r}'s "
+                                 f"positions in its layout); got {shape_str(t.shape)}")
+            if t.device != w.device:
+                raise ValueError(f"{name} is on {t.device} but the module's weights are on {w.device}; move one "
+                                 f"of them")
+            if t.dtype != w.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {w.dtype}; convert one")
+        T, S = q_layout.length, kv_layout.length
+        check_causal_lengths(is_causal, T, S, query.shape, key.shape)
+        if attn_mask is not None:
+            check_attn_mask(attn_mask, (query.shape[0], mha.num_heads, T, S), query.device, module_ndim=True)
+        return kv_layout
+
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
                 q_layout: SequenceLayout, kv_layout: SequenceLayout | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -362,18 +446,9 @@ class RingAttention(nn.Module):
         rank's positions of the output, (B, T_r, d_model).
         """
         mha = self.attn
-        if mha.training and mha.dropout > 0:
-            raise ValueError(f"dropout={mha.dropout} in training mode is not supported by ring attention; "
-                             f"call .eval() or use dropout=0")
         key = query if key is None else key
         value = key if value is None else value
-        for name, t, feat in (("query", query, mha.d_model), ("key", key, mha.kdim), ("value", value, mha.vdim)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[-1] != feat:
-                got = shape_str(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} must have shape (B, L, {feat}) (this rank's positions); got {got}")
-        if attn_mask is not None and attn_mask.ndim not in (2, 4):
-            raise ValueError(f"attn_mask must be 2-D (T, S) or 4-D (B|1, H|1, T|1, S); got "
-                             f"{shape_str(attn_mask.shape)}")
+        kv_layout = self._check(query, key, value, q_layout, kv_layout, attn_mask, is_causal)
         q = split_heads(mha.q_proj(query), mha.num_heads)  # (B, H, T_r, d_head)
         k = split_heads(mha.k_proj(key), mha.num_heads)  # (B, H, S_r, d_head)
         v = split_heads(mha.v_proj(value), mha.num_heads)
@@ -382,8 +457,10 @@ class RingAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checks against one device
-def compare_case(rank: int, world_size: int, case: dict) -> dict:
-    """One case: this rank's outputs and gradients vs the single module's; bytes vs the formula; work."""
+def compare_case(rank: int, world_size: int, case: dict, comm: Comm | None = None) -> dict:
+    """One case: this rank's outputs and gradients vs the single module's; bytes vs the formula; work.
+
+    comm: the messages' way (default: a Comm over the default process group)."""
     mha, query, memory, mask, grad_out = example_case(case)
     is_causal = "is_causal" in case.get("mask", "").split()
     ref = mha(query, memory, attn_mask=mask, is_causal=is_causal)
@@ -393,7 +470,7 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     kind = case.get("layout", "contiguous")
     q_layout = SequenceLayout.make(query.shape[1], world_size, kind)
     kv_layout = q_layout if memory is None else SequenceLayout.make(memory.shape[1], world_size, kind)
-    comm = Comm()
+    comm = Comm() if comm is None else comm
     ring = RingAttention.from_module(mha, comm)
     ring.attn.zero_grad()
     x = q_layout.shard(query.detach(), rank).requires_grad_()  # (B, T_r, D): only this rank's positions

@@ -176,27 +176,30 @@ class TensorParallelAttention(nn.Module):
 
 def tp_bytes_per_step(B: int, T: int, S: int, d_model: int, world_size: int, element_size: int, *,
                       self_attention: bool = True, kdim: int | None = None, vdim: int | None = None,
-                      value_is_key: bool = True) -> dict[str, int]:
-    """Bytes one rank sends in one forward and one backward pass of TensorParallelAttention.
+                      value_is_key: bool = True, rank: int | None = None) -> dict[str, int]:
+    """Bytes rank `rank` sends in one forward and one backward pass of TensorParallelAttention.
 
     Forward: one ring all-reduce of the (B, T, d_model) partial outputs. Backward: one of the
     gradient of the query input; with cross-attention also one of the key input's (B, S, kdim)
-    and, when value is another tensor, of the value input's (B, S, vdim).
+    and, when value is another tensor, of the value input's (B, S, vdim). rank: as for
+    `ring_allreduce_bytes`, needed only when R does not divide a tensor's size (kdim, vdim).
     """
     kdim = d_model if kdim is None else kdim
     vdim = d_model if vdim is None else vdim
-    forward = ring_allreduce_bytes(B * T * d_model, world_size, element_size)
+    forward = ring_allreduce_bytes(B * T * d_model, world_size, element_size, rank)
     backward = forward
     if not self_attention:
-        backward += ring_allreduce_bytes(B * S * kdim, world_size, element_size)
+        backward += ring_allreduce_bytes(B * S * kdim, world_size, element_size, rank)
         if not value_is_key:
-            backward += ring_allreduce_bytes(B * S * vdim, world_size, element_size)
+            backward += ring_allreduce_bytes(B * S * vdim, world_size, element_size, rank)
     return {"forward": forward, "backward": backward}
 
 
 # ----------------------------------------------------------------------------- checks against one device
-def compare_case(rank: int, world_size: int, case: dict) -> dict:
-    """One case: outputs, input and weight gradients of the shard vs the single module; bytes vs formula."""
+def compare_case(rank: int, world_size: int, case: dict, comm: Comm | None = None) -> dict:
+    """One case: outputs, input and weight gradients of the shard vs the single module; bytes vs formula.
+
+    comm: the messages' way (default: a Comm over the default process group)."""
     mha, query, memory, mask, grad_out = example_case(case)
     ref = mha(query, memory, attn_mask=mask)  # the single-device module, in this process
     ref.backward(grad_out)
@@ -204,7 +207,7 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     query.grad = None
     if memory is not None:
         memory.grad = None
-    comm = Comm()
+    comm = Comm() if comm is None else comm
     tp = TensorParallelAttention.from_module(mha, comm)
     out = tp(query, memory, attn_mask=mask)
     sent_forward = comm.sent
@@ -224,7 +227,7 @@ def compare_case(rank: int, world_size: int, case: dict) -> dict:
     errors["to_module"] = max(max_abs_error(a, b) for a, b in zip(back.parameters(), mha.parameters(), strict=True))
     B, T, D = query.shape
     S = T if memory is None else memory.shape[1]
-    expected = tp_bytes_per_step(B, T, S, D, world_size, 4, self_attention=memory is None)
+    expected = tp_bytes_per_step(B, T, S, D, world_size, 4, self_attention=memory is None, rank=rank)
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],
             "received": comm.received}

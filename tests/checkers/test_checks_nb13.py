@@ -175,3 +175,41 @@ def test_zigzag_names_unsorted_positions():
 def test_zigzag_wrong_type_is_explained():
     result = checks.check_zigzag_positions(lambda T, R: torch.arange(T))
     assert not result.passed and "list of" in result.message
+
+
+def half_positions(T, R):
+    return [[p + 0.5 for p in r] for r in zigzag_positions(T, R)]
+
+
+def string_positions(T, R):
+    return [[str(p) for p in r] for r in zigzag_positions(T, R)]
+
+
+def float_tensor_positions(T, R):
+    return [torch.tensor(r, dtype=torch.float32) for r in zigzag_positions(T, R)]
+
+
+def bool_positions(T, R):
+    return [[bool(p) for p in r] for r in zigzag_positions(T, R)]
+
+
+def positions_as_a_string(T, R):
+    return ["".join(map(str, r)) for r in zigzag_positions(T, R)]
+
+
+def zero_d_tensors(T, R):
+    pieces = torch.arange(T).tensor_split(2 * R)
+    return [list(pieces[r]) + list(pieces[2 * R - 1 - r]) for r in range(R)]  # 0-d integer tensors: fine
+
+
+def test_zigzag_refuses_positions_that_are_not_integers():
+    for wrong in (half_positions, string_positions, float_tensor_positions, bool_positions):
+        result = checks.check_zigzag_positions(wrong)
+        assert not result.passed and "integers" in result.message, (wrong.__name__, result.message)
+    result = checks.check_zigzag_positions(positions_as_a_string)
+    assert not result.passed and "list of integer positions" in result.message
+
+
+def test_zigzag_takes_integer_tensors_and_their_elements():
+    assert checks.check_zigzag_positions(zero_d_tensors).passed
+    assert checks.check_zigzag_positions(lambda T, R: [torch.tensor(r) for r in zigzag_positions(T, R)]).passed

@@ -280,7 +280,7 @@ def test_bad_input_is_refused_with_the_argument_named(one_rank):
         tp.TensorParallelAttention.from_module(MultiHeadAttention(16, 4, dropout=0.1))(x)
     ring = ra.RingAttention.from_module(mha)
     layout = ra.SequenceLayout.make(5, 1)
-    with pytest.raises(ValueError, match="q must be this rank's shard"):
+    with pytest.raises(ValueError, match="query must be this rank's shard"):
         ring(torch.randn(2, 4, 16), q_layout=layout)
     with pytest.raises(ValueError, match="q_layout is for 2 ranks"):
         ring(x, q_layout=ra.SequenceLayout.make(5, 2))
