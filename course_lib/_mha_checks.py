@@ -115,9 +115,9 @@ def check_forward(module, query, key, value, attn_mask, is_causal, need_weights,
         raise ValueError("this module has rotary positions, which apply to self-attention; call it with one "
                          "sequence (mha(x)), not with separate key/value")
     B, T, S = query.shape[0], query.shape[1], key.shape[1]
-    if cache is None:
+    if cache is None or cache.static:  # causal against a memory: T queries, S memory keys
         check_causal_lengths(is_causal, T, S, query.shape, key.shape)
-    else:
+    if cache is not None:
         _check_cache(module, query, key, cache)
         S = len(cache) if cache.static and cache.is_filled else len(cache) + S
     if attn_mask is not None:

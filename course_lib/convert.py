@@ -14,7 +14,7 @@ from typing import Protocol, Self, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["from_torch", "from_hf_bert"]
+__all__ = ["from_torch", "from_hf_bert", "copy_linear"]
 
 
 class Projections(Protocol):
@@ -54,6 +54,14 @@ def from_torch(cls: Callable[..., M], module: nn.MultiheadAttention) -> M:
             new.out_proj.bias.copy_(module.out_proj.bias)
     return new.train(module.training)
 
+
+def copy_linear(ours: nn.Linear, theirs: nn.Linear) -> None:
+    """ours.weight (and bias, if theirs has one) := theirs', in place; call under torch.no_grad()."""
+    ours.weight.copy_(theirs.weight)
+    if theirs.bias is not None:
+        ours.bias.copy_(theirs.bias)
+
+
 def from_hf_bert(cls: Callable[..., M], attention: nn.Module) -> M:
     """Copy a Hugging Face BertAttention (layer.attention): query/key/value, then output.dense as W_O.
 
@@ -75,7 +83,5 @@ def from_hf_bert(cls: Callable[..., M], attention: nn.Module) -> M:
         pairs = ((new.q_proj, self_attn.query), (new.k_proj, self_attn.key), (new.v_proj, self_attn.value),
                  (new.out_proj, output.dense))
         for ours, theirs in pairs:
-            ours.weight.copy_(theirs.weight)
-            if theirs.bias is not None:
-                ours.bias.copy_(theirs.bias)
+            copy_linear(ours, theirs)
     return new.train(attention.training)

@@ -66,12 +66,11 @@ class KVCache:
         """(length,) positions of the keys held (length = len(self)) or just returned by `update`.
 
         Either way they are the first min(sink_tokens, length) positions, then consecutive positions up
-        to seen - 1: eviction only ever removes a block between the sinks and the window.
+        to next_position - 1: eviction only ever removes a block between the sinks and the window.
         """
         length = len(self) if length is None else check_nonnegative_int("length", length)
-        sinks = min(self.sink_tokens, length)
-        return torch.cat([torch.arange(sinks, device=device),
-                          torch.arange(self.seen - (length - sinks), self.seen, device=device)])
+        sinks, end = min(self.sink_tokens, length), self.next_position
+        return torch.cat([torch.arange(sinks, device=device), torch.arange(end - (length - sinks), end, device=device)])
 
     def __len__(self) -> int:
         return 0 if self.key is None else self.key.shape[-2]
@@ -134,7 +133,7 @@ def _refuse_new(key: torch.Tensor, value: torch.Tensor) -> NoReturn:
                      f"one value per key")
 
 
-def _refuse_mismatch(key: torch.Tensor, value: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor) -> None:
+def _refuse_mismatch(key: torch.Tensor, value: torch.Tensor, old_k: torch.Tensor, old_v: torch.Tensor) -> NoReturn:
     """The message for new keys/values that do not extend the cached ones."""
     for name, new, old in (("key", key, old_k), ("value", value, old_v)):
         if new.shape[:2] != old.shape[:2] or new.shape[-1] != old.shape[-1]:
@@ -144,6 +143,7 @@ def _refuse_mismatch(key: torch.Tensor, value: torch.Tensor, old_k: torch.Tensor
             raise TypeError(f"new {name}s are {new.dtype} on {new.device} but the cache holds {old.dtype} on "
                             f"{old.device}: fill and extend a cache in one dtype (the same autocast setting) "
                             f"and on one device")
+    raise AssertionError("update's test and these messages disagree: every mismatch it refuses is named above")
 
 
 class unchanged_on_error:  # noqa: N801 (used like a function: `with unchanged_on_error(cache):`)

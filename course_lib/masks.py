@@ -129,7 +129,7 @@ def restrict_mask(mask: torch.Tensor | None, allowed: torch.Tensor) -> torch.Ten
     """`mask` (None, bool, or additive float) further limited to where the bool `allowed` is True.
 
     AND for a bool mask, -inf where `allowed` is False for an additive one. No checks: callers have
-    validated both (with_causal, MultiHeadAttention's windows, ring attention's tiles).
+    validated both (with_causal, canonical_mask's `allowed` positions, ring attention's tiles).
     """
     if mask is None:
         return allowed

@@ -64,7 +64,7 @@ class Seq2SeqConfig:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "num_heads", "d_ff", "max_len",
                      "num_encoder_layers", "num_decoder_layers"):
             setattr(self, name, check_positive_int(name, getattr(self, name)))  # numpy ints become ints (JSON)
-        check_probability("dropout", self.dropout)
+        self.dropout = check_probability("dropout", self.dropout)  # a numpy float becomes a float (JSON)
         check_bool("norm_first", self.norm_first)
         for name, vocab in (("pad_id", min(self.src_vocab_size, self.tgt_vocab_size)),
                             ("bos_id", self.tgt_vocab_size), ("eos_id", self.tgt_vocab_size)):

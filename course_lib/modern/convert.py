@@ -13,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
-from course_lib.convert import Projections
+from course_lib.convert import Projections, copy_linear
 from course_lib.positional import RotaryEmbedding
 
 __all__ = ["from_hf_decoder_attention", "SUPPORTED"]
@@ -74,9 +74,7 @@ def from_hf_decoder_attention(cls: Callable[..., D], attention: Any) -> D:
     with torch.no_grad():
         for ours, theirs in zip((new.q_proj, new.k_proj, new.v_proj, new.out_proj),
                                 (getattr(attention, n) for n in names), strict=True):
-            ours.weight.copy_(theirs.weight)
-            if theirs.bias is not None:
-                ours.bias.copy_(theirs.bias)
+            copy_linear(ours, theirs)
         if new.sink_logits is not None:
             new.sink_logits.copy_(attention.sinks)
     return new.train(attention.training)

@@ -65,7 +65,7 @@ class DecoderAttention(MultiHeadAttention):
     def _mask(self, query, attn_mask, is_causal, S, start, cache, need_weights) -> tuple[torch.Tensor | None, bool]:
         """A window: causal and windowed from positions (a windowed cache has evicted the oldest keys)."""
         T, device = query.shape[1], query.device
-        if self.window is None and (cache is None or cache.window is None):
+        if self.window is None:  # (a windowed cache was refused for this module by the checks)
             # a learned sink runs on the math path, which takes the causal part as a mask
             return canonical_mask(attn_mask, is_causal, T, S, device=device,
                                   need_weights=need_weights or self.sink_logits is not None)

@@ -136,3 +136,34 @@ def test_a_cache_that_starts_later_keeps_its_start_through_every_update():
 def test_sink_tokens_are_refused_for_a_cache_that_starts_later():
     with pytest.raises(ValueError, match="seen=3"):
         KVCache(window=4, sink_tokens=1, seen=3)
+
+
+def test_key_positions_of_tensors_assigned_directly_count_from_zero():
+    cache = KVCache(window=4)
+    cache.key = cache.value = torch.zeros(1, 1, 3, 2)  # a cache filled by hand: it has seen what it holds
+    assert cache.key_positions().tolist() == [0, 1, 2]
+
+
+def test_a_windowed_module_decodes_from_a_cache_filled_by_hand():
+    from course_lib.modern import DecoderAttention
+
+    torch.manual_seed(0)
+    attn = DecoderAttention(8, 2, window=3).eval()
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        full = attn(x, is_causal=True)
+        filled = attn.new_cache()
+        attn(x[:, :2], is_causal=True, cache=filled)
+        by_hand = attn.new_cache()
+        by_hand.key, by_hand.value = filled.key, filled.value  # seen left at 0
+        steps = [attn(x[:, t:t + 1], is_causal=True, cache=by_hand) for t in range(2, 5)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 2:], atol=1e-6, rtol=0)
+
+
+def test_causal_cross_attention_through_a_static_cache_is_checked_like_one_without():
+    mha = MultiHeadAttention(8, 2)
+    x, memory = torch.randn(1, 5, 8), torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="is_causal=True with T=5 queries and S=3 keys"):
+        mha(x, memory, is_causal=True)
+    with pytest.raises(ValueError, match="is_causal=True with T=5 queries and S=3 keys"):
+        mha(x, memory, is_causal=True, cache=KVCache(static=True))

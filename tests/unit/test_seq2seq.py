@@ -119,3 +119,13 @@ def test_capstone_checkpoint_reaches_95_percent_exact_match_on_the_test_split(pa
     assert accuracy >= 0.95
     recorded = json.loads(path.with_suffix(".json").read_text())["test_exact_match"]
     assert abs(accuracy - recorded) <= 0.002  # the number in the JSON is the one this checkpoint gives
+
+
+def test_a_numpy_dropout_is_stored_as_a_float_that_json_can_save():
+    import dataclasses
+
+    import numpy as np
+
+    config = Seq2SeqConfig(10, 10, dropout=np.float32(0.25))
+    assert type(config.dropout) is float
+    json.dumps(dataclasses.asdict(config))
