@@ -3,7 +3,8 @@
 Masks are booleans with the course's polarity (True = may attend). On a wrong answer the
 checkers try the classic mistakes (flipped polarity, the upper triangle, padding applied to
 queries instead of keys, a (B, T, T) mask that broadcasts against the head axis, -1e9 in
-float16, NaN or uniform weights in a fully masked row) and say which one was made.
+float16, NaN or uniform weights in a fully masked row, masking after the softmax with or without
+renormalising) and say which one was made.
 """
 
 from __future__ import annotations
@@ -135,15 +136,18 @@ def check_masked_softmax(fn):
     Your function: `fn(scores, mask) -> weights`, with scores (..., T, S) a float tensor (float16,
     bfloat16, float32 or float64) and mask a bool tensor broadcastable to it, True = may attend;
     weights (..., T, S): softmax over the allowed keys, exactly 0 elsewhere, all 0 (never NaN) in a
-    row with nothing allowed. Checks four cases, one per dtype, with a tolerance per dtype; names NaN,
-    a -1e9 fill that overflows float16, uniform weights in a fully masked row, a flipped mask, and masking
-    after the softmax (with or without renormalising).
+    row with nothing allowed. Checks four cases, one per dtype, with a tolerance per dtype (in the float32
+    one the masked keys score 1000 above the allowed ones); names NaN, a -1e9 fill that overflows float16,
+    uniform weights in a fully masked row, a flipped mask, and masking after the softmax (with or without
+    renormalising: renormalising loses every row whose masked keys score far above its kept ones).
     """
     g = torch.Generator().manual_seed(5)
     fully_masked = torch.ones(4, 5, dtype=torch.bool)
     fully_masked[2] = False
+    causal = causal_mask(4, 6)
+    far_above = "float32 scores (2, T=4, S=6) with a causal mask, the masked keys scoring 1000 above the allowed ones"
     cases = [
-        ("float32 scores (2, T=4, S=6) with a causal mask", torch.randn(2, 4, 6, generator=g), causal_mask(4, 6)),
+        (far_above, torch.randn(2, 4, 6, generator=g) + 1000.0 * ~causal, causal),
         ("float16 scores with a fully masked row (query 2)", (torch.randn(4, 5, generator=g) * 4).half(),
          fully_masked),
         ("float64 scores with a fully masked row (query 2)", torch.randn(4, 5, generator=g, dtype=torch.float64),
@@ -171,13 +175,22 @@ def check_masked_softmax(fn):
         got64 = got.detach().to(torch.float64)
         full_mask = mask.expand(expected.shape)
         empty_rows = ~full_mask.any(dim=-1)  # (..., T)
+        lost_rows = ~empty_rows & (torch.isnan(got64).all(dim=-1) | (got64 == 0).all(dim=-1))  # (..., T)
+        masked_zero = (torch.nan_to_num(got64, nan=0.0)[~full_mask] == 0).all()
+        if what == far_above and lost_rows.any() and masked_zero:
+            raise CheckFailure(f"{name}: rows that have allowed keys came out all NaN or all 0. That is what you get "
+                               f"when you masked after the softmax, renormalising or not: the masked keys, scoring "
+                               f"1000 above the kept ones, take all of softmax(scores), the kept weights underflow to "
+                               f"0 (already at a gap of about 19 in float16, 105 in float32, 750 in float64), and "
+                               f"renormalising gives 0/0. Mask BEFORE the softmax: fill the masked scores with -inf, "
+                               f"and do not renormalise after.")
         if torch.isnan(got64).any():
             nan_rows = torch.isnan(got64).any(dim=-1)  # (..., T)
             if empty_rows.any() and torch.equal(nan_rows, empty_rows) and torch.allclose(
                     got64[~empty_rows], expected[~empty_rows], atol=_TOL[scores.dtype], rtol=0):
                 raise CheckFailure(f"{name} contain NaN only in the rows with nothing to attend to: a softmax of an "
-                                   f"all -inf row is 0/0 = NaN, and so is masking after the softmax and renormalising "
-                                   f"(the same function wherever a row keeps a key). Give such rows weights 0.")
+                                   f"all -inf row is 0/0 = NaN (and so is masking after the softmax and "
+                                   f"renormalising). Give such rows weights 0.")
             hint = ("a row with every key masked is softmax of all -inf = 0/0 = NaN: find such rows "
                     "(mask.any(-1) is False) and set their weights to 0") if empty_rows.any() else \
                 "NaN appeared: subtract the row max before exp, and do not fill with a finite value that overflows"
@@ -200,8 +213,9 @@ def check_masked_softmax(fn):
         late = torch.allclose(got64, zeroed_late, atol=tol, rtol=0)
         if late and not torch.allclose(got64, expected, atol=tol, rtol=0):
             raise CheckFailure(f"{name}: you masked after the softmax: the weights are softmax(scores) with the masked "
-                               f"entries set to 0, so a row's kept weights sum to less than 1. Mask the scores with "
-                               f"-inf before the softmax (or renormalise the kept weights, guarding empty rows).")
+                               f"entries set to 0, so a row's kept weights sum to less than 1 (or to 0). Mask the "
+                               f"scores with -inf before the softmax; renormalising afterwards is no fix, it fails "
+                               f"when a masked key scores far above the kept ones.")
         if not torch.allclose(got64, expected, atol=tol, rtol=0):
             err = float((got64 - expected).abs().max())
             raise CheckFailure(f"{name} differ from the reference by up to {err:.2e} (tolerance {tol:.0e} for "
@@ -212,34 +226,78 @@ def check_masked_softmax(fn):
 
 
 # ----------------------------------------------------------------------------- a test that finds future leaks
-def _layers() -> list[tuple[str, object, bool]]:
-    """(description, layer, leaks?) where layer maps x (1, T, d) float64 -> (1, T, d)."""
+_MISSED = {
+    "into_first": "it perturbs too few positions (only the last one, or only the next one): perturb EVERY position "
+                  "after i, not just the last",
+    "from_last": "it checks too few positions (only position 0, or only output i): compare EVERY output up to i",
+    "middle": "a leak between two middle positions, away from position 0 and from the last position: a test that "
+              "perturbs only the last position or compares only position 0 cannot see it",
+}
+
+
+def _layers() -> list[tuple[str, object, bool, str, int, int]]:
+    """(description, layer, leaks?, kind, T, d), layer mapping x (1, T, d) float64 -> (1, T, d).
+
+    Sizes and leak positions are drawn at random (seeded), so a test cannot be tailored to them.
+    """
     g = torch.Generator().manual_seed(55)
-    d = 8
-    w_q, w_k, w_v = (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for _ in range(3))
 
-    def attend(x, mask):
-        scores = (x @ w_q.T) @ (x @ w_k.T).transpose(-2, -1) / d**0.5  # (1, T, T)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ (x @ w_v.T)
+    def randint(low: int, high: int) -> int:  # low <= n <= high
+        return int(torch.randint(low, high + 1, (1,), generator=g))
 
-    def causal(x):
-        return attend(x, torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril())
+    def attention(d: int, edit=None):
+        w_q, w_k, w_v = (torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5 for _ in range(3))
 
-    def last_to_first(x):  # causal, except that position 0 also sees the LAST position
-        mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
-        mask[0, -1] = True
-        return attend(x, mask)
+        def layer(x):
+            n = x.shape[1]
+            scores = (x @ w_q.T) @ (x @ w_k.T).transpose(-2, -1) / d**0.5  # (1, T, T)
+            if edit is not None:
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+                edit(mask)
+                scores = scores.masked_fill(~mask, float("-inf"))
+            return torch.softmax(scores, dim=-1) @ (x @ w_v.T)
+        return layer
 
-    def weak(x):  # causal plus a tiny leak of the next token, 1e-9 of its size
-        out = causal(x)
-        return out + 1e-9 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+    def size() -> tuple[int, int]:
+        return randint(6, 10), randint(3, 9)
 
-    return [("a causal layer", causal, False), ("a layer without a mask", lambda x: attend(x, None), True),
-            ("a layer whose position 0 also sees the last position", last_to_first, True),
-            ("a causal layer with a leak of 1e-9 from the next position", weak, True),
-            ("the causal layer again", causal, False)]
+    layers = []
+    T, d = size()
+    layers.append(("a causal layer", attention(d, lambda m: None), False, "", T, d))
+    T, d = size()
+    layers.append(("a layer without a mask", attention(d), True, "", T, d))
+    T, d = size()
+    j = randint(2, T - 2)
+    layers.append((f"a layer whose position 0 also sees position {j} (T={T})",
+                   attention(d, lambda m, j=j: m.__setitem__((0, j), True)), True, "into_first", T, d))
+    T, d = size()
+    i = randint(1, T - 3)
+    layers.append((f"a layer whose position {i} also sees the last position (T={T})",
+                   attention(d, lambda m, i=i: m.__setitem__((i, -1), True)), True, "from_last", T, d))
+    T, d = size()
+    t = randint(1, T - 4)
+    layers.append((f"a layer whose position {t} also sees position {t + 2} (T={T})",
+                   attention(d, lambda m, t=t: m.__setitem__((t, t + 2), True)), True, "middle", T, d))
+    T, d = size()
+    i = randint(1, T - 4)
+    j = randint(i + 1, T - 2)
+    causal = attention(d, lambda m: None)
+
+    def direct(x, causal=causal, i=i, j=j):  # causal, plus 1e-3 of input j added to output i
+        out = causal(x).clone()
+        out[:, i] = out[:, i] + 1e-3 * x[:, j]
+        return out
+    layers.append((f"a causal layer with a leak of 1e-3 from position {j} into position {i} (T={T})", direct, True,
+                   "middle", T, d))
+    T, d = size()
+    weak_causal = attention(d, lambda m: None)
+
+    def weak(x, causal=weak_causal):  # causal plus a tiny leak of the next token, 1e-9 of its size
+        return causal(x) + 1e-9 * torch.cat([x[:, 1:], torch.zeros_like(x[:, :1])], dim=1)
+    layers.append(("a causal layer with a leak of 1e-9 from the next position", weak, True, "weak", T, d))
+    T, d = size()
+    layers.append(("the causal layer again", attention(d, lambda m: None), False, "", T, d))
+    return layers
 
 
 @checker
@@ -248,12 +306,12 @@ def check_future_leak_test(fn):
 
     Your function: `fn(layer, T, d) -> bool`, True when the layer leaks: when some output position i
     changes after a change of the inputs at positions > i. `layer` maps a float64 tensor (1, T, d) to
-    (1, T, d). Checks five layers (causal, unmasked, a leak only from the last position into position
-    0, a leak of size 1e-9, causal again); names a test that perturbs the past, one that checks too
-    few positions, and one whose tolerance hides a small leak.
+    (1, T, d). Checks eight layers of random sizes, causal ones and ones that leak: everywhere, into
+    position 0, from the last position, between two middle positions only, and by as little as 1e-9;
+    names a test that perturbs the past, one that perturbs or checks too few positions, one that
+    misses a leak in the middle of the sequence, and one whose tolerance hides a small leak.
     """
-    T, d = 6, 8
-    for description, layer, leaks in _layers():
+    for description, layer, leaks, kind, T, d in _layers():
         verdict = call(fn, layer, T, d, what=f", with {description}")
         if not isinstance(verdict, bool | np.bool_) and not (isinstance(verdict, torch.Tensor) and verdict.numel() == 1
                                                              and verdict.dtype == torch.bool):
@@ -264,14 +322,14 @@ def check_future_leak_test(fn):
                                f"FUTURE (positions > i) and compare only the outputs at positions <= i; float64 "
                                f"recomputation of the same numbers is exact, so compare exactly or with atol ~1e-12.")
         if not verdict and leaks:
-            if "1e-9" in description:
+            if kind == "weak":
                 raise CheckFailure(f"your test missed {description}: its tolerance is too loose. A causal layer's past "
                                    f"outputs do not change AT ALL when the future changes, so compare exactly (or "
                                    f"with atol ~1e-12 in float64).")
-            if "last position" in description:
-                raise CheckFailure(f"your test missed {description}: it checks too few positions. Compare every "
-                                   f"position i < T-1 after perturbing everything after it (or the last position "
-                                   f"alone against every earlier output).")
+            if kind in _MISSED:
+                raise CheckFailure(f"your test missed {description}: {_MISSED[kind]}. For every i < T-1, perturb all "
+                                   f"positions after i and compare all outputs up to i.")
             raise CheckFailure(f"your test missed the leak of {description}: perturb the inputs after position i and "
                                f"check whether the outputs up to i change.")
-    return "5 layers: causal ones pass, an unmasked one, a single far leak and a 1e-9 leak are caught"
+    return "8 layers of random sizes: causal ones pass; leaks everywhere, at either end, in the middle and of 1e-9 " \
+           "are caught"

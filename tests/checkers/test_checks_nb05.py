@@ -87,10 +87,13 @@ def test_masked_softmax_rejects_planted_mistakes(wrong, words):
     assert not result.passed and words in result.message, result.message
 
 
-def _after_softmax(renormalise):
+def _after_softmax(renormalise, dtype=torch.float64, guard=False):
     def fn(s, m):
-        w = torch.softmax(s.double(), dim=-1) * m
-        return w / w.sum(-1, keepdim=True) if renormalise else w
+        w = torch.softmax(s.to(dtype), dim=-1) * m
+        if not renormalise:
+            return w
+        total = w.sum(-1, keepdim=True)
+        return w / total.clamp_min(torch.finfo(dtype).tiny) if guard else w / total  # guard: empty rows get 0
     return fn
 
 
@@ -98,6 +101,17 @@ def _after_softmax(renormalise):
 def test_masked_softmax_names_masking_after_the_softmax(renormalise, words):
     result = checks.check_masked_softmax(_after_softmax(renormalise))
     assert not result.passed and words in result.message, result.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("guard", [False, True])
+def test_masked_softmax_rejects_renormalising_after_the_softmax(dtype, guard):
+    # the same function as the -inf mask only while the kept weights do not underflow: a masked key scoring
+    # far above the kept ones leaves them 0, and renormalising gives 0/0 (NaN) or, guarded, all 0
+    result = checks.check_masked_softmax(_after_softmax(True, dtype, guard))
+    assert not result.passed, result.message
+    assert "masked after the softmax" in result.message and "renormalising" in result.message, result.message
+    assert "-inf" in result.message and "BEFORE the softmax" in result.message, result.message
 
 
 def test_masked_softmax_rejects_a_mutating_answer():
@@ -130,11 +144,54 @@ def test_future_leak_test_accepts_reference():
 @pytest.mark.parametrize("options, words", [
     (dict(perturb_past=True), "reports a leak"),
     (dict(atol=1e-4), "tolerance is too loose"),
-    (dict(neighbour_only=True), "checks too few positions"),
+    (dict(neighbour_only=True), "too few positions"),
 ])
 def test_future_leak_test_rejects_planted_mistakes(options, words):
     result = checks.check_future_leak_test(lambda layer, T, d: leak_test_ref(layer, T, d, **options))
     assert not result.passed and words in result.message, result.message
+
+
+def _changed(layer, x, x2, seen):
+    return not torch.equal(layer(x2)[:, seen], layer(x)[:, seen])
+
+
+def perturb_last_only(layer, T, d):  # the future is only ever the last position
+    x = torch.randn(1, T, d, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    return _changed(layer, x, x2, slice(0, T - 1))
+
+
+def check_first_only(layer, T, d):  # the past is only ever position 0
+    x = torch.randn(1, T, d, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 1:] += 1.0
+    return _changed(layer, x, x2, slice(0, 1))
+
+
+def both_ends(layer, T, d):  # tailored to leaks into position 0 or from the last position
+    return perturb_last_only(layer, T, d) or check_first_only(layer, T, d)
+
+
+@pytest.mark.parametrize("incomplete, words", [
+    (perturb_last_only, "perturbs too few positions (only the last one"),
+    (check_first_only, "checks too few positions (only position 0"),
+    (both_ends, "a leak between two middle positions"),
+])
+def test_future_leak_test_rejects_incomplete_tests(incomplete, words):
+    result = checks.check_future_leak_test(incomplete)
+    assert not result.passed and words in result.message, result.message
+    assert "your test missed a" in result.message and "For every i < T-1" in result.message, result.message
+
+
+def test_future_leak_test_leaks_only_in_the_middle_defeat_both_ends():
+    # the middle layers leak from j into i with 0 < i < j < T-1, the sizes vary, and a test of both ends misses them
+    from course_lib.checks.nb05 import _layers
+    layers = _layers()
+    middle = [(layer, T, d) for _, layer, _, kind, T, d in layers if kind == "middle"]
+    assert len(middle) == 2 and len({(T, d) for *_, T, d in layers}) > 1
+    for layer, T, d in middle:
+        assert leak_test_ref(layer, T, d) and not both_ends(layer, T, d)
 
 
 @pytest.mark.parametrize("wrong, words", [
