@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, is_close, unpack
+from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, is_close, unpack
 
 __all__ = [
     "check_scaled_scores",
@@ -38,6 +38,20 @@ def _unpack_pair(result, what: str) -> tuple:
     """(out, weights) as returned, and as float64 arrays for the diagnosis (compare sees their dtype)."""
     answer = unpack(result, 2, f"{what} must return a pair (out, weights)")
     return answer, (as_array("out", answer[0]), as_array("weights", answer[1]))
+
+
+def _explain_crash(crash: CheckFailure, probes) -> CheckFailure:
+    """A crash on one case, explained: `probes` are (label, probe) pairs, each probe running the learner's
+    function on inputs where the suspected mistake runs and returning its message if the answer there is
+    that mistake's. The first such message joins the crash; without one the crash is returned as it was."""
+    for label, probe in probes:
+        try:
+            message = probe()
+        except CheckFailure:
+            continue
+        if message:
+            return CheckFailure(f"{crash}. For {label} it runs, and its answer there shows why: {message}.")
+    return crash
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +238,23 @@ def check_attention(fn: Callable) -> str:
     return f"{len(cases)} cases (batch dims, T != S, d != d_v, large scores) match numpy_ref"
 
 
+_BATCHED_K_T = ("k.T reverses ALL axes of a batched array: k of shape (B, S, d) becomes (d, S, B), not (B, d, S). "
+                "Transpose only the last two axes: np.swapaxes(k, -1, -2)")
+
+
+def _batched_k_T_probe(fn: Callable) -> str | None:
+    """_BATCHED_K_T if fn's weights, on a batch where k is a cube (B = S = d, so that k.T runs), are those of
+    scores q @ k.T; else None. Raises CheckFailure if fn crashes there too."""
+    rng = np.random.default_rng(7)
+    n = 3
+    q, k, v = rng.normal(size=(n, 2, n)), rng.normal(size=(n, n, n)), rng.normal(size=(n, n, 2))
+    mask = np.arange(n)[None, None, :] < np.array([3, 2, 1])[:, None, None]  # (B, 1, S) padding
+    with np.errstate(all="ignore"):
+        _, (_, weights) = _unpack_pair(call(fn, q, k, v, mask), "your masked attention function")
+    reversed_w = numpy_ref.softmax(np.where(mask, q @ k.T / np.sqrt(n), -np.inf))  # k.T is (d, S, B)
+    return _BATCHED_K_T if is_close(weights, reversed_w) else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Exercise 4: masked attention (bool mask, True = may attend; fully masked rows -> 0)
 # ----------------------------------------------------------------------------------------------
@@ -251,13 +282,18 @@ def check_masked_attention(fn: Callable) -> str:
     Your function: `fn(q, k, v, mask) -> (out, weights)` as for check_attention, with a bool mask
     broadcastable to (..., T, S), True = may attend. A query that may attend to nothing gets weights 0
     and output 0. Checks a causal mask, a (B, 1, S) padding mask and a mask with a fully masked row
-    against numpy_ref; names an inverted mask, masking by adding a small number, and the uniform
-    weights that a finite fill such as -1e9 gives a fully masked row.
+    against numpy_ref; names an inverted mask, a missing 1/sqrt(d), k.T on a batched k (it reverses
+    every axis), masking by adding a small number, and the uniform weights that a finite fill such as
+    -1e9 gives a fully masked row.
     """
     cases = _masked_cases()
     for label, q, k, v, mask in cases:
-        with np.errstate(all="ignore"):
-            result = call(fn, q.copy(), k.copy(), v.copy(), mask.copy())
+        try:
+            with np.errstate(all="ignore"):
+                result = call(fn, q.copy(), k.copy(), v.copy(), mask.copy())
+        except CheckFailure as crash:
+            cube = [("a batch whose k is a cube (B = S = d = 3)", lambda: _batched_k_T_probe(fn))]
+            raise _explain_crash(crash, cube if k.ndim > 2 else []) from None
         answer, (out, weights) = _unpack_pair(result, "your masked attention function")
         expected_out, expected_w = numpy_ref.scaled_dot_product_attention(q, k, v, mask)
         if weights.shape == expected_w.shape and not is_close(weights, expected_w):
@@ -266,6 +302,11 @@ def check_masked_attention(fn: Callable) -> str:
                 raise CheckFailure(f"for {label}, your weights are those of the INVERTED mask. In this course "
                                    f"True means 'may attend': keep the scores where mask is True and set them "
                                    f"to -inf where it is False.")
+            d = q.shape[-1]
+            unscaled_w = numpy_ref.scaled_dot_product_attention(q * np.sqrt(d), k, v, mask)[1]  # softmax(q k^T)
+            if is_close(weights, unscaled_w):
+                raise CheckFailure(f"for {label}, your weights are the masked softmax of q k^T without the scaling: "
+                                   f"divide the scores by sqrt(d) = sqrt({d}) before masking and the softmax.")
             full = np.broadcast_to(mask, expected_w.shape)
             plain = numpy_ref.softmax(q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]))  # (..., T, S) unmasked
             if is_close(weights, plain * full):
@@ -379,6 +420,25 @@ def _additive_ref(q, k, W_q, W_k, w):
     return hidden @ w  # (..., T, S)
 
 
+def _additive_mistakes(q, k, W_q, W_k, w) -> dict[str, np.ndarray | None]:
+    """What each named mistake answers on these inputs; None where it cannot run on their shapes."""
+    T, S = q.shape[0], k.shape[0]
+    square = W_q.shape[0] == W_q.shape[1] and W_k.shape[0] == W_k.shape[1]
+    return {
+        "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is "
+        "q @ W_q.T (with square matrices q @ W_q runs but multiplies by the transpose)":
+            _additive_ref(q, k, W_q.T, W_k.T, w) if square else None,
+        "there is no tanh: without it the score w.W_q q_i + w.W_k k_j splits into a query part plus a key "
+        "part, and the softmax over j cancels the query part entirely":
+            ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w,
+        "your scores are the transpose: scores[i, j] belongs to query i and key j":
+            _additive_ref(q, k, W_q, W_k, w).T if S == T else None,
+        "you added q_i's projection to k_i's only, row by row: that scores each query against ONE key (the "
+        "diagonal i = j). Broadcast q's projection as (T, 1, h) and k's as (1, S, h) to score every pair":
+            np.tanh(q @ W_q.T + k @ W_k.T) @ w if S == T else None,
+    }
+
+
 @checker
 def check_additive_scores(fn: Callable) -> str:
     """Check additive (Bahdanau) attention scores.
@@ -387,35 +447,38 @@ def check_additive_scores(fn: Callable) -> str:
     W_k (h, d_k) stored like nn.Linear weights (out_features, in_features), w (h,); returns scores
     (T, S) with scores[i, j] = w . tanh(W_q q_i + W_k k_j). Checks T != S, d_q != d_k, and a case where
     every matrix is square; names a forgotten .T, a missing tanh, scores of shape (S, T), and adding
-    q_i to k_i only (the diagonal).
+    q_i to k_i only (the diagonal). A mistake that crashes on the first case's shapes is named from
+    the square case, where it runs.
     """
     rng = _rng()
-    cases = [("T=3, S=5, d_q=4, d_k=6, h=7", 3, 5, 4, 6, 7), ("T=S=4, d_q=d_k=h=4 (square)", 4, 4, 4, 4, 4)]
-    for label, T, S, d_q, d_k, h in cases:
+    cases = []
+    for label, T, S, d_q, d_k, h in [("T=3, S=5, d_q=4, d_k=6, h=7", 3, 5, 4, 6, 7),
+                                     ("T=S=4, d_q=d_k=h=4 (square)", 4, 4, 4, 4, 4)]:
         q, k = rng.normal(size=(T, d_q)), rng.normal(size=(S, d_k))
         W_q, W_k, w = rng.normal(size=(h, d_q)), rng.normal(size=(h, d_k)), rng.normal(size=h)
-        answer = call(fn, q, k, W_q, W_k, w)
+        cases.append((label, (q, k, W_q, W_k, w)))
+
+    def probe(inputs) -> str | None:
+        return diagnose(as_array("scores", call(fn, *inputs)), _additive_mistakes(*inputs))
+
+    for label, inputs in cases:
+        try:
+            answer = call(fn, *inputs)
+        except CheckFailure as crash:
+            others = [(other, lambda xs=xs: probe(xs)) for other, xs in cases if other != label]
+            raise _explain_crash(crash, others) from None
         got = as_array("scores", answer)
-        expected = _additive_ref(q, k, W_q, W_k, w)
+        expected = _additive_ref(*inputs)
+        T, S = expected.shape
         if got.shape == (S, T) and S != T:
             raise CheckFailure(f"for {label} your scores have shape (S, T) = {got.shape}: one row per QUERY, so "
                                f"(T, S); broadcast q's projection as (T, 1, h) and k's as (1, S, h).")
-        if got.shape != expected.shape:
-            raise CheckFailure(f"for {label} your scores have shape {got.shape}, expected (T, S) = {expected.shape}.")
         if not is_close(got, expected):
-            wrong = {
-                "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is "
-                "q @ W_q.T (with square matrices q @ W_q runs but multiplies by the transpose)":
-                    _additive_ref(q, k, W_q.T, W_k.T, w) if d_q == h == d_k else None,
-                "there is no tanh: without it the score w.W_q q_i + w.W_k k_j splits into a query part plus a key "
-                "part, and the softmax over j cancels the query part entirely":
-                    ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w,
-                "your scores are the transpose: scores[i, j] belongs to query i and key j":
-                    expected.T if S == T else None,
-            }
-            message = next((m for m, value in wrong.items() if value is not None and is_close(got, value)), None)
+            message = diagnose(got, _additive_mistakes(*inputs))
             if message:
                 raise CheckFailure(f"for {label}: {message}.")
+        if got.shape != expected.shape:
+            raise CheckFailure(f"for {label} your scores have shape {got.shape}, expected (T, S) = {expected.shape}.")
         compare(f"scores for {label}", answer, expected,
                 hint="np.tanh((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w")
     return "additive scores match w . tanh(W_q q_i + W_k k_j) for every query-key pair"

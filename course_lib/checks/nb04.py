@@ -320,6 +320,27 @@ def check_mha_param_count(fn):
 
 
 # ----------------------------------------------------------------------------- cross-attention with d_v != d_k
+_KEYS_FROM_X = ("the keys and values come from x: in cross-attention only the queries come from x, the keys and "
+                "values from memory")
+
+
+def _cross_mistakes(x, memory, w_q, w_k, w_v, w_o, H) -> dict[str, torch.Tensor]:
+    """What each named mistake answers on these inputs, leaving out those that cannot run on their shapes."""
+    args = (x, w_q, w_k, w_v, w_o, H)
+    square = all(w.shape[0] == w.shape[1] for w in (w_q, w_k, w_v, w_o))
+    candidates = {
+        _RESHAPE_SPLIT: _mha_variant(*args, memory=memory, split_transpose=False),
+        _RESHAPE_MERGE: _mha_variant(*args, memory=memory, merge_transpose=False),
+        _FORGOT_T: _mha_variant(*args, memory=memory, forgot_T=True) if square else None,
+        "you scaled by sqrt(d_v); the scale is sqrt(d_k), the length of the query-key dot products":
+            _mha_variant(*args, memory=memory, scale="d_v"),
+        "you scaled by sqrt(d_model); each head's dot product has d_k terms: divide by sqrt(d_k)":
+            _mha_variant(*args, memory=memory, scale="d_model"),
+        _KEYS_FROM_X: _mha_variant(*args) if w_k.shape[1] == w_v.shape[1] == x.shape[-1] else None,  # x fits w_k
+    }
+    return {message: wrong for message, wrong in candidates.items() if wrong is not None}
+
+
 @checker
 def check_cross_mha_forward(fn):
     """Check a multi-head cross-attention forward pass with value heads of another size.
@@ -328,11 +349,13 @@ def check_cross_mha_forward(fn):
     the queries, memory (B, S, kdim) the keys and values, w_q (H d_k, d_model), w_k (H d_k, kdim),
     w_v (H d_v, kdim), w_o (d_model, H d_v) in nn.Linear's layout without biases; out (B, T, d_model).
     Checks d_v != d_k, T != S and a case where every weight is square; names a reshape without
-    transpose, a forgotten .T, scaling by sqrt(d_v) or sqrt(d_model), and keys taken from x.
+    transpose, a forgotten .T, scaling by sqrt(d_v) or sqrt(d_model), and keys taken from x. A mistake
+    that crashes on one case's shapes is named from a case where it runs.
     """
     g = torch.Generator().manual_seed(44)
-    cases = [(2, 3, 5, 12, 12, 3, 4, 2), (1, 4, 4, 8, 8, 2, 4, 4), (2, 6, 4, 16, 10, 4, 2, 3)]
-    for B, T, S, D, kdim, H, d_k, d_v in cases:
+    cases = []
+    shapes = [(2, 3, 5, 12, 12, 3, 4, 2), (1, 4, 4, 8, 8, 2, 4, 4), (2, 6, 4, 16, 10, 4, 2, 3)]
+    for B, T, S, D, kdim, H, d_k, d_v in shapes:
         x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
         memory = torch.randn(B, S, kdim, generator=g, dtype=torch.float64)
         w_q = torch.randn(H * d_k, D, generator=g, dtype=torch.float64) / D**0.5
@@ -340,27 +363,33 @@ def check_cross_mha_forward(fn):
         w_v = torch.randn(H * d_v, kdim, generator=g, dtype=torch.float64) / kdim**0.5
         w_o = torch.randn(D, H * d_v, generator=g, dtype=torch.float64) / (H * d_v) ** 0.5
         what = f"B={B}, T={T}, S={S}, d_model={D}, kdim={kdim}, H={H}, d_k={d_k}, d_v={d_v}"
-        got = as_tensor(f"your output ({what})", call(fn, x, memory, w_q, w_k, w_v, w_o, H))
-        args = (x, w_q, w_k, w_v, w_o, H)
-        expected = _mha_variant(*args, memory=memory)
+        cases.append((what, (x, memory, w_q, w_k, w_v, w_o, H)))
+
+    def probe(inputs) -> str | None:
+        return diagnose(as_tensor("your output", call(fn, *inputs)), _cross_mistakes(*inputs))
+
+    for what, inputs in cases:
+        try:
+            got = as_tensor(f"your output ({what})", call(fn, *inputs))
+        except CheckFailure as crash:
+            for other, other_inputs in cases:
+                if other == what:
+                    continue
+                try:
+                    mistake = probe(other_inputs)
+                except CheckFailure:
+                    continue
+                if mistake:
+                    raise CheckFailure(f"{crash}. For {other} it runs, and its output there shows why: "
+                                       f"{mistake}.") from None
+            raise crash from None
+        x, memory, w_q, w_k, w_v, w_o, H = inputs
+        expected = _mha_variant(x, w_q, w_k, w_v, w_o, H, memory=memory)
         if tuple(got.shape) != tuple(expected.shape):
             raise CheckFailure(f"for {what}: your output has shape {tuple(got.shape)}, expected (B, T, d_model) = "
                                f"{tuple(expected.shape)}: one row per QUERY (from x), projected back by w_o.")
         if not is_close(got, expected):
-            square = w_q.shape[0] == w_q.shape[1] and w_k.shape[0] == w_k.shape[1] and w_v.shape[0] == w_v.shape[1]
-            candidates = {
-                _RESHAPE_SPLIT: _mha_variant(*args, memory=memory, split_transpose=False),
-                _RESHAPE_MERGE: _mha_variant(*args, memory=memory, merge_transpose=False),
-                _FORGOT_T: _mha_variant(*args, memory=memory, forgot_T=True) if square and w_o.shape[0] == w_o.shape[1]
-                else None,
-                "you scaled by sqrt(d_v); the scale is sqrt(d_k), the length of the query-key dot products":
-                    _mha_variant(*args, memory=memory, scale="d_v"),
-                "you scaled by sqrt(d_model); each head's dot product has d_k terms: divide by sqrt(d_k)":
-                    _mha_variant(*args, memory=memory, scale="d_model"),
-                "the keys and values come from x: in cross-attention only the queries come from x, the keys and "
-                "values from memory": _mha_variant(*args) if T == S and kdim == D else None,
-            }
-            mistake = diagnose(got, {m: w for m, w in candidates.items() if w is not None})
+            mistake = diagnose(got, _cross_mistakes(*inputs))
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
         compare(f"your output ({what})", got, expected, hint="q from x, k and v from memory; split each into H heads "

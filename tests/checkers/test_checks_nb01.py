@@ -371,3 +371,80 @@ def test_attention_dropout_accepts_reference():
 def test_attention_dropout_rejects_planted_mistakes(kind, words):
     result = checks.check_attention_dropout(_dropout_variant(kind))
     assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- mistakes that crash on the first case
+_ADDITIVE_SQUARE = "For T=S=4, d_q=d_k=h=4 (square) it runs, and its answer there shows why: "
+
+
+def _additive_forgot_T_everywhere(q, k, W_q, W_k, w):
+    return np.tanh((q @ W_q)[:, None, :] + (k @ W_k)[None, :, :]) @ w  # crashes where W_q is not square
+
+
+def _additive_diagonal(q, k, W_q, W_k, w):
+    return np.tanh(q @ W_q.T + k @ W_k.T) @ w  # crashes where T != S
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_additive_forgot_T_everywhere,
+     "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is q @ W_q.T (with "
+     "square matrices q @ W_q runs but multiplies by the transpose)."),
+    (_additive_diagonal,
+     "you added q_i's projection to k_i's only, row by row: that scores each query against ONE key (the diagonal "
+     "i = j). Broadcast q's projection as (T, 1, h) and k's as (1, S, h) to score every pair."),
+])
+def test_additive_scores_names_a_mistake_that_crashes_on_the_first_case(wrong, message):
+    result = checks.check_additive_scores(wrong)
+    assert not result.passed
+    assert result.message.startswith("your function raised ValueError: "), result.message
+    assert result.message.endswith(". " + _ADDITIVE_SQUARE + message), result.message
+
+
+def _masked_softmax(scores, mask, v):
+    w = numpy_ref.softmax(np.where(mask, scores, -np.inf))
+    return w @ v, w
+
+
+def masked_without_scale(q, k, v, mask):
+    return _masked_softmax(q @ np.swapaxes(k, -1, -2), mask, v)
+
+
+def masked_with_k_T(q, k, v, mask):
+    return _masked_softmax(q @ k.T / np.sqrt(q.shape[-1]), mask, v)  # right for 2-D k only
+
+
+def test_masked_names_a_missing_scale():
+    result = checks.check_masked_attention(masked_without_scale)
+    assert not result.passed
+    assert result.message == ("for causal mask (5, 5), your weights are the masked softmax of q k^T without the "
+                              "scaling: divide the scores by sqrt(d) = sqrt(4) before masking and the softmax."), \
+        result.message
+
+
+def test_masked_names_k_T_on_a_batched_k():
+    result = checks.check_masked_attention(masked_with_k_T)
+    assert not result.passed
+    assert result.message.startswith("your function raised ValueError: "), result.message
+    assert result.message.endswith(
+        ". For a batch whose k is a cube (B = S = d = 3) it runs, and its answer there shows why: k.T reverses ALL "
+        "axes of a batched array: k of shape (B, S, d) becomes (d, S, B), not (B, d, S). Transpose only the last "
+        "two axes: np.swapaxes(k, -1, -2)."), result.message
+
+
+def test_masked_crash_on_a_batch_for_another_reason_is_reported_as_it_was():
+    def crashes_on_batches(q, k, v, mask):
+        if q.ndim > 2:
+            raise ValueError("no batches here")
+        return ref_masked(q, k, v, mask)
+    result = checks.check_masked_attention(crashes_on_batches)
+    assert not result.passed and result.message.startswith("your function raised ValueError: no batches here")
+    assert "it runs" not in result.message, result.message
+
+
+def test_the_crash_probes_do_not_see_inputs_a_function_mutated():
+    def mutating_k_T(q, k, v, mask):
+        out = masked_with_k_T(q, k, v, mask)
+        k *= 0  # its own copy only
+        return out
+    result = checks.check_masked_attention(mutating_k_T)
+    assert not result.passed and result.message.endswith("np.swapaxes(k, -1, -2)."), result.message

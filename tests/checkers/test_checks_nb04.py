@@ -334,3 +334,43 @@ def test_mha_module_accepts_reference():
 def test_mha_module_rejects_planted_mistakes(wrong, words):
     result = checks.check_mha_module(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- cross-attention: mistakes that crash
+_CROSS_SQUARE = "B=1, T=4, S=4, d_model=8, kdim=8, H=2, d_k=4, d_v=4"
+
+
+@pytest.mark.parametrize("options, message", [
+    # w_v is (6, 12) in the first case, so memory @ w_v raises there; the square case shows why
+    (dict(forgot_T=True), "you forgot .T: the weights are in nn.Linear's layout (out_features, in_features), so a "
+                          "projection is x @ w.T (with square weights x @ w runs, but multiplies by the transpose)"),
+    # the first case has T=3 queries and S=5 keys: x's projection cannot be split into S=5 keys
+    (dict(keys_from_x=True), "the keys and values come from x: in cross-attention only the queries come from x, the "
+                             "keys and values from memory"),
+])
+def test_cross_mha_forward_names_a_mistake_that_crashes_on_the_first_case(options, message):
+    result = checks.check_cross_mha_forward(lambda *args: cross_ref(*args, **options))
+    assert not result.passed
+    assert result.message.startswith("your function raised RuntimeError: "), result.message
+    assert result.message.endswith(f". For {_CROSS_SQUARE} it runs, and its output there shows why: {message}."), \
+        result.message
+
+
+def _cross_keys_from_x_own_lengths(x, memory, w_q, w_k, w_v, w_o, H):
+    return cross_ref(x, x, w_q, w_k, w_v, w_o, H)  # keys and values from x, split with x's own length
+
+
+def test_cross_mha_forward_names_keys_from_x_where_T_differs_from_S():
+    result = checks.check_cross_mha_forward(_cross_keys_from_x_own_lengths)
+    assert not result.passed
+    assert result.message == ("for B=2, T=3, S=5, d_model=12, kdim=12, H=3, d_k=4, d_v=2: the keys and values come "
+                              "from x: in cross-attention only the queries come from x, the keys and values from "
+                              "memory."), result.message
+
+
+def test_cross_mha_forward_crash_without_a_named_mistake_is_reported_as_it_was():
+    def crashes(x, memory, w_q, w_k, w_v, w_o, H):
+        raise RuntimeError("boom")
+    result = checks.check_cross_mha_forward(crashes)
+    assert not result.passed and result.message.startswith("your function raised RuntimeError: boom (called with")
+    assert "it runs" not in result.message, result.message
