@@ -1,13 +1,15 @@
 """Checkers for notebook 02 (backprop through attention in numpy).
 
-Each checker compares the learner's function with the hand-derived reference on a few small
-float64 cases and, when the answer is wrong, tries the classic mistakes (a missing diagonal
-term, a missing 1/sqrt(d), a transposed dS, ...) to say *which* one was made.
+Each checker compares the learner's function with the hand-derived reference (and the backward
+pass also with torch autograd) on a few small float64 cases and, when the answer is wrong, tries
+the classic mistakes (a missing diagonal term, a missing 1/sqrt(d), a transposed dS, .T on a
+batched array, ...) to say *which* one was made.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from course_lib import numpy_ref
 from course_lib.checks._core import (
@@ -110,45 +112,139 @@ def check_softmax_backward(fn):
 
 
 # ----------------------------------------------------------------------------- attention backward
-def _wrong_backwards(q, k, v, d_out, mask):
-    """The gradients produced by classic mistakes, computed on the same inputs."""
-    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = np.where(mask, scores, -np.inf)
-    p = numpy_ref.softmax(scores)
-    dp = d_out @ np.swapaxes(v, -1, -2)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    scale = 1 / np.sqrt(q.shape[-1])
-    candidates = {
-        "dq": {
-            "dq is missing the 1/sqrt(d) factor: S = q k^T / sqrt(d), so dq = dS k / sqrt(d)": lambda: ds @ k,
-            "dq is divided by d instead of sqrt(d)": lambda: ds @ k / q.shape[-1],
-            "dq skips the softmax backward: use dS = P * (dP - rowsum(dP * P)), not dP": lambda: dp @ k * scale,
-            "dq uses P * dP for dS: the '- rowsum(dP * P)' term of the softmax backward is missing":
-                lambda: (p * dp) @ k * scale,
-        },
-        "dk": {
-            "dk is missing the 1/sqrt(d) factor: dk = dS^T q / sqrt(d)": lambda: np.swapaxes(ds, -1, -2) @ q,
-            "dk uses dS where it needs dS^T (dk = dS^T q / sqrt(d), shape (S, d))": lambda: ds @ q * scale,
-            "dk skips the softmax backward: use dS = P * (dP - rowsum(dP * P)), not dP":
-                lambda: np.swapaxes(dp, -1, -2) @ q * scale,
-        },
-        "dv": {
-            "dv uses P where it needs P^T: dv = P^T d_out (shape (S, d_v))": lambda: p @ d_out,
-            "dv should not be scaled by 1/sqrt(d): only the scores are scaled":
-                lambda: np.swapaxes(p, -1, -2) @ d_out * scale,
-            "dv uses the scores S instead of the weights P = softmax(S)":
-                lambda: np.swapaxes(np.where(np.isfinite(scores), scores, 0.0), -1, -2) @ d_out,
-        },
-    }
-    return {name: {msg: _try(make) for msg, make in group.items()} for name, group in candidates.items()}
+def _swap(x: np.ndarray) -> np.ndarray:
+    return np.swapaxes(x, -1, -2)  # transpose the last two axes only
 
 
-def _try(make):
-    try:  # a wrong formula may not even have a valid shape on these inputs (e.g. ds @ q when T != S)
-        return make()
-    except ValueError:
-        return None
+def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, softmax_backward="vjp",
+                      dq_root_d_power=1, dk_root_d_power=1, dv_scaled=False, dv_from_scores=False,
+                      dv_untransposed=False, dk_untransposed=False, dq_transposed=False):
+    """The gradients (dq, dk, dv) of attention computed with the stated slips (none by default: the right ones).
+
+    transpose: how "^T" is done (the right one swaps the last two axes; `.T` reverses them all);
+    fill: the masked scores' value (None: the mask is ignored; "after": P is multiplied by the mask);
+    softmax_backward: "vjp", "none" (dS = dP), "no_rowsum" (dS = P * dP), "query_axis" (the row sum
+    over the queries), "no_keepdims" (the row sums broadcast along the wrong axis).
+    """
+    root_d = np.sqrt(q.shape[-1])
+    scores = q @ transpose(k) / root_d  # (..., T, S)
+    if mask is not None and fill is not None and fill != "after":
+        scores = np.where(mask, scores, fill)
+    p = numpy_ref.softmax(scores)  # (..., T, S)
+    if mask is not None and fill == "after":
+        p = p * mask
+    dp = d_out @ transpose(v)  # (..., T, S)
+    ds = {
+        "vjp": lambda: p * (dp - np.sum(dp * p, axis=-1, keepdims=True)),
+        "none": lambda: dp,
+        "no_rowsum": lambda: p * dp,
+        "query_axis": lambda: p * (dp - np.sum(dp * p, axis=-2, keepdims=True)),
+        "no_keepdims": lambda: p * (dp - np.expand_dims(np.sum(dp * p, axis=-1), -2)),
+    }[softmax_backward]()
+    dq = (transpose(ds) if dq_transposed else ds) @ k / root_d**dq_root_d_power
+    dk = (ds if dk_untransposed else transpose(ds)) @ q / root_d**dk_root_d_power
+    weights = np.where(np.isfinite(scores), scores, 0.0) if dv_from_scores else p
+    dv = (weights if dv_untransposed else transpose(weights)) @ d_out / (root_d if dv_scaled else 1.0)
+    return dq, dk, dv
+
+
+_WHOLE_MISTAKES: dict[str, dict] = {  # slips that change all three gradients, with what each one gets wrong
+    "masked pairs receive gradient: your gradients are those of attention WITHOUT the mask. Set the masked "
+    "scores to -inf before the softmax, so that P = 0 there and dS = P * (...) is 0 too": dict(fill=None),
+    "a query with no allowed key attends uniformly to every key and sends gradient to all of them: that is "
+    "what a finite fill such as -1e9 does to a fully masked row. Fill with -inf and use a softmax that returns 0 "
+    "for an all -inf row (course_lib.numpy_ref.softmax does), so its gradients are 0": dict(fill=-1e9),
+    "the mask is applied after the softmax (P * mask): the kept weights of a row then no longer sum to 1. Mask "
+    "the scores (-inf) before the softmax": dict(fill="after"),
+    "x.T reverses EVERY axis of a batched array, (B, H, S, d) -> (d, S, H, B): transpose only the last two "
+    "with np.swapaxes(x, -1, -2)": dict(transpose=lambda x: x.T),
+    "the softmax backward's row sum lost its axis (keepdims=True is missing), so it is subtracted along the "
+    "wrong axis: dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))": dict(softmax_backward="no_keepdims"),
+    "the softmax backward's row sum runs over the queries; it runs over the keys, the axis the softmax "
+    "normalises (the last one)": dict(softmax_backward="query_axis"),
+    "the '- rowsum(dP * P)' term of the softmax backward is missing: dS = P * (dP - rowsum(dP * P)), not "
+    "P * dP": dict(softmax_backward="no_rowsum"),
+    "the softmax backward is skipped: dS = P * (dP - rowsum(dP * P)), not dP": dict(softmax_backward="none"),
+}
+
+_GRADIENT_MISTAKES: dict[str, dict[str, dict]] = {  # slips in one gradient, by the gradient they show up in
+    "dq": {
+        "dq is missing the 1/sqrt(d) factor: the scores are q k^T / sqrt(d), so dq = dS k / sqrt(d)":
+            dict(dq_root_d_power=0),
+        "dq is divided by d instead of sqrt(d)": dict(dq_root_d_power=2),
+        "dq uses dS^T where it needs dS: dq = dS k / sqrt(d), each query collects from the keys it looked at":
+            dict(dq_transposed=True),
+    },
+    "dk": {
+        "dk is missing the 1/sqrt(d) factor: dk = dS^T q / sqrt(d)": dict(dk_root_d_power=0),
+        "dk is divided by d instead of sqrt(d)": dict(dk_root_d_power=2),
+        "dk uses dS where it needs dS^T: dk = dS^T q / sqrt(d), each key collects gradient from every query "
+        "that looked at it": dict(dk_untransposed=True),
+    },
+    "dv": {
+        "dv uses P where it needs P^T: dv = P^T d_out (shape (S, d_v)), each value collects gradient from every "
+        "query that used it": dict(dv_untransposed=True),
+        "dv should not be scaled by 1/sqrt(d): only the scores are scaled, and v enters after them":
+            dict(dv_scaled=True),
+        "dv uses the scores instead of the weights P = softmax(scores)": dict(dv_from_scores=True),
+    },
+}
+
+
+def _mistakes_in(name: str, q, k, v, d_out, mask) -> dict[str, np.ndarray | None]:
+    """Message -> the gradient `name` that each slip gives on these inputs (None where it cannot run)."""
+    index = ("dq", "dk", "dv").index(name)
+    found = {}
+    slips = [*_GRADIENT_MISTAKES[name].items(), *((f"{name}: {m}", o) for m, o in _WHOLE_MISTAKES.items())]
+    for message, options in slips:
+        if "fill" in options and mask is None:
+            continue
+        try:  # a slip may not even have a valid shape on these inputs (e.g. dS q when T != S)
+            with np.errstate(all="ignore"):
+                found[message] = _variant_backward(q, k, v, d_out, mask, **options)[index]
+        except ValueError:
+            found[message] = None
+    return found
+
+
+def _autograd_backward(q, k, v, d_out, mask):
+    """torch autograd's gradients of sum(out * d_out) through course_lib's attention, in float64."""
+    from course_lib.attention import scaled_dot_product_attention
+
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    attn_mask = None if mask is None else torch.from_numpy(mask)
+    out, _ = scaled_dot_product_attention(tq, tk, tv, attn_mask=attn_mask, need_weights=True)  # the math path
+    out.backward(torch.from_numpy(d_out))
+    return tuple(torch.zeros_like(t) if t.grad is None else t.grad for t in (tq, tk, tv))
+
+
+def _call_watching_inputs(fn, names: tuple[str, ...], *args, what: str = ""):
+    """call(fn, *args), then fail if fn changed any of its (copied) inputs in place."""
+    seen = {}
+
+    def watched(*copies):
+        seen["copies"] = copies
+        return fn(*copies)
+
+    got = call(watched, *args, what=what)
+    changed = [name for name, before, after in zip(names, args, seen["copies"], strict=True)
+               if not np.array_equal(np.asarray(before), np.asarray(after))]
+    if changed:
+        raise CheckFailure(f"your function changed its input {', '.join(changed)} in place. A backward pass "
+                           f"must leave its inputs as they were: the caller still needs them (the same q, k and v "
+                           f"are used by the next step). Write new arrays (x = x / c), not x /= c or x[...] = ...")
+    return got
+
+
+_ATTENTION_CASES = [  # (description, q shape, k shape, v shape, mask)
+    ("square T = S = 4, d = 3", (4, 3), (4, 3), (4, 3), None),
+    ("T = 3 queries, S = 5 keys, d = 4, d_v = 2", (3, 4), (5, 4), (5, 2), None),
+    ("batched (3, 3, T=3, d=3), S = 3, d_v = 3", (3, 3, 3, 3), (3, 3, 3, 3), (3, 3, 3, 3), None),
+    ("batched (2, 2, T=3, d=4), S = 4, d_v = 3", (2, 2, 3, 4), (2, 2, 4, 4), (2, 2, 4, 3), None),
+    ("causal mask, T = S = 4", (4, 5), (4, 5), (4, 2), np.tril(np.ones((4, 4), dtype=bool))),
+    ("mask with a fully masked query row (query 1)", (3, 2), (4, 2), (4, 3),
+     np.array([[True, False, True, False], [False, False, False, False], [True, True, True, True]])),
+]
 
 
 @checker
@@ -156,45 +252,57 @@ def check_attention_backward(fn):
     """Check the hand-derived backward pass of scaled dot-product attention.
 
     Your function: `fn(q, k, v, d_out, mask=None) -> (dq, dk, dv)`, the gradients of sum(out * d_out)
-    for out = attention(q, k, v, mask), shaped like q, k and v; mask as in check_masked_attention.
-    Checks five cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) against
-    numpy_ref; names a missing or wrong 1/sqrt(d), a skipped softmax backward, missing transposes,
-    the scores used instead of the weights, and NaN from a fully masked row.
+    for out = softmax(q k^T / sqrt(d) [masked]) v, shaped like q (..., T, d), k (..., S, d) and
+    v (..., S, d_v); mask bool (True = may attend) of shape (T, S). Checks six cases (T != S, d_v != d,
+    batch axes, a causal mask, a fully masked query row) against torch autograd in float64 and against
+    course_lib.numpy_ref; names a missing or wrong 1/sqrt(d), a skipped or incomplete softmax backward,
+    missing transposes, .T on batched arrays, masked pairs that receive gradient, NaN from a fully
+    masked row, and inputs changed in place.
     """
     rng = np.random.default_rng(4)
-    cases = [  # (description, q shape, k shape, v shape, mask)
-        ("square T = S = 4, d = 3", (4, 3), (4, 3), (4, 3), None),
-        ("T = 3 queries, S = 5 keys, d = 4, d_v = 2", (3, 4), (5, 4), (5, 2), None),
-        ("batched (2, 2, T=3, d=4), S = 4", (2, 2, 3, 4), (2, 2, 4, 4), (2, 2, 4, 3), None),
-        ("causal mask, T = S = 4", (4, 5), (4, 5), (4, 2), np.tril(np.ones((4, 4), dtype=bool))),
-        ("mask with a fully masked query row", (3, 2), (4, 2), (4, 3),
-         np.array([[True, False, True, False], [False, False, False, False], [True, True, True, True]])),
-    ]
-    for description, q_shape, k_shape, v_shape, mask in cases:
+    for description, q_shape, k_shape, v_shape, mask in _ATTENTION_CASES:
         q, k, v = rng.normal(size=q_shape), rng.normal(size=k_shape), rng.normal(size=v_shape)
         out, _ = numpy_ref.scaled_dot_product_attention(q, k, v, mask)
         d_out = rng.normal(size=out.shape)
-        if mask is None:
-            got = call(fn, q.copy(), k.copy(), v.copy(), d_out.copy())
-        else:
-            got = call(fn, q.copy(), k.copy(), v.copy(), d_out.copy(), mask.copy(), what="; the last one is the mask")
-        got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays")
+        batched = q.ndim > 2
+        inputs: list[np.ndarray] = [q, k, v, d_out] + ([] if mask is None else [mask])
+        names = ("q", "k", "v", "d_out", "mask")[:len(inputs)]
+        try:
+            got = _call_watching_inputs(fn, names, *inputs, what="; the last one is the mask" if mask is not None
+                                        else "")
+        except CheckFailure as failure:
+            if batched and "raised" in str(failure):
+                raise CheckFailure(f"{description}: {failure}. Your function works on 2-D inputs but not on "
+                                   f"batched ones: x.T reverses EVERY axis, (B, H, S, d) -> (d, S, H, B); "
+                                   f"transpose the last two with np.swapaxes(x, -1, -2), and sum over "
+                                   f"axis=-1, not axis=1") from None
+            raise
+        got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays", case=description)
         expected = numpy_ref.scaled_dot_product_attention_backward(q, k, v, d_out, mask)
-        wrong = _wrong_backwards(q, k, v, d_out, mask)
-        for name, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
-            if not is_close(g, e):
-                mistake = diagnose(g, wrong[name])
-                if mistake:
-                    raise CheckFailure(f"{description}: {mistake}.")
-                if mask is not None and g is not None and np.shape(g) == e.shape and not np.isfinite(g).all():
-                    raise CheckFailure(
-                        f"{description}: {name} contains NaN or inf. A fully masked row has P = 0 everywhere; "
-                        "compute P with a softmax that returns 0 for an all -inf row (course_lib.numpy_ref.softmax "
-                        "does) and the formulas give exactly 0 there.")
-            compare(f"{name} ({description})", g, e,
-                    hint="dv = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d), "
-                         "dk = dS^T q / sqrt(d); apply the mask to the scores before the softmax")
-    return "5 cases (T != S, d_v != d, batch dims, causal mask, a fully masked row) match the reference"
+        autograd = _autograd_backward(q, k, v, d_out, mask)
+        for name, g, e, a in zip(("dq", "dk", "dv"), got, expected, autograd, strict=True):
+            compare(f"torch autograd's {name} vs course_lib's ({description}; the checker's own agreement)", a, e)
+            if is_close(g, e):
+                continue
+            mistake = diagnose(g, _mistakes_in(name, q, k, v, d_out, mask))
+            if mistake:
+                raise CheckFailure(f"{description}: {mistake}.")
+            if mask is not None and g is not None and np.shape(g) == e.shape and not np.isfinite(g).all():
+                raise CheckFailure(
+                    f"{description}: {name} contains NaN or inf. A fully masked row has P = 0 everywhere; "
+                    "compute P with a softmax that returns 0 for an all -inf row (course_lib.numpy_ref.softmax "
+                    "does) and the formulas give exactly 0 there.")
+            if batched:
+                raise CheckFailure(f"{description}: your {name} is right on 2-D inputs but not on batched ones: "
+                                   f"a transpose or a sum counted from the front (x.T reverses every axis; axis=1 "
+                                   f"is not the last axis). Transpose with np.swapaxes(x, -1, -2) and sum over "
+                                   f"axis=-1.")
+            hint = ("dv = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d), "
+                    "dk = dS^T q / sqrt(d); apply the mask to the scores before the softmax")
+            compare(f"{name} ({description}) vs torch autograd", g, a, hint=hint)
+            compare(f"{name} ({description}) vs course_lib.numpy_ref", g, e, hint=hint)
+    return ("6 cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) equal torch autograd "
+            "(float64) and course_lib.numpy_ref")
 
 
 # ----------------------------------------------------------------------------- softmax with a temperature
@@ -234,92 +342,90 @@ def check_softmax_temperature_backward(fn):
 
 
 # ----------------------------------------------------------------------------- gradient of an additive bias
-def _bias_backward_ref(q, k, v, bias, d_out):
-    d = q.shape[-1]
-    p = numpy_ref.softmax(q @ k.T / np.sqrt(d) + bias)  # (T, S)
-    dv = p.T @ d_out  # (S, d_v)
+def _bias_parts(q, k, v, bias, d_out):
+    """P, dP and dS of softmax(q k^T / sqrt(d) + bias) v for L = sum(out * d_out)."""
+    p = numpy_ref.softmax(q @ k.T / np.sqrt(q.shape[-1]) + bias)  # (T, S); the bias is added after the scaling
     dp = d_out @ v.T  # (T, S)
-    ds = _softmax_vjp(p, dp)  # (T, S)
-    d_bias = ds.sum(axis=0, keepdims=True) if bias.shape[0] == 1 and ds.shape[0] != 1 else ds
-    return ds @ k / np.sqrt(d), ds.T @ q / np.sqrt(d), dv, d_bias, p, dp, ds
+    return p, dp, _softmax_vjp(p, dp)
 
 
 @checker
 def check_bias_backward(fn):
-    """Check the gradients of attention with an additive bias (a float mask or a learned bias).
+    """Check the gradient of attention's loss with respect to an additive bias on the scores.
 
-    Your function: `fn(q, k, v, bias, d_out) -> (dq, dk, dv, d_bias)` for out = softmax(q k^T / sqrt(d)
-    + bias) v and L = sum(out * d_out); q (T, d), k (S, d), v (S, d_v), bias (T, S) or (1, S)
-    (broadcast over the queries); d_bias has bias's shape. Checks a (T, S) bias with T == S, a (1, S)
-    bias with T != S, and a bias with -inf entries (a mask); names d_bias scaled by 1/sqrt(d), d_bias =
-    dP (softmax backward skipped), a missing sum over the broadcast axis, and a forgotten .T in dv or dk.
+    Your function: `fn(q, k, v, bias, d_out) -> d_bias` for out = softmax(q k^T / sqrt(d) + bias) v and
+    L = sum(out * d_out); q (T, d), k (S, d), v (S, d_v), bias (T, S) or (1, S) (one value per key,
+    broadcast over the queries); d_bias has the bias's shape. Checks a (T, S) bias, a (1, S) bias with
+    T != S and a causal mask written as a 0 / -inf bias; names d_bias scaled by 1/sqrt(d), d_bias = dP
+    (softmax backward skipped), a missing sum over the broadcast axis, a mean instead of that sum, and
+    inputs changed in place.
     """
     rng = np.random.default_rng(23)
-    cases = []
-    T = S = 5
-    cases.append(("bias (T, S) = (5, 5)", rng.normal(size=(T, 4)), rng.normal(size=(S, 4)), rng.normal(size=(S, 3)),
-                  rng.normal(size=(T, S)), rng.normal(size=(T, 3))))
-    T, S = 3, 6
-    cases.append(("bias (1, S) = (1, 6), T = 3", rng.normal(size=(T, 4)), rng.normal(size=(S, 4)),
-                  rng.normal(size=(S, 2)), rng.normal(size=(1, S)), rng.normal(size=(T, 2))))
-    bias = np.where(np.tril(np.ones((4, 4), dtype=bool)), 0.0, -np.inf)  # (T, S) a causal mask as a float bias
-    cases.append(("bias = causal mask with -inf, (4, 4)", rng.normal(size=(4, 8)), rng.normal(size=(4, 8)),
-                  rng.normal(size=(4, 2)), bias, rng.normal(size=(4, 2))))
+    causal = np.where(np.tril(np.ones((4, 4), dtype=bool)), 0.0, -np.inf)  # (T, S): a causal mask as a float bias
+    cases = [
+        ("bias (T, S) = (5, 5)", rng.normal(size=(5, 4)), rng.normal(size=(5, 4)), rng.normal(size=(5, 3)),
+         rng.normal(size=(5, 5)), rng.normal(size=(5, 3))),
+        ("bias (1, S) = (1, 6), T = 3", rng.normal(size=(3, 4)), rng.normal(size=(6, 4)), rng.normal(size=(6, 2)),
+         rng.normal(size=(1, 6)), rng.normal(size=(3, 2))),
+        ("bias = causal mask with -inf, (4, 4)", rng.normal(size=(4, 8)), rng.normal(size=(4, 8)),
+         rng.normal(size=(4, 2)), causal, rng.normal(size=(4, 2))),
+    ]
     for label, q, k, v, bias, d_out in cases:
-        result = call(fn, q, k, v, bias, d_out)
-        dq, dk, dv, d_bias = unpack(result, 4, "return a tuple (dq, dk, dv, d_bias) of four arrays", case=label)
-        ref_dq, ref_dk, ref_dv, ref_bias, p, dp, ds = _bias_backward_ref(q, k, v, bias, d_out)
-        d = q.shape[-1]
-        got_bias = as_array("d_bias", d_bias)
-        if got_bias.shape == ds.shape and bias.shape != ds.shape and is_close(got_bias, ds):
+        got = _call_watching_inputs(fn, ("q", "k", "v", "bias", "d_out"), q, k, v, bias, d_out)
+        p, dp, ds = _bias_parts(q, k, v, bias, d_out)
+        broadcast = bias.shape != ds.shape
+        expected = ds.sum(axis=0, keepdims=True) if broadcast else ds  # sum over the axis the bias was broadcast along
+        got_bias = as_array("d_bias", got, hint="return d_bias alone, an array shaped like the bias")
+        if broadcast and got_bias.shape == ds.shape and is_close(got_bias, ds):
             raise CheckFailure(f"for {label}: d_bias has shape {got_bias.shape}, but the bias has shape {bias.shape}: "
                                f"it was broadcast over the queries, so its gradient is dS SUMMED over that axis "
-                               f"(ds.sum(axis=0, keepdims=True)).")
-        if not is_close(got_bias, ref_bias):
-            summed = (lambda a: a.sum(axis=0, keepdims=True)) if bias.shape != ds.shape else (lambda a: a)
+                               f"(each query's score got the same bias and passes its gradient back to it).")
+        if not is_close(got_bias, expected):
+            summed = (lambda a: a.sum(axis=0, keepdims=True)) if broadcast else (lambda a: a)
             with np.errstate(invalid="ignore"):
                 mistake = diagnose(got_bias, {
                     "d_bias carries no 1/sqrt(d): the bias is added AFTER the scaling, so d_bias = dS":
-                        summed(ds / np.sqrt(d)),
+                        summed(ds / np.sqrt(q.shape[-1])),
                     "d_bias = dP skips the softmax backward: d_bias = dS = P * (dP - rowsum(dP * P))": summed(dp),
+                    "d_bias is the MEAN of dS over the queries; it is their SUM: every query's score got the "
+                    "same bias": ds.mean(axis=0, keepdims=True) if broadcast else None,
                 })
             if mistake:
                 raise CheckFailure(f"for {label}: {mistake}.")
-        compare(f"d_bias for {label}", d_bias, ref_bias, hint="d_bias = dS (summed over any axis the bias was "
-                                                                "broadcast along)")
-        T, S = p.shape
-        if T == S and is_close(dv, p @ d_out) and not is_close(dv, ref_dv):
-            raise CheckFailure(f"for {label}: dv = P @ dO; you forgot .T: dv = P.T @ dO, each value collects "
-                               f"gradient from every query that looked at it.")
-        compare(f"dv for {label}", dv, ref_dv, hint="dv = P.T @ d_out")
-        if T == S and is_close(dk, ds @ q / np.sqrt(d)) and not is_close(dk, ref_dk):
-            raise CheckFailure(f"for {label}: dk = dS @ q / sqrt(d); you forgot .T: dk = dS.T @ q / sqrt(d).")
-        compare(f"dq for {label}", dq, ref_dq, hint="dq = dS @ k / sqrt(d)")
-        compare(f"dk for {label}", dk, ref_dk, hint="dk = dS.T @ q / sqrt(d)")
-    return "3 biases ((T, S), broadcast (1, S), a -inf mask) give the right dq, dk, dv and d_bias"
+        compare(f"d_bias for {label}", got_bias, expected,
+                hint="the bias is added to the scores, so d_bias = dS (summed over any axis it was broadcast along)")
+    return "3 biases ((T, S), broadcast (1, S), a -inf mask) give the right d_bias"
 
 
-# ----------------------------------------------------------------------------- three questions on the backward pass
+# ----------------------------------------------------------------------------- predictions about the gradients
 _BACKWARD_QUIZ = (
-    ("c", {"a": "dQ = dS K / sqrt(d): the scores were scaled, and Q enters only through them",
-           "b": "dK = dS^T Q / sqrt(d) carries the factor too; only V enters after the scaling"}),
-    ("b", {"a": "the Jacobian route multiplies an (S, S) matrix by a vector for each of the T rows, O(T S^2) "
-                "multiply-adds, against O(T S) for P * (dP - rowsum(dP * P))",
-           "c": "the T Jacobians hold T S^2 numbers and the VJP needs about T S operations: the ratio is S, not "
-                "S^2"}),
-    ("c", {"a": "1e-11 is float64's best central difference; float32's unit roundoff u is 6e-8, and the best "
-                "central difference is about u^(2/3) = 1.5e-5",
-           "b": "1e-8 is float64's best FORWARD difference; float32's best central difference sits near "
-                "u^(2/3) = 1.5e-5 (section 4's float32 curve bottoms out between 1e-5 and 1e-4)"}),
+    ("b", {"a": "the softmax is nonlinear in its input, the scores, but the backward pass is linear in the upstream "
+                "gradient: dP = dO V^T doubles, dS = P * (dP - rowsum(dP * P)) doubles with it, and so do dQ and dK",
+           "c": "d_out enters each gradient once, through dV = P^T dO or dP = dO V^T, and dS is linear in dP: a "
+                "factor 2 stays a factor 2",
+           "d": "L = sum(O * dO) doubles when dO does, and so does each of its gradients"}),
+    ("b", {"a": "dV = P^T dO contains no V: it does not change",
+           "c": "dV = P^T dO contains no V; V enters dQ and dK through dP = dO V^T",
+           "d": "P does not depend on V, but dP = dO V^T does, and dQ and dK are made from dS, which is linear in dP"}),
+    ("a", {"b": "dP depends on the values, but dQ_t = sum_s dS_ts k_s / sqrt(d) = (sum_s dS_ts) k / sqrt(d) when "
+                "every k_s = k, and every row of dS sums to 0",
+           "c": "a constant row of scores is harmless: its softmax is uniform, 1/S per key, and every formula stays "
+                "finite",
+           "d": "P is uniform, 1/S per key, but the row sum in dS = P * (dP - rowsum(dP * P)) is subtracted first: "
+                "write dQ_t = sum_s dS_ts k_s / sqrt(d) with every k_s = k"}),
+    ("b", {"a": "the forward pass and dS are the same, but the factor 1/sqrt(d) that multiplied dS K has moved into "
+                "q': the chain rule through scores = q' k^T gives dq' = dS K, without it",
+           "c": "dq' = dS K, while the old dq = dS K / sqrt(d): the new one is sqrt(d) times LARGER",
+           "d": "dK = dS^T q' = dS^T q / sqrt(d) is the old dK: the keys still meet the scaled queries"}),
 )
 
 
 @checker
 def check_backward_quiz(fn):
-    """Check the answers to three multiple-choice questions on the backward pass.
+    """Check four predictions about the gradients of attention (multiple choice).
 
-    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
-    question in the order asked. Says which answer is wrong and why.
+    Your function: `fn() -> answers`, four letters a-d (a string such as "abcd" or a tuple), one per
+    question in the order asked. Says which answer is wrong and points at the idea it misses.
     """
-    multiple_choice(call(fn), _BACKWARD_QUIZ)
-    return "all three answers are right"
+    multiple_choice(call(fn), _BACKWARD_QUIZ, letters="abcd")
+    return "all four predictions are right"

@@ -116,56 +116,91 @@ def test_attention_backward_passes_reference_and_handwritten():
     assert checks.check_attention_backward(nr.scaled_dot_product_attention_backward).passed
     result = checks.check_attention_backward(correct_backward)
     assert result.passed, result
-    assert "fully masked row" in repr(result)
+    assert "fully masked row" in repr(result) and "torch autograd" in repr(result)
 
 
-def test_attention_backward_missing_sqrt_d_in_dq():
-    def wrong(q, k, v, d_out, mask=None):
-        dq, dk, dv = correct_backward(q, k, v, d_out, mask)
-        return dq * np.sqrt(q.shape[-1]), dk, dv
+def test_attention_backward_in_torch_autograd_also_passes():
+    import torch
 
-    _not_yet(checks.check_attention_backward(wrong), "dq is missing the 1/sqrt(d) factor")
+    def by_autograd(q, k, v, d_out, mask=None):
+        q, k, v = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~torch.from_numpy(mask), float("-inf"))
+        p = torch.nan_to_num(torch.softmax(scores, dim=-1))  # a fully masked row: 0, not NaN
+        (p @ v).backward(torch.tensor(d_out))
+        return q.grad, k.grad, v.grad
+
+    result = checks.check_attention_backward(by_autograd)
+    assert result.passed, result
 
 
-def test_attention_backward_missing_sqrt_d_in_dk():
-    def wrong(q, k, v, d_out, mask=None):
-        dq, dk, dv = correct_backward(q, k, v, d_out, mask)
-        return dq, dk * np.sqrt(q.shape[-1]), dv
+def _with(**changes):
+    """The backward pass with one slip: the checker's own variants, each planted on its own."""
+    from course_lib.checks.nb02 import _variant_backward
 
-    _not_yet(checks.check_attention_backward(wrong), "dk is missing the 1/sqrt(d) factor")
+    return lambda q, k, v, d_out, mask=None: _variant_backward(q, k, v, d_out, mask, **changes)
 
 
-def test_attention_backward_dk_without_transpose():
+@pytest.mark.parametrize("changes, message", [
+    (dict(dv_untransposed=True), "dv uses P where it needs P^T"),
+    (dict(dv_scaled=True), "dv should not be scaled by 1/sqrt(d)"),
+    (dict(dv_from_scores=True), "dv uses the scores instead of the weights"),
+    (dict(softmax_backward="no_rowsum"), "the '- rowsum(dP * P)' term of the softmax backward is missing"),
+    (dict(softmax_backward="none"), "the softmax backward is skipped"),
+    (dict(softmax_backward="query_axis"), "row sum runs over the queries"),
+    (dict(softmax_backward="no_keepdims"), "row sum lost its axis (keepdims=True is missing)"),
+    (dict(dq_root_d_power=0), "dq is missing the 1/sqrt(d) factor"),
+    (dict(dk_root_d_power=0), "dk is missing the 1/sqrt(d) factor"),
+    (dict(dq_root_d_power=0, dk_root_d_power=0), "dq is missing the 1/sqrt(d) factor"),
+    (dict(dq_root_d_power=2), "dq is divided by d instead of sqrt(d)"),
+    (dict(dk_root_d_power=2), "dk is divided by d instead of sqrt(d)"),
+    (dict(dk_untransposed=True), "dk uses dS where it needs dS^T"),
+    (dict(dq_transposed=True), "dq uses dS^T where it needs dS"),
+    (dict(transpose=lambda x: x.T), "x.T reverses EVERY axis of a batched array"),
+    (dict(fill=None), "causal mask, T = S = 4: dq: masked pairs receive gradient"),
+    (dict(fill=-1e9), "a finite fill such as -1e9"),
+    (dict(fill="after"), "the mask is applied after the softmax (P * mask)"),
+])
+def test_attention_backward_names_each_planted_mistake(changes, message):
+    _not_yet(checks.check_attention_backward(_with(**changes)), message)
+
+
+def test_attention_backward_dk_without_transpose_written_by_hand():
     def wrong(q, k, v, d_out, mask=None):
         p, _, ds, root_d = _parts(q, k, v, d_out, mask)
         dq, _, dv = correct_backward(q, k, v, d_out, mask)
         return dq, ds @ q / root_d, dv  # only has the right shape when T == S
 
-    _not_yet(checks.check_attention_backward(wrong), "dk uses dS where it needs dS^T")
+    _not_yet(checks.check_attention_backward(wrong), "square T = S = 4", "dk uses dS where it needs dS^T")
 
 
-def test_attention_backward_dv_without_transpose():
-    def wrong(q, k, v, d_out, mask=None):
-        p, *_ = _parts(q, k, v, d_out, mask)
-        dq, dk, _ = correct_backward(q, k, v, d_out, mask)
-        return dq, dk, p @ d_out
+def test_attention_backward_dot_T_that_crashes_on_a_batch_is_explained():
+    def with_dot_t(q, k, v, d_out, mask=None):
+        root_d = np.sqrt(q.shape[-1])
+        scores = q @ k.T / root_d
+        if mask is not None:
+            scores = np.where(mask, scores, -np.inf)
+        p = nr.softmax(scores)
+        dp = d_out @ v.T
+        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        return ds @ k / root_d, ds.T @ q / root_d, p.T @ d_out
 
-    _not_yet(checks.check_attention_backward(wrong), "dv uses P where it needs P^T")
+    _not_yet(checks.check_attention_backward(with_dot_t), "x.T reverses EVERY axis")
+    # a transpose by .T in dv only: it runs on the (3, 3, 3, 3) batch but answers something else
+    _not_yet(checks.check_attention_backward(
+        lambda q, k, v, d_out, mask=None: (*correct_backward(q, k, v, d_out, mask)[:2],
+                                           _parts(q, k, v, d_out, mask)[0].T @ d_out)),
+        "right on 2-D inputs but not on batched ones", "np.swapaxes(x, -1, -2)")
 
 
-def test_attention_backward_skips_softmax_backward():
-    def wrong(q, k, v, d_out, mask=None):
-        p, dp, _, root_d = _parts(q, k, v, d_out, mask)
-        return dp @ k / root_d, np.swapaxes(dp, -1, -2) @ q / root_d, np.swapaxes(p, -1, -2) @ d_out
+def test_attention_backward_crash_only_on_batches_names_the_axes():
+    def axis_one(q, k, v, d_out, mask=None):
+        if q.ndim > 2 and q.shape[0] == 2:
+            raise ValueError("operands could not be broadcast together")
+        return correct_backward(q, k, v, d_out, mask)
 
-    _not_yet(checks.check_attention_backward(wrong), "skips the softmax backward")
-
-
-def test_attention_backward_ignoring_mask_is_caught_on_the_masked_case():
-    def wrong(q, k, v, d_out, mask=None):
-        return correct_backward(q, k, v, d_out, None)
-
-    _not_yet(checks.check_attention_backward(wrong), "causal mask")
+    _not_yet(checks.check_attention_backward(axis_one), "works on 2-D inputs but not on batched ones")
 
 
 def test_attention_backward_nan_on_fully_masked_row():
@@ -185,6 +220,36 @@ def test_attention_backward_nan_on_fully_masked_row():
     _not_yet(result, "fully masked", "NaN")
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v", "d_out", "mask"])
+def test_attention_backward_rejects_an_answer_that_changes_its_inputs(name):
+    def mutating(q, k, v, d_out, mask=None):
+        grads = correct_backward(q, k, v, d_out, mask)  # right, and then it spoils the caller's arrays
+        target = dict(q=q, k=k, v=v, d_out=d_out, mask=mask)[name]
+        if target is not None:
+            target[...] = ~target if target.dtype == bool else 0.0
+        return grads
+
+    _not_yet(checks.check_attention_backward(mutating), f"changed its input {name} in place")
+
+
+def test_attention_backward_scaling_q_in_place_is_named_as_a_change_of_input():
+    def in_place(q, k, v, d_out, mask=None):
+        q /= np.sqrt(q.shape[-1])  # the classic in-place shortcut
+        p = nr.softmax(np.where(True if mask is None else mask, q @ np.swapaxes(k, -1, -2), -np.inf))
+        dp = d_out @ np.swapaxes(v, -1, -2)
+        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        return ds @ k / np.sqrt(q.shape[-1]), np.swapaxes(ds, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out
+
+    _not_yet(checks.check_attention_backward(in_place), "changed its input q in place")
+
+
+def test_attention_backward_ignoring_mask_is_caught_on_the_masked_case():
+    def wrong(q, k, v, d_out, mask=None):
+        return correct_backward(q, k, v, d_out, None)
+
+    _not_yet(checks.check_attention_backward(wrong), "causal mask", "masked pairs receive gradient")
+
+
 @pytest.mark.parametrize("bad_return", [lambda g: g[0], lambda g: g[:2], lambda g: list(g) + [None]])
 def test_attention_backward_wrong_return_structure(bad_return):
     result = checks.check_attention_backward(lambda *a: bad_return(correct_backward(*a)))
@@ -196,6 +261,13 @@ def test_attention_backward_without_mask_argument():
         return correct_backward(q, k, v, d_out)
 
     _not_yet(checks.check_attention_backward(no_mask), "TypeError", "the last one is the mask")
+
+
+def test_attention_backward_in_float32_is_told_about_its_digits():
+    def float32(q, k, v, d_out, mask=None):
+        return tuple(g.astype(np.float32) for g in correct_backward(q, k, v, d_out, mask))
+
+    _not_yet(checks.check_attention_backward(float32), "float32", "compute in float64")
 
 
 def test_a_torch_answer_that_still_requires_grad_is_checked_not_crashed():
@@ -237,56 +309,60 @@ def test_softmax_temperature_backward_rejects_planted_mistakes(wrong, words):
 
 
 # ----------------------------------------------------------------------------- gradient of an additive bias
-def bias_ref(q, k, v, bias, d_out, *, scale_bias=False, skip_softmax=False, no_sum=False, dv_no_T=False,
-             dk_no_T=False):
+def bias_ref(q, k, v, bias, d_out, *, scale_bias=False, skip_softmax=False, no_sum=False, mean=False):
     d = q.shape[-1]
     p = nr.softmax(q @ k.T / np.sqrt(d) + bias)
     dp = d_out @ v.T
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
     d_bias = dp if skip_softmax else ds / np.sqrt(d) if scale_bias else ds
     if bias.shape[0] == 1 and not no_sum:
-        d_bias = d_bias.sum(axis=0, keepdims=True)
-    dv = p @ d_out if dv_no_T else p.T @ d_out
-    dk = ds @ q / np.sqrt(d) if dk_no_T else ds.T @ q / np.sqrt(d)
-    return ds @ k / np.sqrt(d), dk, dv, d_bias
+        d_bias = d_bias.mean(axis=0, keepdims=True) if mean else d_bias.sum(axis=0, keepdims=True)
+    return d_bias
 
 
 def test_bias_backward_accepts_reference():
     assert checks.check_bias_backward(bias_ref).passed
 
 
-def _bias_mutating(q, k, v, bias, d_out):
-    bias[...] = 0.0  # changes its copy; the checker's reference uses the real bias
-    return bias_ref(q, k, v, bias, d_out)
-
-
 @pytest.mark.parametrize("options, words", [
-    (dict(scale_bias=True), "no 1/sqrt(d)"),
-    (dict(skip_softmax=True), "skips the softmax backward"),
-    (dict(no_sum=True), "SUMMED"),
-    (dict(dv_no_T=True), "forgot .T: dv = P.T"),
-    (dict(dk_no_T=True), "forgot .T: dk = dS.T"),
+    (dict(scale_bias=True), "d_bias carries no 1/sqrt(d)"),
+    (dict(skip_softmax=True), "d_bias = dP skips the softmax backward"),
+    (dict(no_sum=True), "dS SUMMED over that axis"),
+    (dict(mean=True), "d_bias is the MEAN of dS over the queries"),
 ])
 def test_bias_backward_rejects_planted_mistakes(options, words):
     result = checks.check_bias_backward(lambda *args: bias_ref(*args, **options))
     assert not result.passed and words in result.message, result.message
 
 
-def test_bias_backward_rejects_a_mutating_answer_and_a_triple():
-    assert not checks.check_bias_backward(_bias_mutating).passed
-    result = checks.check_bias_backward(lambda *args: bias_ref(*args)[:3])
-    assert not result.passed and "four arrays" in result.message
+def test_bias_backward_rejects_a_mutating_answer_and_a_tuple():
+    def mutating(q, k, v, bias, d_out):
+        d_bias = bias_ref(q, k, v, bias, d_out)
+        bias[...] = 0.0  # right answer, spoiled input
+        return d_bias
+
+    result = checks.check_bias_backward(mutating)
+    assert not result.passed and "changed its input bias in place" in result.message, result.message
+    result = checks.check_bias_backward(lambda *args: (None, None, None, bias_ref(*args)))
+    assert not result.passed and "return d_bias alone" in result.message, result.message
 
 
-# ----------------------------------------------------------------------------- quiz
+# ----------------------------------------------------------------------------- predictions
 def test_backward_quiz_accepts_the_right_letters():
-    assert checks.check_backward_quiz(lambda: "cbc").passed
+    assert checks.check_backward_quiz(lambda: "bbab").passed
+    assert checks.check_backward_quiz(lambda: ("b", "b", "a", "b")).passed
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda: "abc", "question 1"), (lambda: "cac", "O(T S^2)"), (lambda: "ccc", "ratio is S"),
-    (lambda: "cbb", "FORWARD difference"), (lambda: "cba", "u^(2/3)"), (lambda: "cb", "3 letters"),
+    ("abab", "linear in the upstream gradient"), ("cbab", "a factor 2 stays a factor 2"),
+    ("dbab", "doubles when dO does"),
+    ("baab", "dV = P^T dO contains no V: it does not change"), ("bcab", "V enters dQ and dK through dP"),
+    ("bdab", "P does not depend on V, but dP = dO V^T does"),
+    ("bbbb", "every row of dS sums to 0"), ("bbcb", "a constant row of scores is harmless"),
+    ("bbdb", "the row sum in dS"),
+    ("bbaa", "has moved into q'"), ("bbac", "sqrt(d) times LARGER"), ("bbad", "the keys still meet the scaled"),
+    ("bba", "4 letters"), ("bbae", "answer with one of a, b, c, d"),
 ])
-def test_backward_quiz_rejects_wrong_answers(wrong, words):
-    result = checks.check_backward_quiz(wrong)
+def test_backward_quiz_names_what_each_wrong_answer_misses(wrong, words):
+    result = checks.check_backward_quiz(lambda: wrong)
     assert not result.passed and words in result.message, result.message
