@@ -14,8 +14,8 @@ from course_lib.checks.nb00 import check_decoding_mask, check_mask_quiz, check_s
 from course_lib.checks.nb01 import (
     check_additive_scores,
     check_attention,
-    check_attention_dropout,
     check_hand_example,
+    check_lookup_design,
     check_masked_attention,
     check_scaled_scores,
     check_score_variance,
@@ -114,9 +114,9 @@ __all__ = [
     "check_attention",
     "check_masked_attention",
     "check_hand_example",
+    "check_lookup_design",
     "check_score_variance",
     "check_additive_scores",
-    "check_attention_dropout",
     # 02 backprop through attention
     "check_softmax_jacobian",
     "check_softmax_backward",

@@ -22,7 +22,7 @@ __all__ = [
     "check_hand_example",
     "check_score_variance",
     "check_additive_scores",
-    "check_attention_dropout",
+    "check_lookup_design",
 ]
 
 
@@ -485,45 +485,81 @@ def check_additive_scores(fn: Callable) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Exercise: attention dropout (inverted dropout on the weights)
+# Exercise: design a lookup that copies one value, and one that averages two (pen and paper)
 # ----------------------------------------------------------------------------------------------
-@checker
-def check_attention_dropout(fn: Callable) -> str:
-    """Check attention with dropout on the weights.
+_DESIGN_D = 2  # d_k of the design exercise: the scores are divided by sqrt(2)
+_DESIGN_TOL = 0.01  # every entry of the output within 0.01 of the target
+_DESIGN_GAP = float(np.log(2 * (1 - _DESIGN_TOL) / _DESIGN_TOL))  # gap over two rivals for a weight of 0.99 (~5.3)
+_DESIGN_DROP = float(np.log((1 - _DESIGN_TOL) / (2 * _DESIGN_TOL)))  # gap under two equal winners for < 0.01 (~3.9)
 
-    Your function: `fn(q, k, v, keep, p) -> (out, weights)`: weights = softmax(q k^T / sqrt(d)) as
-    BEFORE dropout (what is returned and visualised), and out = (weights * keep / (1 - p)) @ v, where
-    keep is a bool (T, S) array of the weights that survive (drawn with probability 1 - p). Checks
-    p = 0.25 and p = 0.5 and names a missing 1/(1 - p), returning the dropped weights, dropping
-    before the softmax, renormalising the surviving weights, and multiplying by (1 - p).
+
+def _design_weights(keys: np.ndarray, query: np.ndarray, scale: float) -> np.ndarray:
+    return numpy_ref.softmax(keys @ query / scale)  # (3,) = the output, since the values are one-hot
+
+
+def _design_array(name: str, got, shape: tuple[int, ...], layout: str) -> np.ndarray:
+    arr = as_array(name, got)
+    if arr.shape != shape:
+        raise CheckFailure(f"{name} has shape {arr.shape}; expected {shape}: {layout}.")
+    if not np.all(np.isfinite(arr)):
+        raise CheckFailure(f"{name} contains {arr[~np.isfinite(arr)][0]}; choose finite numbers.")
+    return arr
+
+
+def _design_query(name: str, keys: np.ndarray, query: np.ndarray, target: np.ndarray, goal: str) -> None:
+    """Fail with the named mistake when attention with `query` over `keys` does not output `target`."""
+    weights = _design_weights(keys, query, np.sqrt(_DESIGN_D))
+    if np.abs(weights - target).max() <= _DESIGN_TOL:
+        return
+    shown = np.round(weights, 3).tolist()
+    if np.abs(_design_weights(keys, query, 1.0) - target).max() <= _DESIGN_TOL:
+        raise CheckFailure(f"{name} would {goal} if the scores were q.k, but attention divides them by sqrt(d_k) = "
+                           f"sqrt({_DESIGN_D}): the gaps between the scores shrink, and the weights are {shown}. "
+                           f"Make the scores larger so that they work after the scaling.")
+    if np.allclose(weights, weights[0], atol=1e-3):
+        raise CheckFailure(f"{name} gives every key the same weight ({shown}): its scores are all equal (a zero "
+                           f"query, or one orthogonal to every key), so it averages ALL three values. Point "
+                           f"{name} towards the key(s) it should pick.")
+    wanted = np.flatnonzero(target > 0)
+    scores = keys @ query / np.sqrt(_DESIGN_D)  # (3,)
+    if len(wanted) == 1:
+        best = int(np.argmax(weights))
+        if best != wanted[0]:
+            raise CheckFailure(f"{name} puts its largest weight on key {best + 1} (weights {shown}), so it copies "
+                               f"v_{best + 1}, not v_{wanted[0] + 1}: its score with k_{wanted[0] + 1} must be the "
+                               f"largest.")
+        gap = float(scores[best] - np.delete(scores, best).max())
+        raise CheckFailure(f"{name} picks the right key, but softly: weights {shown}. Its scaled score beats the next "
+                           f"one by only {gap:.2f}; a weight of 0.99 needs a gap of about ln(2 * 99) = "
+                           f"{_DESIGN_GAP:.1f}. Make the scores larger (longer vectors).")
+    a, b = weights[wanted]
+    if abs(a - b) > 2 * _DESIGN_TOL:
+        raise CheckFailure(f"{name} gives keys {wanted[0] + 1} and {wanted[1] + 1} the weights {a:.3f} and {b:.3f}: "
+                           f"to average their values equally its scores with k_{wanted[0] + 1} and "
+                           f"k_{wanted[1] + 1} must be equal.")
+    other = int(np.setdiff1d(np.arange(3), wanted)[0])
+    raise CheckFailure(f"{name} splits its weight equally between keys {wanted[0] + 1} and {wanted[1] + 1}, but key "
+                       f"{other + 1} still gets {weights[other]:.3f} (weights {shown}): its scaled score must be "
+                       f"lower than theirs by at least ln(99 / 2) = {_DESIGN_DROP:.1f} to keep it under 0.01.")
+
+
+@checker
+def check_lookup_design(fn: Callable) -> str:
+    """Check a hand-designed lookup: keys and queries that make attention copy one value and average two.
+
+    Your function: `fn() -> (keys, q_copy, q_avg)`: keys (3, 2), one key per row, and two queries (2,).
+    The values are one-hot, v_1 = (1, 0, 0), v_2 = (0, 1, 0), v_3 = (0, 0, 1), so the output of attention
+    with d_k = 2 (scores divided by sqrt(2)) is its weight vector. q_copy must output v_2 and q_avg
+    (v_1 + v_3) / 2, every entry within 0.01. Names scores too small for a nearly one-hot weight, the
+    wrong key, a design that only works without the 1/sqrt(d_k), a query that ties every key, and
+    unequal or leaking weights in the average.
     """
-    rng = _rng()
-    for p, (T, S, d, d_v) in [(0.25, (4, 6, 8, 3)), (0.5, (5, 5, 4, 2))]:
-        q, k, v = rng.normal(size=(T, d)), rng.normal(size=(S, d)), rng.normal(size=(S, d_v))
-        keep = rng.random((T, S)) >= p
-        keep[:, 0] = True  # every row keeps a key, so a renormalising answer is defined
-        answer = unpack(call(fn, q, k, v, keep, p), 2, "return a pair (out, weights)", case=f"p={p}")
-        out, weights = as_array("out", answer[0]), as_array("weights", answer[1])
-        w = numpy_ref.softmax(q @ k.T / np.sqrt(d))  # (T, S) before dropout
-        label = f"p={p}"
-        if is_close(weights, w * keep / (1 - p)) or is_close(weights, w * keep):
-            raise CheckFailure(f"for {label} you returned the weights AFTER dropout. Return the weights before "
-                               f"dropout: they are the model's attention pattern; dropout is a training-time "
-                               f"perturbation of the average, not part of the pattern.")
-        compare(f"weights for {label}", answer[1], w, hint="weights = softmax(q @ k.T / sqrt(d)), before dropout")
-        dropped = w * keep
-        wrong = {
-            "you forgot the inverted-dropout scaling: divide the kept weights by (1 - p) so that the expected "
-            "output equals the output without dropout": dropped @ v,
-            "you multiplied by (1 - p); inverted dropout DIVIDES by (1 - p)": dropped * (1 - p) @ v,
-            "you renormalised the surviving weights to sum to 1 (dropping scores before the softmax, with -inf, "
-            "gives exactly this too): dropout acts on the weights after the softmax, zeroes some and rescales the "
-            "rest by 1/(1 - p), so a row no longer sums to 1 (on average it does)":
-                dropped / dropped.sum(-1, keepdims=True) @ v,
-        }
-        if out.shape == (T, d_v) and not is_close(out, dropped / (1 - p) @ v):
-            message = next((m for m, value in wrong.items() if is_close(out, value)), None)
-            if message:
-                raise CheckFailure(f"for {label}: {message}.")
-        compare(f"out for {label}", answer[0], dropped / (1 - p) @ v, hint="out = (weights * keep / (1 - p)) @ v")
-    return "p = 0.25 and 0.5: weights before dropout, output with inverted-dropout scaling"
+    answer = unpack(call(fn), 3, "return a tuple (keys, q_copy, q_avg)")
+    keys = _design_array("keys", answer[0], (3, _DESIGN_D), "one key per row, three rows of d_k = 2 numbers")
+    q_copy = _design_array("q_copy", answer[1], (_DESIGN_D,), "one query of d_k = 2 numbers")
+    q_avg = _design_array("q_avg", answer[2], (_DESIGN_D,), "one query of d_k = 2 numbers")
+    _design_query("q_copy", keys, q_copy, np.array([0.0, 1.0, 0.0]), "copy v_2")
+    _design_query("q_avg", keys, q_avg, np.array([0.5, 0.0, 0.5]), "average v_1 and v_3")
+    w_copy, w_avg = (_design_weights(keys, q, np.sqrt(_DESIGN_D)) for q in (q_copy, q_avg))
+    return (f"q_copy outputs {np.round(w_copy, 3).tolist()} (v_2) and q_avg {np.round(w_avg, 3).tolist()} "
+            f"((v_1 + v_3) / 2), within {_DESIGN_TOL} after the 1/sqrt(d_k) scaling")

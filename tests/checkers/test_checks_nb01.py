@@ -328,49 +328,57 @@ def test_additive_scores_rejects_planted_mistakes(wrong, words):
     assert not result.passed and words in result.message, result.message
 
 
-# ----------------------------------------------------------------------------- attention dropout
-def dropout_ref(q, k, v, keep, p):
-    w = numpy_ref.softmax(q @ k.T / np.sqrt(q.shape[-1]))
-    return (w * keep / (1 - p)) @ v, w
+# ----------------------------------------------------------------------------- a lookup designed by hand
+_KEYS = [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]
 
 
-def _dropout_variant(kind):
-    def fn(q, k, v, keep, p):
-        scores = q @ k.T / np.sqrt(q.shape[-1])
-        w = numpy_ref.softmax(scores)
-        dropped = w * keep
-        if kind == "no scaling":
-            return dropped @ v, w
-        if kind == "times 1-p":
-            return dropped * (1 - p) @ v, w
-        if kind == "renormalised":
-            return dropped / dropped.sum(-1, keepdims=True) @ v, w
-        if kind == "before softmax":
-            return numpy_ref.softmax(np.where(keep, scores, -np.inf)) @ v, w
-        if kind == "dropped weights returned":
-            return dropped / (1 - p) @ v, dropped / (1 - p)
-        if kind == "mutates keep":
-            keep[:] = True  # its copy only: the checker's keep is intact, so the output is wrong
-            return dropout_ref(q, k, v, keep, p)
-        raise AssertionError(kind)
-    return fn
+def _design(keys=_KEYS, q_copy=(0.0, 10.0), q_avg=(0.0, -10.0)):
+    return lambda: (np.array(keys), np.array(q_copy), np.array(q_avg))
 
 
-def test_attention_dropout_accepts_reference():
-    assert checks.check_attention_dropout(dropout_ref).passed
+def test_lookup_design_accepts_a_reference_and_lists():
+    assert checks.check_lookup_design(_design()).passed
+    assert checks.check_lookup_design(lambda: (_KEYS, [0, 8], [0, -6])).passed
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("no scaling", "inverted-dropout scaling"),
-    ("times 1-p", "DIVIDES"),
-    ("renormalised", "renormalised"),
-    ("before softmax", "before the softmax, with -inf"),
-    ("dropped weights returned", "AFTER dropout"),
-    ("mutates keep", "differs"),
+@pytest.mark.parametrize("wrong, message", [
+    (_design(q_copy=(0.0, 2.0)),
+     "q_copy picks the right key, but softly: weights [0.164, 0.673, 0.164]. Its scaled score beats the next one "
+     "by only 1.41; a weight of 0.99 needs a gap of about ln(2 * 99) = 5.3. Make the scores larger (longer vectors)."),
+    (_design(q_copy=(10.0, 0.0)),
+     "q_copy puts its largest weight on key 1 (weights [0.999, 0.001, 0.0]), so it copies v_1, not v_2: its score "
+     "with k_2 must be the largest."),
+    (_design(q_copy=(0.0, 6.0)),
+     "q_copy would copy v_2 if the scores were q.k, but attention divides them by sqrt(d_k) = sqrt(2): the gaps "
+     "between the scores shrink, and the weights are [0.014, 0.972, 0.014]. Make the scores larger so that they "
+     "work after the scaling."),
+    (_design(q_avg=(0.0, -5.0)),
+     "q_avg would average v_1 and v_3 if the scores were q.k, but attention divides them by sqrt(d_k) = sqrt(2): "
+     "the gaps between the scores shrink, and the weights are [0.493, 0.014, 0.493]. Make the scores larger so "
+     "that they work after the scaling."),
+    (_design(q_avg=(0.0, 0.0)),
+     "q_avg gives every key the same weight ([0.333, 0.333, 0.333]): its scores are all equal (a zero query, or one "
+     "orthogonal to every key), so it averages ALL three values. Point q_avg towards the key(s) it should pick."),
+    (_design(q_avg=(1.0, -10.0)),
+     "q_avg gives keys 1 and 3 the weights 0.804 and 0.196: to average their values equally its scores with k_1 "
+     "and k_3 must be equal."),
+    (_design(q_avg=(0.0, -2.0)),
+     "q_avg splits its weight equally between keys 1 and 3, but key 2 still gets 0.108 (weights [0.446, 0.108, "
+     "0.446]): its scaled score must be lower than theirs by at least ln(99 / 2) = 3.9 to keep it under 0.01."),
+    (_design(keys=np.array(_KEYS).T),
+     "keys has shape (2, 3); expected (3, 2): one key per row, three rows of d_k = 2 numbers."),
+    (_design(q_copy=(0.0, 10.0, 0.0)), "q_copy has shape (3,); expected (2,): one query of d_k = 2 numbers."),
+    (_design(q_copy=(0.0, np.inf)), "q_copy contains inf; choose finite numbers."),
 ])
-def test_attention_dropout_rejects_planted_mistakes(kind, words):
-    result = checks.check_attention_dropout(_dropout_variant(kind))
-    assert not result.passed and words in result.message, result.message
+def test_lookup_design_names_each_planted_mistake(wrong, message):
+    result = checks.check_lookup_design(wrong)
+    assert not result.passed and result.message == message, result.message
+
+
+def test_lookup_design_leaves_the_learners_arrays_alone():
+    keys, q_copy, q_avg = np.array(_KEYS), np.array([0.0, 2.0]), np.array([0.0, -10.0])
+    assert not checks.check_lookup_design(lambda: (keys, q_copy, q_avg)).passed  # a soft copy stays a soft copy
+    assert q_copy.tolist() == [0.0, 2.0]  # and the checker does not change what the learner returned
 
 
 # ----------------------------------------------------------------------------- mistakes that crash on the first case
