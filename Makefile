@@ -66,7 +66,8 @@ $(STAMP): pyproject.toml
 	@echo "installing the course, JupyterLab and their pinned packages into $(VENV) (torch: $(TORCH_SAYS))"
 ifeq ($(TORCH_ROUTE),cpu)
 ifeq ($(TORCH),auto)
-	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)" \
+	@echo "torch from PyTorch's CPU index: pip install --no-deps --index-url $(TORCH_CPU_INDEX) $(TORCH_PIN)"
+	@$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)" \
 		|| echo "warning: PyTorch's CPU index ($(TORCH_CPU_INDEX)) could not be reached, so PyPI's torch is installed instead (on Linux the CUDA build: about 3 GB more). To try the CPU-only build again later: make clean, then make lab TORCH=cpu"
 else
 	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"
