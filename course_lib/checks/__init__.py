@@ -53,11 +53,12 @@ from course_lib.checks.nb05 import (
     check_to_key_padding_mask,
 )
 from course_lib.checks.nb06 import (
-    check_alibi_attention,
-    check_blocks_quiz,
+    check_block_predictions,
     check_cached_attention_step,
-    check_pe_shift_matrix,
+    check_decoder_layer,
+    check_encoder_block,
     check_sinusoidal_encoding,
+    check_train_step,
 )
 from course_lib.checks.nb07 import (
     check_circle_weights,
@@ -145,10 +146,11 @@ __all__ = [
     "check_masked_softmax",
     "check_future_leak_test",
     # 06 transformer blocks
-    "check_blocks_quiz",
-    "check_pe_shift_matrix",
+    "check_block_predictions",
+    "check_encoder_block",
+    "check_decoder_layer",
+    "check_train_step",
     "check_cached_attention_step",
-    "check_alibi_attention",
     "check_sinusoidal_encoding",
     # 07 why several heads
     "check_heads_sweep_quiz",

@@ -1,147 +1,488 @@
-"""Checkers for notebook 06 (transformer blocks): predictions about LayerNorm, dropout and causal equivariance,
-the matrix that shifts a sinusoidal encoding, one cached decoding step, linear distance biases (ALiBi), and the
-sinusoidal table itself."""
+"""Checkers for notebook 06 (transformer blocks): four predictions (RMSNorm, LayerNorm, the decoder's
+cross-attention, SwiGLU's size), the learner's pre-LN/post-LN block and decoder layer against course_lib.blocks,
+one training step, one cached decoding step, and the sinusoidal table."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, multiple_choice
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    as_number,
+    as_tensor,
+    call,
+    checker,
+    compare,
+    diagnose,
+    is_close,
+    multiple_choice,
+    require_result,
+    unpack,
+)
 from course_lib.masks import causal_mask
 from course_lib.positional import sinusoidal_table
 
 __all__ = [
-    "check_blocks_quiz",
-    "check_pe_shift_matrix",
+    "check_block_predictions",
+    "check_encoder_block",
+    "check_decoder_layer",
+    "check_train_step",
     "check_cached_attention_step",
-    "check_alibi_attention",
     "check_sinusoidal_encoding",
 ]
 
-_BLOCKS_QUIZ = (
-    ("b", {"a": "LayerNorm makes each token's features mean 0 and VARIANCE 1, so the squared norm is the sum of "
-                "d_model unit variances: ||x||^2 = d_model = 256",
-           "c": "LayerNorm removes the input's scale: with weight 1 and bias 0 every token leaves with norm "
-                "sqrt(d_model) whatever came in (up to eps)"}),
-    ("a", {"b": "in eval mode nn.Dropout is the identity: nothing is dropped, so the order cannot matter",
-           "c": "the 1/(1 - p) factor is applied only in training; in eval mode dropout does nothing at all"}),
-    ("b", {"a": "the causal mask ties each output to a position: after a permutation, token x_i sees a different "
-                "set of earlier tokens, so its output changes, not only its place",
-           "c": "the batch size plays no role: a causal mask already breaks the symmetry for one sequence"}),
-)
+# ----------------------------------------------------------------------------- four predictions
+_HIDDEN_SIZE = 2 * 512 * 2048 / (3 * 512)  # the SwiGLU hidden size with a plain FFN's weights: 1365.33
+
+
+def _prediction(number: int, got, right: float, tolerance: float, named: dict[float, str], hint: str) -> None:
+    value = as_number(f"answer {number}", got)
+    if abs(value - right) <= tolerance:
+        return
+    for wrong, why in named.items():
+        if abs(value - wrong) <= tolerance:
+            raise CheckFailure(f"question {number}: {value:g} is not it: {why}.")
+    raise CheckFailure(f"question {number}: {value:g} is not it. Hint: {hint}.")
 
 
 @checker
-def check_blocks_quiz(fn):
-    """Check three predictions about LayerNorm, dropout in eval mode and a causal mask without positions.
+def check_block_predictions(fn):
+    """Check four predictions: the RMS after RMSNorm, the norm after LayerNorm, the decoder's cross-attention
+    queries, and the SwiGLU hidden size with a plain FFN's weights.
 
-    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per question in the
-    order asked. Says which answer is wrong and why.
+    Your function: `fn() -> (rms, norm, letter, hidden)`: two numbers, one letter (a, b or c) and a number, in
+    the order asked. Names the usual wrong answers (the gain squared, a norm for an RMS, a squared norm, the
+    memory as the queries' source, two matrices counted instead of three).
     """
-    multiple_choice(call(fn), _BLOCKS_QUIZ)
-    return "all three predictions are right"
+    answers = unpack(call(fn), 4, "return a tuple (rms, norm, letter, hidden) of four answers")
+    _prediction(1, answers[0], 2.0, 0.02, {
+        1.0: "RMSNorm first scales the token to RMS 1, then the gain multiplies every feature by 2, so the RMS "
+             "doubles",
+        4.0: "the gain multiplies the features by 2, so it multiplies their RMS by 2, not by 2 squared",
+        16.0: "16 is the Euclidean norm, RMS * sqrt(d_model) = 2 * 8; the question asks for the RMS",
+        8.0: "sqrt(d_model) = 8 relates the norm to the RMS; after RMSNorm the RMS is the gain itself"},
+        "RMSNorm(x) = g * x / RMS(x): what is the RMS of x / RMS(x), and what does g do to it?")
+    _prediction(2, answers[1], 16.0, 0.05, {
+        1.0: "LayerNorm gives each token's features mean 0 and VARIANCE 1, not norm 1: the squared norm is the sum "
+             "of 256 squares whose mean is 1",
+        256.0: "256 is the squared norm (256 features of mean square 1); the norm is its square root",
+        0.0: "mean 0 is about the features' average, not their size: their variance is 1"},
+        "after LayerNorm(256) the features have mean 0 and variance 1: what is the sum of their squares?")
+    multiple_choice((answers[2],), (("b", {
+        "a": "the memory gives the cross-attention its keys and values; the queries come from the decoder: "
+             "each target position asks the source a question",
+        "c": "the cross-attention is the second sublayer: its input is the stream after the masked self-attention "
+             "sublayer's residual add, normalised by its own LayerNorm (norm2)"}),))
+    _prediction(4, answers[3], _HIDDEN_SIZE, 1.0, {
+        2048.0: "the same hidden size gives SwiGLU three d_model x h matrices (gate, up, down) instead of two: "
+                "1.5 times the weights",
+        1024.0: "a SwiGLU FFN has three matrices, not four: 3 * 512 * h = 2 * 512 * 2048",
+        3072.0: "three matrices at the same budget must be SMALLER than two: 3 * 512 * h = 2 * 512 * 2048"},
+        "count the weights: the plain FFN has 2 * d_model * d_ff, a SwiGLU FFN 3 * d_model * h")
+    return "all four predictions are right"
 
 
-def _shift_matrix(k: int, d_model: int) -> np.ndarray:
-    """Block-diagonal M with PE[pos + k] = PE[pos] @ M: pair (2i, 2i+1) rotated by k * 10000^(-2i/d)."""
-    matrix = np.zeros((d_model, d_model))
-    for i in range(d_model // 2):
-        angle = k * 10000 ** (-2 * i / d_model)
-        c, s = np.cos(angle), np.sin(angle)
-        matrix[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[c, -s], [s, c]]
-    return matrix
+# ----------------------------------------------------------------------------- the learner's blocks, shared parts
+def _check_linear(owner: str, name: str, got, expected: nn.Linear) -> nn.Linear:
+    if not isinstance(got, nn.Linear) or got.weight.shape != expected.weight.shape:
+        what = type(got).__name__ if not isinstance(got, nn.Linear) else f"weight {tuple(got.weight.shape)}"
+        raise CheckFailure(f"{owner}.{name} should be an nn.Linear with weight {tuple(expected.weight.shape)}; got "
+                           f"{what}")
+    if (got.bias is None) != (expected.bias is None):
+        raise CheckFailure(f"{owner}.{name} should have a bias, as nn.Linear has by default")
+    return got
 
 
-def _exponent_i(k: int, d_model: int) -> np.ndarray:
-    matrix = np.zeros((d_model, d_model))
-    for i in range(d_model // 2):
-        c, s = np.cos(k * 10000 ** (-i / d_model)), np.sin(k * 10000 ** (-i / d_model))
-        matrix[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[c, -s], [s, c]]
-    return matrix
+def _copy_into(module: Any, reference: Any, pairs: dict[str, str], attentions: tuple[str, ...]) -> None:
+    """Copy the reference's weights into the learner's module, part by part (names as in the stub)."""
+    with torch.no_grad():
+        for name in attentions:
+            theirs, ours = getattr(module, name), getattr(reference, name)
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                _check_linear(f"self.{name}", proj, getattr(theirs, proj, None),
+                              getattr(ours, proj)).load_state_dict(getattr(ours, proj).state_dict())
+        linears = [m for m in module.ff.modules() if isinstance(m, nn.Linear)]
+        if len(linears) != 2:
+            raise CheckFailure(f"self.ff should hold two nn.Linear layers (d_model -> d_ff -> d_model, as "
+                               f"FeedForward does); found {len(linears)}")
+        for got, expected in zip(linears, (reference.ff.linear1, reference.ff.linear2), strict=True):
+            _check_linear("self.ff", "linear", got, expected).load_state_dict(expected.state_dict())
+        for name, path in pairs.items():
+            norm = getattr(module, name)
+            expected = reference.get_submodule(path)
+            if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != expected.normalized_shape:
+                raise CheckFailure(f"self.{name} should be nn.LayerNorm(d_model); got {type(norm).__name__}")
+            norm.load_state_dict(expected.state_dict())
+
+
+def _built_block(build, parts: tuple[str, ...], case: str, *args, **kwargs) -> Any:
+    module = call(build, *args, what=f" ({case})", **kwargs)
+    require_result("your class's instance", module, hint="pass the class itself, e.g. MyEncoderBlock")
+    if not isinstance(module, nn.Module):
+        raise CheckFailure(f"your class should build an nn.Module (class ...(nn.Module)); got {type(module).__name__}")
+    missing = [name for name in parts if not isinstance(getattr(module, name, None), nn.Module)]
+    if missing:
+        raise CheckFailure(f"your block has no module named {', '.join(missing)}: name the parts as the stub does "
+                           f"({', '.join(parts)}), so the checker can copy the same weights into yours and "
+                           f"course_lib's")
+    return module.double()
+
+
+def _randomised(reference: nn.Module, seed: int) -> Any:
+    """The reference in float64 with random weights, LayerNorms included (so two norms are never alike)."""
+    g = torch.Generator().manual_seed(seed)
+    reference = reference.double().eval()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            is_norm_weight = "norm" in name and name.endswith("weight")
+            p.copy_(1.0 + 0.3 * noise if is_norm_weight else 0.3 * noise)
+    return reference
+
+
+def _run(module: nn.Module, inputs: dict[str, torch.Tensor], case: str, **kwargs) -> torch.Tensor:
+    """module(*inputs), refusing an answer that changes its inputs in place (the caller's tensors)."""
+    before = {name: t.clone() for name, t in inputs.items()}
+    with torch.no_grad():
+        out = call(lambda: module(*inputs.values(), **kwargs), what=f" ({case})")
+    for name, t in inputs.items():
+        if not torch.equal(t, before[name]):
+            raise CheckFailure(f"your forward changed its input `{name}` in place ({case}), e.g. with x += ...: the "
+                               f"caller's tensor (the residual stream of the layer below) is modified. Write "
+                               f"x = x + ... , which makes a new tensor")
+    require_result(f"your block's output ({case})", out)
+    return as_tensor(f"your block's output ({case})", out)
+
+
+def _sublayers(x, steps, *, pre: bool, normed_residual: bool = False, no_residual: tuple[str, ...] = ()):
+    """Run the (name, sublayer, norm) steps in pre-LN or post-LN form, with the planted mistakes asked for."""
+    for name, f, norm in steps:
+        if pre:
+            h = norm(x)
+            out = f(h)
+            base = h if normed_residual else x
+            x = out if name in no_residual else base + out
+        else:
+            out = f(x)
+            x = norm(out if name in no_residual else x + out)
+    return x
+
+
+def _dropout_probe(module: nn.Module, zero: list[nn.Linear], inputs: dict[str, torch.Tensor], expected,
+                   case: str, kwargs: dict) -> None:
+    """With every sublayer's last linear layer zero, the sublayers add nothing; in training mode a block whose
+    dropout acts only on the sublayers' outputs then returns `expected` exactly."""
+    with torch.no_grad():
+        for lin in zero:
+            lin.weight.zero_()
+            if lin.bias is not None:
+                lin.bias.zero_()
+    module.train()
+    got = _run(module, inputs, case, **kwargs)
+    module.eval()
+    if tuple(got.shape) == tuple(expected.shape) and not torch.allclose(got, expected, atol=1e-10):
+        dropped = (got == 0) & (expected != 0)
+        where = " (some of its entries are 0)" if dropped.any() else ""
+        raise CheckFailure(f"in training mode, with every sublayer's output zero, your block changed the residual "
+                           f"stream{where} ({case}): dropout acts on the residual path. Drop only the sublayer's "
+                           f"output, x + dropout(f(...)), never the sum")
+
+
+def _eval_is_deterministic(module: nn.Module, inputs: dict[str, torch.Tensor], case: str, kwargs: dict) -> None:
+    module.eval()
+    first, second = _run(module, inputs, case, **kwargs), _run(module, inputs, case, **kwargs)
+    if not torch.equal(first, second):
+        raise CheckFailure(f"in eval() mode two calls give different outputs ({case}): dropout is still on. Use an "
+                           f"nn.Dropout module, which .eval() switches off (F.dropout needs training=self.training)")
+
+
+# ----------------------------------------------------------------------------- encoder block, pre-LN and post-LN
+_ENCODER_PARTS = ("self_attn", "ff", "norm1", "norm2")
+
+
+def _encoder_mistakes(ref, x, mask, norm_first: bool) -> dict[str, torch.Tensor]:
+    n1, n2 = ref.attn_block.norm, ref.ff_block.norm
+
+    def run(*, pre=norm_first, same_norm=False, ff_first=False, no_mask=False, **mistake):
+        steps = [("attn", lambda h: ref.self_attn(h, attn_mask=None if no_mask else mask), n1),
+                 ("ff", ref.ff, n1 if same_norm else n2)]
+        return _sublayers(x, steps[::-1] if ff_first else steps, pre=pre, **mistake)
+
+    placement = ("you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first=True "
+                 "the LayerNorm goes on the sublayer's input: x + f(LN(x))") if norm_first else (
+                 "with norm_first=False (post-LN) the LayerNorm comes after the residual add, LN(x + f(x)); you "
+                 "normalised the sublayer's input (pre-LN): forward must follow self.norm_first")
+    mistakes = {
+        placement: run(pre=not norm_first),
+        "the residual connections are missing: each sublayer's output is ADDED to its input, x + f(...)":
+            run(no_residual=("attn", "ff")),
+        "the attention sublayer has no residual connection: add its output to x": run(no_residual=("attn",)),
+        "the feed-forward sublayer has no residual connection: add its output to x": run(no_residual=("ff",)),
+        "one LayerNorm serves both sublayers: norm1 belongs to the attention, norm2 to the feed-forward; each "
+        "sublayer has its own scale and shift": run(same_norm=True),
+        "the feed-forward runs before the attention: a block is attention first, then the feed-forward":
+            run(ff_first=True),
+        "the mask is ignored: pass attn_mask to self.self_attn, so padded keys get no weight": run(no_mask=True),
+    }
+    if norm_first:
+        mistakes["the residual adds the NORMALISED x: h = LN(x); x = h + f(h). The residual carries x itself, "
+                 "x = x + f(LN(x)): that is pre-LN's identity path"] = run(normed_residual=True)
+    return mistakes
 
 
 @checker
-def check_pe_shift_matrix(fn):
-    """Check the matrix that shifts a sinusoidal positional encoding by k positions.
+def check_encoder_block(build):
+    """Check a transformer block (self-attention + feed-forward), pre-LN and post-LN.
 
-    Your function: `fn(k, d_model) -> M`, a (d_model, d_model) array (d_model even) with
-    PE[pos + k] = PE[pos] @ M for every position pos, PE the sinusoidal table (row vectors). Checks k = 5, -3, 0
-    and 100 with d_model from 8 to 64, on the table itself; names the transposed rotation (it shifts by -k), the
-    frequency with i instead of 2i, and one frequency for every pair.
+    Your function: `fn(d_model, num_heads, d_ff, norm_first=True, dropout=0.0) -> module`, i.e. your class
+    MyEncoderBlock itself, whose instances have self_attn (a MultiHeadAttention), ff (two nn.Linear layers, as
+    FeedForward), norm1 and norm2 (nn.LayerNorm) and forward(x, attn_mask=None) -> (B, T, d_model).
+    Copies random weights into yours and into course_lib.blocks.EncoderLayer(norm_first=True and False) and
+    compares in float64, with a padding mask; names the LayerNorm on the wrong side of the residual, a missing
+    residual, the residual taken after the norm, one LayerNorm for both sublayers, the sublayers swapped, an
+    ignored mask, dropout left on in eval mode or applied to the residual path, and inputs changed in place.
     """
-    for k, d_model in ((5, 32), (-3, 16), (0, 8), (100, 64)):
-        case = f"k={k}, d_model={d_model}"
-        got = as_array("M", call(fn, k, d_model, what=f" ({case})"))
-        expected = _shift_matrix(k, d_model)
-        if got.shape != expected.shape:
-            raise CheckFailure(f"for {case} M has shape {got.shape}; it maps a row PE[pos] of {d_model} features to "
-                               f"PE[pos + k]: shape ({d_model}, {d_model})")
-        table = sinusoidal_table(200, d_model, dtype=torch.float64).numpy()  # (200, d_model)
-        start, stop = max(0, -k), min(200, 200 - k)
-        if np.allclose(table[start:stop] @ got, table[start + k: stop + k], atol=1e-8):
-            continue
-        message = diagnose(got, {
-            "your rotation is transposed: PE[pos] @ M^T is PE[pos - k]. For a ROW vector [sin, cos] the block is "
-            "[[cos, -sin], [sin, cos]]": _shift_matrix(-k, d_model),
-            "the frequency of pair i is 10000^(-2i / d_model) (the EVEN index 2i), not 10000^(-i / d_model)":
-                _exponent_i(k, d_model),
-            "every pair turns at its own frequency 10000^(-2i / d_model); you turned them all by the same angle":
-                np.kron(np.eye(d_model // 2), [[np.cos(k), -np.sin(k)], [np.sin(k), np.cos(k)]]),
-            "M is not the identity unless k = 0: shifting by k turns pair i by the angle k * 10000^(-2i / d_model)":
-                np.eye(d_model),
-        })
-        if message:
-            raise CheckFailure(f"for {case}: {message}.")
-        compare(f"M for {case}", got, expected, atol=1e-8, rtol=1e-6,
-                hint="block-diagonal; block i = [[cos a, -sin a], [sin a, cos a]] with a = k * 10000^(-2i / d_model)")
-    return "k = 5, -3, 0, 100: PE[pos] @ M equals PE[pos + k] on the whole table"
+    from course_lib.blocks import EncoderLayer
+    from course_lib.masks import padding_mask
 
-
-def _alibi(q, k, v, slopes, *, sign=-1.0, masked=True, bias_scaled=False):
-    T, S, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    distance = torch.arange(T, dtype=q.dtype)[:, None] - torch.arange(S, dtype=q.dtype)[None, :]  # (T, S): i - j
-    bias = sign * slopes[:, None, None] * distance  # (H, T, S)
-    raw = q @ k.transpose(-2, -1)
-    scores = (raw + bias) / d ** 0.5 if bias_scaled else raw / d ** 0.5 + bias
-    if masked:
-        scores = scores.masked_fill(~causal_mask(T, S), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v  # (B, H, T, d)
-
-
-@checker
-def check_alibi_attention(fn):
-    """Check causal attention with linear distance biases (ALiBi) instead of positional encodings.
-
-    Your function: `fn(q, k, v, slopes) -> out`, torch tensors q, k, v (B, H, T, d) and slopes (H,): head h adds
-    -slopes[h] * (i - j) to the scaled score of query i and key j <= i; keys after i are masked. Returns out
-    (B, H, T, d). Checks two shapes (H != T) against the formula; names a flipped sign, a missing causal mask,
-    a bias scaled by 1/sqrt(d) and one slope for every head.
-    """
+    B, T, D, H, FF = 2, 5, 12, 3, 20
     g = torch.Generator().manual_seed(6)
-    for B, H, T, d in ((2, 4, 7, 8), (1, 3, 5, 16)):
-        q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))
-        slopes = 2.0 ** (-8 * torch.arange(1, H + 1, dtype=torch.float64) / H)  # ALiBi's geometric slopes
-        case = f"B={B}, H={H}, T={T}, d={d}"
-        out = call(fn, q, k, v, slopes, what=f" ({case})")
-        expected = _alibi(q, k, v, slopes)
-        got = as_array("out", out)
-        if got.shape == tuple(expected.shape) and not np.allclose(got, expected.numpy(), atol=1e-8):
-            message = diagnose(got, {
-                "the bias has the wrong sign: -slope * (i - j) makes DISTANT keys less likely; +slope * (i - j) "
-                "favours them": _alibi(q, k, v, slopes, sign=1.0),
-                "the causal mask is missing: keys j > i must get -inf (the bias alone only penalises them)":
-                    _alibi(q, k, v, slopes, masked=False),
-                "you divided the bias by sqrt(d) too: ALiBi adds it to the already scaled scores q k^T / sqrt(d)":
-                    _alibi(q, k, v, slopes, bias_scaled=True),
-                "every head used the first slope: head h has its own slope slopes[h], broadcast as slopes[:, None, "
-                "None] over (H, T, S)": _alibi(q, k, v, slopes[:1].expand(H)),
-            })
-            if message:
-                raise CheckFailure(f"for {case}: {message}.")
-        compare(f"out for {case}", out, expected, atol=1e-8, rtol=1e-6,
-                hint="scores = q k^T / sqrt(d) - slopes[:, None, None] * (i - j); -inf where j > i; softmax; @ v")
-    return "two shapes match: per-head slopes, the right sign, causal"
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    mask = padding_mask([5, 3], T)  # (B, 1, 1, T)
+    pairs = {"norm1": "attn_block.norm", "norm2": "ff_block.norm"}
+    for norm_first in (True, False):
+        case = f"norm_first={norm_first}, B={B}, T={T}, d_model={D}, H={H}, d_ff={FF}, padding mask"
+        ref = _randomised(EncoderLayer(D, H, FF, norm_first=norm_first), seed=1 + norm_first)
+        yours = _built_block(build, _ENCODER_PARTS, case, D, H, FF, norm_first=norm_first, dropout=0.0).eval()
+        _copy_into(yours, ref, pairs, ("self_attn",))
+        got = _run(yours, {"x": x.clone(), "attn_mask": mask.clone()}, case)
+        with torch.no_grad():
+            expected = ref(x, mask)
+            if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+                message = diagnose(got, _encoder_mistakes(ref, x, mask, norm_first))
+                if message:
+                    raise CheckFailure(f"{case}: {message}.")
+        compare(f"your block's output ({case})", got, expected,
+                hint="pre-LN: x = x + attn(norm1(x)), then x = x + ff(norm2(x)); post-LN: x = norm1(x + attn(x)), "
+                     "then x = norm2(x + ff(x))")
+        case = f"norm_first={norm_first}, dropout=0.5"
+        dropping = _built_block(build, _ENCODER_PARTS, case, D, H, FF, norm_first=norm_first, dropout=0.5)
+        _copy_into(dropping, ref, pairs, ("self_attn",))
+        inputs = {"x": x.clone(), "attn_mask": mask.clone()}
+        _eval_is_deterministic(dropping, inputs, case, {})
+        compare(f"your block's output in eval() mode ({case})", _run(dropping, inputs, case), expected,
+                hint="in eval() mode dropout does nothing: the output is the one without dropout")
+        with torch.no_grad():
+            n1, n2 = ref.attn_block.norm, ref.ff_block.norm
+            unchanged = x if norm_first else n2(n1(x))  # what the block returns when both sublayers add 0
+        _dropout_probe(dropping, [dropping.self_attn.out_proj, _last_linear(dropping.ff)], inputs, unchanged,
+                       case, {})
+    return ("pre-LN and post-LN equal course_lib.blocks.EncoderLayer with the same weights; dropout only on the "
+            "sublayers")
+
+
+def _last_linear(module: nn.Module) -> nn.Linear:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+
+
+# ----------------------------------------------------------------------------- decoder layer (pre-LN)
+_DECODER_PARTS = ("self_attn", "cross_attn", "ff", "norm1", "norm2", "norm3")
+
+
+def _decoder_mistakes(ref, x, memory, mask) -> list[tuple[str, torch.Tensor | None]]:
+    n1, n2, n3 = ref.self_block.norm, ref.cross_block.norm, ref.ff_block.norm
+
+    def run(*, causal=True, kv="memory", cross_first=False, same_norm=False, no_mask=False, norm_memory=False,
+            pre=True, **mistake):
+        def cross(h):
+            source = n2(memory) if norm_memory else {"memory": memory, "stream": h}[kv]
+            return ref.cross_attn(h, source, source, attn_mask=None if no_mask else mask)
+
+        steps = [("self", lambda h: ref.self_attn(h, is_causal=causal), n1),
+                 ("cross", cross, n1 if same_norm else n2), ("ff", ref.ff, n1 if same_norm else n3)]
+        if cross_first:
+            steps = [steps[1], steps[0], steps[2]]
+        return _sublayers(x, steps, pre=pre, **mistake)
+
+    keys_from_stream = ("the cross-attention's keys and values come from the decoder stream: only its queries do; "
+                        "its keys and values come from the encoder's memory, self.cross_attn(h, memory, memory, ...)")
+    mistakes = [
+        ("the self-attention is not causal: every position sees the tokens after it. Pass is_causal=True (or a "
+         "causal mask) to self.self_attn", run(causal=False)),
+        (keys_from_stream, run(kv="stream", no_mask=True)),
+        (keys_from_stream, run(kv="stream") if x.shape[1] == memory.shape[1] else None),
+        ("the cross-attention comes before the masked self-attention: the order is self-attention, "
+         "cross-attention, feed-forward", run(cross_first=True)),
+        ("one LayerNorm is reused: each of the three sublayers has its own (norm1, norm2, norm3)",
+         run(same_norm=True)),
+        ("you normalised the memory with norm2: in a pre-LN layer only the decoder stream goes through the "
+         "sublayer's LayerNorm; the memory is used as the encoder returned it", run(norm_memory=True)),
+        ("memory_mask is ignored: pass attn_mask=memory_mask to the cross-attention, so padded source positions "
+         "get no weight", run(no_mask=True)),
+        ("you normalised after the residual add, LN(x + f(x)), which is post-LN; this layer is pre-LN: "
+         "x = x + f(LN(x))", run(pre=False)),
+        ("the residual adds the NORMALISED stream: h = LN(x); x = h + f(h). The residual carries x itself, "
+         "x = x + f(LN(x))", run(normed_residual=True)),
+        ("the residual connections are missing: each sublayer's output is ADDED to its input",
+         run(no_residual=("self", "cross", "ff"))),
+    ]
+    for name, words in (("self", "masked self-attention"), ("cross", "cross-attention"), ("ff", "feed-forward")):
+        mistakes.append((f"the {words} sublayer has no residual connection: add its output to x",
+                         run(no_residual=(name,))))
+    return mistakes
+
+
+def _first_match(got, mistakes) -> str | None:
+    return next((message for message, wrong in mistakes if wrong is not None and is_close(got, wrong)), None)
+
+
+@checker
+def check_decoder_layer(build):
+    """Check a pre-LN decoder layer: masked self-attention, cross-attention to the memory, feed-forward.
+
+    Your function: `fn(d_model, num_heads, d_ff, dropout=0.0) -> module`, i.e. your class MyDecoderLayer itself,
+    whose instances have self_attn and cross_attn (MultiHeadAttention), ff (two nn.Linear layers), norm1, norm2,
+    norm3 (nn.LayerNorm) and forward(x, memory, memory_mask=None) -> (B, T, d_model), with x (B, T, d_model),
+    memory (B, S, d_model) and memory_mask (B, 1, 1, S), True = real source token. Copies random weights into
+    yours and into course_lib.blocks.DecoderLayer(norm_first=True) and compares in float64 (T = S, then T != S);
+    names a non-causal self-attention, cross-attention keys and values from the decoder stream, the two
+    attentions swapped, a reused LayerNorm, a normalised memory, an ignored memory_mask, post-LN, a missing or
+    normalised residual, dropout left on in eval mode or applied to the residual path, and inputs changed in
+    place.
+    """
+    from course_lib.blocks import DecoderLayer
+    from course_lib.masks import padding_mask
+
+    D, H, FF = 12, 3, 20
+    g = torch.Generator().manual_seed(7)
+    pairs = {"norm1": "self_block.norm", "norm2": "cross_block.norm", "norm3": "ff_block.norm"}
+    ref = _randomised(DecoderLayer(D, H, FF, norm_first=True), seed=3)
+    for B, T, S, lengths in ((2, 5, 5, [5, 3]), (2, 4, 6, [6, 2])):
+        x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+        memory = torch.randn(B, S, D, generator=g, dtype=torch.float64)
+        mask = padding_mask(lengths, S)  # (B, 1, 1, S)
+        case = f"B={B}, T={T}, S={S}, d_model={D}, H={H}, d_ff={FF}, source lengths {lengths}"
+        yours = _built_block(build, _DECODER_PARTS, case, D, H, FF, dropout=0.0).eval()
+        _copy_into(yours, ref, pairs, ("self_attn", "cross_attn"))
+        inputs = {"x": x.clone(), "memory": memory.clone()}
+        got = _run(yours, inputs, case, memory_mask=mask.clone())
+        with torch.no_grad():
+            expected = ref(x, memory, memory_mask=mask)
+            if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
+                message = _first_match(got, _decoder_mistakes(ref, x, memory, mask))
+                if message:
+                    raise CheckFailure(f"{case}: {message}.")
+        compare(f"your layer's output ({case})", got, expected,
+                hint="x = x + self_attn(norm1(x), causal); x = x + cross_attn(norm2(x), memory, memory, mask); "
+                     "x = x + ff(norm3(x))")
+    case = "dropout=0.5"
+    dropping = _built_block(build, _DECODER_PARTS, case, D, H, FF, dropout=0.5)
+    _copy_into(dropping, ref, pairs, ("self_attn", "cross_attn"))
+    kwargs = {"memory_mask": mask}
+    _eval_is_deterministic(dropping, inputs, case, kwargs)
+    compare(f"your layer's output in eval() mode ({case})", _run(dropping, inputs, case, **kwargs), expected,
+            hint="in eval() mode dropout does nothing: the output is the one without dropout")
+    _dropout_probe(dropping, [dropping.self_attn.out_proj, dropping.cross_attn.out_proj, _last_linear(dropping.ff)],
+                   inputs, x, case, kwargs)
+    return ("equal to course_lib.blocks.DecoderLayer with the same weights (T = S and T != S, padded memory), "
+            "causal, dropout only on the sublayers")
+
+
+# ----------------------------------------------------------------------------- one training step
+def _step_model(seed: int) -> nn.Module:
+    """A tiny next-token model, (B, L) token ids -> (B, L, V) logits, each position on its own (causal)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(7, 6), nn.Tanh(), nn.Linear(6, 7)).double()
+
+
+def _step_variant(model, optimizer, tokens, *, shifted=True, zero_grad=True, reduction="mean") -> float:
+    inputs, targets = (tokens[:, :-1], tokens[:, 1:]) if shifted else (tokens, tokens)
+    logits = model(inputs)  # (B, L, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+    if zero_grad:
+        optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) -> tuple[list[float], nn.Module]:
+    model = _step_model(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for number, tokens in enumerate(batches):
+        if not learner:
+            losses.append(step(model, optimizer, tokens, **variant))
+            continue
+        mine = tokens.clone()
+        before = [p.detach().clone() for p in model.parameters()]
+        case = f"step {number + 1}, tokens {tuple(tokens.shape)}"
+        try:
+            loss = call(lambda: step(model, optimizer, mine), what=f" ({case})")  # noqa: B023 (called at once)
+        except CheckFailure as failure:
+            if "Expected target size" in str(failure) or "expected input batch_size" in str(failure):
+                raise CheckFailure(f"{failure}. F.cross_entropy wants logits (N, V) and targets (N,): flatten them, "
+                                   f"logits.reshape(-1, V) and targets.reshape(-1)") from None
+            raise
+        if not torch.equal(mine, tokens):
+            raise CheckFailure(f"your step changed `tokens` in place ({case}): the caller's batch is modified")
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            raise CheckFailure("return loss.item(), a float: the loss tensor keeps the whole step's autograd graph "
+                               "alive, and a list of them keeps every step's")
+        losses.append(as_number(f"the loss your step returned ({case})", loss))
+        if all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)):
+            grads = [p.grad for p in model.parameters()]
+            if all(g is not None and bool(g.abs().sum() > 0) for g in grads):
+                raise CheckFailure(f"your step leaves the weights unchanged ({case}) although the gradients are "
+                                   f"there: optimizer.step() is missing")
+            raise CheckFailure(f"your step leaves the weights unchanged ({case}) and no gradient is left: "
+                               f"loss.backward() is missing, or zero_grad() runs between backward() and step(). "
+                               f"The order is zero_grad, backward, step")
+    return losses, model
+
+
+@checker
+def check_train_step(fn):
+    """Check one training step of a next-token model.
+
+    Your function: `fn(model, optimizer, tokens) -> loss`: tokens (B, L) int64 token ids, model(ids (B, L')) ->
+    logits (B, L', V); predict every token from the ones before it (cross-entropy, mean over the tokens), update
+    the weights with the optimizer, and return the loss as a float. Runs three steps with SGD on a tiny model
+    from the same start as the reference; names unshifted targets, a missing zero_grad, a missing backward or
+    step, a summed loss, unflattened logits, a returned tensor and a changed `tokens`.
+    """
+    g = torch.Generator().manual_seed(8)
+    batches = [torch.randint(0, 7, (3, 6), generator=g) for _ in range(3)]
+    got_losses, got_model = _steps(fn, batches, learner=True)
+    expected_losses, expected_model = _steps(_step_variant, batches)
+    if np.allclose(got_losses, expected_losses, atol=1e-10) and all(
+            is_close(a, b) for a, b in zip(got_model.parameters(), expected_model.parameters(), strict=True)):
+        return "three steps give the reference's losses and weights"
+    for message, variant in (
+            ("the targets are not shifted: the model must predict token t + 1 from tokens 0..t, so the inputs are "
+             "tokens[:, :-1] and the targets tokens[:, 1:]", {"shifted": False}),
+            ("the gradients accumulate from step to step: call optimizer.zero_grad() before loss.backward()",
+             {"zero_grad": False}),
+            ("your loss is a sum over the tokens: take the mean (F.cross_entropy's default), so the step size does "
+             "not grow with the batch", {"reduction": "sum"})):
+        losses, model = _steps(_step_variant, batches, **variant)
+        if np.allclose(got_losses, losses, atol=1e-10) and all(
+                is_close(a, b) for a, b in zip(got_model.parameters(), model.parameters(), strict=True)):
+            raise CheckFailure(message)
+    compare("the losses your step returned", got_losses, expected_losses,
+            hint="logits = model(tokens[:, :-1]); loss = cross-entropy against tokens[:, 1:]; zero_grad, "
+                 "backward, step; return loss.item()")
+    for number, (a, b) in enumerate(zip(got_model.parameters(), expected_model.parameters(), strict=True)):
+        compare(f"parameter {number} after three steps", a.detach(), b.detach(),
+                hint="the returned loss is right but the update is not: one backward and one optimizer.step() per "
+                     "call, after zero_grad")
+    return "three steps give the reference's losses and weights"
 
 
 @checker

@@ -5,8 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from course_lib import checks
+from course_lib import MultiHeadAttention, checks
+from course_lib.blocks import FeedForward
 
 
 def sinusoidal_reference(max_len, d_model):
@@ -85,108 +88,6 @@ def test_cached_step_checker():
     assert not r.passed and "tuple (out_t, k_cache, v_cache)" in r.message
 
 
-# ----------------------------------------------------------------------------- predictions (multiple choice)
-def test_blocks_quiz_accepts_the_right_letters():
-    assert checks.check_blocks_quiz(lambda: "bab").passed
-    assert checks.check_blocks_quiz(lambda: ("b", "a", "b")).passed
-
-
-@pytest.mark.parametrize("wrong, words", [
-    (lambda: "aab", "VARIANCE 1"), (lambda: "cab", "removes the input's scale"),
-    (lambda: "bbb", "identity"), (lambda: "bca", "only in training"),
-    (lambda: "baa", "ties each output to a position"), (lambda: "bac", "batch size"),
-    (lambda: "ba", "return 3 letters"),
-])
-def test_blocks_quiz_rejects_wrong_answers(wrong, words):
-    result = checks.check_blocks_quiz(wrong)
-    assert not result.passed and words in result.message, result.message
-
-
-# ----------------------------------------------------------------------------- the matrix that shifts PE by k
-def shift_reference(k, d_model):
-    m = np.zeros((d_model, d_model))
-    for i in range(d_model // 2):
-        a = k * 10000 ** (-2 * i / d_model)
-        m[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
-    return m
-
-
-def _exponent_i(k, d_model):
-    m = np.zeros((d_model, d_model))
-    for i in range(d_model // 2):
-        a = k * 10000 ** (-i / d_model)
-        m[2 * i: 2 * i + 2, 2 * i: 2 * i + 2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
-    return m
-
-
-def _shift_by_minus_k(k, d_model):
-    k = -k  # the shift the other way: the transposed matrix
-    return shift_reference(k, d_model)
-
-
-def test_pe_shift_matrix_accepts_reference():
-    result = checks.check_pe_shift_matrix(shift_reference)
-    assert result.passed, result
-    assert checks.check_pe_shift_matrix(lambda k, d: torch.tensor(shift_reference(k, d))).passed
-
-
-@pytest.mark.parametrize("wrong, words", [
-    (lambda k, d: shift_reference(k, d).T, "transposed"),
-    (_exponent_i, "EVEN index"),
-    (lambda k, d: np.kron(np.eye(d // 2), [[math.cos(k), -math.sin(k)], [math.sin(k), math.cos(k)]]), "own frequency"),
-    (lambda k, d: np.eye(d), "identity"),
-    (lambda k, d: shift_reference(k, d)[:, : d // 2], "shape"),
-    (lambda k, d: shift_reference(k, d) * 1.01, "differs"),
-    (_shift_by_minus_k, "transposed"),
-])
-def test_pe_shift_matrix_rejects_planted_mistakes(wrong, words):
-    result = checks.check_pe_shift_matrix(wrong)
-    assert not result.passed and words in result.message, result.message
-
-
-# ----------------------------------------------------------------------------- ALiBi
-def alibi_reference(q, k, v, slopes):
-    T, d = q.shape[-2], q.shape[-1]
-    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # (T, T): i - j
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d) - slopes[:, None, None] * distance  # (B, H, T, T)
-    scores = scores.masked_fill(distance < 0, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def _alibi_variant(kind):
-    def fn(q, k, v, slopes):
-        T, d = q.shape[-2], q.shape[-1]
-        distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-        if kind == "plus":
-            return alibi_reference(q, k, v, -slopes)
-        if kind == "no mask":
-            return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d) - slopes[:, None, None] * distance, -1) @ v
-        if kind == "bias scaled":
-            scores = (q @ k.transpose(-2, -1) - slopes[:, None, None] * distance) / math.sqrt(d)
-            return torch.softmax(scores.masked_fill(distance < 0, float("-inf")), -1) @ v
-        if kind == "one slope":
-            return alibi_reference(q, k, v, slopes[:1].expand(slopes.shape[0]))
-        if kind == "mutates":
-            slopes.zero_()  # its copy only: the answer is then plain causal attention, and wrong
-            return alibi_reference(q, k, v, slopes)
-        raise AssertionError(kind)
-    return fn
-
-
-def test_alibi_attention_accepts_reference():
-    result = checks.check_alibi_attention(alibi_reference)
-    assert result.passed, result
-
-
-@pytest.mark.parametrize("kind, words", [
-    ("plus", "wrong sign"), ("no mask", "causal mask is missing"), ("bias scaled", "divided the bias"),
-    ("one slope", "first slope"), ("mutates", "differs"),
-])
-def test_alibi_attention_rejects_planted_mistakes(kind, words):
-    result = checks.check_alibi_attention(_alibi_variant(kind))
-    assert not result.passed and words in result.message, result.message
-
-
 def test_cached_step_rejects_an_answer_that_zeroes_the_cache_in_place():
     def zeroes_the_cache(q_t, k_t, v_t, k_cache, v_cache):
         k_cache.zero_()  # its private copy only: every earlier key is lost
@@ -194,3 +95,280 @@ def test_cached_step_rejects_an_answer_that_zeroes_the_cache_in_place():
 
     result = checks.check_cached_attention_step(zeroes_the_cache)
     assert not result.passed, result
+
+
+# ----------------------------------------------------------------------------- four predictions
+def test_block_predictions_accept_the_right_answers():
+    assert checks.check_block_predictions(lambda: (2, 16, "b", 1365.33)).passed
+    assert checks.check_block_predictions(lambda: (2.0, 16.0, "B", 1365)).passed
+
+
+@pytest.mark.parametrize("answers, words", [
+    ((1, 16, "b", 1365), "then the gain multiplies every feature by 2"),
+    ((4, 16, "b", 1365), "not by 2 squared"),
+    ((16, 16, "b", 1365), "the question asks for the RMS"),
+    ((3, 16, "b", 1365), "question 1: 3 is not it. Hint"),
+    ((2, 1, "b", 1365), "VARIANCE 1, not norm 1"),
+    ((2, 256, "b", 1365), "the norm is its square root"),
+    ((2, 16, "a", 1365), "the queries come from the decoder"),
+    ((2, 16, "c", 1365), "normalised by its own LayerNorm (norm2)"),
+    ((2, 16, "b", 2048), "1.5 times the weights"),
+    ((2, 16, "b", 1024), "three matrices, not four"),
+    ((2, 16, "b", 3072), "must be SMALLER"),
+    ((2, 16, "b"), "return a tuple (rms, norm, letter, hidden)"),
+    ((2, 16, "b", "1365"), "answer 4 should be one number"),
+])
+def test_block_predictions_name_wrong_answers(answers, words):
+    result = checks.check_block_predictions(lambda: answers)
+    assert not result.passed and words in result.message, result.message
+
+
+def test_block_predictions_agree_with_torch():
+    norm = nn.RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.fill_(2.0)
+        y = norm(torch.randn(3, 64) * 7 + 1)
+    assert torch.allclose(y.pow(2).mean(-1).sqrt(), torch.full((3,), 2.0), atol=1e-3)
+    z = nn.LayerNorm(256)(torch.randn(3, 256) * 5 + 3)
+    assert torch.allclose(z.norm(dim=-1), torch.full((3,), 16.0), atol=1e-3)
+    assert abs(3 * 512 * 1365.33 - 2 * 512 * 2048) < 3 * 512
+
+
+# ----------------------------------------------------------------------------- the learner's encoder block
+class EncoderBlock(nn.Module):
+    """What the exercise asks for, with one planted mistake when `mistake` is set."""
+
+    def __init__(self, d_model, num_heads, d_ff, norm_first=True, dropout=0.0, mistake=None):
+        super().__init__()
+        self.norm_first, self.mistake = norm_first, mistake
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
+        self.ff = FeedForward(d_model, d_ff, dropout=dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.p = dropout
+
+    def forward(self, x, attn_mask=None):
+        m = self.mistake
+        mask = None if m == "no mask" else attn_mask
+        norm2 = self.norm1 if m == "same norm" else self.norm2
+        drop = (lambda t: F.dropout(t, self.p)) if m == "dropout in eval" else self.dropout
+
+        def attn(h):
+            return self.self_attn(h, attn_mask=mask)
+
+        pre = self.norm_first if m not in ("ignores norm_first", "swapped placement") else True
+        if m == "swapped placement":
+            pre = not self.norm_first
+        if m == "in place" and pre:
+            x += drop(attn(self.norm1(x)))
+            return x + drop(self.ff(norm2(x)))
+        if m == "ff first" and pre:
+            x = x + drop(self.ff(norm2(x)))
+            return x + drop(attn(self.norm1(x)))
+        if m == "dropout on the sum" and pre:
+            x = drop(x + attn(self.norm1(x)))
+            return drop(x + self.ff(norm2(x)))
+        if pre:
+            if m == "normed residual":
+                h = self.norm1(x)
+                x = h + drop(attn(h))
+                h = norm2(x)
+                return h + drop(self.ff(h))
+            x = drop(attn(self.norm1(x))) if m in ("no residual", "no attention residual") else \
+                x + drop(attn(self.norm1(x)))
+            return drop(self.ff(norm2(x))) if m in ("no residual", "no ff residual") else x + drop(self.ff(norm2(x)))
+        if m == "dropout on the sum":
+            x = self.norm1(drop(x + attn(x)))
+            return norm2(drop(x + self.ff(x)))
+        x = self.norm1(x + drop(attn(x)))
+        return norm2(x + drop(self.ff(x)))
+
+
+def _encoder(mistake):
+    return lambda *args, **kwargs: EncoderBlock(*args, mistake=mistake, **kwargs)
+
+
+def test_encoder_block_accepts_the_reference_and_a_sequential_ffn():
+    result = checks.check_encoder_block(EncoderBlock)
+    assert result.passed, result
+
+    class SequentialFFN(EncoderBlock):
+        def __init__(self, d_model, num_heads, d_ff, norm_first=True, dropout=0.0):
+            super().__init__(d_model, num_heads, d_ff, norm_first, dropout)
+            self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
+
+    assert checks.check_encoder_block(SequentialFFN).passed
+
+
+@pytest.mark.parametrize("mistake, words", [
+    ("swapped placement", "you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first=True"),
+    ("ignores norm_first", "with norm_first=False (post-LN) the LayerNorm comes after the residual add"),
+    ("no residual", "the residual connections are missing"),
+    ("no attention residual", "the attention sublayer has no residual connection"),
+    ("no ff residual", "the feed-forward sublayer has no residual connection"),
+    ("normed residual", "the residual adds the NORMALISED x"),
+    ("same norm", "one LayerNorm serves both sublayers"),
+    ("ff first", "the feed-forward runs before the attention"),
+    ("no mask", "the mask is ignored"),
+    ("in place", "changed its input `x` in place"),
+    ("dropout in eval", "dropout is still on"),
+    ("dropout on the sum", "dropout acts on the residual path"),
+])
+def test_encoder_block_names_each_planted_mistake(mistake, words):
+    result = checks.check_encoder_block(_encoder(mistake))
+    assert not result.passed and words in result.message, result.message
+
+
+def test_encoder_block_explains_missing_parts_and_wrong_types():
+    class Unnamed(nn.Module):
+        def __init__(self, d_model, num_heads, d_ff, norm_first=True, dropout=0.0):
+            super().__init__()
+            self.attention = MultiHeadAttention(d_model, num_heads)
+
+    result = checks.check_encoder_block(Unnamed)
+    assert not result.passed and "no module named self_attn, ff, norm1, norm2" in result.message, result.message
+
+    class RMSNormed(EncoderBlock):
+        def __init__(self, d_model, num_heads, d_ff, norm_first=True, dropout=0.0):
+            super().__init__(d_model, num_heads, d_ff, norm_first, dropout)
+            self.norm1 = nn.RMSNorm(d_model)
+
+    result = checks.check_encoder_block(RMSNormed)
+    assert not result.passed and "self.norm1 should be nn.LayerNorm(d_model)" in result.message, result.message
+    result = checks.check_encoder_block(lambda *a, **k: EncoderBlock(*a, **k).forward)
+    assert not result.passed and "should build an nn.Module" in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- the learner's decoder layer
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.0, mistake=None):
+        super().__init__()
+        self.mistake, self.p = mistake, dropout
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout)
+        self.ff = FeedForward(d_model, d_ff, dropout=dropout)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, memory, memory_mask=None):
+        m = self.mistake
+        drop = (lambda t: F.dropout(t, self.p)) if m == "dropout in eval" else self.dropout
+        norm2, norm3 = (self.norm1, self.norm1) if m == "same norm" else (self.norm2, self.norm3)
+        mask = None if m == "no mask" else memory_mask
+
+        def self_sub(h):
+            return self.self_attn(h, is_causal=m != "not causal")
+
+        def cross_sub(h):
+            if m == "keys from the stream":
+                return self.cross_attn(h)
+            source = norm2(memory) if m == "normed memory" else memory
+            return self.cross_attn(h, source, source, attn_mask=mask)
+
+        subs = [(self_sub, self.norm1), (cross_sub, norm2), (self.ff, norm3)]
+        if m == "cross first":
+            subs = [subs[1], subs[0], subs[2]]
+        for number, (f, norm) in enumerate(subs):
+            if m == "post-LN":
+                x = norm(x + drop(f(x)))
+            elif m == "no cross residual" and number == 1:
+                x = drop(f(norm(x)))
+            elif m == "dropout on the sum":
+                x = drop(x + f(norm(x)))
+            elif m == "in place memory":
+                memory.mul_(1.0)
+                memory += 0.0 if number else 1.0
+                x = x + drop(f(norm(x)))
+            else:
+                x = x + drop(f(norm(x)))
+        return x
+
+
+def _decoder(mistake):
+    return lambda *args, **kwargs: DecoderLayer(*args, mistake=mistake, **kwargs)
+
+
+def test_decoder_layer_accepts_the_reference():
+    result = checks.check_decoder_layer(DecoderLayer)
+    assert result.passed, result
+
+
+@pytest.mark.parametrize("mistake, words", [
+    ("not causal", "the self-attention is not causal"),
+    ("keys from the stream", "keys and values come from the decoder stream"),
+    ("cross first", "the cross-attention comes before the masked self-attention"),
+    ("same norm", "one LayerNorm is reused"),
+    ("normed memory", "you normalised the memory with norm2"),
+    ("no mask", "memory_mask is ignored"),
+    ("post-LN", "which is post-LN; this layer is pre-LN"),
+    ("no cross residual", "the cross-attention sublayer has no residual connection"),
+    ("in place memory", "changed its input `memory` in place"),
+    ("dropout in eval", "dropout is still on"),
+    ("dropout on the sum", "dropout acts on the residual path"),
+])
+def test_decoder_layer_names_each_planted_mistake(mistake, words):
+    result = checks.check_decoder_layer(_decoder(mistake))
+    assert not result.passed and words in result.message, result.message
+
+
+# ----------------------------------------------------------------------------- one training step
+def train_step_reference(model, optimizer, tokens):
+    logits = model(tokens[:, :-1])  # (B, L - 1, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _step(mistake):
+    def step(model, optimizer, tokens):
+        inputs, targets = (tokens, tokens) if mistake == "unshifted" else (tokens[:, :-1], tokens[:, 1:])
+        logits = model(inputs)
+        if mistake == "unflattened":
+            loss = F.cross_entropy(logits, targets)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   reduction="sum" if mistake == "sum" else "mean")
+        if mistake != "no zero_grad":
+            optimizer.zero_grad()
+        if mistake != "no backward":
+            loss.backward()
+        if mistake == "zero_grad after backward":
+            optimizer.zero_grad()
+        if mistake != "no step":
+            optimizer.step()
+        if mistake == "in place":
+            tokens.zero_()
+        return loss if mistake == "tensor" else loss.item()
+    return step
+
+
+def test_train_step_accepts_the_reference_and_a_full_length_forward():
+    assert checks.check_train_step(train_step_reference).passed
+
+    def full_length(model, optimizer, tokens):  # a causal model: logits[:, :-1] of the whole batch are the same
+        logits = model(tokens)[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    assert checks.check_train_step(full_length).passed
+
+
+@pytest.mark.parametrize("mistake, words", [
+    ("unshifted", "the targets are not shifted"),
+    ("no zero_grad", "the gradients accumulate"),
+    ("sum", "your loss is a sum over the tokens"),
+    ("no step", "optimizer.step() is missing"),
+    ("no backward", "loss.backward() is missing, or zero_grad() runs between"),
+    ("zero_grad after backward", "loss.backward() is missing, or zero_grad() runs between"),
+    ("unflattened", "flatten them"),
+    ("tensor", "return loss.item()"),
+    ("in place", "changed `tokens` in place"),
+])
+def test_train_step_names_each_planted_mistake(mistake, words):
+    result = checks.check_train_step(_step(mistake))
+    assert not result.passed and words in result.message, result.message
