@@ -447,25 +447,39 @@ def check_cross_mha_cost(fn):
     return "4 configurations: parameters and attention-core FLOPs right, d_v != d_k and kdim != d_model included"
 
 
-# ----------------------------------------------------------------------------- three questions
+# ----------------------------------------------------------------------------- four predictions
 _HEADS_QUIZ = (
-    ("b", {"a": "d_model = H * d_head, so each row of the wrong reshape is a d_head-slice of ONE token; nothing "
-                "mixes two tokens. Head 0 gets the first T*d_head numbers: tokens 0..T/H-1, each cut into H pieces",
-           "c": "head 0 gets the first T*d_head numbers of the (T, d_model) array, which span T/H tokens, not one"}),
-    ("b", {"a": "every head is permutation equivariant, so any number of them is: the head count changes nothing",
-           "c": "fusing the projections computes the same q, k, v; only a causal mask (or positions) ties the "
-                "output to the order of the tokens"}),
-    ("a", {"b": "splitting into heads partitions the d_model x d_model matrices: 4 d_model^2 + 4 d_model for any H",
-           "c": "the head count does not appear in the parameter count: 4 d_model^2 + 4 d_model"}),
+    ("b", {"a": "the head count does not appear in the parameter count: 16 heads of 32 partition the same "
+                "512 x 512 matrices that 8 heads of 64 do, so the count stays the same",
+           "c": "W_Q, W_K, W_V and W_O all grow with d_model on BOTH sides (d_model x d_model), so doubling "
+                "d_model multiplies the weights by about 4, not 2",
+           "d": "one of the three does change the count: which sizes does each projection map between?"}),
+    ("b", {"a": "the projections (8 T d^2) double with T, but the scores and weights @ V (4 T^2 d) quadruple, "
+                "so the total grows faster than 2x",
+           "c": "only the attention core quadruples; the projections double, and at T < 2 d_model they are "
+                "still the larger part, so the total grows by less than 4x",
+           "d": "each of q k^T and weights @ V is a (T x d) by (d x T) product: T^2 d, quadratic in T, not cubic"}),
+    ("c", {"a": "permuting W_Q alone gives head 0 the queries of head 1 but still the keys of head 0: the scores "
+                "change",
+           "b": "then each head computes the other's output, but the concatenation puts it in the other's slot, "
+                "where W_O's columns expect the first head's output: W_O's input columns must be swapped too "
+                "(its bias stays)",
+           "d": "the heads are interchangeable only if everything that reads them moves with them: W_O's input "
+                "columns read head i's slot, so the output changes unless they are permuted too"}),
+    ("b", {"a": "that is 8 key/value heads (2 x 512 x 512); with 2 key/value heads each projection outputs only "
+                "2 x d_head = 128 features",
+           "c": "that is one key/value head (2 x 512 x 64); here there are two, each d_head = 64 wide",
+           "d": "4 is how many query heads share each key/value head; k_proj and v_proj output one d_head block "
+                "per key/value head, and there are 2: a shared head is stored once"}),
 )
 
 
 @checker
 def check_heads_quiz(fn):
-    """Check the answers to three multiple-choice questions on splitting heads, equivariance and parameters.
+    """Check the answers to four prediction questions on parameters, FLOPs, swapping heads and shared key/value heads.
 
-    Your function: `fn() -> answers`, three letters (a string such as "abc" or a tuple), one per
-    question in the order asked. Says which answer is wrong and why.
+    Your function: `fn() -> answers`, four letters (a string such as "abcd" or a tuple), one per
+    question in the order asked. Says which answer is wrong and the idea behind the wrong choice.
     """
-    multiple_choice(call(fn), _HEADS_QUIZ)
-    return "all three answers are right"
+    multiple_choice(call(fn), _HEADS_QUIZ, letters="abcd")
+    return "all four predictions are right"

@@ -221,16 +221,55 @@ def test_cross_mha_cost_rejects_planted_mistakes(wrong, words):
 
 # ----------------------------------------------------------------------------- quiz
 def test_heads_quiz_accepts_the_right_letters():
-    assert checks.check_heads_quiz(lambda: "bba").passed
+    result = checks.check_heads_quiz(lambda: "bbcb")
+    assert result.passed, result.message
+    assert checks.check_heads_quiz(lambda: ("B", "b", "c", "b")).passed
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda: "aba", "nothing mixes two tokens"), (lambda: "bca", "same q, k, v"),
-    (lambda: "baa", "head count changes nothing"), (lambda: "bbb", "partitions"),
+    (lambda: "abcb", "head count does not appear"), (lambda: "cbcb", "multiplies the weights by about 4"),
+    (lambda: "dbcb", "which sizes does each projection map"),
+    (lambda: "bacb", "so the total grows faster than 2x"), (lambda: "bccb", "by less than 4x"),
+    (lambda: "bdcb", "not cubic"),
+    (lambda: "bbab", "keys of head 0"), (lambda: "bbbb", "W_O's input columns must be swapped too"),
+    (lambda: "bbdb", "everything that reads them moves with them"),
+    (lambda: "bbca", "that is 8 key/value heads"), (lambda: "bbcc", "that is one key/value head"),
+    (lambda: "bbcd", "a shared head is stored once"),
+    (lambda: "bbc", "return 4 letters"), (lambda: "bbce", "answer with one of a, b, c, d"),
 ])
 def test_heads_quiz_rejects_wrong_answers(wrong, words):
     result = checks.check_heads_quiz(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+def test_heads_quiz_answers_agree_with_the_library():
+    # question 1: about twice the parameters only for wider heads at the same d_model
+    base = sum(p.numel() for p in MultiHeadAttention(512, 8, device="meta").parameters())
+    sixteen = sum(p.numel() for p in MultiHeadAttention(512, 16, device="meta").parameters())
+    wide = 4 * 512 * 1024 + 3 * 1024 + 512  # q/k/v project 512 -> 8 x 128, W_O 1024 -> 512, biases
+    wider_model = sum(p.numel() for p in MultiHeadAttention(1024, 8, device="meta").parameters())
+    assert sixteen == base and 1.9 < wide / base < 2.1 and wider_model / base > 3.9
+    # question 2: d_model = 768, T 1024 -> 2048
+    flops = lambda T, d=768: 8 * T * d * d + 4 * T * T * d  # noqa: E731
+    assert 2 < flops(2048) / flops(1024) < 4
+    # question 3: swapping heads 0 and 1 in W_Q, W_K, W_V (rows) and W_O (input columns) leaves the output unchanged
+    torch.manual_seed(0)
+    m = MultiHeadAttention(12, 3, dtype=torch.float64).eval()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    order = torch.cat([torch.arange(4, 8), torch.arange(0, 4), torch.arange(8, 12)])
+    swapped = MultiHeadAttention(12, 3, dtype=torch.float64).eval()
+    qkv_only = MultiHeadAttention(12, 3, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for target in (swapped, qkv_only):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(target, name).weight.copy_(getattr(m, name).weight[order])
+                getattr(target, name).bias.copy_(getattr(m, name).bias[order])
+            target.out_proj.load_state_dict(m.out_proj.state_dict())
+        swapped.out_proj.weight.copy_(m.out_proj.weight[:, order])
+        assert torch.allclose(swapped(x), m(x), atol=1e-12)
+        assert not torch.allclose(qkv_only(x), m(x), atol=1e-6)
+    # question 4: 2 key/value heads of 64 features, d_model = 512
+    assert 2 * 512 * (2 * 64) == 131_072
 
 
 # ----------------------------------------------------------------------------- the learner's nn.Module
