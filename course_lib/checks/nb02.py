@@ -2,7 +2,7 @@
 
 Each checker compares the learner's function with the hand-derived reference (and the backward
 pass also with torch autograd) on a few small float64 cases and, when the answer is wrong, tries
-the classic mistakes (a missing diagonal term, a missing 1/sqrt(d), a transposed dS, .T on a
+the classic mistakes (a missing diagonal term, a missing 1/sqrt(d), a transposed dZ, .T on a
 batched array, ...) to say *which* one was made.
 """
 
@@ -123,7 +123,7 @@ def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, so
 
     transpose: how "^T" is done (the right one swaps the last two axes; `.T` reverses them all);
     fill: the masked scores' value (None: the mask is ignored; "after": P is multiplied by the mask);
-    softmax_backward: "vjp", "none" (dS = dP), "no_rowsum" (dS = P * dP), "query_axis" (the row sum
+    softmax_backward: "vjp", "none" (dZ = dP), "no_rowsum" (dZ = P * dP), "query_axis" (the row sum
     over the queries), "no_keepdims" (the row sums broadcast along the wrong axis).
     """
     root_d = np.sqrt(q.shape[-1])
@@ -134,15 +134,15 @@ def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, so
     if mask is not None and fill == "after":
         p = p * mask
     dp = d_out @ transpose(v)  # (..., T, S)
-    ds = {
+    dz = {
         "vjp": lambda: p * (dp - np.sum(dp * p, axis=-1, keepdims=True)),
         "none": lambda: dp,
         "no_rowsum": lambda: p * dp,
         "query_axis": lambda: p * (dp - np.sum(dp * p, axis=-2, keepdims=True)),
         "no_keepdims": lambda: p * (dp - np.expand_dims(np.sum(dp * p, axis=-1), -2)),
     }[softmax_backward]()
-    dq = (transpose(ds) if dq_transposed else ds) @ k / root_d**dq_root_d_power
-    dk = (ds if dk_untransposed else transpose(ds)) @ q / root_d**dk_root_d_power
+    dq = (transpose(dz) if dq_transposed else dz) @ k / root_d**dq_root_d_power
+    dk = (dz if dk_untransposed else transpose(dz)) @ q / root_d**dk_root_d_power
     weights = np.where(np.isfinite(scores), scores, 0.0) if dv_from_scores else p
     dv = (weights if dv_untransposed else transpose(weights)) @ d_out / (root_d if dv_scaled else 1.0)
     return dq, dk, dv
@@ -150,7 +150,7 @@ def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, so
 
 _WHOLE_MISTAKES: dict[str, dict] = {  # slips that change all three gradients, with what each one gets wrong
     "masked pairs receive gradient: your gradients are those of attention WITHOUT the mask. Set the masked "
-    "scores to -inf before the softmax, so that P = 0 there and dS = P * (...) is 0 too": dict(fill=None),
+    "scores to -inf before the softmax, so that P = 0 there and dZ = P * (...) is 0 too": dict(fill=None),
     "a query with no allowed key attends uniformly to every key and sends gradient to all of them: that is "
     "what a finite fill such as -1e9 does to a fully masked row. Fill with -inf and use a softmax that returns 0 "
     "for an all -inf row (course_lib.numpy_ref.softmax does), so its gradients are 0": dict(fill=-1e9),
@@ -159,26 +159,26 @@ _WHOLE_MISTAKES: dict[str, dict] = {  # slips that change all three gradients, w
     "x.T reverses EVERY axis of a batched array, (B, H, S, d) -> (d, S, H, B): transpose only the last two "
     "with np.swapaxes(x, -1, -2)": dict(transpose=lambda x: x.T),
     "the softmax backward's row sum lost its axis (keepdims=True is missing), so it is subtracted along the "
-    "wrong axis: dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))": dict(softmax_backward="no_keepdims"),
+    "wrong axis: dZ = P * (dP - (dP * P).sum(axis=-1, keepdims=True))": dict(softmax_backward="no_keepdims"),
     "the softmax backward's row sum runs over the queries; it runs over the keys, the axis the softmax "
     "normalises (the last one)": dict(softmax_backward="query_axis"),
-    "the '- rowsum(dP * P)' term of the softmax backward is missing: dS = P * (dP - rowsum(dP * P)), not "
+    "the '- rowsum(dP * P)' term of the softmax backward is missing: dZ = P * (dP - rowsum(dP * P)), not "
     "P * dP": dict(softmax_backward="no_rowsum"),
-    "the softmax backward is skipped: dS = P * (dP - rowsum(dP * P)), not dP": dict(softmax_backward="none"),
+    "the softmax backward is skipped: dZ = P * (dP - rowsum(dP * P)), not dP": dict(softmax_backward="none"),
 }
 
 _GRADIENT_MISTAKES: dict[str, dict[str, dict]] = {  # slips in one gradient, by the gradient they show up in
     "dq": {
-        "dq is missing the 1/sqrt(d) factor: the scores are q k^T / sqrt(d), so dq = dS k / sqrt(d)":
+        "dq is missing the 1/sqrt(d) factor: the scores are q k^T / sqrt(d), so dq = dZ k / sqrt(d)":
             dict(dq_root_d_power=0),
         "dq is divided by d instead of sqrt(d)": dict(dq_root_d_power=2),
-        "dq uses dS^T where it needs dS: dq = dS k / sqrt(d), each query collects from the keys it looked at":
+        "dq uses dZ^T where it needs dZ: dq = dZ k / sqrt(d), each query collects from the keys it looked at":
             dict(dq_transposed=True),
     },
     "dk": {
-        "dk is missing the 1/sqrt(d) factor: dk = dS^T q / sqrt(d)": dict(dk_root_d_power=0),
+        "dk is missing the 1/sqrt(d) factor: dk = dZ^T q / sqrt(d)": dict(dk_root_d_power=0),
         "dk is divided by d instead of sqrt(d)": dict(dk_root_d_power=2),
-        "dk uses dS where it needs dS^T: dk = dS^T q / sqrt(d), each key collects gradient from every query "
+        "dk uses dZ where it needs dZ^T: dk = dZ^T q / sqrt(d), each key collects gradient from every query "
         "that looked at it": dict(dk_untransposed=True),
     },
     "dv": {
@@ -199,7 +199,7 @@ def _mistakes_in(name: str, q, k, v, d_out, mask) -> dict[str, np.ndarray | None
     for message, options in slips:
         if "fill" in options and mask is None:
             continue
-        try:  # a slip may not even have a valid shape on these inputs (e.g. dS q when T != S)
+        try:  # a slip may not even have a valid shape on these inputs (e.g. dZ q when T != S)
             with np.errstate(all="ignore"):
                 found[message] = _variant_backward(q, k, v, d_out, mask, **options)[index]
         except ValueError:
@@ -297,8 +297,8 @@ def check_attention_backward(fn):
                                    f"a transpose or a sum counted from the front (x.T reverses every axis; axis=1 "
                                    f"is not the last axis). Transpose with np.swapaxes(x, -1, -2) and sum over "
                                    f"axis=-1.")
-            hint = ("dv = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(dP * P)), dq = dS k / sqrt(d), "
-                    "dk = dS^T q / sqrt(d); apply the mask to the scores before the softmax")
+            hint = ("dv = P^T d_out, dP = d_out v^T, dZ = P * (dP - rowsum(dP * P)), dq = dZ k / sqrt(d), "
+                    "dk = dZ^T q / sqrt(d); apply the mask to the scores before the softmax")
             compare(f"{name} ({description}) vs torch autograd", g, a, hint=hint)
             compare(f"{name} ({description}) vs course_lib.numpy_ref", g, e, hint=hint)
     return ("6 cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) equal torch autograd "
@@ -343,7 +343,7 @@ def check_softmax_temperature_backward(fn):
 
 # ----------------------------------------------------------------------------- gradient of an additive bias
 def _bias_parts(q, k, v, bias, d_out):
-    """P, dP and dS of softmax(q k^T / sqrt(d) + bias) v for L = sum(out * d_out)."""
+    """P, dP and dZ of softmax(q k^T / sqrt(d) + bias) v for L = sum(out * d_out)."""
     p = numpy_ref.softmax(q @ k.T / np.sqrt(q.shape[-1]) + bias)  # (T, S); the bias is added after the scaling
     dp = d_out @ v.T  # (T, S)
     return p, dp, _softmax_vjp(p, dp)
@@ -372,51 +372,51 @@ def check_bias_backward(fn):
     ]
     for label, q, k, v, bias, d_out in cases:
         got = _call_watching_inputs(fn, ("q", "k", "v", "bias", "d_out"), q, k, v, bias, d_out)
-        p, dp, ds = _bias_parts(q, k, v, bias, d_out)
-        broadcast = bias.shape != ds.shape
-        expected = ds.sum(axis=0, keepdims=True) if broadcast else ds  # sum over the axis the bias was broadcast along
+        p, dp, dz = _bias_parts(q, k, v, bias, d_out)
+        broadcast = bias.shape != dz.shape
+        expected = dz.sum(axis=0, keepdims=True) if broadcast else dz  # sum over the axis the bias was broadcast along
         got_bias = as_array("d_bias", got, hint="return d_bias alone, an array shaped like the bias")
-        if broadcast and got_bias.shape == ds.shape and is_close(got_bias, ds):
+        if broadcast and got_bias.shape == dz.shape and is_close(got_bias, dz):
             raise CheckFailure(f"for {label}: d_bias has shape {got_bias.shape}, but the bias has shape {bias.shape}: "
-                               f"it was broadcast over the queries, so its gradient is dS SUMMED over that axis "
+                               f"it was broadcast over the queries, so its gradient is dZ SUMMED over that axis "
                                f"(each query's score got the same bias and passes its gradient back to it).")
         if not is_close(got_bias, expected):
             summed = (lambda a: a.sum(axis=0, keepdims=True)) if broadcast else (lambda a: a)
             with np.errstate(invalid="ignore"):
                 mistake = diagnose(got_bias, {
-                    "d_bias carries no 1/sqrt(d): the bias is added AFTER the scaling, so d_bias = dS":
-                        summed(ds / np.sqrt(q.shape[-1])),
-                    "d_bias = dP skips the softmax backward: d_bias = dS = P * (dP - rowsum(dP * P))": summed(dp),
-                    "d_bias is the MEAN of dS over the queries; it is their SUM: every query's score got the "
-                    "same bias": ds.mean(axis=0, keepdims=True) if broadcast else None,
+                    "d_bias carries no 1/sqrt(d): the bias is added AFTER the scaling, so d_bias = dZ":
+                        summed(dz / np.sqrt(q.shape[-1])),
+                    "d_bias = dP skips the softmax backward: d_bias = dZ = P * (dP - rowsum(dP * P))": summed(dp),
+                    "d_bias is the MEAN of dZ over the queries; it is their SUM: every query's score got the "
+                    "same bias": dz.mean(axis=0, keepdims=True) if broadcast else None,
                 })
             if mistake:
                 raise CheckFailure(f"for {label}: {mistake}.")
         compare(f"d_bias for {label}", got_bias, expected,
-                hint="the bias is added to the scores, so d_bias = dS (summed over any axis it was broadcast along)")
+                hint="the bias is added to the scores, so d_bias = dZ (summed over any axis it was broadcast along)")
     return "3 biases ((T, S), broadcast (1, S), a -inf mask) give the right d_bias"
 
 
 # ----------------------------------------------------------------------------- predictions about the gradients
 _BACKWARD_QUIZ = (
     ("b", {"a": "the softmax is nonlinear in its input, the scores, but the backward pass is linear in the upstream "
-                "gradient: dP = dO V^T doubles, dS = P * (dP - rowsum(dP * P)) doubles with it, and so do dQ and dK",
-           "c": "d_out enters each gradient once, through dV = P^T dO or dP = dO V^T, and dS is linear in dP: a "
+                "gradient: dP = dO V^T doubles, dZ = P * (dP - rowsum(dP * P)) doubles with it, and so do dQ and dK",
+           "c": "d_out enters each gradient once, through dV = P^T dO or dP = dO V^T, and dZ is linear in dP: a "
                 "factor 2 stays a factor 2",
            "d": "L = sum(O * dO) doubles when dO does, and so does each of its gradients"}),
     ("b", {"a": "dV = P^T dO contains no V: it does not change",
            "c": "dV = P^T dO contains no V; V enters dQ and dK through dP = dO V^T",
-           "d": "P does not depend on V, but dP = dO V^T does, and dQ and dK are made from dS, which is linear in dP"}),
+           "d": "P does not depend on V, but dP = dO V^T does, and dQ and dK are made from dZ, which is linear in dP"}),
     ("a", {"b": "dP depends on the values, but dQ_t = sum_s dS_ts k_s / sqrt(d) = (sum_s dS_ts) k / sqrt(d) when "
-                "every k_s = k, and every row of dS sums to 0",
+                "every k_s = k, and every row of dZ sums to 0",
            "c": "a constant row of scores is harmless: its softmax is uniform, 1/S per key, and every formula stays "
                 "finite",
-           "d": "P is uniform, 1/S per key, but the row sum in dS = P * (dP - rowsum(dP * P)) is subtracted first: "
+           "d": "P is uniform, 1/S per key, but the row sum in dZ = P * (dP - rowsum(dP * P)) is subtracted first: "
                 "write dQ_t = sum_s dS_ts k_s / sqrt(d) with every k_s = k"}),
-    ("b", {"a": "the forward pass and dS are the same, but the factor 1/sqrt(d) that multiplied dS K has moved into "
-                "q': the chain rule through scores = q' k^T gives dq' = dS K, without it",
-           "c": "dq' = dS K, while the old dq = dS K / sqrt(d): the new one is sqrt(d) times LARGER",
-           "d": "dK = dS^T q' = dS^T q / sqrt(d) is the old dK: the keys still meet the scaled queries"}),
+    ("b", {"a": "the forward pass and dZ are the same, but the factor 1/sqrt(d) that multiplied dZ K has moved into "
+                "q': the chain rule through scores = q' k^T gives dq' = dZ K, without it",
+           "c": "dq' = dZ K, while the old dq = dZ K / sqrt(d): the new one is sqrt(d) times LARGER",
+           "d": "dK = dZ^T q' = dZ^T q / sqrt(d) is the old dK: the keys still meet the scaled queries"}),
 )
 
 

@@ -103,13 +103,13 @@ def _parts(q, k, v, d_out, mask):
         scores = np.where(mask, scores, -np.inf)
     p = nr.softmax(scores)
     dp = d_out @ np.swapaxes(v, -1, -2)
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    return p, dp, ds, np.sqrt(q.shape[-1])
+    dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    return p, dp, dz, np.sqrt(q.shape[-1])
 
 
 def correct_backward(q, k, v, d_out, mask=None):
-    p, _, ds, root_d = _parts(q, k, v, d_out, mask)
-    return ds @ k / root_d, np.swapaxes(ds, -1, -2) @ q / root_d, np.swapaxes(p, -1, -2) @ d_out
+    p, _, dz, root_d = _parts(q, k, v, d_out, mask)
+    return dz @ k / root_d, np.swapaxes(dz, -1, -2) @ q / root_d, np.swapaxes(p, -1, -2) @ d_out
 
 
 def test_attention_backward_passes_reference_and_handwritten():
@@ -155,8 +155,8 @@ def _with(**changes):
     (dict(dq_root_d_power=0, dk_root_d_power=0), "dq is missing the 1/sqrt(d) factor"),
     (dict(dq_root_d_power=2), "dq is divided by d instead of sqrt(d)"),
     (dict(dk_root_d_power=2), "dk is divided by d instead of sqrt(d)"),
-    (dict(dk_untransposed=True), "dk uses dS where it needs dS^T"),
-    (dict(dq_transposed=True), "dq uses dS^T where it needs dS"),
+    (dict(dk_untransposed=True), "dk uses dZ where it needs dZ^T"),
+    (dict(dq_transposed=True), "dq uses dZ^T where it needs dZ"),
     (dict(transpose=lambda x: x.T), "x.T reverses EVERY axis of a batched array"),
     (dict(fill=None), "causal mask, T = S = 4: dq: masked pairs receive gradient"),
     (dict(fill=-1e9), "a finite fill such as -1e9"),
@@ -168,11 +168,11 @@ def test_attention_backward_names_each_planted_mistake(changes, message):
 
 def test_attention_backward_dk_without_transpose_written_by_hand():
     def wrong(q, k, v, d_out, mask=None):
-        p, _, ds, root_d = _parts(q, k, v, d_out, mask)
+        p, _, dz, root_d = _parts(q, k, v, d_out, mask)
         dq, _, dv = correct_backward(q, k, v, d_out, mask)
-        return dq, ds @ q / root_d, dv  # only has the right shape when T == S
+        return dq, dz @ q / root_d, dv  # only has the right shape when T == S
 
-    _not_yet(checks.check_attention_backward(wrong), "square T = S = 4", "dk uses dS where it needs dS^T")
+    _not_yet(checks.check_attention_backward(wrong), "square T = S = 4", "dk uses dZ where it needs dZ^T")
 
 
 def test_attention_backward_dot_T_that_crashes_on_a_batch_is_explained():
@@ -183,8 +183,8 @@ def test_attention_backward_dot_T_that_crashes_on_a_batch_is_explained():
             scores = np.where(mask, scores, -np.inf)
         p = nr.softmax(scores)
         dp = d_out @ v.T
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-        return ds @ k / root_d, ds.T @ q / root_d, p.T @ d_out
+        dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        return dz @ k / root_d, dz.T @ q / root_d, p.T @ d_out
 
     _not_yet(checks.check_attention_backward(with_dot_t), "x.T reverses EVERY axis")
     # a transpose by .T in dv only: it runs on the (3, 3, 3, 3) batch but answers something else
@@ -211,9 +211,9 @@ def test_attention_backward_nan_on_fully_masked_row():
         e = np.exp(scores - scores.max(axis=-1, keepdims=True))
         p = e / e.sum(axis=-1, keepdims=True)
         dp = d_out @ np.swapaxes(v, -1, -2)
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
         root_d = np.sqrt(q.shape[-1])
-        return ds @ k / root_d, np.swapaxes(ds, -1, -2) @ q / root_d, np.swapaxes(p, -1, -2) @ d_out
+        return dz @ k / root_d, np.swapaxes(dz, -1, -2) @ q / root_d, np.swapaxes(p, -1, -2) @ d_out
 
     with np.errstate(invalid="ignore"):
         result = checks.check_attention_backward(naive_softmax_backward)
@@ -237,8 +237,8 @@ def test_attention_backward_scaling_q_in_place_is_named_as_a_change_of_input():
         q /= np.sqrt(q.shape[-1])  # the classic in-place shortcut
         p = nr.softmax(np.where(True if mask is None else mask, q @ np.swapaxes(k, -1, -2), -np.inf))
         dp = d_out @ np.swapaxes(v, -1, -2)
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-        return ds @ k / np.sqrt(q.shape[-1]), np.swapaxes(ds, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out
+        dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+        return dz @ k / np.sqrt(q.shape[-1]), np.swapaxes(dz, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out
 
     _not_yet(checks.check_attention_backward(in_place), "changed its input q in place")
 
@@ -313,8 +313,8 @@ def bias_ref(q, k, v, bias, d_out, *, scale_bias=False, skip_softmax=False, no_s
     d = q.shape[-1]
     p = nr.softmax(q @ k.T / np.sqrt(d) + bias)
     dp = d_out @ v.T
-    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-    d_bias = dp if skip_softmax else ds / np.sqrt(d) if scale_bias else ds
+    dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    d_bias = dp if skip_softmax else dz / np.sqrt(d) if scale_bias else dz
     if bias.shape[0] == 1 and not no_sum:
         d_bias = d_bias.mean(axis=0, keepdims=True) if mean else d_bias.sum(axis=0, keepdims=True)
     return d_bias
@@ -327,8 +327,8 @@ def test_bias_backward_accepts_reference():
 @pytest.mark.parametrize("options, words", [
     (dict(scale_bias=True), "d_bias carries no 1/sqrt(d)"),
     (dict(skip_softmax=True), "d_bias = dP skips the softmax backward"),
-    (dict(no_sum=True), "dS SUMMED over that axis"),
-    (dict(mean=True), "d_bias is the MEAN of dS over the queries"),
+    (dict(no_sum=True), "dZ SUMMED over that axis"),
+    (dict(mean=True), "d_bias is the MEAN of dZ over the queries"),
 ])
 def test_bias_backward_rejects_planted_mistakes(options, words):
     result = checks.check_bias_backward(lambda *args: bias_ref(*args, **options))
@@ -358,8 +358,8 @@ def test_backward_quiz_accepts_the_right_letters():
     ("dbab", "doubles when dO does"),
     ("baab", "dV = P^T dO contains no V: it does not change"), ("bcab", "V enters dQ and dK through dP"),
     ("bdab", "P does not depend on V, but dP = dO V^T does"),
-    ("bbbb", "every row of dS sums to 0"), ("bbcb", "a constant row of scores is harmless"),
-    ("bbdb", "the row sum in dS"),
+    ("bbbb", "every row of dZ sums to 0"), ("bbcb", "a constant row of scores is harmless"),
+    ("bbdb", "the row sum in dZ"),
     ("bbaa", "has moved into q'"), ("bbac", "sqrt(d) times LARGER"), ("bbad", "the keys still meet the scaled"),
     ("bba", "4 letters"), ("bbae", "answer with one of a, b, c, d"),
 ])
