@@ -172,8 +172,8 @@ def _forward_cases(fn, label: str) -> None:
                 "= sqrt(d_model / H)": _mha_variant(*args, scale="d_model", mask=mask),
                 "softmax runs over the queries (dim -2); each query's weights over the keys must sum to 1: "
                 "softmax(dim=-1)": _mha_variant(*args, softmax_dim=-2, mask=mask),
-                "the output projection W_O is missing: multiply the concatenated heads by w_o.T":
-                    _mha_variant(*args, out_proj=False, mask=mask),
+                "the output projection W_O is missing: apply it to the concatenated heads (@ w_o.T, or "
+                "self.out_proj(...) in a module)": _mha_variant(*args, out_proj=False, mask=mask),
             }
             candidates[_FORGOT_T] = _mha_variant(*args, forgot_T=True, mask=mask)
             if H > 1:
