@@ -122,13 +122,14 @@ def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, so
     """The gradients (dq, dk, dv) of attention computed with the stated slips (none by default: the right ones).
 
     transpose: how "^T" is done (the right one swaps the last two axes; `.T` reverses them all);
-    fill: the masked scores' value (None: the mask is ignored; "after": P is multiplied by the mask);
+    fill: the masked scores' value (None: the mask is ignored; "after": P is multiplied by the mask;
+    "dz_only": the forward ignores the mask and only dZ is zeroed where it is False);
     softmax_backward: "vjp", "none" (dZ = dP), "no_rowsum" (dZ = P * dP), "query_axis" (the row sum
     over the queries), "no_keepdims" (the row sums broadcast along the wrong axis).
     """
     root_d = np.sqrt(q.shape[-1])
     scores = q @ transpose(k) / root_d  # (..., T, S)
-    if mask is not None and fill is not None and fill != "after":
+    if mask is not None and fill not in (None, "after", "dz_only"):
         scores = np.where(mask, scores, fill)
     p = numpy_ref.softmax(scores)  # (..., T, S)
     if mask is not None and fill == "after":
@@ -141,6 +142,8 @@ def _variant_backward(q, k, v, d_out, mask, *, transpose=_swap, fill=-np.inf, so
         "query_axis": lambda: p * (dp - np.sum(dp * p, axis=-2, keepdims=True)),
         "no_keepdims": lambda: p * (dp - np.expand_dims(np.sum(dp * p, axis=-1), -2)),
     }[softmax_backward]()
+    if mask is not None and fill == "dz_only":
+        dz = dz * mask
     dq = (transpose(dz) if dq_transposed else dz) @ k / root_d**dq_root_d_power
     dk = (dz if dk_untransposed else transpose(dz)) @ q / root_d**dk_root_d_power
     weights = np.where(np.isfinite(scores), scores, 0.0) if dv_from_scores else p
@@ -156,6 +159,9 @@ _WHOLE_MISTAKES: dict[str, dict] = {  # slips that change all three gradients, w
     "for an all -inf row (course_lib.numpy_ref.softmax does), so its gradients are 0": dict(fill=-1e9),
     "the mask is applied after the softmax (P * mask): the kept weights of a row then no longer sum to 1. Mask "
     "the scores (-inf) before the softmax": dict(fill="after"),
+    "only dZ is masked, but the forward pass that your gradients belong to attends to every key: P and dv "
+    "come from unmasked scores. Mask the scores (-inf) before the softmax; dZ = P * (...) is then 0 at masked "
+    "pairs by itself": dict(fill="dz_only"),
     "x.T reverses EVERY axis of a batched array, (B, H, S, d) -> (d, S, H, B): transpose only the last two "
     "with np.swapaxes(x, -1, -2)": dict(transpose=lambda x: x.T),
     "the softmax backward's row sum lost its axis (keepdims=True is missing), so it is subtracted along the "
@@ -231,8 +237,8 @@ def _call_watching_inputs(fn, names: tuple[str, ...], *args, what: str = ""):
                if not np.array_equal(np.asarray(before), np.asarray(after))]
     if changed:
         raise CheckFailure(f"your function changed its input {', '.join(changed)} in place. A backward pass "
-                           f"must leave its inputs as they were: the caller still needs them (the same q, k and v "
-                           f"are used by the next step). Write new arrays (x = x / c), not x /= c or x[...] = ...")
+                           f"must leave its inputs as they were: the caller still needs them. Write new arrays "
+                           f"(x = x / c), not x /= c or x[...] = ...")
     return got
 
 
@@ -256,8 +262,9 @@ def check_attention_backward(fn):
     v (..., S, d_v); mask bool (True = may attend) of shape (T, S). Checks six cases (T != S, d_v != d,
     batch axes, a causal mask, a fully masked query row) against torch autograd in float64 and against
     course_lib.numpy_ref; names a missing or wrong 1/sqrt(d), a skipped or incomplete softmax backward,
-    missing transposes, .T on batched arrays, masked pairs that receive gradient, NaN from a fully
-    masked row, and inputs changed in place.
+    missing transposes, .T on batched arrays, masked pairs that receive gradient (mask ignored, applied
+    after the softmax or to dZ only, a -1e9 fill), NaN from a fully masked row, gradients returned in
+    another order, and inputs changed in place.
     """
     rng = np.random.default_rng(4)
     for description, q_shape, k_shape, v_shape, mask in _ATTENTION_CASES:
@@ -280,6 +287,12 @@ def check_attention_backward(fn):
         got = unpack(got, 3, "return a tuple (dq, dk, dv) of three arrays", case=description)
         expected = numpy_ref.scaled_dot_product_attention_backward(q, k, v, d_out, mask)
         autograd = _autograd_backward(q, k, v, d_out, mask)
+        order = [next((n for n, e in zip(("dq", "dk", "dv"), expected, strict=True) if is_close(g, e)), None)
+                 for g in got]
+        if None not in order and order != ["dq", "dk", "dv"]:
+            raise CheckFailure(f"{description}: your gradients are right but returned as "
+                               f"({', '.join(map(str, order))}); return them in the order (dq, dk, dv), like the "
+                               f"inputs (q, k, v).")
         for name, g, e, a in zip(("dq", "dk", "dv"), got, expected, autograd, strict=True):
             compare(f"torch autograd's {name} vs course_lib's ({description}; the checker's own agreement)", a, e)
             if is_close(g, e):
@@ -407,12 +420,12 @@ _BACKWARD_QUIZ = (
     ("b", {"a": "dV = P^T dO contains no V: it does not change",
            "c": "dV = P^T dO contains no V; V enters dQ and dK through dP = dO V^T",
            "d": "P does not depend on V, but dP = dO V^T does, and dQ and dK are made from dZ, which is linear in dP"}),
-    ("a", {"b": "dP depends on the values, but dQ_t = sum_s dS_ts k_s / sqrt(d) = (sum_s dS_ts) k / sqrt(d) when "
+    ("a", {"b": "dP depends on the values, but dQ_t = sum_s dZ_ts k_s / sqrt(d) = (sum_s dZ_ts) k / sqrt(d) when "
                 "every k_s = k, and every row of dZ sums to 0",
            "c": "a constant row of scores is harmless: its softmax is uniform, 1/S per key, and every formula stays "
                 "finite",
            "d": "P is uniform, 1/S per key, but the row sum in dZ = P * (dP - rowsum(dP * P)) is subtracted first: "
-                "write dQ_t = sum_s dS_ts k_s / sqrt(d) with every k_s = k"}),
+                "write dQ_t = sum_s dZ_ts k_s / sqrt(d) with every k_s = k"}),
     ("b", {"a": "the forward pass and dZ are the same, but the factor 1/sqrt(d) that multiplied dZ K has moved into "
                 "q': the chain rule through scores = q' k^T gives dq' = dZ K, without it",
            "c": "dq' = dZ K, while the old dq = dZ K / sqrt(d): the new one is sqrt(d) times LARGER",

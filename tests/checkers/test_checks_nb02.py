@@ -161,6 +161,7 @@ def _with(**changes):
     (dict(fill=None), "causal mask, T = S = 4: dq: masked pairs receive gradient"),
     (dict(fill=-1e9), "a finite fill such as -1e9"),
     (dict(fill="after"), "the mask is applied after the softmax (P * mask)"),
+    (dict(fill="dz_only"), "only dZ is masked, but the forward pass"),
 ])
 def test_attention_backward_names_each_planted_mistake(changes, message):
     _not_yet(checks.check_attention_backward(_with(**changes)), message)
@@ -241,6 +242,16 @@ def test_attention_backward_scaling_q_in_place_is_named_as_a_change_of_input():
         return dz @ k / np.sqrt(q.shape[-1]), np.swapaxes(dz, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out
 
     _not_yet(checks.check_attention_backward(in_place), "changed its input q in place")
+
+
+@pytest.mark.parametrize("order", [(1, 0, 2), (2, 1, 0), (0, 2, 1)])
+def test_attention_backward_right_gradients_in_the_wrong_order(order):
+    def reordered(q, k, v, d_out, mask=None):
+        grads = correct_backward(q, k, v, d_out, mask)
+        return tuple(grads[i] for i in order)
+
+    _not_yet(checks.check_attention_backward(reordered), "your gradients are right but returned as",
+             "in the order (dq, dk, dv)")
 
 
 def test_attention_backward_ignoring_mask_is_caught_on_the_masked_case():
@@ -358,7 +369,8 @@ def test_backward_quiz_accepts_the_right_letters():
     ("dbab", "doubles when dO does"),
     ("baab", "dV = P^T dO contains no V: it does not change"), ("bcab", "V enters dQ and dK through dP"),
     ("bdab", "P does not depend on V, but dP = dO V^T does"),
-    ("bbbb", "every row of dZ sums to 0"), ("bbcb", "a constant row of scores is harmless"),
+    ("bbbb", "(sum_s dZ_ts) k / sqrt(d) when every k_s = k, and every row of dZ sums to 0"),
+    ("bbcb", "a constant row of scores is harmless"),
     ("bbdb", "the row sum in dZ"),
     ("bbaa", "has moved into q'"), ("bbac", "sqrt(d) times LARGER"), ("bbad", "the keys still meet the scaled"),
     ("bba", "4 letters"), ("bbae", "answer with one of a, b, c, d"),
