@@ -134,26 +134,26 @@ def check_decoding_mask(fn: Callable) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Exercise 3: three multiple-choice questions on the mask convention
+# Exercise 3: three predictions about masks (multiple choice)
 # ----------------------------------------------------------------------------------------------
 _QUIZ = (
-    ("b", {"a": "in torch.nn.MultiheadAttention a True entry of key_padding_mask means IGNORE this key "
-                "(the opposite of scaled_dot_product_attention); the course converts with "
-                "masks.to_torch_mha_mask"}),
-    ("c", {"a": "a fully masked row has no key to average; the course's rule gives weights 0 and output 0, "
-                "not a uniform average (that is what a finite fill such as -1e9 would give)",
-           "b": "with -inf scores a plain softmax computes 0/0 = NaN, but the course's softmax maps an all -inf "
-                "row to weights 0, so the output is 0"}),
-    ("a", {"b": "combine_masks ANDs the causal and the padding masks: query 3 of sequence 0 may still attend to "
-                "its real keys 0..2, so no row of it is fully masked",
-           "c": "padding hides keys, not queries: every query of sequence 0 can see key 0, so no row is fully "
-                "masked"}),
+    ("a", {"b": "10 is the top-left alignment, where query i sees keys 0..i; with S > T the queries are the LAST "
+                "T positions, so query i sees S - T + i + 1 keys: 3 + 4 + 5 + 6",
+           "c": "24 is every entry: a causal mask still hides each query's future keys"}),
+    ("c", {"a": "padding hides keys, not queries: the padded queries 2 and 3 still see the real keys 0 and 1, "
+                "so count their rows too",
+           "b": "10 is the causal mask alone: combine_masks ANDs it with the padding mask, which hides keys 2 "
+                "and 3 from every query"}),
+    ("b", {"a": "that is what the course's convention (True = may attend) gives; nn.MultiheadAttention reads "
+                "True as IGNORE, so query 0 ignores key 0 and attends to the keys the mask meant to hide",
+           "c": "query 0's row of causal_mask(4) is True only at key 0; read as 'ignore', it leaves keys 1, 2 "
+                "and 3"}),
 )
 
 
 @checker
 def check_mask_quiz(fn: Callable) -> str:
-    """Check the answers to three multiple-choice questions on the mask convention.
+    """Check three predictions about masks: a bottom-right causal mask, causal AND padding, the polarity trap.
 
     Your function: `fn() -> answers`, a string or tuple of three letters, e.g. "abc" or ("a", "b", "c"),
     one per question in the order asked. Says which answer is wrong and why.

@@ -73,22 +73,31 @@ def test_decoding_mask_rejects_planted_mistakes(wrong, words):
 
 # ----------------------------------------------------------------------------- quiz
 def test_mask_quiz_accepts_the_right_letters_in_any_spelling():
-    assert checks.check_mask_quiz(lambda: "bca").passed
-    assert checks.check_mask_quiz(lambda: ("B", "c", "a")).passed
-    assert checks.check_mask_quiz(lambda: "b, c, a").passed
+    assert checks.check_mask_quiz(lambda: "acb").passed
+    assert checks.check_mask_quiz(lambda: ("A", "c", "b")).passed
+    assert checks.check_mask_quiz(lambda: "a, c, b").passed
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (lambda: "aca", "question 1"),
-    (lambda: "bba", "0/0 = NaN"),
-    (lambda: "bac", "question 2"),
-    (lambda: "bcc", "padding hides keys"),
-    (lambda: "bc", "3 letters"),
-    (lambda: "bcz", "one of a, b, c"),
+@pytest.mark.parametrize("wrong, message", [
+    (lambda: "bcb", "question 1: 'b' is not it: 10 is the top-left alignment, where query i sees keys 0..i; with "
+                    "S > T the queries are the LAST T positions, so query i sees S - T + i + 1 keys: 3 + 4 + 5 + 6."),
+    (lambda: "ccb", "question 1: 'c' is not it: 24 is every entry: a causal mask still hides each query's future "
+                    "keys."),
+    (lambda: "aab", "question 2: 'a' is not it: padding hides keys, not queries: the padded queries 2 and 3 still "
+                    "see the real keys 0 and 1, so count their rows too."),
+    (lambda: "abb", "question 2: 'b' is not it: 10 is the causal mask alone: combine_masks ANDs it with the padding "
+                    "mask, which hides keys 2 and 3 from every query."),
+    (lambda: "aca", "question 3: 'a' is not it: that is what the course's convention (True = may attend) gives; "
+                    "nn.MultiheadAttention reads True as IGNORE, so query 0 ignores key 0 and attends to the keys "
+                    "the mask meant to hide."),
+    (lambda: "acc", "question 3: 'c' is not it: query 0's row of causal_mask(4) is True only at key 0; read as "
+                    "'ignore', it leaves keys 1, 2 and 3."),
+    (lambda: "ac", "return 3 letters, e.g. 'aaa'; got ('a', 'c')"),
+    (lambda: "acz", "question 3: answer with one of a, b, c; got 'z'"),
 ])
-def test_mask_quiz_rejects_wrong_answers(wrong, words):
+def test_mask_quiz_names_each_wrong_answer(wrong, message):
     result = checks.check_mask_quiz(wrong)
-    assert not result.passed and words in result.message, result.message
+    assert not result.passed and result.message == message, result.message
 
 
 def test_an_all_true_mask_fails_and_does_not_raise():
