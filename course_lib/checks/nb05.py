@@ -14,6 +14,7 @@ import torch
 
 from course_lib._validate import broadcast_shapes
 from course_lib.checks._core import CheckFailure, as_tensor, call, checker, require_result
+from course_lib.checks.nb04 import _call_watching
 from course_lib.masks import causal_mask, padding_mask
 
 __all__ = [
@@ -55,7 +56,8 @@ def check_causal_padding_mask(fn):
     for lengths, T in cases:
         B = len(lengths)
         target = (B, 1, T, T)
-        got = _as_bool_mask(f"your mask for lengths={lengths}, T={T}", call(fn, list(lengths), T), target)
+        answer = _call_watching(fn, list(lengths), T, names=("lengths", "T"))
+        got = _as_bool_mask(f"your mask for lengths={lengths}, T={T}", answer, target)
         pad = padding_mask(lengths, T)  # (B, 1, 1, T): keys
         causal = causal_mask(T)  # (T, T)
         expected = (pad & causal).expand(target)
@@ -98,7 +100,7 @@ def check_to_key_padding_mask(fn):
     for lengths in cases:
         S = max(lengths)
         ours = padding_mask(lengths, S)  # (B, 1, 1, S)
-        got = call(fn, ours.clone())
+        got = _call_watching(fn, ours.clone(), names=("mask",))
         expected = ~ours[:, 0, 0]  # (B, S)
         name = f"your key_padding_mask for lengths={lengths}"
         got = as_tensor(name, got)
@@ -157,7 +159,7 @@ def check_masked_softmax(fn):
     ]
     for what, scores, mask in cases:
         try:
-            got = call(fn, scores.clone(), mask.clone())
+            got = _call_watching(fn, scores.clone(), mask.clone(), names=("scores", "mask"))
         except CheckFailure as failure:
             if "overflow" in str(failure) and scores.dtype == torch.float16:
                 raise CheckFailure(f"for {what}: {failure} -- a literal like -1e9 does not fit in float16 "

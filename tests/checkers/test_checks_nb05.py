@@ -118,7 +118,29 @@ def test_masked_softmax_rejects_a_mutating_answer():
     def mutating(s, m):
         m.fill_(True)  # its copy only
         return softmax_ref(s, m)
-    assert not checks.check_masked_softmax(mutating).passed
+    result = checks.check_masked_softmax(mutating)
+    assert not result.passed and "changed its input (`mask`) in place" in result.message, result.message
+
+
+def test_answers_that_are_right_but_change_their_inputs_are_named():
+    def softmax_then_scribble(s, m):
+        out = softmax_ref(s, m)
+        s.zero_()  # the caller's scores
+        return out
+
+    def invert_in_place(mask):
+        return mask.logical_not_()[:, 0, 0]  # right values, but the caller's mask is flipped
+
+    def sort_lengths(lengths, T):
+        out = mask_ref(lengths, T)
+        lengths.sort()  # the caller's list
+        return out
+
+    for checker, fn, name in ((checks.check_masked_softmax, softmax_then_scribble, "scores"),
+                              (checks.check_to_key_padding_mask, invert_in_place, "mask"),
+                              (checks.check_causal_padding_mask, sort_lengths, "lengths")):
+        result = checker(fn)
+        assert not result.passed and f"changed its input (`{name}`) in place" in result.message, result.message
 
 
 # ----------------------------------------------------------------------------- a test for future leaks
