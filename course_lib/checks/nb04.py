@@ -488,7 +488,8 @@ _HEADS_QUIZ = (
                 "512 x 512 matrices that 8 heads of 64 do, so the count stays the same",
            "c": "W_Q, W_K, W_V and W_O all grow with d_model on BOTH sides (d_model x d_model), so doubling "
                 "d_model multiplies the weights by about 4, not 2",
-           "d": "one of the three does change the count: which sizes does each projection map between?"}),
+           "d": "count each option's matrices (W_Q, W_K, W_V map d_model to H x d_head features, W_O maps them "
+                "back): one of the three comes out at about twice"}),
     ("b", {"a": "the projections (8 T d^2) double with T, but the scores and weights @ V (4 T^2 d) quadruple, "
                 "so the total grows faster than 2x",
            "c": "only the attention core quadruples; the projections double, and at T < 2 d_model they are "

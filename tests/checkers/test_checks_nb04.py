@@ -247,7 +247,7 @@ def test_heads_quiz_accepts_the_right_letters():
 
 @pytest.mark.parametrize("wrong, words", [
     (lambda: "abcb", "head count does not appear"), (lambda: "cbcb", "multiplies the weights by about 4"),
-    (lambda: "dbcb", "which sizes does each projection map"),
+    (lambda: "dbcb", "count each option's matrices"),
     (lambda: "bacb", "so the total grows faster than 2x"), (lambda: "bccb", "by less than 4x"),
     (lambda: "bdcb", "not cubic"),
     (lambda: "bbab", "keys of head 0"), (lambda: "bbbb", "W_O's input columns must be swapped too"),
