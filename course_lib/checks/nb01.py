@@ -524,6 +524,10 @@ def _design_query(name: str, keys: np.ndarray, query: np.ndarray, target: np.nda
     scores = keys @ query / np.sqrt(_DESIGN_D)  # (3,)
     if len(wanted) == 1:
         best = int(np.argmax(weights))
+        if best != wanted[0] and abs(weights[best] - weights[wanted[0]]) < 1e-3:
+            raise CheckFailure(f"{name} ties key {wanted[0] + 1} with key {best + 1} (weights {shown}): equal scores "
+                               f"share the weight, so it blends v_{wanted[0] + 1} and v_{best + 1}. Its score with "
+                               f"k_{wanted[0] + 1} must be the largest, by a clear margin.")
         if best != wanted[0]:
             raise CheckFailure(f"{name} puts its largest weight on key {best + 1} (weights {shown}), so it copies "
                                f"v_{best + 1}, not v_{wanted[0] + 1}: its score with k_{wanted[0] + 1} must be the "
@@ -550,7 +554,7 @@ def check_lookup_design(fn: Callable) -> str:
     Your function: `fn() -> (keys, q_copy, q_avg)`: keys (3, 2), one key per row, and two queries (2,).
     The values are one-hot, v_1 = (1, 0, 0), v_2 = (0, 1, 0), v_3 = (0, 0, 1), so the output of attention
     with d_k = 2 (scores divided by sqrt(2)) is its weight vector. q_copy must output v_2 and q_avg
-    (v_1 + v_3) / 2, every entry within 0.01. Names scores too small for a nearly one-hot weight, the
+    (v_1 + v_3) / 2, every entry within 0.01. Names scores too small for a nearly one-hot weight, a tie or the
     wrong key, a design that only works without the 1/sqrt(d_k), a query that ties every key, and
     unequal or leaking weights in the average.
     """

@@ -348,6 +348,9 @@ def test_lookup_design_accepts_a_reference_and_lists():
     (_design(q_copy=(10.0, 0.0)),
      "q_copy puts its largest weight on key 1 (weights [0.999, 0.001, 0.0]), so it copies v_1, not v_2: its score "
      "with k_2 must be the largest."),
+    (_design(q_copy=(10.0, 10.0)),
+     "q_copy ties key 2 with key 1 (weights [0.5, 0.5, 0.0]): equal scores share the weight, so it blends v_2 and "
+     "v_1. Its score with k_2 must be the largest, by a clear margin."),
     (_design(q_copy=(0.0, 6.0)),
      "q_copy would copy v_2 if the scores were q.k, but attention divides them by sqrt(d_k) = sqrt(2): the gaps "
      "between the scores shrink, and the weights are [0.014, 0.972, 0.014]. Make the scores larger so that they "
