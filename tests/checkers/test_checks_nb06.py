@@ -201,7 +201,7 @@ def test_encoder_block_accepts_the_reference_and_a_sequential_ffn():
 
 
 @pytest.mark.parametrize("mistake, words", [
-    ("swapped placement", "you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first=True"),
+    ("swapped placement", "you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first"),
     ("ignores norm_first", "with norm_first=False (post-LN) the LayerNorm comes after the residual add"),
     ("no residual", "the residual connections are missing"),
     ("no attention residual", "the attention sublayer has no residual connection"),
