@@ -21,7 +21,6 @@ from course_lib.checks._core import (
     compare,
     diagnose,
     is_close,
-    multiple_choice,
     require_result,
     unpack,
 )
@@ -74,11 +73,16 @@ def check_block_predictions(fn):
         256.0: "256 is the squared norm (256 features of mean square 1); the norm is its square root",
         0.0: "mean 0 is about the features' average, not their size: their variance is 1"},
         "after LayerNorm(256) the features have mean 0 and variance 1: what is the sum of their squares?")
-    multiple_choice((answers[2],), (("b", {
+    letter = str(answers[2]).strip().lower()
+    why_not = {
         "a": "the memory gives the cross-attention its keys and values; the queries come from the decoder: "
              "each target position asks the source a question",
         "c": "the cross-attention is the second sublayer: its input is the stream after the masked self-attention "
-             "sublayer's residual add, normalised by its own LayerNorm (norm2)"}),))
+             "sublayer's residual add, normalised by its own LayerNorm (norm2)"}
+    if letter in why_not:
+        raise CheckFailure(f"question 3: '{letter}' is not it: {why_not[letter]}.")
+    if letter != "b":
+        raise CheckFailure(f"question 3: answer with one of a, b, c; got {answers[2]!r}")
     _prediction(4, answers[3], _HIDDEN_SIZE, 1.0, {
         2048.0: "the same hidden size gives SwiGLU three d_model x h matrices (gate, up, down) instead of two: "
                 "1.5 times the weights",
@@ -113,6 +117,12 @@ def _copy_into(module: Any, reference: Any, pairs: dict[str, str], attentions: t
                                f"FeedForward does); found {len(linears)}")
         for got, expected in zip(linears, (reference.ff.linear1, reference.ff.linear2), strict=True):
             _check_linear("self.ff", "linear", got, expected).load_state_dict(expected.state_dict())
+        norms = [getattr(module, name) for name in pairs]
+        shared = [f"self.{name}" for name, norm in zip(pairs, norms, strict=True) if norms.count(norm) > 1]
+        if shared:
+            raise CheckFailure(f"{' and '.join(shared)} are one and the same LayerNorm module (a = b = "
+                               f"nn.LayerNorm(...)): each sublayer needs its own, with its own scale and shift; "
+                               f"create one nn.LayerNorm per name")
         for name, path in pairs.items():
             norm = getattr(module, name)
             expected = reference.get_submodule(path)
@@ -200,6 +210,12 @@ def _eval_is_deterministic(module: nn.Module, inputs: dict[str, torch.Tensor], c
     if not torch.equal(first, second):
         raise CheckFailure(f"in eval() mode two calls give different outputs ({case}): dropout is still on. Use an "
                            f"nn.Dropout module, which .eval() switches off (F.dropout needs training=self.training)")
+    module.train()
+    trained = _run(module, inputs, case, **kwargs)
+    module.eval()
+    if torch.equal(trained, first):
+        raise CheckFailure(f"in training mode your block gives its eval() output ({case}): the dropout argument is "
+                           f"never used. Apply self.dropout to each sublayer's output: x + self.dropout(f(...))")
 
 
 # ----------------------------------------------------------------------------- encoder block, pre-LN and post-LN
@@ -209,9 +225,11 @@ _ENCODER_PARTS = ("self_attn", "ff", "norm1", "norm2")
 def _encoder_mistakes(ref, x, mask, norm_first: bool) -> dict[str, torch.Tensor]:
     n1, n2 = ref.attn_block.norm, ref.ff_block.norm
 
-    def run(*, pre=norm_first, same_norm=False, ff_first=False, no_mask=False, **mistake):
-        steps = [("attn", lambda h: ref.self_attn(h, attn_mask=None if no_mask else mask), n1),
-                 ("ff", ref.ff, n1 if same_norm else n2)]
+    def run(*, pre=norm_first, same_norm=False, ff_first=False, no_mask=False, causal=False, swapped=False,
+            **mistake):
+        first, second = (n2, n1) if swapped else (n1, n1 if same_norm else n2)
+        steps = [("attn", lambda h: ref.self_attn(h, attn_mask=None if no_mask else mask, is_causal=causal), first),
+                 ("ff", ref.ff, second)]
         return _sublayers(x, steps[::-1] if ff_first else steps, pre=pre, **mistake)
 
     placement = ("you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first=True "
@@ -226,9 +244,13 @@ def _encoder_mistakes(ref, x, mask, norm_first: bool) -> dict[str, torch.Tensor]
         "the feed-forward sublayer has no residual connection: add its output to x": run(no_residual=("ff",)),
         "one LayerNorm serves both sublayers: norm1 belongs to the attention, norm2 to the feed-forward; each "
         "sublayer has its own scale and shift": run(same_norm=True),
+        "norm1 and norm2 are swapped: norm1 goes with the attention, norm2 with the feed-forward (the checker "
+        "copies the weights by these names)": run(swapped=True),
         "the feed-forward runs before the attention: a block is attention first, then the feed-forward":
             run(ff_first=True),
         "the mask is ignored: pass attn_mask to self.self_attn, so padded keys get no weight": run(no_mask=True),
+        "your block's self-attention is causal: an encoder block attends both ways, and a causal mask, where one is "
+        "wanted, comes in through attn_mask (as section 5's TinyLM passes it)": run(causal=True),
     }
     if norm_first:
         mistakes["the residual adds the NORMALISED x: h = LN(x); x = h + f(h). The residual carries x itself, "
@@ -245,8 +267,9 @@ def check_encoder_block(build):
     FeedForward), norm1 and norm2 (nn.LayerNorm) and forward(x, attn_mask=None) -> (B, T, d_model).
     Copies random weights into yours and into course_lib.blocks.EncoderLayer(norm_first=True and False) and
     compares in float64, with a padding mask; names the LayerNorm on the wrong side of the residual, a missing
-    residual, the residual taken after the norm, one LayerNorm for both sublayers, the sublayers swapped, an
-    ignored mask, dropout left on in eval mode or applied to the residual path, and inputs changed in place.
+    residual, the residual taken after the norm, one LayerNorm for both sublayers (or one module under both
+    names), the sublayers swapped, an ignored mask, a causal self-attention, dropout left on in eval mode or
+    applied to the residual path or never applied, and inputs changed in place.
     """
     from course_lib.blocks import EncoderLayer
     from course_lib.masks import padding_mask
@@ -299,8 +322,12 @@ def _decoder_mistakes(ref, x, memory, mask) -> list[tuple[str, torch.Tensor | No
     n1, n2, n3 = ref.self_block.norm, ref.cross_block.norm, ref.ff_block.norm
 
     def run(*, causal=True, kv="memory", cross_first=False, same_norm=False, no_mask=False, norm_memory=False,
-            pre=True, **mistake):
+            pre=True, queries_from_memory=False, causal_cross=False, **mistake):
         def cross(h):
+            if queries_from_memory:
+                return ref.cross_attn(memory, h, h)
+            if causal_cross:
+                return ref.cross_attn(h, memory, memory, attn_mask=mask, is_causal=True)
             source = n2(memory) if norm_memory else {"memory": memory, "stream": h}[kv]
             return ref.cross_attn(h, source, source, attn_mask=None if no_mask else mask)
 
@@ -317,6 +344,11 @@ def _decoder_mistakes(ref, x, memory, mask) -> list[tuple[str, torch.Tensor | No
          "causal mask) to self.self_attn", run(causal=False)),
         (keys_from_stream, run(kv="stream", no_mask=True)),
         (keys_from_stream, run(kv="stream") if x.shape[1] == memory.shape[1] else None),
+        ("the cross-attention takes its queries from the memory: the decoder asks, so the queries come from the "
+         "decoder stream and the keys and values from the memory: self.cross_attn(h, memory, memory, ...)",
+         run(queries_from_memory=True) if x.shape[1] == memory.shape[1] else None),
+        ("the cross-attention is causal too: target position t may read every source position, so only the "
+         "self-attention gets is_causal=True", run(causal_cross=True)),
         ("the cross-attention comes before the masked self-attention: the order is self-attention, "
          "cross-attention, feed-forward", run(cross_first=True)),
         ("one LayerNorm is reused: each of the three sublayers has its own (norm1, norm2, norm3)",
@@ -351,7 +383,8 @@ def check_decoder_layer(build):
     norm3 (nn.LayerNorm) and forward(x, memory, memory_mask=None) -> (B, T, d_model), with x (B, T, d_model),
     memory (B, S, d_model) and memory_mask (B, 1, 1, S), True = real source token. Copies random weights into
     yours and into course_lib.blocks.DecoderLayer(norm_first=True) and compares in float64 (T = S, then T != S);
-    names a non-causal self-attention, cross-attention keys and values from the decoder stream, the two
+    names a non-causal self-attention, a causal cross-attention, cross-attention keys and values from the decoder
+    stream (or its queries from the memory), the two
     attentions swapped, a reused LayerNorm, a normalised memory, an ignored memory_mask, post-LN, a missing or
     normalised residual, dropout left on in eval mode or applied to the residual path, and inputs changed in
     place.
@@ -426,6 +459,9 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
         try:
             loss = call(lambda: step(model, optimizer, mine), what=f" ({case})")  # noqa: B023 (called at once)
         except CheckFailure as failure:
+            if "view size is not compatible" in str(failure):
+                raise CheckFailure(f"{failure}. tokens[:, 1:] is a slice whose rows are not contiguous in memory, so "
+                                   f".view(-1) cannot flatten it: use .reshape(-1)") from None
             if "Expected target size" in str(failure) or "expected input batch_size" in str(failure):
                 raise CheckFailure(f"{failure}. F.cross_entropy wants logits (N, V) and targets (N,): flatten them, "
                                    f"logits.reshape(-1, V) and targets.reshape(-1)") from None
@@ -440,7 +476,7 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
             grads = [p.grad for p in model.parameters()]
             if all(g is not None and bool(g.abs().sum() > 0) for g in grads):
                 raise CheckFailure(f"your step leaves the weights unchanged ({case}) although the gradients are "
-                                   f"there: optimizer.step() is missing")
+                                   f"there: optimizer.step() is missing, or runs before loss.backward()")
             raise CheckFailure(f"your step leaves the weights unchanged ({case}) and no gradient is left: "
                                f"loss.backward() is missing, or zero_grad() runs between backward() and step(). "
                                f"The order is zero_grad, backward, step")
@@ -455,7 +491,7 @@ def check_train_step(fn):
     logits (B, L', V); predict every token from the ones before it (cross-entropy, mean over the tokens), update
     the weights with the optimizer, and return the loss as a float. Runs three steps with SGD on a tiny model
     from the same start as the reference; names unshifted targets, a missing zero_grad, a missing backward or
-    step, a summed loss, unflattened logits, a returned tensor and a changed `tokens`.
+    step, a summed loss, unflattened logits, .view on a slice, a returned tensor and a changed `tokens`.
     """
     g = torch.Generator().manual_seed(8)
     batches = [torch.randint(0, 7, (3, 6), generator=g) for _ in range(3)]

@@ -110,7 +110,8 @@ def test_block_predictions_accept_the_right_answers():
     ((3, 16, "b", 1365), "question 1: 3 is not it. Hint"),
     ((2, 1, "b", 1365), "VARIANCE 1, not norm 1"),
     ((2, 256, "b", 1365), "the norm is its square root"),
-    ((2, 16, "a", 1365), "the queries come from the decoder"),
+    ((2, 16, "a", 1365), "question 3: 'a' is not it: the memory gives the cross-attention its keys and values"),
+    ((2, 16, "d", 1365), "question 3: answer with one of a, b, c"),
     ((2, 16, "c", 1365), "normalised by its own LayerNorm (norm2)"),
     ((2, 16, "b", 2048), "1.5 times the weights"),
     ((2, 16, "b", 1024), "three matrices, not four"),
@@ -150,37 +151,41 @@ class EncoderBlock(nn.Module):
     def forward(self, x, attn_mask=None):
         m = self.mistake
         mask = None if m == "no mask" else attn_mask
-        norm2 = self.norm1 if m == "same norm" else self.norm2
+        norm1, norm2 = self.norm1, self.norm1 if m == "same norm" else self.norm2
+        if m == "swapped norms":
+            norm1, norm2 = self.norm2, self.norm1
         drop = (lambda t: F.dropout(t, self.p)) if m == "dropout in eval" else self.dropout
+        if m == "no dropout":  # dropout passed nowhere: not to the attention, the FFN or the residual branches
+            self.self_attn.dropout, self.ff.dropout, drop = 0.0, nn.Identity(), nn.Identity()
 
         def attn(h):
-            return self.self_attn(h, attn_mask=mask)
+            return self.self_attn(h, attn_mask=mask, is_causal=m == "causal")
 
         pre = self.norm_first if m not in ("ignores norm_first", "swapped placement") else True
         if m == "swapped placement":
             pre = not self.norm_first
         if m == "in place" and pre:
-            x += drop(attn(self.norm1(x)))
+            x += drop(attn(norm1(x)))
             return x + drop(self.ff(norm2(x)))
         if m == "ff first" and pre:
             x = x + drop(self.ff(norm2(x)))
-            return x + drop(attn(self.norm1(x)))
+            return x + drop(attn(norm1(x)))
         if m == "dropout on the sum" and pre:
-            x = drop(x + attn(self.norm1(x)))
+            x = drop(x + attn(norm1(x)))
             return drop(x + self.ff(norm2(x)))
         if pre:
             if m == "normed residual":
-                h = self.norm1(x)
+                h = norm1(x)
                 x = h + drop(attn(h))
                 h = norm2(x)
                 return h + drop(self.ff(h))
-            x = drop(attn(self.norm1(x))) if m in ("no residual", "no attention residual") else \
-                x + drop(attn(self.norm1(x)))
+            x = drop(attn(norm1(x))) if m in ("no residual", "no attention residual") else \
+                x + drop(attn(norm1(x)))
             return drop(self.ff(norm2(x))) if m in ("no residual", "no ff residual") else x + drop(self.ff(norm2(x)))
         if m == "dropout on the sum":
-            x = self.norm1(drop(x + attn(x)))
+            x = norm1(drop(x + attn(x)))
             return norm2(drop(x + self.ff(x)))
-        x = self.norm1(x + drop(attn(x)))
+        x = norm1(x + drop(attn(x)))
         return norm2(x + drop(self.ff(x)))
 
 
@@ -208,11 +213,14 @@ def test_encoder_block_accepts_the_reference_and_a_sequential_ffn():
     ("no ff residual", "the feed-forward sublayer has no residual connection"),
     ("normed residual", "the residual adds the NORMALISED x"),
     ("same norm", "one LayerNorm serves both sublayers"),
+    ("swapped norms", "norm1 and norm2 are swapped"),
     ("ff first", "the feed-forward runs before the attention"),
     ("no mask", "the mask is ignored"),
+    ("causal", "your block's self-attention is causal"),
     ("in place", "changed its input `x` in place"),
     ("dropout in eval", "dropout is still on"),
     ("dropout on the sum", "dropout acts on the residual path"),
+    ("no dropout", "the dropout argument is never used"),
 ])
 def test_encoder_block_names_each_planted_mistake(mistake, words):
     result = checks.check_encoder_block(_encoder(mistake))
@@ -235,6 +243,13 @@ def test_encoder_block_explains_missing_parts_and_wrong_types():
 
     result = checks.check_encoder_block(RMSNormed)
     assert not result.passed and "self.norm1 should be nn.LayerNorm(d_model)" in result.message, result.message
+    class SharedNorm(EncoderBlock):
+        def __init__(self, d_model, num_heads, d_ff, norm_first=True, dropout=0.0):
+            super().__init__(d_model, num_heads, d_ff, norm_first, dropout)
+            self.norm1 = self.norm2 = nn.LayerNorm(d_model)
+
+    result = checks.check_encoder_block(SharedNorm)
+    assert not result.passed and "self.norm1 and self.norm2 are one and the same" in result.message, result.message
     result = checks.check_encoder_block(lambda *a, **k: EncoderBlock(*a, **k).forward)
     assert not result.passed and "should build an nn.Module" in result.message, result.message
 
@@ -262,8 +277,10 @@ class DecoderLayer(nn.Module):
         def cross_sub(h):
             if m == "keys from the stream":
                 return self.cross_attn(h)
+            if m == "queries from the memory":
+                return self.cross_attn(memory, h, h)
             source = norm2(memory) if m == "normed memory" else memory
-            return self.cross_attn(h, source, source, attn_mask=mask)
+            return self.cross_attn(h, source, source, attn_mask=mask, is_causal=m == "causal cross")
 
         subs = [(self_sub, self.norm1), (cross_sub, norm2), (self.ff, norm3)]
         if m == "cross first":
@@ -295,7 +312,9 @@ def test_decoder_layer_accepts_the_reference():
 
 @pytest.mark.parametrize("mistake, words", [
     ("not causal", "the self-attention is not causal"),
+    ("causal cross", "the cross-attention is causal too"),
     ("keys from the stream", "keys and values come from the decoder stream"),
+    ("queries from the memory", "takes its queries from the memory"),
     ("cross first", "the cross-attention comes before the masked self-attention"),
     ("same norm", "one LayerNorm is reused"),
     ("normed memory", "you normalised the memory with norm2"),
@@ -327,9 +346,16 @@ def _step(mistake):
         logits = model(inputs)
         if mistake == "unflattened":
             loss = F.cross_entropy(logits, targets)
+        elif mistake == "view":
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
         else:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    reduction="sum" if mistake == "sum" else "mean")
+        if mistake == "step before backward":
+            optimizer.zero_grad()
+            optimizer.step()
+            loss.backward()
+            return loss.item()
         if mistake != "no zero_grad":
             optimizer.zero_grad()
         if mistake != "no backward":
@@ -363,9 +389,11 @@ def test_train_step_accepts_the_reference_and_a_full_length_forward():
     ("no zero_grad", "the gradients accumulate"),
     ("sum", "your loss is a sum over the tokens"),
     ("no step", "optimizer.step() is missing"),
+    ("step before backward", "or runs before loss.backward()"),
     ("no backward", "loss.backward() is missing, or zero_grad() runs between"),
     ("zero_grad after backward", "loss.backward() is missing, or zero_grad() runs between"),
     ("unflattened", "flatten them"),
+    ("view", "use .reshape(-1)"),
     ("tensor", "return loss.item()"),
     ("in place", "changed `tokens` in place"),
 ])
