@@ -52,12 +52,12 @@ def _prediction(number: int, got, right: float, tolerance: float, named: dict[fl
 
 @checker
 def check_block_predictions(fn):
-    """Check four predictions: the RMS after RMSNorm, the norm after LayerNorm, the decoder's cross-attention
-    queries, and the SwiGLU hidden size with a plain FFN's weights.
+    """Check four predictions: the RMS after RMSNorm, the norm after a scaled LayerNorm, the decoder's
+    cross-attention queries, and the SwiGLU hidden size with a plain FFN's weights.
 
     Your function: `fn() -> (rms, norm, letter, hidden)`: two numbers, one letter (a, b or c) and a number, in
-    the order asked. Names the usual wrong answers (the gain squared, a norm for an RMS, a squared norm, the
-    memory as the queries' source, two matrices counted instead of three).
+    the order asked. Names the usual wrong answers (a forgotten or squared gain, a norm for an RMS, the memory as
+    the queries' source, two matrices counted instead of three).
     """
     answers = unpack(call(fn), 4, "return a tuple (rms, norm, letter, hidden) of four answers")
     _prediction(1, answers[0], 2.0, 0.02, {
@@ -67,12 +67,16 @@ def check_block_predictions(fn):
         16.0: "16 is the Euclidean norm, RMS * sqrt(d_model) = 2 * 8; the question asks for the RMS",
         8.0: "sqrt(d_model) = 8 relates the norm to the RMS; after RMSNorm the RMS is the gain itself"},
         "RMSNorm(x) = g * x / RMS(x): what is the RMS of x / RMS(x), and what does g do to it?")
-    _prediction(2, answers[1], 16.0, 0.05, {
-        1.0: "LayerNorm gives each token's features mean 0 and VARIANCE 1, not norm 1: the squared norm is the sum "
-             "of 256 squares whose mean is 1",
-        256.0: "256 is the squared norm (256 features of mean square 1); the norm is its square root",
-        0.0: "mean 0 is about the features' average, not their size: their variance is 1"},
-        "after LayerNorm(256) the features have mean 0 and variance 1: what is the sum of their squares?")
+    _prediction(2, answers[1], 4.0, 0.02, {
+        16.0: "16 is the norm straight out of the normalisation (256 features of mean square 1); the weight then "
+              "multiplies every feature by 0.25",
+        1.0: "the weight multiplies each feature by 0.25, so it multiplies the norm by 0.25, not by 0.25 squared",
+        64.0: "0.25 * 256 scales the squared norm's feature count, not the norm: after the normalisation the norm is "
+              "sqrt(256) = 16, then the weight scales it",
+        0.25: "LayerNorm gives each token's features mean 0 and VARIANCE 1, not norm 1: before the weight the norm "
+              "is sqrt(256)"},
+        "after the normalisation the 256 features have mean 0 and variance 1: what is their norm, and what does "
+        "a weight of 0.25 on every feature do to it?")
     letter = str(answers[2]).strip().lower()
     why_not = {
         "a": "the memory gives the cross-attention its keys and values; the queries come from the decoder: "

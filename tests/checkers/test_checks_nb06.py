@@ -99,25 +99,28 @@ def test_cached_step_rejects_an_answer_that_zeroes_the_cache_in_place():
 
 # ----------------------------------------------------------------------------- four predictions
 def test_block_predictions_accept_the_right_answers():
-    assert checks.check_block_predictions(lambda: (2, 16, "b", 1365.33)).passed
-    assert checks.check_block_predictions(lambda: (2.0, 16.0, "B", 1365)).passed
+    assert checks.check_block_predictions(lambda: (2, 4, "b", 1365.33)).passed
+    assert checks.check_block_predictions(lambda: (2.0, 4.0, "B", 1365)).passed
 
 
 @pytest.mark.parametrize("answers, words", [
-    ((1, 16, "b", 1365), "then the gain multiplies every feature by 2"),
-    ((4, 16, "b", 1365), "not by 2 squared"),
-    ((16, 16, "b", 1365), "the question asks for the RMS"),
-    ((3, 16, "b", 1365), "question 1: 3 is not it. Hint"),
-    ((2, 1, "b", 1365), "VARIANCE 1, not norm 1"),
-    ((2, 256, "b", 1365), "the norm is its square root"),
-    ((2, 16, "a", 1365), "question 3: 'a' is not it: the memory gives the cross-attention its keys and values"),
-    ((2, 16, "d", 1365), "question 3: answer with one of a, b, c"),
-    ((2, 16, "c", 1365), "normalised by its own LayerNorm (norm2)"),
-    ((2, 16, "b", 2048), "1.5 times the weights"),
-    ((2, 16, "b", 1024), "three matrices, not four"),
-    ((2, 16, "b", 3072), "must be SMALLER"),
-    ((2, 16, "b"), "return a tuple (rms, norm, letter, hidden)"),
-    ((2, 16, "b", "1365"), "answer 4 should be one number"),
+    ((1, 4, "b", 1365), "then the gain multiplies every feature by 2"),
+    ((4, 4, "b", 1365), "not by 2 squared"),
+    ((16, 4, "b", 1365), "the question asks for the RMS"),
+    ((3, 4, "b", 1365), "question 1: 3 is not it. Hint"),
+    ((2, 16, "b", 1365), "the weight then multiplies every feature by 0.25"),
+    ((2, 1, "b", 1365), "not by 0.25 squared"),
+    ((2, 64, "b", 1365), "then the weight scales it"),
+    ((2, 0.25, "b", 1365), "VARIANCE 1, not norm 1"),
+    ((2, 5, "b", 1365), "question 2: 5 is not it. Hint"),
+    ((2, 4, "a", 1365), "question 3: 'a' is not it: the memory gives the cross-attention its keys and values"),
+    ((2, 4, "d", 1365), "question 3: answer with one of a, b, c"),
+    ((2, 4, "c", 1365), "normalised by its own LayerNorm (norm2)"),
+    ((2, 4, "b", 2048), "1.5 times the weights"),
+    ((2, 4, "b", 1024), "three matrices, not four"),
+    ((2, 4, "b", 3072), "must be SMALLER"),
+    ((2, 4, "b"), "return a tuple (rms, norm, letter, hidden)"),
+    ((2, 4, "b", "1365"), "answer 4 should be one number"),
 ])
 def test_block_predictions_name_wrong_answers(answers, words):
     result = checks.check_block_predictions(lambda: answers)
@@ -130,8 +133,11 @@ def test_block_predictions_agree_with_torch():
         norm.weight.fill_(2.0)
         y = norm(torch.randn(3, 64) * 7 + 1)
     assert torch.allclose(y.pow(2).mean(-1).sqrt(), torch.full((3,), 2.0), atol=1e-3)
-    z = nn.LayerNorm(256)(torch.randn(3, 256) * 5 + 3)
-    assert torch.allclose(z.norm(dim=-1), torch.full((3,), 16.0), atol=1e-3)
+    layer_norm = nn.LayerNorm(256)
+    with torch.no_grad():
+        layer_norm.weight.fill_(0.25)
+        z = layer_norm(torch.randn(3, 256) * 5 + 3)
+    assert torch.allclose(z.norm(dim=-1), torch.full((3,), 4.0), atol=1e-3)
     assert abs(3 * 512 * 1365.33 - 2 * 512 * 2048) < 3 * 512
 
 
