@@ -4,6 +4,7 @@ CITATION.cff was validated against the Citation File Format 1.2.0 schema with cf
 (`cffconvert --validate`); this test keeps the fields that schema requires and the version in step without
 needing cffconvert installed."""
 
+import json
 import re
 import tomllib
 
@@ -54,3 +55,27 @@ def test_the_source_articles_code_says_where_it_comes_from_and_on_what_terms():
     note = (REPO_ROOT / "data" / "seed_code" / "README.md").read_text(encoding="utf-8")
     assert "not covered by this repository's MIT license" in " ".join(note.split())
     assert "criticism and review" in note
+
+
+def test_binder_installs_the_pinned_cpu_torch_the_course_and_the_kernel_the_notebooks_name():
+    """Binder (repo2docker) reads binder/: the requirements must pin the same torch as pyproject.toml (its CPU
+    build), install the course itself, and postBuild must register the kernel every notebook names."""
+    binder = REPO_ROOT / "binder"
+    lines = [ln.strip() for ln in (binder / "requirements.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(p for p in pins if p.startswith("torch=="))
+    assert f"{torch_pin}+cpu" in lines and "-e ." in lines
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    assert (binder / "runtime.txt").read_text().strip() == "python-3.11"
+    post_build = (binder / "postBuild").read_text()
+    notebooks = (REPO_ROOT / "notebooks").glob("*.ipynb")
+    names = {json.loads(p.read_text())["metadata"]["kernelspec"]["name"] for p in notebooks}
+    assert names == {"mha-course"}
+    assert "ipykernel install --sys-prefix --name mha-course" in post_build
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    start = (binder / "start").read_text()
+    for var in re.findall(r"^export (\w+) := ", makefile, re.M):  # the same offline settings as make lab
+        assert f"{var}=" in start, var
+    for script in ("postBuild", "start"):
+        assert (binder / script).stat().st_mode & 0o111, f"binder/{script} must be executable"
