@@ -50,3 +50,31 @@ def test_notebook_has_the_promised_sections(path):
             "image/png" in o.get("data", {}) for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]
         )
         assert images >= 1, f"{path.name}: no figure"
+
+
+def _prose_words(path) -> int:
+    """Words of a notebook's prose: whitespace-separated tokens of its markdown cells."""
+    cells = json.loads(path.read_text())["cells"]
+    return sum(len("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+
+
+NOTEBOOK_WORDS = 5_000  # past this a notebook is split
+CORE_WORDS = 14_000  # notebooks 00-06 together: the first steps stay short
+
+
+# Notebook 10 (FlashAttention) is past the limit and is to be split in two; strict, so the mark must go when it is.
+TO_SPLIT = {"10_flash_attention.ipynb"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="past the word limit: to be split"))
+    if p.name in TO_SPLIT else p
+    for p in NOTEBOOKS if int(p.name[:2]) != APPENDIX  # the appendix is a table to look things up in, not read through
+], ids=[p.name for p in NOTEBOOKS if int(p.name[:2]) != APPENDIX])
+def test_a_notebook_is_short_enough_to_read_in_one_sitting(path):
+    assert _prose_words(path) <= NOTEBOOK_WORDS, f"{path.name}: {_prose_words(path)} words of prose; split it"
+
+
+def test_the_core_notebooks_together_stay_within_their_word_budget():
+    core = {p.name: _prose_words(p) for p in NOTEBOOKS if int(p.name[:2]) <= 6}
+    assert len(core) == 7 and sum(core.values()) <= CORE_WORDS, core
