@@ -569,7 +569,8 @@ def check_cached_attention_step(fn):
     tensors: q_t, k_t, v_t (B, H, 1, d) for the new token, the caches (B, H, t, d) for the t earlier
     tokens (t may be 0); out_t (B, H, 1, d), and the returned caches hold t + 1 tokens.
     Runs six steps from an empty cache and compares each out_t with full causal attention; names a
-    cache that does not grow and scores computed before the new key is appended.
+    cache that does not grow, scores computed before the new key is appended, and a causal mask built for the
+    one-row score matrix.
     """
     g = torch.Generator().manual_seed(0)
     B, H, T, d = 2, 3, 6, 4
@@ -594,6 +595,10 @@ def check_cached_attention_step(fn):
             if np.allclose(first, 0.0) or not np.isfinite(first).all():
                 raise CheckFailure("at the first step the output is 0 or NaN: the new token must attend to "
                                    "itself, so append k_t, v_t to the cache BEFORE computing the scores")
+        if t > 0 and is_close(out_t, v[:, :, :1]):
+            raise CheckFailure(f"at step t={t} the new token attends only to the first one: a causal mask built for "
+                               f"the (1, t + 1) score row (triu / tril of its shape) treats the new query as position "
+                               f"0. It is the LAST position and may see every cached key: no mask is needed")
         compare(f"out_t at step t={t}", out_t, full[:, :, t: t + 1], atol=1e-8, rtol=1e-6,
                 hint="scores = q_t @ k_cache^T / sqrt(d) over every cached token including the new one; softmax "
                      "over the last axis; weights @ v_cache. No causal mask is needed: the cache only holds the past")

@@ -76,12 +76,22 @@ def step_unscaled(q_t, k_t, v_t, k_cache, v_cache):
     return torch.softmax(q_t @ k_cache.transpose(-2, -1), dim=-1) @ v_cache, k_cache, v_cache
 
 
+def step_square_causal_mask(q_t, k_t, v_t, k_cache, v_cache):
+    k_cache = torch.cat([k_cache, k_t], dim=-2)
+    v_cache = torch.cat([v_cache, v_t], dim=-2)
+    scores = q_t @ k_cache.transpose(-2, -1) / math.sqrt(q_t.shape[-1])  # (B, H, 1, t + 1)
+    scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v_cache, k_cache, v_cache
+
+
 def test_cached_step_checker():
     assert checks.check_cached_attention_step(step_reference).passed
     r = checks.check_cached_attention_step(step_attends_before_appending)
     assert not r.passed and "BEFORE computing the scores" in r.message
     r = checks.check_cached_attention_step(step_replaces_cache)
     assert not r.passed and "t + 1 = 2 tokens" in r.message and "dim=-2" in r.message
+    r = checks.check_cached_attention_step(step_square_causal_mask)
+    assert not r.passed and "attends only to the first one" in r.message, r.message
     r = checks.check_cached_attention_step(step_unscaled)
     assert not r.passed and "step t=1" in r.message and "sqrt(d)" in r.message
     r = checks.check_cached_attention_step(lambda *a: step_reference(*a)[0])
