@@ -4,7 +4,8 @@
   compute capability, CUDA/cuDNN, memory, CPU threads, Python and torch versions) and what the
   device supports (Tensor Cores, TF32, bfloat16, fp8).
 - `tensor_core_settings(...)`: a context manager that turns on TF32 matmuls/convolutions
-  (`torch.set_float32_matmul_precision("high")`) and restores the previous settings on exit;
+  (`torch.backends.cuda.matmul.fp32_precision = "tf32"` and `torch.backends.cudnn.conv.fp32_precision`
+  where torch has them, else the older `allow_tf32` flags) and restores the previous settings on exit;
   `enable_tensor_cores()` does the same without restoring; `tensor_core_friendly` checks sizes.
 - SDPA backends, spelled one way everywhere: "flash", "efficient", "cudnn", "math"
   (`SDPA_BACKENDS`); `sdpa_with_backend` runs one, `sdpa_backend_report` says which accept a problem.
@@ -23,6 +24,7 @@ import platform
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,22 +47,71 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- Tensor Core settings
+# torch 2.9 added one precision setting per backend and operation, `fp32_precision` ("ieee": full
+# float32, "tf32": TF32 allowed, "none": inherit from the parent setting), and announced that the
+# older flags (`torch.backends.cuda.matmul.allow_tf32`, `torch.backends.cudnn.allow_tf32`,
+# `torch.set_float32_matmul_precision`) will be deprecated. Once a TF32 setting has been made
+# through the new API, torch refuses to *read* the old flags (it reports a mix of the two APIs),
+# so where torch has the new API everything here reads and writes the new one only.
+_FP32_PRECISION_KEYS = ("generic", "cuda_matmul", "cudnn_conv", "cudnn_rnn")
+
+
+def _has_fp32_precision() -> bool:
+    """Does this torch have the per-backend `fp32_precision` settings (torch 2.9 and newer)?"""
+    return hasattr(torch.backends, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _fp32_precision_targets() -> dict[str, Any]:
+    """The object whose `fp32_precision` each key names, the parent setting first."""
+    cudnn: Any = torch.backends.cudnn  # .conv and .rnn exist only in torch 2.9 and newer
+    return {"generic": torch.backends, "cuda_matmul": torch.backends.cuda.matmul,
+            "cudnn_conv": cudnn.conv, "cudnn_rnn": cudnn.rnn}
+
+
 def _current_settings() -> dict:
-    return {
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+    """The Tensor Core settings now: the older flags' keys (which recorded results carry) and, where torch
+    has them, the `fp32_precision` settings (None where it does not)."""
+    if not _has_fp32_precision():
+        return {
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "fp32_precision": None,
+        }
+    precision = {key: target.fp32_precision for key, target in _fp32_precision_targets().items()}
+    matmul_tf32 = precision["cuda_matmul"] == "tf32"
+    return {  # the older keys, read off the new settings (reading the old flags may raise, see above)
+        "float32_matmul_precision": "high" if matmul_tf32 else "highest",
+        "cuda_matmul_allow_tf32": matmul_tf32,
+        "cudnn_allow_tf32": precision["cudnn_conv"] == "tf32",
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "fp32_precision": precision,
     }
 
 
 def restore_settings(settings: dict) -> None:
-    """Apply settings as returned by `enable_tensor_cores` (undo it)."""
-    # set_float32_matmul_precision also sets cuda.matmul.allow_tf32 ("high"/"medium" -> True),
-    # so it goes first and the explicit flags after it.
-    torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
-    torch.backends.cuda.matmul.allow_tf32 = settings["cuda_matmul_allow_tf32"]
-    torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
+    """Apply settings as returned by `enable_tensor_cores` (undo it).
+
+    With torch's `fp32_precision` settings, a dict without them (recorded by an older torch) is
+    translated: TF32 allowed -> "tf32", not allowed -> "ieee".
+    """
+    if _has_fp32_precision():
+        precision = settings.get("fp32_precision") or {
+            "generic": _fp32_precision_targets()["generic"].fp32_precision,
+            "cuda_matmul": "tf32" if settings["cuda_matmul_allow_tf32"] else "ieee",
+            "cudnn_conv": "tf32" if settings["cudnn_allow_tf32"] else "ieee",
+            "cudnn_rnn": "tf32" if settings["cudnn_allow_tf32"] else "ieee",
+        }
+        targets = _fp32_precision_targets()
+        for key in _FP32_PRECISION_KEYS:  # the parent ("generic") first, then the settings that may override it
+            targets[key].fp32_precision = precision[key]
+    else:
+        # set_float32_matmul_precision also sets cuda.matmul.allow_tf32 ("high"/"medium" -> True),
+        # so it goes first and the explicit flags after it.
+        torch.set_float32_matmul_precision(settings["float32_matmul_precision"])
+        torch.backends.cuda.matmul.allow_tf32 = settings["cuda_matmul_allow_tf32"]
+        torch.backends.cudnn.allow_tf32 = settings["cudnn_allow_tf32"]
     torch.backends.cudnn.benchmark = settings["cudnn_benchmark"]
 
 
@@ -69,16 +120,26 @@ def enable_tensor_cores(tf32: bool = True, cudnn_benchmark: bool = True) -> dict
 
     tf32=True: float32 matmuls and convolutions may round their inputs to TF32 (10-bit mantissa,
     float32 range) and run on Tensor Cores (Ampere and newer); float16/bfloat16 use Tensor Cores
-    regardless. On a CPU these flags change nothing.
+    regardless. On a CPU these flags change nothing. Where torch has them (2.9 and newer) this sets
+    `torch.backends.cuda.matmul.fp32_precision` and `torch.backends.cudnn.conv.fp32_precision` (and
+    `.rnn`) to "tf32" (or "ieee" for tf32=False), leaving `torch.backends.fp32_precision` as it is;
+    on an older torch, the flags `torch.set_float32_matmul_precision("high")`,
+    `torch.backends.cuda.matmul.allow_tf32` and `torch.backends.cudnn.allow_tf32`.
     """
     check_bool("tf32", tf32)
     check_bool("cudnn_benchmark", cudnn_benchmark)
     previous = _current_settings()
+    mode = "tf32" if tf32 else "ieee"
+    precision = None
+    if _has_fp32_precision():
+        precision = {"generic": _fp32_precision_targets()["generic"].fp32_precision,
+                     "cuda_matmul": mode, "cudnn_conv": mode, "cudnn_rnn": mode}
     restore_settings({
         "float32_matmul_precision": "high" if tf32 else "highest",
         "cuda_matmul_allow_tf32": tf32,
         "cudnn_allow_tf32": tf32,
         "cudnn_benchmark": cudnn_benchmark,
+        "fp32_precision": precision,
     })
     return previous
 

@@ -23,21 +23,83 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 # ----------------------------------------------------------------------------- settings
+def _tf32_state():
+    """What TF32 allows now, read through the API this torch has."""
+    if device._has_fp32_precision():
+        return (torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision)
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32)
+
+
 def test_tensor_core_settings_turn_on_and_restore():
-    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-              torch.backends.cudnn.allow_tf32)
+    before = _tf32_state()
+    with tensor_core_settings() as inside:
+        assert inside["float32_matmul_precision"] == "high"
+        assert inside["cuda_matmul_allow_tf32"] and inside["cudnn_allow_tf32"]
+        if device._has_fp32_precision():
+            assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+            assert inside["fp32_precision"]["cuda_matmul"] == "tf32"
+        else:
+            assert torch.get_float32_matmul_precision() == "high"
+    assert _tf32_state() == before
+    previous = enable_tensor_cores(tf32=False)
+    try:
+        now = device._current_settings()
+        assert now["float32_matmul_precision"] == "highest" and not now["cuda_matmul_allow_tf32"]
+    finally:
+        restore_settings(previous)
+    assert _tf32_state() == before
+
+
+@pytest.mark.skipif(not device._has_fp32_precision(), reason="this torch has no fp32_precision settings")
+def test_the_fp32_precision_api_is_used_where_torch_has_it():
+    before = _tf32_state()
+    with tensor_core_settings():
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision) == ("tf32", "tf32")
+        assert torch.backends.fp32_precision == before[0]  # the parent setting is left alone
+    with tensor_core_settings(tf32=False):
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert _tf32_state() == before
+    # the legacy flags agree again once restored (torch refuses to read them in a mixed state)
+    assert torch.backends.cuda.matmul.allow_tf32 == (before[1] == "tf32")
+    # settings recorded by an older torch (no "fp32_precision") are translated
+    previous = device._current_settings()
+    try:
+        restore_settings({"float32_matmul_precision": "high", "cuda_matmul_allow_tf32": True,
+                          "cudnn_allow_tf32": False, "cudnn_benchmark": False})
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        restore_settings(previous)
+    assert _tf32_state() == before
+
+
+def test_the_legacy_flags_are_used_where_torch_has_no_fp32_precision(monkeypatch):
+    monkeypatch.setattr(device, "_has_fp32_precision", lambda: False)
+    before = _tf32_state()
+    assert device._current_settings()["fp32_precision"] is None
     with tensor_core_settings() as inside:
         assert torch.get_float32_matmul_precision() == "high"
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        assert inside["float32_matmul_precision"] == "high"
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32) == before
+        assert inside == {"float32_matmul_precision": "high", "cuda_matmul_allow_tf32": True,
+                          "cudnn_allow_tf32": True, "cudnn_benchmark": True, "fp32_precision": None}
+    assert _tf32_state() == before
     previous = enable_tensor_cores(tf32=False)
     try:
         assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
     finally:
         restore_settings(previous)
-    assert torch.get_float32_matmul_precision() == before[0]
+    assert _tf32_state() == before
+
+
+def test_the_settings_keep_the_keys_recorded_results_carry():
+    settings = device_report("cpu", shape=(1, 1, 8, 8), dtype=torch.float32)["settings"]
+    recorded = {"float32_matmul_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32", "cudnn_benchmark"}
+    assert recorded <= set(settings)
 
 
 def test_tensor_core_friendly_sizes():
@@ -106,7 +168,7 @@ def test_python_m_course_lib_device_prints_the_report_as_json(capsys):
     (lambda: device_facts("gpu"), ValueError, "device"),
 ])
 def test_bad_input_is_refused_before_any_setting_changes(call, error, words):
-    before = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    before = _tf32_state()
     with pytest.raises(error, match=words):
         call()
-    assert (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32) == before
+    assert _tf32_state() == before
