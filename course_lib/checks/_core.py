@@ -130,6 +130,59 @@ def call(learner_fn: Callable, *args, what: str = "", **kwargs):
         ) from None
 
 
+def _unchanged(before, after) -> bool:
+    """Whether the learner's copy `after` still equals the checker's input `before`: arrays and tensors entry by
+    entry, lists, tuples and dicts item by item, numbers and strings by value; modules are not compared."""
+    if isinstance(before, torch.Tensor):
+        if not (isinstance(after, torch.Tensor) and before.shape == after.shape and before.dtype == after.dtype):
+            return False
+        nan_too = before.is_floating_point() or before.is_complex()  # a NaN input left alone is unchanged
+        return bool(torch.allclose(before, after.detach(), rtol=0, atol=0, equal_nan=True) if nan_too
+                    else torch.equal(before, after))
+    if isinstance(before, np.ndarray):
+        return (isinstance(after, np.ndarray) and before.shape == after.shape
+                and bool(np.array_equal(before, after, equal_nan=before.dtype.kind in "fc")))
+    if isinstance(before, dict):
+        return isinstance(after, dict) and before.keys() == after.keys() and all(
+            _unchanged(before[k], after[k]) for k in before)
+    if isinstance(before, list | tuple):
+        return (isinstance(after, list | tuple) and len(before) == len(after)
+                and all(_unchanged(b, a) for b, a in zip(before, after, strict=True)))
+    if isinstance(before, numbers.Number | str):
+        return before == after
+    return True
+
+
+def call_watching(learner_fn: Callable, *args, names: tuple[str, ...] = (), what: str = "", advice: str = "",
+                  **kwargs):
+    """`call`, then fail if the learner's function changed one of its inputs in place, naming it.
+
+    The function runs on private copies, so the checker's inputs are safe either way; but code that writes into
+    its inputs (masked_fill_, +=, x[...] = ...) changes the caller's tensors, a bug even when the returned value
+    is right. names: the positional arguments' names, in order; keyword arguments are named by their keys.
+    advice: what to write instead, in the words of the exercise.
+    """
+    seen: dict = {}
+
+    def watched(*copies, **kwcopies):
+        seen["args"], seen["kwargs"] = copies, kwcopies
+        return learner_fn(*copies, **kwcopies)
+
+    got = call(watched, *args, what=what, **kwargs)
+    labels = [f"`{names[i]}`" if i < len(names) else f"argument {i + 1}" for i in range(len(args))]
+    pairs = list(zip(labels, args, seen["args"], strict=True))
+    pairs += [(f"`{name}`", kwargs[name], seen["kwargs"][name]) for name in kwargs]
+    changed = [label for label, before, after in pairs if not _unchanged(before, after)]
+    if changed:
+        raise CheckFailure(f"your function changed its input {', '.join(changed)} in place: the caller's "
+                           f"data is modified, a bug even when the result is right.{_hint_or(advice)}")
+    return got
+
+
+def _hint_or(advice: str) -> str:
+    return f" {advice}" if advice else " Return new arrays or tensors instead of writing into the inputs"
+
+
 def _hint(hint: str) -> str:
     return f" Hint: {hint}" if hint else ""
 

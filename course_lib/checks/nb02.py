@@ -16,6 +16,7 @@ from course_lib.checks._core import (
     CheckFailure,
     as_array,
     call,
+    call_watching,
     checker,
     compare,
     diagnose,
@@ -224,22 +225,8 @@ def _autograd_backward(q, k, v, d_out, mask):
     return tuple(torch.zeros_like(t) if t.grad is None else t.grad for t in (tq, tk, tv))
 
 
-def _call_watching_inputs(fn, names: tuple[str, ...], *args, what: str = ""):
-    """call(fn, *args), then fail if fn changed any of its (copied) inputs in place."""
-    seen = {}
-
-    def watched(*copies):
-        seen["copies"] = copies
-        return fn(*copies)
-
-    got = call(watched, *args, what=what)
-    changed = [name for name, before, after in zip(names, args, seen["copies"], strict=True)
-               if not np.array_equal(np.asarray(before), np.asarray(after))]
-    if changed:
-        raise CheckFailure(f"your function changed its input {', '.join(changed)} in place. A backward pass "
-                           f"must leave its inputs as they were: the caller still needs them. Write new arrays "
-                           f"(x = x / c), not x /= c or x[...] = ...")
-    return got
+_ARRAY_ADVICE = ("A backward pass must leave its inputs as they were: write new arrays (x = x / c), "
+                 "not x /= c or x[...] = ...")
 
 
 _ATTENTION_CASES = [  # (description, q shape, k shape, v shape, mask)
@@ -275,8 +262,8 @@ def check_attention_backward(fn):
         inputs: list[np.ndarray] = [q, k, v, d_out] + ([] if mask is None else [mask])
         names = ("q", "k", "v", "d_out", "mask")[:len(inputs)]
         try:
-            got = _call_watching_inputs(fn, names, *inputs, what="; the last one is the mask" if mask is not None
-                                        else "")
+            got = call_watching(fn, *inputs, names=names, advice=_ARRAY_ADVICE,
+                                what="; the last one is the mask" if mask is not None else "")
         except CheckFailure as failure:
             if batched and "raised" in str(failure):
                 raise CheckFailure(f"{description}: {failure}. Your function works on 2-D inputs but not on "
@@ -384,7 +371,7 @@ def check_bias_backward(fn):
          rng.normal(size=(4, 2)), causal, rng.normal(size=(4, 2))),
     ]
     for label, q, k, v, bias, d_out in cases:
-        got = _call_watching_inputs(fn, ("q", "k", "v", "bias", "d_out"), q, k, v, bias, d_out)
+        got = call_watching(fn, q, k, v, bias, d_out, names=("q", "k", "v", "bias", "d_out"), advice=_ARRAY_ADVICE)
         p, dp, dz = _bias_parts(q, k, v, bias, d_out)
         broadcast = bias.shape != dz.shape
         expected = dz.sum(axis=0, keepdims=True) if broadcast else dz  # sum over the axis the bias was broadcast along

@@ -18,6 +18,7 @@ from course_lib.checks._core import (
     as_array,
     as_tensor,
     call,
+    call_watching,
     checker,
     compare,
     diagnose,
@@ -39,35 +40,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- inputs changed in place
-def _same(before, after) -> bool:
-    if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor):
-        return before.shape == after.shape and bool(torch.equal(before, after))
-    return not isinstance(before, list | dict) or before == after
-
-
-def _call_watching(fn, *args, names: tuple[str, ...] = (), what: str = "", **kwargs):
-    """call(fn, *args, **kwargs) on copies, then fail, naming the argument (`names`, in order), if fn changed
-    one of them in place.
-
-    Shared with notebook 05's checkers: attention code that writes into its inputs (masked_fill_, +=) changes
-    the caller's tensors, a bug even when the returned value is right.
-    """
-    seen: dict = {}
-
-    def watched(*copies, **kwcopies):
-        seen["args"], seen["kwargs"] = copies, kwcopies
-        return fn(*copies, **kwcopies)
-
-    got = call(watched, *args, what=what, **kwargs)
-    positions = [f"`{names[i]}`" if i < len(names) else f"argument {i + 1}" for i in range(len(args))]
-    pairs = list(zip(positions, args, seen["args"], strict=True))
-    pairs += [(f"`{name}`", kwargs[name], seen["kwargs"][name]) for name in kwargs]
-    changed = [name for name, before, after in pairs if not _same(before, after)]
-    if changed:
-        raise CheckFailure(f"your function changed its input ({', '.join(changed)}) in place, e.g. with "
-                           f"masked_fill_, logical_not_, += or x[...] = ...: the caller's tensor is modified. "
-                           f"Return a new tensor (t.masked_fill(...), ~mask, x = x + ...) instead")
-    return got
+TENSOR_ADVICE = ("Return a new tensor (t.masked_fill(...), ~mask, x = x + ...) instead of masked_fill_, "
+                 "logical_not_, += or x[...] = ...")  # shared with notebook 05's checkers
 
 
 # ----------------------------------------------------------------------------- split / merge heads
@@ -84,7 +58,7 @@ def check_split_heads(fn):
     for B, T, D, H in cases:
         x = torch.arange(B * T * D, dtype=torch.float64).view(B, T, D)  # every entry tells where it came from
         d = D // H
-        got = _call_watching(fn, x.clone(), H, names=("x", "num_heads"))
+        got = call_watching(fn, x.clone(), H, names=("x", "num_heads"), advice=TENSOR_ADVICE)
         expected = x.view(B, T, H, d).transpose(1, 2)
         as_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
         if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
@@ -113,7 +87,7 @@ def check_merge_heads(fn):
     cases = [(1, 2, 3, 2), (2, 3, 5, 4), (3, 4, 2, 1)]  # (B, H, T, d_head)
     for B, H, T, d in cases:
         x = torch.arange(B * H * T * d, dtype=torch.float64).view(B, H, T, d)
-        got = _call_watching(fn, x.clone(), names=("x",))
+        got = call_watching(fn, x.clone(), names=("x",), advice=TENSOR_ADVICE)
         expected = x.transpose(1, 2).reshape(B, T, H * d)
         as_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
         if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
@@ -193,7 +167,7 @@ def _forward_cases(fn, label: str) -> None:
         w_q, w_k, w_v, w_o = (torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 for _ in range(4))
         mask = torch.ones(T, T, dtype=torch.bool).tril() if mask_kind else None
         kwargs: dict = {"mask": mask} if mask is not None else {}
-        got = _call_watching(fn, x.clone(), w_q, w_k, w_v, w_o, H, names=_FORWARD_ARGS, **kwargs)
+        got = call_watching(fn, x.clone(), w_q, w_k, w_v, w_o, H, names=_FORWARD_ARGS, **kwargs, advice=TENSOR_ADVICE)
         q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (x @ w_q.T, x @ w_k.T, x @ w_v.T))
         expected = scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, D) @ w_o.T
         what = f"B={B}, T={T}, d_model={D}, H={H}{', causal mask' if mask is not None else ''}"
@@ -292,7 +266,7 @@ def check_mha_module(build):
         theirs.in_proj_bias.copy_(torch.cat(biases[:3]))
         theirs.out_proj.weight.copy_(weights[3])
         theirs.out_proj.bias.copy_(biases[3])
-        got = _call_watching(yours, x.clone(), names=("x",), what=" (with biases)")
+        got = call_watching(yours, x.clone(), names=("x",), what=" (with biases)", advice=TENSOR_ADVICE)
         expected, torch_out = ours(x), theirs(x, x, x, need_weights=False)[0]
     as_tensor(f"your module's output (B={B}, T={T}, d_model={D}, H={H}, with biases)", got)
     if tuple(got.shape) == tuple(expected.shape) and is_close(got, expected - biases[3]):
@@ -400,12 +374,13 @@ def check_cross_mha_forward(fn):
         cases.append((what, (x, memory, w_q, w_k, w_v, w_o, H)))
 
     def probe(inputs) -> str | None:
-        got = _call_watching(fn, *inputs, names=_CROSS_ARGS)
+        got = call_watching(fn, *inputs, names=_CROSS_ARGS, advice=TENSOR_ADVICE)
         return diagnose(as_tensor("your output", got), _cross_mistakes(*inputs))
 
     for what, inputs in cases:
         try:
-            got = as_tensor(f"your output ({what})", _call_watching(fn, *inputs, names=_CROSS_ARGS))
+            got = as_tensor(f"your output ({what})",
+                            call_watching(fn, *inputs, names=_CROSS_ARGS, advice=TENSOR_ADVICE))
         except CheckFailure as crash:
             for other, other_inputs in cases:
                 if other == what:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from course_lib._validate import broadcast_shapes
-from course_lib.checks._core import CheckFailure, as_tensor, call, checker, require_result
-from course_lib.checks.nb04 import _call_watching
+from course_lib.checks._core import CheckFailure, as_tensor, call, call_watching, checker, require_result
+from course_lib.checks.nb04 import TENSOR_ADVICE
 from course_lib.masks import causal_mask, padding_mask
 
 __all__ = [
@@ -56,7 +56,9 @@ def check_causal_padding_mask(fn):
     for lengths, T in cases:
         B = len(lengths)
         target = (B, 1, T, T)
-        answer = _call_watching(fn, list(lengths), T, names=("lengths", "T"))
+        answer = call_watching(fn, list(lengths), T, names=("lengths", "T"),
+                               advice="Build a new list (sorted(lengths), lengths + [...]) instead of sorting or "
+                                      "appending to the one you were given")
         got = _as_bool_mask(f"your mask for lengths={lengths}, T={T}", answer, target)
         pad = padding_mask(lengths, T)  # (B, 1, 1, T): keys
         causal = causal_mask(T)  # (T, T)
@@ -100,7 +102,7 @@ def check_to_key_padding_mask(fn):
     for lengths in cases:
         S = max(lengths)
         ours = padding_mask(lengths, S)  # (B, 1, 1, S)
-        got = _call_watching(fn, ours.clone(), names=("mask",))
+        got = call_watching(fn, ours.clone(), names=("mask",), advice=TENSOR_ADVICE)
         expected = ~ours[:, 0, 0]  # (B, S)
         name = f"your key_padding_mask for lengths={lengths}"
         got = as_tensor(name, got)
@@ -159,7 +161,7 @@ def check_masked_softmax(fn):
     ]
     for what, scores, mask in cases:
         try:
-            got = _call_watching(fn, scores.clone(), mask.clone(), names=("scores", "mask"))
+            got = call_watching(fn, scores.clone(), mask.clone(), names=("scores", "mask"), advice=TENSOR_ADVICE)
         except CheckFailure as failure:
             if "overflow" in str(failure) and scores.dtype == torch.float16:
                 raise CheckFailure(f"for {what}: {failure} -- a literal like -1e9 does not fit in float16 "

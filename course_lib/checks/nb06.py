@@ -17,6 +17,7 @@ from course_lib.checks._core import (
     as_number,
     as_tensor,
     call,
+    call_watching,
     checker,
     compare,
     diagnose,
@@ -162,14 +163,10 @@ def _randomised(reference: nn.Module, seed: int) -> Any:
 
 def _run(module: nn.Module, inputs: dict[str, torch.Tensor], case: str, **kwargs) -> torch.Tensor:
     """module(*inputs), refusing an answer that changes its inputs in place (the caller's tensors)."""
-    before = {name: t.clone() for name, t in inputs.items()}
     with torch.no_grad():
-        out = call(lambda: module(*inputs.values(), **kwargs), what=f" ({case})")
-    for name, t in inputs.items():
-        if not torch.equal(t, before[name]):
-            raise CheckFailure(f"your forward changed its input `{name}` in place ({case}), e.g. with x += ...: the "
-                               f"caller's tensor (the residual stream of the layer below) is modified. Write "
-                               f"x = x + ... , which makes a new tensor")
+        out = call_watching(module, *inputs.values(), names=tuple(inputs), what=f" ({case})", **kwargs,
+                            advice="The residual stream of the layer below is modified: write x = x + ..., which "
+                                   "makes a new tensor, not x += ...")
     require_result(f"your block's output ({case})", out)
     return as_tensor(f"your block's output ({case})", out)
 

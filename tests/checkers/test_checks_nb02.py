@@ -230,7 +230,7 @@ def test_attention_backward_rejects_an_answer_that_changes_its_inputs(name):
             target[...] = ~target if target.dtype == bool else 0.0
         return grads
 
-    _not_yet(checks.check_attention_backward(mutating), f"changed its input {name} in place")
+    _not_yet(checks.check_attention_backward(mutating), f"changed its input `{name}` in place")
 
 
 def test_attention_backward_scaling_q_in_place_is_named_as_a_change_of_input():
@@ -241,7 +241,7 @@ def test_attention_backward_scaling_q_in_place_is_named_as_a_change_of_input():
         dz = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
         return dz @ k / np.sqrt(q.shape[-1]), np.swapaxes(dz, -1, -2) @ q, np.swapaxes(p, -1, -2) @ d_out
 
-    _not_yet(checks.check_attention_backward(in_place), "changed its input q in place")
+    _not_yet(checks.check_attention_backward(in_place), "changed its input `q` in place")
 
 
 @pytest.mark.parametrize("order", [(1, 0, 2), (2, 1, 0), (0, 2, 1)])
@@ -353,7 +353,7 @@ def test_bias_backward_rejects_a_mutating_answer_and_a_tuple():
         return d_bias
 
     result = checks.check_bias_backward(mutating)
-    assert not result.passed and "changed its input bias in place" in result.message, result.message
+    assert not result.passed and "changed its input `bias` in place" in result.message, result.message
     result = checks.check_bias_backward(lambda *args: (None, None, None, bias_ref(*args)))
     assert not result.passed and "return d_bias alone" in result.message, result.message
 

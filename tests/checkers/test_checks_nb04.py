@@ -190,7 +190,7 @@ def test_cross_mha_forward_rejects_planted_mistakes(options, words):
 
 def test_cross_mha_forward_rejects_a_mutating_answer():
     result = checks.check_cross_mha_forward(_cross_mutating)
-    assert not result.passed and "changed its input (`memory`) in place" in result.message, result.message
+    assert not result.passed and "changed its input `memory` in place" in result.message, result.message
 
 
 def _scales_q_in_place(x, w_q, w_k, w_v, w_o, num_heads, mask=None):
@@ -207,9 +207,9 @@ def _split_then_scribble(x, num_heads):
 
 def test_an_answer_that_is_right_but_changes_its_inputs_is_named():
     result = checks.check_mha_forward(_scales_q_in_place)
-    assert not result.passed and "changed its input (`w_q`) in place" in result.message, result.message
+    assert not result.passed and "changed its input `w_q` in place" in result.message, result.message
     result = checks.check_split_heads(_split_then_scribble)
-    assert not result.passed and "changed its input (`x`) in place" in result.message, result.message
+    assert not result.passed and "changed its input `x` in place" in result.message, result.message
 
 
 # ----------------------------------------------------------------------------- cost on paper
@@ -387,7 +387,7 @@ def test_mha_module_accepts_reference():
     (_OutWeightOnly, "out_proj's bias is missing"),
     (_OtherNames, "needs self.q_proj = nn.Linear(d_model, d_model)"),
     (_NotAModule, "should build an nn.Module"),
-    (_ChangesItsInput, "changed its input (`x`) in place"),
+    (_ChangesItsInput, "changed its input `x` in place"),
 ])
 def test_mha_module_rejects_planted_mistakes(wrong, words):
     result = checks.check_mha_module(wrong)

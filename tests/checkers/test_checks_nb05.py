@@ -119,7 +119,7 @@ def test_masked_softmax_rejects_a_mutating_answer():
         m.fill_(True)  # its copy only
         return softmax_ref(s, m)
     result = checks.check_masked_softmax(mutating)
-    assert not result.passed and "changed its input (`mask`) in place" in result.message, result.message
+    assert not result.passed and "changed its input `mask` in place" in result.message, result.message
 
 
 def test_answers_that_are_right_but_change_their_inputs_are_named():
@@ -140,7 +140,7 @@ def test_answers_that_are_right_but_change_their_inputs_are_named():
                               (checks.check_to_key_padding_mask, invert_in_place, "mask"),
                               (checks.check_causal_padding_mask, sort_lengths, "lengths")):
         result = checker(fn)
-        assert not result.passed and f"changed its input (`{name}`) in place" in result.message, result.message
+        assert not result.passed and f"changed its input `{name}` in place" in result.message, result.message
 
 
 # ----------------------------------------------------------------------------- a test for future leaks
