@@ -1,4 +1,5 @@
-"""Floating-point operations of attention, counted by hand (notebooks 04, 09, 10 and 99).
+"""Floating-point operations of attention and of the feed-forward network, counted by hand (notebooks 04, 06, 09,
+10 and 99).
 
 A matmul (m, k) @ (k, n) costs 2 m k n FLOPs: a multiply and an add per term. torch's
 FlopCounterMode counts the same way (tests/unit/test_bench_attention.py checks it on naive attention).
@@ -6,7 +7,9 @@ FlopCounterMode counts the same way (tests/unit/test_bench_attention.py checks i
 
 from __future__ import annotations
 
-__all__ = ["attention_flops", "module_flops"]
+from course_lib._validate import check_bool, check_positive_int
+
+__all__ = ["attention_flops", "module_flops", "feed_forward_params", "feed_forward_flops"]
 
 
 def attention_flops(B: int, H: int, T: int, S: int, d_head: int, *, causal: bool = False, pass_: str = "fwd") -> float:
@@ -33,3 +36,27 @@ def module_flops(B: int, T: int, d_model: int, H: int, *, causal: bool = False, 
     projections = 4 * 2.0 * B * T * d_model * d_model
     factor = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[pass_]
     return factor * projections + attention_flops(B, H, T, T, d_model // H, causal=causal, pass_=pass_)
+
+
+def feed_forward_params(d_model: int, d_ff: int, *, gated: bool) -> int:
+    """Parameters of one FFN: plain (two matrices, two biases) or SwiGLU (three matrices, no biases).
+
+    plain: 2 d_model d_ff + d_ff + d_model;  SwiGLU: 3 d_model d_ff.
+    """
+    check_positive_int("d_model", d_model)
+    check_positive_int("d_ff", d_ff)
+    check_bool("gated", gated)
+    return 3 * d_model * d_ff if gated else 2 * d_model * d_ff + d_ff + d_model
+
+
+def feed_forward_flops(tokens: int, d_model: int, d_ff: int, *, gated: bool) -> int:
+    """Matmul FLOPs of one FFN's forward pass over `tokens` positions, 2 per multiply-add (as FlopCounterMode).
+
+    plain: 2 matmuls of d_model x d_ff, 4 tokens d_model d_ff;  SwiGLU: 3 of them, 6 tokens d_model d_ff.
+    The activation, the gate's product and the biases are O(tokens d_ff), left out like FlopCounterMode does.
+    """
+    check_positive_int("tokens", tokens)
+    check_positive_int("d_model", d_model)
+    check_positive_int("d_ff", d_ff)
+    check_bool("gated", gated)
+    return (3 if gated else 2) * 2 * tokens * d_model * d_ff

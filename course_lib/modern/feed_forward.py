@@ -4,9 +4,9 @@
 
 Three (d_model x d_ff) matrices and no biases, where the plain FFN of `course_lib.blocks.FeedForward`
 has two matrices with biases. Llama picks d_ff close to 8/3 * d_model so that the three matrices
-hold as many weights as a plain FFN's two with d_ff = 4 * d_model. `feed_forward_params` and
-`feed_forward_flops` state both counts; notebook 06 checks them against numel() and torch's
-FlopCounterMode. The normalisation that goes with it, RMSNorm, is torch's own `nn.RMSNorm`.
+hold as many weights as a plain FFN's two with d_ff = 4 * d_model. `course_lib.cost.flops`'s
+`feed_forward_params` and `feed_forward_flops` state both counts; notebook 06 checks them against
+numel() and torch's FlopCounterMode. The normalisation that goes with it, RMSNorm, is torch's own `nn.RMSNorm`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from course_lib._validate import check_bool, check_positive_int
 
-__all__ = ["SwiGLUFeedForward", "feed_forward_params", "feed_forward_flops"]
+__all__ = ["SwiGLUFeedForward"]
 
 
 class SwiGLUFeedForward(nn.Module):
@@ -60,27 +60,3 @@ class SwiGLUFeedForward(nn.Module):
         ours.to(device=gate.weight.device, dtype=gate.weight.dtype)
         ours.load_state_dict({f"{n}.{k}": v for n in names for k, v in getattr(mlp, n).state_dict().items()})
         return ours
-
-
-def feed_forward_params(d_model: int, d_ff: int, *, gated: bool) -> int:
-    """Parameters of one FFN: plain (two matrices, two biases) or SwiGLU (three matrices, no biases).
-
-    plain: 2 d_model d_ff + d_ff + d_model;  SwiGLU: 3 d_model d_ff.
-    """
-    check_positive_int("d_model", d_model)
-    check_positive_int("d_ff", d_ff)
-    check_bool("gated", gated)
-    return 3 * d_model * d_ff if gated else 2 * d_model * d_ff + d_ff + d_model
-
-
-def feed_forward_flops(tokens: int, d_model: int, d_ff: int, *, gated: bool) -> int:
-    """Matmul FLOPs of one FFN's forward pass over `tokens` positions, 2 per multiply-add (as FlopCounterMode).
-
-    plain: 2 matmuls of d_model x d_ff, 4 tokens d_model d_ff;  SwiGLU: 3 of them, 6 tokens d_model d_ff.
-    The activation, the gate's product and the biases are O(tokens d_ff), left out like FlopCounterMode does.
-    """
-    check_positive_int("tokens", tokens)
-    check_positive_int("d_model", d_model)
-    check_positive_int("d_ff", d_ff)
-    check_bool("gated", gated)
-    return (3 if gated else 2) * 2 * tokens * d_model * d_ff

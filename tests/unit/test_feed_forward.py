@@ -6,7 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib.blocks import FeedForward
-from course_lib.modern.feed_forward import SwiGLUFeedForward, feed_forward_flops, feed_forward_params
+from course_lib.cost.flops import feed_forward_flops, feed_forward_params
+from course_lib.modern import SwiGLUFeedForward
 
 
 def test_swiglu_equals_llama_mlp_with_copied_weights():
