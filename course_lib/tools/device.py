@@ -47,8 +47,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- Tensor Core settings
-# torch 2.9 added one precision setting per backend and operation, `fp32_precision` ("ieee": full
-# float32, "tf32": TF32 allowed, "none": inherit from the parent setting), and announced that the
+# torch 2.9 and newer have one precision setting per backend and operation, `fp32_precision` ("ieee":
+# full float32, "tf32": TF32 allowed, "none": inherit from the parent setting), and say that the
 # older flags (`torch.backends.cuda.matmul.allow_tf32`, `torch.backends.cudnn.allow_tf32`,
 # `torch.set_float32_matmul_precision`) will be deprecated. Once a TF32 setting has been made
 # through the new API, torch refuses to *read* the old flags (it reports a mix of the two APIs),
