@@ -101,7 +101,10 @@ def check_scaled_scores(fn: Callable) -> str:
                                f"sqrt({d}) so that their variance stays about 1 whatever d is.")
         if is_close(got, raw / d):
             raise CheckFailure(f"for {label} you divided by d = {d}; divide by sqrt(d) = {np.sqrt(d):.3g} instead.")
-        compare(f"scores for {label}", answer, expected, hint="scores = q @ swapaxes(k, -1, -2) / sqrt(q.shape[-1])")
+        compare(f"scores for {label}", answer, expected, hint=("every query meets every key: one dot product per "
+                                                                "(query, key) pair, divided by the square root of "
+                                                                "the key size; leading batch axes come along "
+                                                                "unchanged"))
     return f"{len(cases)} cases (with and without batch dimensions, T != S) match q k^T / sqrt(d)"
 
 
@@ -212,11 +215,13 @@ def _diagnose_attention(label: str, q, k, v, answer: tuple, out: np.ndarray, wei
             if is_close(weights, numpy_ref.softmax(raw / np.sqrt(q.shape[-1]), axis=-2)):
                 raise CheckFailure(f"for {label}, your softmax normalised over the queries (axis -2): each COLUMN "
                                    f"sums to 1. Each query's row must sum to 1: softmax over the keys, axis -1.")
-    compare(f"weights for {label}", answer[1], expected_w, hint="weights = softmax(q @ k^T / sqrt(d), axis=-1)")
+    compare(f"weights for {label}", answer[1], expected_w, hint=("each query's weights are the softmax, over the "
+                                                                  "keys, of its scaled dot products with every key"))
     if out.shape != expected_out.shape:
         raise CheckFailure(f"for {label}, out has shape {out.shape}, expected (..., T, d_v) = {expected_out.shape}. "
                            f"Hint: out = weights @ v.")
-    compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v (a weighted sum of the value rows)")
+    compare(f"out for {label}", answer[0], expected_out, hint=("each output row averages the value rows, weighted by "
+                                                               "that query's attention weights"))
 
 
 @checker
@@ -325,10 +330,16 @@ def check_masked_attention(fn: Callable) -> str:
                 raise CheckFailure(f"for {label}, key {idx[-1]} is masked (mask False) for query {_row(idx[:-1])} but "
                                    f"gets weight {weights[idx]:.4g}. Masked scores must become -inf (exp(-inf) = 0);"
                                    f" adding a small number such as +1 or -1 does not mask anything.")
+        empty = ~np.broadcast_to(mask, expected_w.shape).any(axis=-1)  # (..., T): query rows with every key masked
+        if weights.shape == expected_w.shape and empty.any() and np.isnan(weights[empty]).any():
+            raise CheckFailure(f"for {label}, a query row with every key masked gives nan weights: softmax of an all "
+                               f"-inf row is exp(-inf) / sum = 0 / 0. Make your softmax return 0 for an all -inf row "
+                               f"(course_lib.numpy_ref.softmax does), so that such a row gives weights 0 and output 0.")
         compare(f"weights for {label}", answer[1], expected_w,
-                hint="scores = np.where(mask, q @ k^T / sqrt(d), -inf), then a softmax that maps an all -inf row "
-                     "to zeros")
-        compare(f"out for {label}", answer[0], expected_out, hint="out = weights @ v")
+                hint=('hide the masked keys before the softmax so that they get weight exactly 0, and decide '
+                      'what a row with no key left returns (here: zeros)'))
+        compare(f"out for {label}", answer[0], expected_out, hint=("each output row averages the value rows, "
+                                                                   "weighted by that query's attention weights"))
     return f"{len(cases)} cases (causal, padding with batch, a fully masked row) match numpy_ref"
 
 
@@ -365,13 +376,14 @@ def check_hand_example(fn: Callable) -> str:
         if is_close(weights, w, atol=2e-3, rtol=0):
             raise CheckFailure(message + ".")
     compare("weights", weights, expected_w, atol=2e-3, rtol=0,
-            hint="scores 4/2 = 2, 0, 0; weights e^2/(e^2 + 2), 1/(e^2 + 2), 1/(e^2 + 2); three digits are enough")
+            hint=('compute the three scores q.k_j / sqrt(d) first, then the softmax of those three numbers; '
+                  'three digits are enough'))
     out = as_array("out", answer[1])
     expected_out = float(expected_w @ _HAND_V)
     if out.size == 3 and is_close(out.ravel(), expected_w * _HAND_V, atol=2e-2, rtol=0):
         raise CheckFailure("out is the list of products a_j v_j; the output is their SUM, one number.")
     compare("out", out.reshape(()) if out.size == 1 else out, expected_out, atol=2e-2, rtol=0,
-            hint="out = sum_j a_j v_j = 10 a_1 + 0 a_2 - 10 a_3")
+            hint='the output mixes the three values with the weights you just computed')
     return f"weights {np.round(expected_w, 3).tolist()} and out {expected_out:.3f} are right"
 
 
@@ -480,7 +492,8 @@ def check_additive_scores(fn: Callable) -> str:
         if got.shape != expected.shape:
             raise CheckFailure(f"for {label} your scores have shape {got.shape}, expected (T, S) = {expected.shape}.")
         compare(f"scores for {label}", answer, expected,
-                hint="np.tanh((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w")
+                hint=('additive attention scores each (query, key) pair on its own: project both, add, squash '
+                      'with tanh, then take the dot product with w; broadcasting builds all T x S pairs at once'))
     return "additive scores match w . tanh(W_q q_i + W_k k_j) for every query-key pair"
 
 

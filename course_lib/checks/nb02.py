@@ -22,6 +22,7 @@ from course_lib.checks._core import (
     diagnose,
     is_close,
     multiple_choice,
+    to_numpy,
     unpack,
 )
 
@@ -73,9 +74,15 @@ def check_softmax_jacobian(fn):
                     f"for x = {np.round(x, 3).tolist()} the rows of your J sum to {np.round(row_sums, 4).tolist()}, "
                     "but every row must sum to 0: adding the same constant to every logit leaves softmax unchanged. "
                     "Hint: J = diag(p) - p p^T with p = softmax(x).")
+        got_array = to_numpy(got)
+        if (isinstance(got_array, np.ndarray) and got_array.shape == expected.shape and got_array.dtype.kind == "f"
+                and not np.isfinite(got_array).all() and np.abs(x).max() > 700):
+            raise CheckFailure(f"J for x of length {len(x)} contains nan or inf: with logits as large as "
+                               f"{np.abs(x).max():g}, exp(x) overflows (inf / inf = nan). Subtract max(x) before exp: "
+                               f"softmax(x) = softmax(x - max x), and nothing overflows.")
         compare(f"J for x of length {len(x)}", got, expected,
-                hint="J[i, j] = p_i (delta_ij - p_j), i.e. np.diag(p) - np.outer(p, p) with p = softmax(x) "
-                     "(subtract max(x) before exp)")
+                hint=('differentiate p_i = exp(x_i) / sum_k exp(x_k) with respect to x_j: two cases, i = j and '
+                      'i != j'))
     return "4 logit vectors (lengths 3 to 7, incl. logits of +-1e3) give diag(p) - p p^T"
 
 
@@ -108,7 +115,8 @@ def check_softmax_backward(fn):
         if mistake:
             raise CheckFailure(f"for inputs of shape {shape}: {mistake}.")
         compare(f"d_x for p of shape {shape}", got, expected,
-                hint="d_x = p * (d_p - (d_p * p).sum(axis=-1, keepdims=True)); never build the Jacobian")
+                hint=('the product of the Jacobian with d_p can be written without building the Jacobian: use '
+                      'its structure, a diagonal minus an outer product'))
     return "4 shapes incl. batched (2, 3, 6) match p * (d_p - rowsum(d_p * p))"
 
 
@@ -297,8 +305,8 @@ def check_attention_backward(fn):
                                    f"a transpose or a sum counted from the front (x.T reverses every axis; axis=1 "
                                    f"is not the last axis). Transpose with np.swapaxes(x, -1, -2) and sum over "
                                    f"axis=-1.")
-            hint = ("dv = P^T d_out, dP = d_out v^T, dZ = P * (dP - rowsum(dP * P)), dq = dZ k / sqrt(d), "
-                    "dk = dZ^T q / sqrt(d); apply the mask to the scores before the softmax")
+            hint = ("follow the chain backwards from out, one intermediate at a time (dv, then dP, then dZ through "
+                    "the softmax, then dq and dk), and compare each step with section 3's derivation")
             compare(f"{name} ({description}) vs torch autograd", g, a, hint=hint)
             compare(f"{name} ({description}) vs course_lib.numpy_ref", g, e, hint=hint)
     return ("6 cases (T != S, d_v != d, batch axes, a causal mask, a fully masked row) equal torch autograd "
@@ -337,7 +345,8 @@ def check_softmax_temperature_backward(fn):
             })
             if mistake:
                 raise CheckFailure(f"for {label}: {mistake}.")
-        compare(f"d_x for {label}", got, expected, hint="p = softmax(x / tau); d_x = p * (d_p - rowsum(d_p * p)) / tau")
+        compare(f"d_x for {label}", got, expected, hint=("the temperature divides the logits before the softmax: "
+                                                          "the chain rule goes through that division too"))
     return "tau = 0.5, 2, 8 (with batch axes) match p * (d_p - rowsum(d_p * p)) / tau"
 
 
@@ -393,7 +402,8 @@ def check_bias_backward(fn):
             if mistake:
                 raise CheckFailure(f"for {label}: {mistake}.")
         compare(f"d_bias for {label}", got_bias, expected,
-                hint="the bias is added to the scores, so d_bias = dZ (summed over any axis it was broadcast along)")
+                hint=('the bias enters the scores by addition: ask what an addition does to a gradient, and '
+                      'over which axes the bias was broadcast'))
     return "3 biases ((T, S), broadcast (1, S), a -inf mask) give the right d_bias"
 
 

@@ -105,8 +105,8 @@ def check_torch_attention(fn):
                         "scores -inf and softmax gives 0/0; the course's convention is output 0 for such rows "
                         "(e.g. use course_lib.attention.safe_softmax, or zero those rows with torch.where).")
         compare(f"out ({description})", got, expected,
-                hint="scores = q @ k.transpose(-2, -1) / math.sqrt(d); masked_fill(~mask, -inf); "
-                     "softmax(dim=-1); @ v")
+                hint=("the same steps as notebook 01's numpy attention, in torch: scaled scores, the mask "
+                      'before the softmax, the softmax over the keys, the weighted sum of the values'))
     return "4 float64 cases (batch dims, T != S, causal mask, a fully masked row) match numpy_ref to 1e-10"
 
 
@@ -149,8 +149,8 @@ def check_autograd_grads(fn):
                                    "tensors in float64 (torch.from_numpy keeps float64; torch.tensor(x, "
                                    "dtype=torch.float32) or .float() throws the precision away)")
             compare(f"{name} ({description})", g, e,
-                    hint="q = torch.tensor(q_np, requires_grad=True) (same for k, v); out = attention(q, k, v, mask); "
-                         "out.backward(torch.from_numpy(d_out)); return q.grad, k.grad, v.grad")
+                    hint=('make q, k and v leaf tensors that require gradients, run your forward on them, and '
+                          'backpropagate d_out through it'))
     return "3 float64 cases (T != S, batch dims, causal mask) match the hand-derived numpy backward to 1e-10"
 
 
@@ -209,7 +209,9 @@ def check_padding_sdpa_call(fn):
             message = next((m for m, w in wrong.items() if w is not None and is_close(got, w)), None)
             if message:
                 raise CheckFailure(f"for {label}: {message}.")
-        compare(f"out for {label}", got, expected, hint="mask = (torch.arange(S) < lengths[:, None])[:, None, None, :]")
+        compare(f"out for {label}", got, expected, hint=("a key is real when its position is below its sequence's "
+                                                          "length; shape the mask so that it broadcasts over heads "
+                                                          "and queries"))
     return "two padded batches (one with B == T) match attention with the keys beyond each length masked"
 
 
@@ -261,8 +263,9 @@ def check_bias_grad_autograd(fn):
         if dtype in (torch.float32, np.float32) and not is_close(got, expected):
             raise CheckFailure(f"for {label}: d_bias is {dtype}; keep the float64 inputs in float64 (torch.randn and "
                                f"torch.tensor default to float32), or the gradient keeps only ~7 digits.")
-        compare(f"d_bias for {label}", got, expected.numpy(), hint="bias = bias.clone().requires_grad_(True); build "
-                "out from it; out.backward(d_out); return bias.grad")
+        compare(f"d_bias for {label}", got, expected.numpy(), hint=("let autograd do the work: make the bias a "
+                                                                     "leaf that requires a gradient, run the "
+                                                                     "forward with it, and backpropagate d_out"))
     return "a (T, S) and a broadcast (1, S) bias: d_bias equals the gradient of sum(out * d_out)"
 
 

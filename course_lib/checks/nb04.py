@@ -72,7 +72,8 @@ def check_split_heads(fn):
             if mistake:
                 raise CheckFailure(f"for x of shape {(B, T, D)} and H = {H}: {mistake}.")
         compare(f"split_heads(x of shape {(B, T, D)}, num_heads={H})", got, expected, atol=0, rtol=0,
-                hint="x.view(B, T, H, d_model // H).transpose(1, 2) gives (B, H, T, d_head)")
+                hint=('a head is a contiguous block of d_head features: view the features as (H, d_head), then '
+                      'move the head axis in front of the time axis'))
     return "4 shapes (incl. H = 1): every feature lands in the right head, token and position"
 
 
@@ -101,7 +102,8 @@ def check_merge_heads(fn):
             if mistake:
                 raise CheckFailure(f"for x of shape {(B, H, T, d)}: {mistake}.")
         compare(f"merge_heads(x of shape {(B, H, T, d)})", got, expected, atol=0, rtol=0,
-                hint="x.transpose(1, 2).reshape(B, T, H * d_head); .view fails after a transpose (not contiguous)")
+                hint=('merging undoes the split: move the head axis back behind time, then flatten (H, d_head) '
+                      'into one axis; a transposed tensor is not contiguous'))
     return "3 shapes: heads concatenated in order, head 0 first"
 
 
@@ -197,7 +199,8 @@ def _forward_cases(fn, label: str) -> None:
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
         compare(f"{label} ({what})", got, expected,
-                hint="project (x @ w.T), split heads, softmax(q k^T / sqrt(d_head)) v per head, merge, then @ w_o.T")
+                hint=('the steps are: project, split into heads, attend within each head with the '
+                      '1/sqrt(d_head) scale, merge the heads, project the output'))
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -273,7 +276,8 @@ def check_mha_module(build):
         raise CheckFailure("out_proj's bias is missing from your output: call self.out_proj(...), the nn.Linear, "
                            "rather than multiplying by its weight")
     compare(f"your module's output (B={B}, T={T}, d_model={D}, H={H}, with biases)", got, expected,
-            hint="each projection is its nn.Linear, bias included: self.q_proj(x), ...")
+            hint=('each projection is an nn.Linear with its bias: call the module rather than multiplying '
+                  'by its weight alone'))
     compare("course_lib vs nn.MultiheadAttention (the checker's own agreement)", expected, torch_out)
     return ("5 cases equal course_lib.MultiHeadAttention, and nn.MultiheadAttention with the same weights, "
             "to 1e-10 in float64")
@@ -402,8 +406,10 @@ def check_cross_mha_forward(fn):
             mistake = diagnose(got, _cross_mistakes(*inputs))
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
-        compare(f"your output ({what})", got, expected, hint="q from x, k and v from memory; split each into H heads "
-                "(reshape (B, L, H, d), transpose(1, 2)); softmax(q k^T / sqrt(d_k)) v; merge; @ w_o.T")
+        compare(f"your output ({what})", got, expected, hint=("cross-attention takes its queries from x and its "
+                                                               "keys and values from the memory; then the same "
+                                                               "split, attention, merge and output projection as "
+                                                               "self-attention"))
     return "3 cases (d_v != d_k, T != S, square weights) equal the reference to 1e-10 in float64"
 
 

@@ -293,8 +293,8 @@ def check_encoder_block(build):
                 if message:
                     raise CheckFailure(f"{case}: {message}.")
         compare(f"your block's output ({case})", got, expected,
-                hint="pre-LN: x = x + attn(norm1(x)), then x = x + ff(norm2(x)); post-LN: x = norm1(x + attn(x)), "
-                     "then x = norm2(x + ff(x))")
+                hint=("pre-LN normalises each sublayer's input and adds the raw input back; post-LN adds first "
+                      'and normalises the sum'))
         case = f"norm_first={norm_first}, dropout=0.5"
         dropping = _built_block(build, _ENCODER_PARTS, case, D, H, FF, norm_first=norm_first, dropout=0.5)
         _copy_into(dropping, ref, pairs, ("self_attn",))
@@ -413,8 +413,8 @@ def check_decoder_layer(build):
                 if message:
                     raise CheckFailure(f"{case}: {message}.")
         compare(f"your layer's output ({case})", got, expected,
-                hint="x = x + self_attn(norm1(x), causal); x = x + cross_attn(norm2(x), memory, memory, mask); "
-                     "x = x + ff(norm3(x))")
+                hint=('three sublayers, each with its own norm and residual: masked self-attention, '
+                      'cross-attention whose keys and values are the memory, then the feed-forward network'))
     case = "dropout=0.5"
     dropping = _built_block(build, _DECODER_PARTS, case, D, H, FF, dropout=0.5)
     _copy_into(dropping, ref, pairs, ("self_attn", "cross_attn"))
@@ -513,8 +513,8 @@ def check_train_step(fn):
                 is_close(a, b) for a, b in zip(got_model.parameters(), model.parameters(), strict=True)):
             raise CheckFailure(message)
     compare("the losses your step returned", got_losses, expected_losses,
-            hint="logits = model(tokens[:, :-1]); loss = cross-entropy against tokens[:, 1:]; zero_grad, "
-                 "backward, step; return loss.item()")
+            hint=('a language-model step: predict each next token from the ones before it, score against '
+                  'the shifted targets, then clear the gradients, backpropagate and update'))
     for number, (a, b) in enumerate(zip(got_model.parameters(), expected_model.parameters(), strict=True)):
         compare(f"parameter {number} after three steps", a.detach(), b.detach(),
                 hint="the returned loss is right but the update is not: one backward and one optimizer.step() per "
@@ -547,7 +547,8 @@ def check_sinusoidal_encoding(fn):
                     f"frequency 1 / 10000^(2i / d_model) - the exponent uses the EVEN index 2i of the pair, "
                     f"divided by d_model, and a sine/cosine pair shares one frequency")
         compare(f"PE for max_len={max_len}, d_model={d_model}", got_np, expected, atol=1e-5, rtol=1e-5,
-                hint="angle = pos / 10000**(2i / d_model); sin at even columns 2i, cos at odd columns 2i+1")
+                hint=('each pair of columns is one frequency: the angle grows with the position and shrinks as '
+                      "the column pair's index grows"))
     return "3 tables (up to 50 x 32) match the formula"
 
 

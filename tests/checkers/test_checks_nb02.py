@@ -56,7 +56,7 @@ def test_softmax_jacobian_overflow_is_reported():
 
     with np.errstate(over="ignore", invalid="ignore"):
         result = checks.check_softmax_jacobian(unstable)
-    _not_yet(result, "nan", "subtract max(x)")
+    _not_yet(result, "nan", "Subtract max(x) before exp")
 
 
 def test_softmax_jacobian_wrong_shape():
