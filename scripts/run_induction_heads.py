@@ -1,6 +1,6 @@
 """Induction heads: 1-layer vs 2-layer attention-only transformers on repeated random tokens (notebook 08).
 
-    python scripts/run_induction_heads.py --force             # the recorded run (about 10 minutes on one CPU thread)
+    python scripts/run_induction_heads.py --force             # the recorded run (about 6 minutes on one CPU thread)
     python scripts/run_induction_heads.py --tiny --out /tmp/x  # a seconds-long smoke run (used by the tests)
 
 A run whose outputs exist (OUT/induction.json and OUT/induction_{1,2}layer_seed<first seed>.safetensors: the
