@@ -105,9 +105,11 @@ def test_one_pass_equals_hf_with_weights_path():
 def test_refuses_unsupported_rope_and_non_attention():
     with pytest.raises(TypeError, match="LlamaAttention, MistralAttention, GptOssAttention"):
         DecoderAttention.from_hf(torch.nn.Linear(2, 2))
-    model = _tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(ValueError, match="rope_type"):
+    model = _tiny("llama", rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                            "long_factor": [2.0] * 4, "original_max_position_embeddings": 16})
+    with pytest.raises(ValueError, match="rope_type.*longrope") as info:  # scaled RoPE: tests/unit/test_rope_scaling.py
         DecoderAttention.from_hf(model.layers[0].self_attn)
+    assert "llama3" in str(info.value) and "yarn" in str(info.value)  # the message lists what is copied
 
 
 @pytest.mark.parametrize(("kind", "reason"), [("qwen2", "o_proj has none"), ("cohere", "interleaved")])
