@@ -15,7 +15,8 @@ course uses on a laptop), NCCL between NVIDIA GPUs. Three pieces live here:
   module, not in a notebook cell, or a functools.partial of such a function): a spawned process
   imports it by name.
 - `Comm`: the messages, counted. `ring_shift` sends a tensor to the next rank and receives one from
-  the previous rank (the step of every ring algorithm); `all_reduce` sums a tensor over the ranks
+  the previous rank (the step of every ring algorithm); `all_to_all` sends rank j its own chunk
+  of a tensor (Ulysses' change from sequence shards to head shards); `all_reduce` sums a tensor over the ranks
   with the ring algorithm (a reduce-scatter then an all-gather, each R - 1 ring steps), which is
   what NCCL and gloo do for large tensors. Every byte sent and received is counted, so the
   notebook can compare the count with the formula.
@@ -394,20 +395,21 @@ class Comm:
             (self.rank + offset) % self.world_size
 
     def start_ring_shift(self, tensor: torch.Tensor, recv_shape: tuple[int, ...] | None = None,
-                         what: str = "ring_shift") -> Callable[[], torch.Tensor]:
-        """Post the send of `tensor` to rank + 1 and the receive from rank - 1; return `wait`.
+                         what: str = "ring_shift", offset: int = 1) -> Callable[[], torch.Tensor]:
+        """Post the send of `tensor` to rank + offset and the receive from rank - offset; return `wait`.
 
         wait() blocks until both are done and returns the received tensor (shape recv_shape,
         default tensor's). Between the two calls the messages travel while this rank computes:
-        the overlap of communication and computation that ring attention relies on.
+        the overlap of communication and computation that ring attention relies on. offset = 1
+        (the default) is the ring's step; `all_to_all` uses every offset 1 ... R - 1.
         """
         tensor = tensor.contiguous()
         recv = torch.empty(tensor.shape if recv_shape is None else recv_shape, dtype=tensor.dtype,
                            device=tensor.device)
-        if self.world_size == 1:
+        if self.world_size == 1 or offset % self.world_size == 0:
             return lambda: tensor.clone()
-        ops = [dist.P2POp(dist.irecv, recv, self._peer(-1), self.group),
-               dist.P2POp(dist.isend, tensor, self._peer(1), self.group)]
+        ops = [dist.P2POp(dist.irecv, recv, self._peer(-offset), self.group),
+               dist.P2POp(dist.isend, tensor, self._peer(offset), self.group)]
         requests = dist.batch_isend_irecv(ops)
         n_sent, n_recv = tensor.numel() * tensor.element_size(), recv.numel() * recv.element_size()
         self.sent += n_sent
@@ -422,13 +424,33 @@ class Comm:
         return wait
 
     def ring_shift(self, tensor: torch.Tensor, recv_shape: tuple[int, ...] | None = None,
-                   what: str = "ring_shift") -> torch.Tensor:
-        """Send `tensor` to rank + 1 and return the tensor received from rank - 1 (shape recv_shape).
+                   what: str = "ring_shift", offset: int = 1) -> torch.Tensor:
+        """Send `tensor` to rank + offset and return the tensor received from rank - offset (shape recv_shape).
 
         Every rank calls it at the same time: the R messages go round the ring in one step. The
         receive is posted together with the send, so no rank waits for another to finish first.
         """
-        return self.start_ring_shift(tensor, recv_shape, what)()
+        return self.start_ring_shift(tensor, recv_shape, what, offset)()
+
+    def all_to_all(self, chunks: list[torch.Tensor], shapes: list[tuple[int, ...]],
+                   what: str = "all_to_all") -> list[torch.Tensor]:
+        """Send chunks[j] to rank j; return the chunk each rank sent here, in rank order.
+
+        shapes[j]: the shape of the chunk rank j sends to this rank. R - 1 steps: at step s every
+        rank sends to rank r + s and receives from rank r - s (a pairwise exchange, so no rank
+        waits on a chain). This rank's own chunk stays here: it sends everything but chunks[r],
+        a fraction (R - 1) / R of the data when the chunks are equal.
+        """
+        R, r = self.world_size, self.rank
+        if len(chunks) != R or len(shapes) != R:
+            raise ValueError(f"chunks and shapes must have one entry per rank ({R}); got {len(chunks)} and "
+                             f"{len(shapes)}")
+        received = {r: chunks[r].detach().contiguous()}
+        for step in range(1, R):
+            source = (r - step) % R
+            received[source] = self.ring_shift(chunks[(r + step) % R], tuple(shapes[source]), what=what,
+                                               offset=step)
+        return [received[j] for j in range(R)]
 
     def all_gather(self, tensor: torch.Tensor, shapes: list[tuple[int, ...]] | None = None,
                    what: str = "all_gather") -> list[torch.Tensor]:

@@ -27,8 +27,9 @@ entirely are skipped, so the work per rank is measured, not only counted.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ from course_lib.parallel.check import check_plain_mha, example_case, grad_of, ma
 from course_lib.parallel.distributed import Comm, saved_bytes, self_check_main, time_steps
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
+           "SequenceParallelAttention", "compare_sequence_split",
            "causal_work", "ring_bytes_per_step", "compare_case", "measure_step", "self_check", "LAYOUTS"]
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -370,17 +372,20 @@ def _check_layouts(comm: object, q_layout: SequenceLayout, kv_layout: SequenceLa
     return kv_layout
 
 
-class RingAttention(nn.Module):
+class SequenceParallelAttention(nn.Module):
     """A MultiHeadAttention whose sequence is split across ranks; its weights are replicated on every rank.
 
-    Each rank projects its own positions (the projections act position by position), runs
-    `ring_attention` for the heads, and applies W_O to its own positions. The weight gradients
-    are partial (from this rank's positions): `all_reduce_grads` sums them, as data parallelism does.
+    What ring attention and Ulysses (`course_lib.parallel.ulysses`) share: each rank projects its
+    own positions (the projections act position by position) and applies W_O to its own positions;
+    a subclass's forward decides how the heads see every position. The weight gradients are
+    partial (from this rank's positions): `all_reduce_grads` sums them, as data parallelism does.
     """
+
+    method = "sequence parallelism"  # named in the messages of refused input
 
     def __init__(self, mha: MultiHeadAttention, comm: Comm | None = None) -> None:
         super().__init__()
-        self.attn = check_plain_mha(mha, "ring attention")
+        self.attn = check_plain_mha(mha, self.method)
         comm = Comm() if comm is None else comm
         if not isinstance(comm, Comm):
             raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
@@ -388,7 +393,7 @@ class RingAttention(nn.Module):
         self.scores_computed = 0  # by the last forward, on this rank
 
     @classmethod
-    def from_module(cls, mha: MultiHeadAttention, comm: Comm | None = None) -> RingAttention:
+    def from_module(cls, mha: MultiHeadAttention, comm: Comm | None = None) -> Self:
         """A copy of `mha` (every rank calls it with the same module)."""
         return cls(copy.deepcopy(mha), comm)
 
@@ -407,7 +412,7 @@ class RingAttention(nn.Module):
         mha = self.attn
         check_bool("is_causal", is_causal)
         if mha.training and mha.dropout > 0:
-            raise ValueError(f"dropout={mha.dropout} in training mode is not supported by ring attention; "
+            raise ValueError(f"dropout={mha.dropout} in training mode is not supported by {self.method}; "
                              f"call .eval() or use dropout=0")
         kv_layout = _check_layouts(self.comm, q_layout, kv_layout)
         r, w = self.comm.rank, mha.q_proj.weight
@@ -437,6 +442,13 @@ class RingAttention(nn.Module):
             check_attn_mask(attn_mask, (query.shape[0], mha.num_heads, T, S), query.device, module_ndim=True)
         return kv_layout
 
+
+
+class RingAttention(SequenceParallelAttention):
+    """Ring attention: the key/value shards travel round the ring (`ring_attention`) to every rank's queries."""
+
+    method = "ring attention"
+
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None, *,
                 q_layout: SequenceLayout, kv_layout: SequenceLayout | None = None,
                 attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -457,10 +469,13 @@ class RingAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- checks against one device
-def compare_case(rank: int, world_size: int, case: dict, comm: Comm | None = None) -> dict:
-    """One case: this rank's outputs and gradients vs the single module's; bytes vs the formula; work.
+def compare_sequence_split(rank: int, world_size: int, case: dict, module: type[SequenceParallelAttention],
+                           expected_bytes: Callable[..., dict[str, int]], comm: Comm | None = None) -> dict:
+    """One case for a module that splits the sequence: this rank's outputs and gradients vs the single
+    module's, the bytes it sent vs `expected_bytes(q_layout, kv_layout, rank, batch, d_model, element_size)`.
 
-    comm: the messages' way (default: a Comm over the default process group)."""
+    module: RingAttention or `ulysses.UlyssesAttention`; comm: the messages' way (default: a Comm
+    over the default process group)."""
     mha, query, memory, mask, grad_out = example_case(case)
     is_causal = "is_causal" in case.get("mask", "").split()
     ref = mha(query, memory, attn_mask=mask, is_causal=is_causal)
@@ -471,25 +486,35 @@ def compare_case(rank: int, world_size: int, case: dict, comm: Comm | None = Non
     q_layout = SequenceLayout.make(query.shape[1], world_size, kind)
     kv_layout = q_layout if memory is None else SequenceLayout.make(memory.shape[1], world_size, kind)
     comm = Comm() if comm is None else comm
-    ring = RingAttention.from_module(mha, comm)
-    ring.attn.zero_grad()
+    split = module.from_module(mha, comm)
+    split.attn.zero_grad()
     x = q_layout.shard(query.detach(), rank).requires_grad_()  # (B, T_r, D): only this rank's positions
     m = None if memory is None else kv_layout.shard(memory.detach(), rank).requires_grad_()
-    out = ring(x, m, q_layout=q_layout, kv_layout=kv_layout, attn_mask=mask, is_causal=is_causal)
+    out = split(x, m, q_layout=q_layout, kv_layout=kv_layout, attn_mask=mask, is_causal=is_causal)
     sent_forward = comm.sent
     out.backward(q_layout.shard(grad_out, rank))
     sent_backward = comm.sent - sent_forward
-    ring.all_reduce_grads()
+    split.all_reduce_grads()
     errors = {"out": max_abs_error(out, q_layout.shard(ref, rank)),
               "grad query": max_abs_error(grad_of(x), q_layout.shard(ref_q_grad, rank))}
     if ref_m_grad is not None:  # cross-attention: a memory
         errors["grad memory"] = max_abs_error(grad_of(m), kv_layout.shard(ref_m_grad, rank))
-    for (name, p), p_ref in zip(ring.attn.named_parameters(), mha.parameters(), strict=True):
+    for (name, p), p_ref in zip(split.attn.named_parameters(), mha.parameters(), strict=True):
         errors[f"grad {name}"] = max_abs_error(grad_of(p), grad_of(p_ref))
-    expected = ring_bytes_per_step(kv_layout, rank, query.shape[0], mha.d_model, 4)
+    expected = expected_bytes(q_layout, kv_layout, rank, query.shape[0], mha.d_model, 4)
     return {"case": case, "errors": errors, "sent forward": sent_forward, "sent backward": sent_backward,
             "expected forward": expected["forward"], "expected backward": expected["backward"],
-            "scores computed": ring.scores_computed}
+            "scores computed": split.scores_computed}
+
+
+def compare_case(rank: int, world_size: int, case: dict, comm: Comm | None = None) -> dict:
+    """One case of ring attention against the single module (`compare_sequence_split`): errors, bytes, work."""
+
+    def expected(q_layout: SequenceLayout, kv_layout: SequenceLayout, rank: int, batch: int, d_model: int,
+                 element_size: int) -> dict[str, int]:
+        return ring_bytes_per_step(kv_layout, rank, batch, d_model, element_size)
+
+    return compare_sequence_split(rank, world_size, case, RingAttention, expected, comm)
 
 
 def measure_step(rank: int, world_size: int, *, B: int, T: int, d_model: int, heads: int, layout: str = "contiguous",

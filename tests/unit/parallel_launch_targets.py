@@ -28,3 +28,13 @@ def behave(rank: int, world_size: int, failing_rank: int, mode: str, code: int =
 def tensors(rank: int, world_size: int, scale: float = 1.0, shape: tuple = (3,)) -> dict:
     """A tensor and a number per rank: results that come back by value."""
     return {"x": torch.full(shape, float(rank) * scale), "n": rank}
+
+
+def all_to_all_pieces(rank: int, world_size: int, width: int = 3) -> dict:
+    """Rank i sends rank j a piece filled with 10 i + j, of i + 1 rows (pieces of different shapes);
+    returns what arrived, in rank order, and the bytes sent."""
+    comm = Comm()
+    chunks = [torch.full((rank + 1, width), 10.0 * rank + j) for j in range(world_size)]
+    shapes = [(i + 1, width) for i in range(world_size)]
+    received = comm.all_to_all(chunks, shapes)
+    return {"received": received, "sent": comm.sent}

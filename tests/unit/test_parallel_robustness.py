@@ -31,6 +31,7 @@ from course_lib import MultiHeadAttention
 from course_lib.parallel import distributed
 from course_lib.parallel import ring_attention as ra
 from course_lib.parallel import tensor_parallel as tp
+from course_lib.parallel import ulysses as ul
 from course_lib.parallel.check import TOLERANCE, example_case, report
 from course_lib.parallel.distributed import Comm, RankFailure, launch, ring_allreduce_bytes
 from course_lib.tools.paths import REPO_ROOT
@@ -42,16 +43,16 @@ CLEAN_ERRORS = (ValueError, TypeError)
 
 # ----------------------------------------------------------------------------- R ranks as threads
 class _Ring:
-    """The mailboxes of R ranks in one process: rank r's inbox holds what rank r - 1 sent, in order."""
+    """The mailboxes of R ranks in one process: inbox[r][s] holds what rank s sent to rank r, in order."""
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.inbox: list[queue.Queue] = [queue.Queue() for _ in range(world_size)]
+        self.inbox: list[list[queue.Queue]] = [[queue.Queue() for _ in range(world_size)] for _ in range(world_size)]
         self.failed = threading.Event()  # a rank raised: the others stop waiting for it
 
 
 class ThreadComm(Comm):
-    """A Comm whose ring_shift passes tensors between threads; it counts bytes exactly as Comm does."""
+    """A Comm whose ring_shift (any offset) passes tensors between threads; it counts bytes exactly as Comm does."""
 
     def __init__(self, ring: _Ring, rank: int) -> None:
         super().__init__()
@@ -65,12 +66,14 @@ class ThreadComm(Comm):
     def world_size(self) -> int:
         return self._ring.world_size
 
-    def start_ring_shift(self, tensor, recv_shape=None, what="ring_shift"):
+    def start_ring_shift(self, tensor, recv_shape=None, what="ring_shift", offset=1):
         tensor = tensor.contiguous()
         shape = tuple(tensor.shape if recv_shape is None else recv_shape)
-        if self.world_size == 1:
+        R = self.world_size
+        if R == 1 or offset % R == 0:
             return lambda: tensor.clone()
-        self._ring.inbox[(self._rank + 1) % self.world_size].put(tensor.detach().clone())
+        self._ring.inbox[(self._rank + offset) % R][self._rank].put(tensor.detach().clone())
+        source = (self._rank - offset) % R
         n_sent, n_recv = tensor.numel() * tensor.element_size(), math.prod(shape) * tensor.element_size()
         self.sent += n_sent
         self.received += n_recv
@@ -82,7 +85,7 @@ class ThreadComm(Comm):
                 if self._ring.failed.is_set():
                     raise RuntimeError("another rank failed")
                 try:
-                    got = self._ring.inbox[self._rank].get(timeout=0.02)
+                    got = self._ring.inbox[self._rank][source].get(timeout=0.02)
                 except queue.Empty:
                     continue
                 assert tuple(got.shape) == shape and got.dtype == tensor.dtype, (what, got.shape, shape)
@@ -179,9 +182,10 @@ def split_cases(draw, tensor_parallel: bool):
     return case
 
 
-def _compare_at_two_ranks(module, case: dict) -> list[dict]:
+def _compare_at_two_ranks(module, case: dict, makes_cases=None) -> list[dict]:
     """module.compare_case on two thread ranks. example_case seeds torch's global generator, which threads share
-    (and the shards' own constructors draw from): it is made once here, and every rank gets a copy."""
+    (and the shards' own constructors draw from): it is made once here, and every rank gets a copy.
+    makes_cases: the module whose example_case compare_case calls (default: module itself)."""
     mha, query, memory, mask, grad_out = example_case(case)
 
     def fresh(t):
@@ -190,7 +194,7 @@ def _compare_at_two_ranks(module, case: dict) -> list[dict]:
     def made(case: dict, seed: int = 0):
         return copy.deepcopy(mha), fresh(query), fresh(memory), mask, grad_out
 
-    with mock.patch.object(module, "example_case", made):
+    with mock.patch.object(module if makes_cases is None else makes_cases, "example_case", made):
         return results_of(run_ranks(2, lambda rank, comm: module.compare_case(rank, 2, case, comm=comm)))
 
 
@@ -206,6 +210,14 @@ def _assert_agrees(results: list[dict]) -> None:
 @given(case=split_cases(tensor_parallel=False))
 def test_ring_attention_at_two_ranks_equals_the_module_and_sends_the_formula(case):
     _assert_agrees(_compare_at_two_ranks(ra, case))
+
+
+@PROPERTY
+@given(case=split_cases(tensor_parallel=False))
+def test_ulysses_at_two_ranks_equals_the_module_and_sends_the_formula(case):
+    if case["heads"] % 2:  # Ulysses gives each of the 2 ranks whole heads
+        case = dict(case, heads=2 * case["heads"], d_model=2 * case["d_model"])
+    _assert_agrees(_compare_at_two_ranks(ul, case, makes_cases=ra))
 
 
 @PROPERTY
