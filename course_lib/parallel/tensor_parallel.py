@@ -31,7 +31,7 @@ from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 from course_lib.parallel.check import check_plain_mha, example_case, grad_of, max_abs_error, report
 from course_lib.parallel.distributed import Comm, ring_allreduce_bytes, saved_bytes, self_check_main, time_steps
 
-__all__ = ["TensorParallelAttention", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
+__all__ = ["TensorParallelAttention", "gqa_refusal", "tp_bytes_per_step", "compare_case", "measure_step", "self_check"]
 
 
 class _CopyToShards(torch.autograd.Function):
@@ -59,6 +59,27 @@ class _SumShards(torch.autograd.Function):
         return grad, None
 
 
+def gqa_refusal(num_heads: int, num_kv_heads: int, world_size: int) -> str:
+    """Why a grouped-query module (num_kv_heads < num_heads) is refused, and how it would be split.
+
+    Query head h reads key/value head h // (num_heads / num_kv_heads), so a group (one key/value
+    head and its query heads) must sit on one rank. With num_kv_heads >= R (and R dividing it)
+    rank r would own num_kv_heads / R whole groups. With num_kv_heads < R there are fewer
+    key/value heads than ranks: each must be replicated on R / num_kv_heads ranks (its rows of
+    W_K, W_V copied there, their gradients summed over those ranks), and the bytes and memory
+    per rank no longer fall as 1 / R for k and v.
+    """
+    R, H, H_kv = world_size, num_heads, num_kv_heads
+    if H_kv < R:
+        how = (f"num_kv_heads={H_kv} < R={R}: each key/value head would have to be replicated on R / num_kv_heads "
+               f"ranks (W_K, W_V rows copied, their gradients summed over those ranks)")
+    else:
+        how = (f"num_kv_heads={H_kv} >= R={R}: rank r would own num_kv_heads / R key/value heads and the "
+               f"num_heads / R = {H / R:g} query heads that read them")
+    return (f"mha uses num_kv_heads={H_kv} (grouped-query attention, {H} query heads): {how}; this tensor "
+            f"parallelism splits plain multi-head attention only (num_kv_heads = num_heads)")
+
+
 class TensorParallelAttention(nn.Module):
     """This rank's shard of a MultiHeadAttention: heads h0 ... h1 - 1 of H, with H / R = h1 - h0.
 
@@ -67,11 +88,13 @@ class TensorParallelAttention(nn.Module):
 
     def __init__(self, mha: MultiHeadAttention, comm: Comm | None = None) -> None:
         super().__init__()
-        check_plain_mha(mha, "tensor parallelism")
         comm = Comm() if comm is None else comm
         if not isinstance(comm, Comm):
             raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
         R, r = comm.world_size, comm.rank
+        if isinstance(mha, MultiHeadAttention) and mha.num_kv_heads != mha.num_heads:
+            raise ValueError(gqa_refusal(mha.num_heads, mha.num_kv_heads, R))
+        check_plain_mha(mha, "tensor parallelism")
         if mha.num_heads % R:
             raise ValueError(f"num_heads={mha.num_heads} must be divisible by the number of ranks R={R}: each "
                              f"rank owns num_heads / R whole heads")

@@ -23,6 +23,7 @@ from course_lib.masks import padding_mask
 from course_lib.numpy_ref import scaled_dot_product_attention as numpy_attention
 from course_lib.parallel import ring_attention as ra
 from course_lib.parallel import tensor_parallel as tp
+from course_lib.parallel import ulysses as ul
 from course_lib.parallel.distributed import (
     Comm,
     RankFailure,
@@ -248,7 +249,8 @@ def test_merging_two_empty_partials_gives_zeros_not_nan():
 
 @pytest.mark.skipif(os.environ.get("COURSE_LIB_TORCHRUN") != "1",
                     reason="starts torchrun (about 10 s): set COURSE_LIB_TORCHRUN=1 to run it")
-@pytest.mark.parametrize("module", ["course_lib.parallel.tensor_parallel", "course_lib.parallel.ring_attention"])
+@pytest.mark.parametrize("module", ["course_lib.parallel.tensor_parallel", "course_lib.parallel.ring_attention",
+                                    "course_lib.parallel.ulysses"])
 def test_torchrun_runs_the_self_check(module):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", module],
@@ -300,6 +302,20 @@ def test_tensor_parallel_needs_whole_heads_per_rank(one_rank):
         tp.TensorParallelAttention(MultiHeadAttention(12, 3), TwoRanks())
 
 
+@pytest.mark.parametrize(("H", "H_kv", "R", "says"), [(8, 2, 4, "num_kv_heads=2 < R=4: each key/value head would have "
+                                                                 "to be replicated"),
+                                                   (8, 1, 2, "num_kv_heads=1 < R=2"),
+                                                   (8, 4, 2, "num_kv_heads=4 >= R=2: rank r would own")])
+def test_tensor_parallel_refuses_grouped_query_attention_saying_how_it_would_split(one_rank, H, H_kv, R, says):
+    class Ranks(Comm):
+        world_size = R  # a group of R, as far as the shard can tell
+
+    comm = Ranks()
+    with pytest.raises(ValueError, match=says):
+        tp.TensorParallelAttention(MultiHeadAttention(16, H, num_kv_heads=H_kv), comm)
+    assert comm.sent == 0
+
+
 def test_ring_takes_an_additive_float_mask_like_the_module(one_rank):
     torch.manual_seed(0)
     mha = MultiHeadAttention(16, 4)
@@ -318,6 +334,7 @@ def test_modern_options_are_refused_not_split_wrongly(one_rank, options):
 
     cls = MultiHeadAttention if "num_kv_heads" in options else DecoderAttention
     for mha in (cls(16, 4, **options), MultiHeadAttention(16, 4, rotary=RotaryEmbedding(4))):
-        for build in (tp.TensorParallelAttention.from_module, ra.RingAttention.from_module):
+        for build in (tp.TensorParallelAttention.from_module, ra.RingAttention.from_module,
+                      ul.UlyssesAttention.from_module):
             with pytest.raises(ValueError, match="splits plain multi-head attention only"):
                 build(mha)
