@@ -10,9 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
 from course_lib import numpy_ref
-from course_lib.checks._core import CheckFailure, as_array, call, checker, compare, diagnose, is_close, unpack
+from course_lib.checks._core import (
+    CheckFailure,
+    as_array,
+    call,
+    call_watching,
+    checker,
+    compare,
+    diagnose,
+    is_close,
+    unpack,
+)
 
 __all__ = [
     "check_scaled_scores",
@@ -260,6 +271,10 @@ def _batched_k_T_probe(fn: Callable) -> str | None:
     return _BATCHED_K_T if is_close(weights, reversed_w) else None
 
 
+_NUMPY_ADVICE = ("Scaling or masking an input with /=, *= or x[...] = ... writes into the caller's array; compute a "
+                 "new array from it instead (a plain division or np.where makes one)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Exercise 4: masked attention (bool mask, True = may attend; fully masked rows -> 0)
 # ----------------------------------------------------------------------------------------------
@@ -295,8 +310,11 @@ def check_masked_attention(fn: Callable) -> str:
     for label, q, k, v, mask in cases:
         try:
             with np.errstate(all="ignore"):
-                result = call(fn, q.copy(), k.copy(), v.copy(), mask.copy())
+                result = call_watching(fn, q.copy(), k.copy(), v.copy(), mask.copy(), names=("q", "k", "v", "mask"),
+                                       advice=_NUMPY_ADVICE)
         except CheckFailure as crash:
+            if "in place" in str(crash):
+                raise
             cube = [("a batch whose k is a cube (B = S = d = 3)", lambda: _batched_k_T_probe(fn))]
             raise _explain_crash(crash, cube if k.ndim > 2 else []) from None
         answer, (out, weights) = _unpack_pair(result, "your masked attention function")
@@ -351,6 +369,23 @@ _HAND_K = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0], [0.0, 0.0, 0.0
 _HAND_V = np.array([10.0, 0.0, -10.0])  # (S,) one number per key
 
 
+def _hand_off(name: str, got: np.ndarray, expected: np.ndarray, atol: float, hint: str) -> None:
+    """Fail naming the entries of a hand-computed answer that are off and by how much at most, without printing
+    the expected numbers: a learner who reads them has nothing left to compute."""
+    if not np.all(np.isfinite(got)):
+        raise CheckFailure(f"{name} contains {got[~np.isfinite(got)][0]}; every entry is a finite number. "
+                           f"Hint: {hint}.")
+    off = np.abs(got - expected) > atol
+    if not off.any():
+        return
+    err = float(np.abs(got - expected).max())
+    if got.size == 1:
+        raise CheckFailure(f"{name} is off by {err:.3g} (it must be within {atol:g}). Hint: {hint}.")
+    entries = ", ".join(f"{i} (key k_{i + 1})" for i in np.flatnonzero(off))
+    verb = f"entries {entries} are" if off.sum() > 1 else f"entry {entries} is"
+    raise CheckFailure(f"{name}: {verb} off, by up to {err:.3g} (each must be within {atol:g}). Hint: {hint}.")
+
+
 @checker
 def check_hand_example(fn: Callable) -> str:
     """Check the worked example computed by hand.
@@ -375,15 +410,17 @@ def check_hand_example(fn: Callable) -> str:
     for message, w in wrong.items():
         if is_close(weights, w, atol=2e-3, rtol=0):
             raise CheckFailure(message + ".")
-    compare("weights", weights, expected_w, atol=2e-3, rtol=0,
-            hint=('compute the three scores q.k_j / sqrt(d) first, then the softmax of those three numbers; '
-                  'three digits are enough'))
+    _hand_off("weights", weights, expected_w, 2e-3,
+              "compute the three scores q.k_j / sqrt(d) first, then the softmax of those three numbers; three "
+              "digits are enough")
     out = as_array("out", answer[1])
     expected_out = float(expected_w @ _HAND_V)
     if out.size == 3 and is_close(out.ravel(), expected_w * _HAND_V, atol=2e-2, rtol=0):
         raise CheckFailure("out is the list of products a_j v_j; the output is their SUM, one number.")
-    compare("out", out.reshape(()) if out.size == 1 else out, expected_out, atol=2e-2, rtol=0,
-            hint='the output mixes the three values with the weights you just computed')
+    if out.size != 1:
+        raise CheckFailure(f"out should be one number; got shape {out.shape}")
+    _hand_off("out", out.reshape(1), np.array([expected_out]), 2e-2,
+              "the output mixes the three values with the weights you just computed")
     return f"weights {np.round(expected_w, 3).tolist()} and out {expected_out:.3f} are right"
 
 
@@ -437,8 +474,9 @@ def _additive_mistakes(q, k, W_q, W_k, w) -> dict[str, np.ndarray | None]:
     T, S = q.shape[0], k.shape[0]
     square = W_q.shape[0] == W_q.shape[1] and W_k.shape[0] == W_k.shape[1]
     return {
-        "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is "
-        "q @ W_q.T (with square matrices q @ W_q runs but multiplies by the transpose)":
+        "the projections ignore the layout of W_q and W_k: they are stored (out, in) like nn.Linear.weight, one "
+        "ROW per output feature, so projecting a row vector multiplies by the transposed matrix (with square "
+        "matrices the untransposed product runs, but it computes something else)":
             _additive_ref(q, k, W_q.T, W_k.T, w) if square else None,
         "there is no tanh: without it the score w.W_q q_i + w.W_k k_j splits into a query part plus a key "
         "part, and the softmax over j cancels the query part entirely":
@@ -479,6 +517,9 @@ def check_additive_scores(fn: Callable) -> str:
         except CheckFailure as crash:
             others = [(other, lambda xs=xs: probe(xs)) for other, xs in cases if other != label]
             raise _explain_crash(crash, others) from None
+        if isinstance(answer, torch.Tensor):
+            raise CheckFailure(f"for {label} your scores are a torch tensor; this notebook works in numpy: return a "
+                               f"numpy array, computed from the numpy inputs without converting them to torch.")
         got = as_array("scores", answer)
         expected = _additive_ref(*inputs)
         T, S = expected.shape

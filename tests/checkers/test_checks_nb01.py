@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from course_lib import checks, numpy_ref
 
@@ -214,6 +215,18 @@ def nan_on_empty_rows(q, k, v, mask):
     return w @ v, w
 
 
+def scales_q_in_place(q, k, v, mask):
+    q /= np.sqrt(q.shape[-1])
+    w = numpy_ref.softmax(np.where(mask, q @ np.swapaxes(k, -1, -2), -np.inf))
+    return w @ v, w
+
+
+def test_masked_names_an_input_changed_in_place():
+    result = checks.check_masked_attention(scales_q_in_place)
+    assert not result.passed and result.message.startswith("your function changed its input `q` in place"), result
+    assert "np.where" in result.message, result.message
+
+
 def test_masked_accepts_reference():
     result = checks.check_masked_attention(ref_masked)
     assert result.passed, result
@@ -271,11 +284,25 @@ def test_hand_example_accepts_three_digit_answers():
     (_hand(scale=4.0), "divided by d_k"),
     (_hand(soft=False), "scaled scores themselves"),
     (_hand(summed=False), "their SUM"),
-    (lambda: ([0.787, 0.107, 0.107], 7.0), "out"),
+    (lambda: ([0.787, 0.107, 0.107], 7.0), "out is off by 0.195"),
 ])
 def test_hand_example_rejects_planted_mistakes(wrong, words):
     result = checks.check_hand_example(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+def test_hand_example_never_prints_the_answer_it_asks_for():
+    def slip():  # q.k_2 taken as 2 instead of 0
+        w = numpy_ref.softmax(np.array([4.0, 2.0, 0.0]) / 2.0)
+        return w, float(w @ np.array([10.0, 0.0, -10.0]))
+
+    result = checks.check_hand_example(slip)
+    assert not result.passed
+    assert result.message.startswith("weights: entries 0 (key k_1), 1 (key k_2), 2 (key k_3) are off, by up to "
+                                     "0.138"), result
+    assert "0.787" not in result.message and "0.107" not in result.message, result.message
+    result = checks.check_hand_example(lambda: ([0.787, 0.107, 0.107], 7.0))
+    assert "6.8" not in result.message, result.message
 
 
 # ----------------------------------------------------------------------------- score variance
@@ -317,7 +344,8 @@ def _additive_mutating(q, k, W_q, W_k, w):
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (_additive_forgot_T, "forgot .T"),
+    (_additive_forgot_T, "ignore the layout of W_q and W_k"),
+    (lambda q, k, W_q, W_k, w: torch.from_numpy(additive_ref(q, k, W_q, W_k, w)), "return a numpy array"),
     (lambda q, k, W_q, W_k, w: ((q @ W_q.T)[:, None, :] + (k @ W_k.T)[None, :, :]) @ w, "no tanh"),
     (lambda q, k, W_q, W_k, w: additive_ref(q, k, W_q, W_k, w).T, "(S, T)"),
     (lambda q, k, W_q, W_k, w: np.tanh(q @ W_q.T + k @ W_k.T) @ w, "raised"),
@@ -398,8 +426,9 @@ def _additive_diagonal(q, k, W_q, W_k, w):
 
 @pytest.mark.parametrize("wrong, message", [
     (_additive_forgot_T_everywhere,
-     "you forgot .T: W_q and W_k are stored (out, in) like nn.Linear.weight, so the projection is q @ W_q.T (with "
-     "square matrices q @ W_q runs but multiplies by the transpose)."),
+     "the projections ignore the layout of W_q and W_k: they are stored (out, in) like nn.Linear.weight, one ROW per "
+     "output feature, so projecting a row vector multiplies by the transposed matrix (with square matrices the "
+     "untransposed product runs, but it computes something else)."),
     (_additive_diagonal,
      "you added q_i's projection to k_i's only, row by row: that scores each query against ONE key (the diagonal "
      "i = j). Broadcast q's projection as (T, 1, h) and k's as (1, S, h) to score every pair."),
@@ -455,7 +484,8 @@ def test_masked_crash_on_a_batch_for_another_reason_is_reported_as_it_was():
 def test_the_crash_probes_do_not_see_inputs_a_function_mutated():
     def mutating_k_T(q, k, v, mask):
         out = masked_with_k_T(q, k, v, mask)
-        k *= 0  # its own copy only
+        if k.ndim == 3:
+            k *= 0  # its own copy only, in the probe (elsewhere a change in place is named)
         return out
     result = checks.check_masked_attention(mutating_k_T)
     assert not result.passed and result.message.endswith("np.swapaxes(k, -1, -2)."), result.message
