@@ -40,8 +40,9 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- inputs changed in place
-TENSOR_ADVICE = ("Return a new tensor (t.masked_fill(...), ~mask, x = x + ...) instead of masked_fill_, "
-                 "logical_not_, += or x[...] = ...")  # shared with notebook 05's checkers
+TENSOR_ADVICE = ("Return a new tensor instead of writing into the input: the forms without a trailing underscore "
+                 "(masked_fill, not masked_fill_) and x = x + ... make new tensors; +=, x[...] = ... and the "
+                 "underscore forms do not")  # shared with notebook 05's checkers
 
 
 # ----------------------------------------------------------------------------- split / merge heads
@@ -63,8 +64,9 @@ def check_split_heads(fn):
         as_tensor(f"split_heads(x of shape {(B, T, D)}, {H})", got)
         if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
             mistake = diagnose(got, {
-                "you reshaped (B, T, d_model) straight to (B, H, T, d_head): that mixes tokens into heads. View "
-                "it as (B, T, H, d_head) first, then .transpose(1, 2)": x.reshape(B, H, T, d),
+                "you reshaped (B, T, d_model) straight to (B, H, T, d_head): that mixes tokens into heads. A reshape "
+                "keeps the memory order, token by token; split each token's features into heads first, then move "
+                "the head axis in front of time": x.reshape(B, H, T, d),
                 "the heads are interleaved: feature j went to head j % H. Head h must hold the CONTIGUOUS block of "
                 "features h*d_head ... (h+1)*d_head - 1, so view as (B, T, H, d_head), not (B, T, d_head, H)":
                     x.view(B, T, d, H).permute(0, 3, 1, 2),
@@ -93,8 +95,9 @@ def check_merge_heads(fn):
         as_tensor(f"merge_heads(x of shape {(B, H, T, d)})", got)
         if tuple(got.shape) == tuple(expected.shape) and not is_close(got, expected):
             mistake = diagnose(got, {
-                "you reshaped (B, H, T, d_head) straight to (B, T, H*d_head): tokens and heads get mixed. "
-                ".transpose(1, 2) first (to (B, T, H, d_head)), then .reshape(B, T, H * d_head)":
+                "you reshaped (B, H, T, d_head) straight to (B, T, H*d_head): tokens and heads get mixed. A reshape "
+                "keeps the memory order, head by head; move the head axis back behind time before flattening the "
+                "heads into one feature axis":
                     x.reshape(B, T, H * d),
                 "the heads are interleaved (feature j from head j % H): concatenate them instead, head 0's "
                 "d_head features first": x.permute(0, 2, 3, 1).reshape(B, T, H * d),
@@ -109,7 +112,7 @@ def check_merge_heads(fn):
 
 # ----------------------------------------------------------------------------- the forward pass
 def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, memory=None, scale="d_head", heads=True, softmax_dim=-1,
-                 out_proj=True, mask=None, split_transpose=True, merge_transpose=True, forgot_T=False):
+                 out_proj=True, mask=None, split_transpose=True, merge_transpose=True, forgot_T: bool | str = False):
     """Multi-head attention with one thing changed, to recognise a learner's mistake. Queries come from x
     (B, T, d_model), keys and values from memory (B, S, kdim) (default: x); w_q, w_k (H d_k, .), w_v (H d_v, .),
     w_o (d_model, H d_v) in nn.Linear's layout."""
@@ -118,8 +121,8 @@ def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, memory=None, scale="d_head", heads
     h = H if heads else 1
     d_k, d_v = w_q.shape[0] // h, w_v.shape[0] // h
 
-    def project(t, w):
-        return t @ (w if forgot_T else w.T)
+    def project(t, w, inputs=True):
+        return t @ (w if forgot_T is True or (forgot_T == "inputs" and inputs) else w.T)
 
     def split(t, L, d):  # (B, L, h*d) -> (B, h, L, d)
         return t.reshape(B, L, h, d).transpose(1, 2) if split_transpose else t.reshape(B, h, L, d)
@@ -129,20 +132,29 @@ def _mha_variant(x, w_q, w_k, w_v, w_o, H, *, memory=None, scale="d_head", heads
     scores = q @ k.transpose(-2, -1) * factor  # (B, h, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    heads_out = torch.softmax(scores, dim=softmax_dim) @ v  # (B, h, T, d_v)
+    weights = torch.nan_to_num(torch.softmax(scores, dim=softmax_dim), nan=0.0)  # a query with no key: weights 0
+    heads_out = weights @ v  # (B, h, T, d_v)
     out = heads_out.transpose(1, 2).reshape(B, T, h * d_v) if merge_transpose else heads_out.reshape(B, T, h * d_v)
-    return project(out, w_o) if out_proj else out
+    return project(out, w_o, inputs=False) if out_proj else out
 
 
 _FORWARD_ARGS = ("x", "w_q", "w_k", "w_v", "w_o", "num_heads")
 _CROSS_ARGS = ("x", "memory", "w_q", "w_k", "w_v", "w_o", "num_heads")
 _RESHAPE_SPLIT = ("you reshaped to (B, H, T, d_head) without the transpose: head 0 then gets the first T*d_head "
-                  "numbers, i.e. tokens 0..T/H-1 each cut into H fake tokens. Reshape to (B, T, H, d_head), then "
-                  "transpose(1, 2)")
-_RESHAPE_MERGE = ("you merged the heads with a reshape of (B, H, T, d_head) without transposing back: transpose(1, 2) "
-                  "to (B, T, H, d_head) first, then reshape to (B, T, H*d_head)")
-_FORGOT_T = ("you forgot .T: the weights are in nn.Linear's layout (out_features, in_features), so a projection is "
-             "x @ w.T (with square weights x @ w runs, but multiplies by the transpose)")
+                  "numbers, i.e. tokens 0..T/H-1 each cut into H fake tokens. Split each token's features into "
+                  "heads first, then move the head axis in front of time")
+_RESHAPE_MERGE = ("you merged the heads with a reshape of (B, H, T, d_head) without moving the head axis back: "
+                  "tokens and heads get mixed. Put time before the heads again, then flatten the heads into one "
+                  "feature axis")
+_FORGOT_T = ("the projections ignore nn.Linear's layout: a weight is stored (out_features, in_features), one ROW per "
+             "output feature, so projecting row vectors multiplies by the transposed weight (with square weights the "
+             "untransposed product runs, but it computes something else)")
+_FORGOT_T_INPUTS = ("the query, key and value projections ignore nn.Linear's layout (the output projection does "
+                    "not): a weight is stored (out_features, in_features), one ROW per output feature, so projecting "
+                    "row vectors multiplies by the transposed weight, for w_q, w_k and w_v as for w_o")
+_MASK_FLIPPED = ("the mask's polarity is flipped: your output is attention where the mask is False. Here True = may "
+                 "attend (F.scaled_dot_product_attention's convention, not nn.MultiheadAttention's), so a query "
+                 "attends to the keys where its mask is True")
 
 
 @checker
@@ -154,7 +166,7 @@ def check_mha_forward(fn):
     mask broadcastable to (B, H, T, T), True = may attend; out (B, T, d_model), float64 tensors.
     Checks four cases (H = 1 to 4, one with a causal mask) against course_lib to 1e-10; names a
     missing scale, scaling by sqrt(d_model), a softmax over the queries, a missing W_O, a forgotten .T,
-    a reshape without transpose (splitting or merging the heads), one big head, and an ignored mask.
+    a reshape without transpose (splitting or merging the heads), one big head, and an ignored or flipped mask.
     """
     _forward_cases(fn, "your output")
     return "4 cases (H = 1 to 4, one with a causal mask) equal course_lib to 1e-10 in float64"
@@ -193,9 +205,13 @@ def _forward_cases(fn, label: str) -> None:
                            "d_model / H features each before the softmax"] = _mha_variant(*args, heads=False,
                                                                                          mask=mask)
             if mask is not None:
-                candidates["the mask is ignored (or its polarity flipped?): True = may attend, so fill the scores "
-                           "where the mask is False with -inf"] = _mha_variant(*args)
+                candidates["the mask is ignored: True = may attend, so the keys where the mask is False must get "
+                           "weight 0"] = _mha_variant(*args)
+                candidates[_MASK_FLIPPED] = _mha_variant(*args, mask=~mask)
             mistake = diagnose(got, candidates)
+            if mistake is None and mask is not None and is_close(torch.nan_to_num(got.detach(), nan=0.0),
+                                                                 candidates[_MASK_FLIPPED]):
+                mistake = _MASK_FLIPPED  # flipped, and the rows the flipped mask empties came out NaN
             if mistake:
                 raise CheckFailure(f"for {what}: {mistake}.")
         compare(f"{label} ({what})", got, expected,
@@ -204,6 +220,42 @@ def _forward_cases(fn, label: str) -> None:
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_NO_KEY = ("a query that may attend to no key must give output 0 (before out_proj's bias), the course's convention, "
+           "course_lib.MultiHeadAttention's too")
+
+
+def _fully_masked_case(as_function, reference_class) -> None:
+    """A mask under which some queries may attend to no key, compared with course_lib.MultiHeadAttention alone
+    (nn.MultiheadAttention gives NaN there); names the NaN of an unguarded -inf fill and the average of a finite one."""
+    g = torch.Generator().manual_seed(14)
+    B, T, D, H = 2, 5, 8, 2
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weights = [torch.randn(D, D, generator=g, dtype=torch.float64) / D**0.5 for _ in range(4)]
+    first_key = torch.tensor([0, 2])  # sequence 1 is padded on the left: its queries 0 and 1 see no key
+    mask = torch.ones(T, T, dtype=torch.bool).tril() & (torch.arange(T) >= first_key[:, None])[:, None, None, :]
+    what = (f"B={B}, T={T}, d_model={D}, H={H}, a causal mask with sequence 1 padded on the left, so that its "
+            f"queries 0 and 1 may attend to no key")
+    got = as_tensor(f"your module's output ({what})",
+                    call_watching(as_function, x.clone(), *weights, H, mask.clone(),
+                                  names=(*_FORWARD_ARGS, "attn_mask"), advice=TENSOR_ADVICE))
+    reference = reference_class(D, H, dtype=torch.float64)
+    _load(reference, weights, [torch.zeros(D, dtype=torch.float64)] * 4)
+    with torch.no_grad():
+        expected = reference(x, attn_mask=mask)
+    if tuple(got.shape) == tuple(expected.shape):
+        empty = ~mask.any(dim=-1)[:, 0]  # (B, T): queries with no key
+        got = got.detach()
+        others_right = is_close(got[~empty], expected[~empty])
+        if others_right and torch.isnan(got[empty]).any():
+            raise CheckFailure(f"for {what}: your output is NaN at those queries. Filling the masked scores with "
+                               f"-inf is right, but a row with every score -inf has softmax 0/0 = NaN: {_NO_KEY}, so "
+                               f"give such rows weights 0.")
+        if others_right and torch.isfinite(got[empty]).all() and not is_close(got[empty], expected[empty]):
+            raise CheckFailure(f"for {what}: your output there is an average of the values, not 0. That is what a "
+                               f"finite fill such as -1e9 gives: every score of the row is equal, so the softmax "
+                               f"spreads evenly over keys that are all masked. Fill with -inf, and {_NO_KEY}.")
+    compare(f"your module's output ({what})", got, expected,
+            hint=f"{_NO_KEY}; the other queries attend as before")
 
 
 def _built(build, d_model: int, num_heads: int) -> torch.nn.Module:
@@ -243,7 +295,9 @@ def check_mha_module(build):
     and forward(x, attn_mask=None) -> out: x (B, T, d_model), attn_mask bool broadcastable to (B, H, T, T),
     True = may attend, out (B, T, d_model). Loads the same weights into yours, course_lib.MultiHeadAttention
     and torch.nn.MultiheadAttention and compares the outputs to 1e-10 in float64; names the mistakes that
-    check_mha_forward names (no scale, sqrt(d_model), softmax over queries, reshape without transpose, ...).
+    check_mha_forward names (no scale, sqrt(d_model), softmax over queries, reshape without transpose, a flipped
+    mask, ...). A mask under which some queries may attend to no key is compared with course_lib alone (output 0
+    there, before out_proj's bias); names the NaN of an unguarded -inf fill and the average of a finite fill.
     """
     from course_lib.mha import MultiHeadAttention  # the library is what the learner's module is checked against
 
@@ -255,6 +309,7 @@ def check_mha_module(build):
         return module(x) if mask is None else module(x, attn_mask=mask)
 
     _forward_cases(as_function, "your module's output")
+    _fully_masked_case(as_function, MultiHeadAttention)
     g = torch.Generator().manual_seed(5)
     B, T, D, H = 2, 5, 12, 3
     x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
@@ -280,7 +335,7 @@ def check_mha_module(build):
                   'by its weight alone'))
     compare("course_lib vs nn.MultiheadAttention (the checker's own agreement)", expected, torch_out)
     return ("5 cases equal course_lib.MultiHeadAttention, and nn.MultiheadAttention with the same weights, "
-            "to 1e-10 in float64")
+            "to 1e-10 in float64; queries with no allowed key give output 0, as in course_lib")
 
 
 # ----------------------------------------------------------------------------- parameter count
@@ -344,6 +399,7 @@ def _cross_mistakes(x, memory, w_q, w_k, w_v, w_o, H) -> dict[str, torch.Tensor]
         _RESHAPE_SPLIT: _mha_variant(*args, memory=memory, split_transpose=False),
         _RESHAPE_MERGE: _mha_variant(*args, memory=memory, merge_transpose=False),
         _FORGOT_T: _mha_variant(*args, memory=memory, forgot_T=True) if square else None,
+        _FORGOT_T_INPUTS: _mha_variant(*args, memory=memory, forgot_T="inputs") if square else None,
         "you scaled by sqrt(d_v); the scale is sqrt(d_k), the length of the query-key dot products":
             _mha_variant(*args, memory=memory, scale="d_v"),
         "you scaled by sqrt(d_model); each head's dot product has d_k terms: divide by sqrt(d_k)":
@@ -361,7 +417,8 @@ def check_cross_mha_forward(fn):
     the queries, memory (B, S, kdim) the keys and values, w_q (H d_k, d_model), w_k (H d_k, kdim),
     w_v (H d_v, kdim), w_o (d_model, H d_v) in nn.Linear's layout without biases; out (B, T, d_model).
     Checks d_v != d_k, T != S and a case where every weight is square; names a reshape without
-    transpose, a forgotten .T, scaling by sqrt(d_v) or sqrt(d_model), and keys taken from x. A mistake
+    transpose, a forgotten .T (on every weight, or on w_q, w_k and w_v only), scaling by sqrt(d_v) or sqrt(d_model),
+    and keys taken from x. A mistake
     that crashes on one case's shapes is named from a case where it runs.
     """
     g = torch.Generator().manual_seed(44)
@@ -428,8 +485,9 @@ def check_cross_mha_cost(fn):
     Your function: `fn(B, T, S, d_model, H, d_k, d_v, kdim, vdim) -> (params, core_flops)`: the number
     of parameters (weights and biases of W_q (H d_k x d_model), W_k (H d_k x kdim), W_v (H d_v x vdim),
     W_o (d_model x H d_v)) and the FLOPs of q k^T and weights @ v for B sequences of T queries over S
-    keys (a multiply-add = 2 FLOPs). Checks four configurations; names missing biases, d_model in place
-    of kdim/vdim, d_k used for the value heads, multiply-adds counted as 1 FLOP, and T * T instead of T * S.
+    keys (a multiply-add = 2 FLOPs). Checks four configurations; names the pair in the wrong order, missing
+    biases, d_model in place of kdim/vdim, kdim in place of vdim, d_k used for the value heads, multiply-adds
+    counted as 1 FLOP, and T * T instead of T * S.
     """
     configs = [(2, 5, 7, 32, 4, 8, 6, 20, 12), (1, 10, 3, 64, 8, 8, 8, 64, 64), (3, 4, 9, 48, 6, 4, 10, 30, 30),
                (1, 128, 512, 512, 8, 64, 32, 768, 768)]
@@ -439,12 +497,17 @@ def check_cross_mha_cost(fn):
         params, flops = _cross_cost(*config)
         B, T, S, D, H, d_k, d_v, kdim, vdim = config
         got_params, got_flops = (as_array(name, a) for name, a in zip(("params", "core_flops"), answer, strict=True))
+        if not is_close(got_params, params) and is_close(got_params, flops) and is_close(got_flops, params):
+            raise CheckFailure(f"for {label}: your pair is in the wrong order, (core_flops, params): return the "
+                               f"parameter count first, then the FLOPs.")
         if not is_close(got_params, params):
             wrong = {
                 "the biases are missing: W_q and W_k have H*d_k each, W_v H*d_v, W_o d_model":
                     params - (2 * H * d_k + H * d_v + D),
                 "you used d_model as the input size of W_k and W_v; they read the memory, of sizes kdim and vdim":
                     _cross_cost(B, T, S, D, H, d_k, d_v, D, D)[0],
+                "you used kdim as the input size of W_v too: W_k reads keys of size kdim, but W_v reads values of "
+                "size vdim": _cross_cost(B, T, S, D, H, d_k, d_v, kdim, kdim)[0] if kdim != vdim else None,
                 "value heads have their own size d_v: W_v is (H*d_v x vdim) and W_o is (d_model x H*d_v)":
                     _cross_cost(B, T, S, D, H, d_k, d_k, kdim, vdim)[0],
             }

@@ -27,7 +27,7 @@ def test_split_heads_accepts_reference():
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), "View it as (B, T, H, d_head) first"),
+    (lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), "split each token's features into heads first"),
     (lambda x, H: x.view(*x.shape[:2], -1, H).permute(0, 3, 1, 2), "interleaved"),
     (lambda x, H: x.view(*x.shape[:2], H, -1), "has shape"),
     (lambda x, H: None, "None"),
@@ -42,7 +42,7 @@ def test_merge_heads_accepts_reference():
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda x: x.reshape(x.shape[0], x.shape[2], -1), ".transpose(1, 2) first"),
+    (lambda x: x.reshape(x.shape[0], x.shape[2], -1), "move the head axis back behind time"),
     (lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1), "interleaved"),
     (lambda x: x.transpose(1, 2), "has shape"),
 ])
@@ -98,7 +98,9 @@ def _variant(**changes):
     (_variant(out_proj=False), "W_O is missing"),
     (_variant(heads=False), "ONE head"),
     (_variant(ignore_mask=True), "the mask is ignored"),
-    (lambda x, wq, wk, wv, wo, H, mask=None: mha_ref(x, wq.T, wk.T, wv.T, wo.T, H, mask), "forgot .T"),
+    (lambda x, wq, wk, wv, wo, H, mask=None: mha_ref(x, wq.T, wk.T, wv.T, wo.T, H, mask), "ignore nn.Linear's layout"),
+    (lambda x, wq, wk, wv, wo, H, mask=None: mha_ref(x, wq, wk, wv, wo, H, None if mask is None else ~mask),
+     "the mask's polarity is flipped"),
     (lambda x, wq, wk, wv, wo, H, mask=None: _no_transpose_split(x, wq, wk, wv, wo, H, mask), "without the transpose"),
     (lambda *args, **kw: mha_ref(*args, **kw).float() + 1e-3, "differs from the reference"),
     (lambda *args, **kw: mha_ref(*args, **kw).numpy(), "should be a torch.Tensor"),
@@ -140,8 +142,8 @@ def cross_ref(x, memory, w_q, w_k, w_v, w_o, num_heads, *, split_T=True, merge_T
     d_k, d_v = w_q.shape[0] // H, w_v.shape[0] // H
     kv_input = x if keys_from_x else memory
 
-    def proj(t, w):
-        return t @ w if forgot_T else t @ w.T
+    def proj(t, w, out=False):
+        return t @ w if forgot_T is True or (forgot_T == "inputs" and not out) else t @ w.T
 
     def split(t, L, d):
         return t.reshape(B, L, H, d).transpose(1, 2) if split_T else t.reshape(B, H, L, d)
@@ -150,7 +152,7 @@ def cross_ref(x, memory, w_q, w_k, w_v, w_o, num_heads, *, split_T=True, merge_T
     scale = {"d_v": d_v, "d_model": x.shape[-1]}.get(scale_by, d_k) ** -0.5
     heads = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v  # (B, H, T, d_v)
     merged = heads.transpose(1, 2).reshape(B, T, H * d_v) if merge_T else heads.reshape(B, T, H * d_v)
-    return proj(merged, w_o)
+    return proj(merged, w_o, out=True)
 
 
 def test_cross_mha_forward_accepts_reference_and_course_lib_sdpa():
@@ -172,8 +174,8 @@ def _cross_mutating(x, memory, w_q, w_k, w_v, w_o, H):
 
 @pytest.mark.parametrize("options, words", [
     (dict(split_T=False), "reshaped to (B, H, T, d_head) without the transpose"),
-    (dict(merge_T=False), "without transposing back"),
-    (dict(forgot_T=True), "forgot .T"),
+    (dict(merge_T=False), "without moving the head axis back"),
+    (dict(forgot_T=True), "ignore nn.Linear's layout"),
     (dict(scale_by="d_v"), "sqrt(d_v)"),
     (dict(scale_by="d_model"), "sqrt(d_model)"),
     (dict(keys_from_x=True), "keys and values come from x"),
@@ -232,6 +234,9 @@ def test_cross_mha_cost_accepts_reference():
     (lambda *c: cost_ref(*c, fma=1), "multiply-add as 1 FLOP"),
     (lambda *c: cost_ref(*c, TT=True), "T x S"),
     (lambda *c: cost_ref(*c)[0], "pair"),
+    (lambda *c: cost_ref(*c)[::-1], "wrong order, (core_flops, params)"),
+    (lambda B, T, S, d_model, H, d_k, d_v, kdim, vdim: cost_ref(B, T, S, d_model, H, d_k, d_v, kdim, kdim),
+     "you used kdim as the input size of W_v too"),
 ])
 def test_cross_mha_cost_rejects_planted_mistakes(wrong, words):
     result = checks.check_cross_mha_cost(wrong)
@@ -347,6 +352,27 @@ class _MaskIgnored(ModuleRef):
         return super().attend(q, k, v, None)
 
 
+class _MaskFlipped(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        return super().attend(q, k, v, None if attn_mask is None else ~attn_mask)
+
+
+class _FiniteFill(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        scores = q @ k.transpose(-2, -1) / self.d_head**0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, -1e9)
+        return scores.softmax(-1) @ v
+
+
+class _NoGuard(ModuleRef):
+    def attend(self, q, k, v, attn_mask):
+        scores = q @ k.transpose(-2, -1) / self.d_head**0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+
 class _OutWeightOnly(ModuleRef):
     def forward(self, x, attn_mask=None):
         B, T, D = x.shape
@@ -384,6 +410,9 @@ def test_mha_module_accepts_reference():
     (_SoftmaxOverQueries, "softmax runs over the queries"),
     (_NoTranspose, "without the transpose"),
     (_MaskIgnored, "the mask is ignored"),
+    (_MaskFlipped, "the mask's polarity is flipped"),
+    (_FiniteFill, "your output there is an average of the values, not 0. That is what a finite fill such as -1e9"),
+    (_NoGuard, "your output is NaN at those queries. Filling the masked scores with -inf is right"),
     (_OutWeightOnly, "out_proj's bias is missing"),
     (_OtherNames, "needs self.q_proj = nn.Linear(d_model, d_model)"),
     (_NotAModule, "should build an nn.Module"),
@@ -400,8 +429,15 @@ _CROSS_SQUARE = "B=1, T=4, S=4, d_model=8, kdim=8, H=2, d_k=4, d_v=4"
 
 @pytest.mark.parametrize("options, message", [
     # w_v is (6, 12) in the first case, so memory @ w_v raises there; the square case shows why
-    (dict(forgot_T=True), "you forgot .T: the weights are in nn.Linear's layout (out_features, in_features), so a "
-                          "projection is x @ w.T (with square weights x @ w runs, but multiplies by the transpose)"),
+    (dict(forgot_T=True), "the projections ignore nn.Linear's layout: a weight is stored (out_features, "
+                          "in_features), one ROW per output feature, so projecting row vectors multiplies by the "
+                          "transposed weight (with square weights the untransposed product runs, but it computes "
+                          "something else)"),
+    # x @ w_q without .T, and the same for w_k and w_v, but w_o used the right way round
+    (dict(forgot_T="inputs"), "the query, key and value projections ignore nn.Linear's layout (the output projection "
+                              "does not): a weight is stored (out_features, in_features), one ROW per output feature, "
+                              "so projecting row vectors multiplies by the transposed weight, for w_q, w_k and w_v as "
+                              "for w_o"),
     # the first case has T=3 queries and S=5 keys: x's projection cannot be split into S=5 keys
     (dict(keys_from_x=True), "the keys and values come from x: in cross-attention only the queries come from x, the "
                              "keys and values from memory"),
