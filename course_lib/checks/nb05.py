@@ -36,7 +36,7 @@ def _as_bool_mask(name: str, got, target_shape: tuple[int, ...]) -> torch.Tensor
         extra = ""
         if len(shape) == 3 and shape[0] == target_shape[0]:
             extra = (" A (B, T, T) mask lines up B with the HEAD axis of (B, H, T, T) scores (broadcasting aligns "
-                     "from the right): add the head axis, mask[:, None]")
+                     "from the right): add the head axis, a size-1 axis between the batch axis and the query axis")
         raise CheckFailure(f"{name} has shape {shape}, which does not broadcast to the scores' {target_shape} "
                            f"without changing them.{extra}")
     return got.expand(target_shape)
@@ -108,15 +108,15 @@ def check_to_key_padding_mask(fn):
         got = as_tensor(name, got)
         if tuple(got.shape) != tuple(expected.shape):
             raise CheckFailure(f"{name} has shape {tuple(got.shape)}; nn.MultiheadAttention wants key_padding_mask "
-                               f"of shape (B, S) = {tuple(expected.shape)}: drop the two broadcast axes, "
-                               f"mask[:, 0, 0]")
+                               f"of shape (B, S) = {tuple(expected.shape)}: drop the two broadcast axes of size 1 "
+                               f"(heads and queries) by indexing them, which keeps the batch axis even when B = 1")
         if got.dtype != torch.bool:
             raise CheckFailure(f"{name} has dtype {got.dtype}; give nn.MultiheadAttention a boolean mask "
                                f"(a float one would be ADDED to the scores)")
         if torch.equal(got, ~expected):
             raise CheckFailure(f"for lengths={lengths}: this is the polarity trap. Your mask is True for real tokens, "
                                f"but nn.MultiheadAttention reads True as 'ignore': it would attend only to padding. "
-                               f"Negate it (~mask).")
+                               f"Its polarity must be the opposite of the course's: True where a key is padding.")
         if not torch.equal(got, expected):
             raise CheckFailure(f"for lengths={lengths}: {int((got != expected).sum())} entries differ; True must mark "
                                f"the padded keys (j >= length).")
@@ -304,6 +304,25 @@ def _layers() -> list[tuple[str, object, bool, str, int, int]]:
     return layers
 
 
+def _largest_perturbation(fn, layer, T: int, d: int) -> float | None:
+    """The largest difference between the inputs the learner's test feeds `layer`, or None if it cannot tell."""
+    seen: list[torch.Tensor] = []
+
+    def recording(x):
+        if isinstance(x, torch.Tensor):
+            seen.append(x.detach().clone().to(torch.float64))
+        return layer(x)
+
+    try:
+        call(fn, recording, T, d)
+    except CheckFailure:
+        return None
+    shaped = [x for x in seen if seen and x.shape == seen[0].shape]
+    if len(shaped) < 2:
+        return None
+    return max(float((x - shaped[0]).abs().max()) for x in shaped[1:])
+
+
 @checker
 def check_future_leak_test(fn):
     """Check a test that detects whether a sequence layer lets a position see the future.
@@ -313,12 +332,23 @@ def check_future_leak_test(fn):
     (1, T, d). Checks eight layers of random sizes, causal ones and ones that leak: everywhere, into
     position 0, from the last position, between two middle positions only, and by as little as 1e-9;
     names a test that perturbs the past, one that perturbs or checks too few positions, one that
-    misses a leak in the middle of the sequence, and one whose tolerance hides a small leak.
+    misses a leak in the middle of the sequence, one whose tolerance hides a small leak, one whose
+    perturbation is too small to see, float32 inputs, and a tensor returned instead of a bool.
     """
     for description, layer, leaks, kind, T, d in _layers():
-        verdict = call(fn, layer, T, d, what=f", with {description}")
-        if not isinstance(verdict, bool | np.bool_) and not (isinstance(verdict, torch.Tensor) and verdict.numel() == 1
-                                                             and verdict.dtype == torch.bool):
+        try:
+            verdict = call(fn, layer, T, d, what=f", with {description}")
+        except CheckFailure as failure:
+            if "dtype" in str(failure) and ("float" in str(failure) or "Float" in str(failure)):
+                raise CheckFailure(f"{failure}. The layer computes in float64, so the inputs your test builds must "
+                                   f"be float64 too (torch.randn makes float32 unless told otherwise); float32 "
+                                   f"would also round away a leak as small as 1e-9.") from None
+            raise
+        if isinstance(verdict, torch.Tensor) and verdict.numel() == 1 and verdict.dtype == torch.bool:
+            raise CheckFailure(f"your test returned a tensor, {verdict!r}, for {description}: return a bool, True "
+                               f"(the layer leaks) or False (it does not). A tensor is not a bool: `verdict is "
+                               f"True` is False for it, and a list of such verdicts is a list of tensors.")
+        if not isinstance(verdict, bool | np.bool_):
             raise CheckFailure(f"return True (the layer leaks) or False (it does not); got {verdict!r}")
         verdict = bool(verdict)
         if verdict and not leaks:
@@ -327,6 +357,13 @@ def check_future_leak_test(fn):
                                f"recomputation of the same numbers is exact, so compare exactly or with atol ~1e-12.")
         if not verdict and leaks:
             if kind == "weak":
+                largest = _largest_perturbation(fn, layer, T, d)
+                if largest is not None and largest < 1e-6:
+                    raise CheckFailure(f"your test missed {description}: its perturbation is too small to see. The "
+                                       f"inputs it gave the layer differ by at most {largest:.1e}, so the leak moves "
+                                       f"the outputs by about 1e-9 times that, far below the rounding of outputs of "
+                                       f"size 1 in float64 (~1e-16): the change is lost before you compare. Change "
+                                       f"the future inputs by amounts of order 1, and compare exactly.")
                 raise CheckFailure(f"your test missed {description}: its tolerance is too loose. A causal layer's past "
                                    f"outputs do not change AT ALL when the future changes, so compare exactly (or "
                                    f"with atol ~1e-12 in float64).")

@@ -59,6 +59,14 @@ def test_to_key_padding_mask_rejects_planted_mistakes(wrong, words):
     assert not result.passed and words in result.message, result.message
 
 
+def test_to_key_padding_mask_messages_name_the_idea_not_the_line():
+    for wrong in (lambda m: m[:, 0, 0], lambda m: ~m, lambda m: (~m).squeeze()):
+        message = checks.check_to_key_padding_mask(wrong).message
+        assert "~" not in message and "[:, 0, 0]" not in message, message
+    message = checks.check_causal_padding_mask(lambda lengths, T: mask_ref(lengths, T)[:, 0]).message
+    assert "[:, None]" not in message, message
+
+
 # ----------------------------------------------------------------------------- masked softmax
 def softmax_ref(scores, mask):
     s = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
@@ -144,19 +152,21 @@ def test_answers_that_are_right_but_change_their_inputs_are_named():
 
 
 # ----------------------------------------------------------------------------- a test for future leaks
-def leak_test_ref(layer, T, d, *, atol=0.0, neighbour_only=False, perturb_past=False):
+def leak_test_ref(layer, T, d, *, atol=0.0, neighbour_only=False, perturb_past=False, scale=1.0, as_tensor=False,
+                  dtype=torch.float64):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, T, d, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, T, d, generator=gen, dtype=dtype)
     y = layer(x)
     for i in range(T - 1):
         x2 = x.clone()
         start = 0 if perturb_past else i + 1
         stop = i + 2 if neighbour_only else T  # the mistake: perturb only the next position ...
-        x2[:, start:stop] += torch.randn(1, stop - start, d, generator=gen, dtype=torch.float64)
+        x2[:, start:stop] += scale * torch.randn(1, stop - start, d, generator=gen, dtype=dtype)
         seen = slice(i, i + 1) if neighbour_only else slice(0, i + 1)  # ... and look only at output i
-        if not torch.allclose(layer(x2)[:, seen], y[:, seen], atol=atol, rtol=0):
-            return True
-    return False
+        same = torch.isclose(layer(x2)[:, seen], y[:, seen], atol=atol, rtol=0).all()
+        if not same:
+            return ~same if as_tensor else True
+    return ~same if as_tensor else False
 
 
 def test_future_leak_test_accepts_reference():
@@ -166,6 +176,9 @@ def test_future_leak_test_accepts_reference():
 @pytest.mark.parametrize("options, words", [
     (dict(perturb_past=True), "reports a leak"),
     (dict(atol=1e-4), "tolerance is too loose"),
+    (dict(scale=1e-12), "its perturbation is too small to see. The inputs it gave the layer differ by at most"),
+    (dict(as_tensor=True), "return a bool, True (the layer leaks) or False"),
+    (dict(dtype=torch.float32), "the inputs your test builds must be float64 too"),
     (dict(neighbour_only=True), "too few positions"),
 ])
 def test_future_leak_test_rejects_planted_mistakes(options, words):
