@@ -430,19 +430,26 @@ def check_decoder_layer(build):
 
 # ----------------------------------------------------------------------------- one training step
 def _step_model(seed: int) -> nn.Module:
-    """A tiny next-token model, (B, L) token ids -> (B, L, V) logits, each position on its own (causal)."""
+    """A tiny next-token model, (B, L) token ids -> (B, L, V) logits, each position on its own (causal), in
+    training mode."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Embedding(7, 6), nn.Tanh(), nn.Linear(6, 7)).double()
+    return nn.Sequential(nn.Embedding(7, 6), nn.Tanh(), nn.Linear(6, 7)).double().train()
 
 
-def _step_variant(model, optimizer, tokens, *, shifted=True, zero_grad=True, reduction="mean") -> float:
-    inputs, targets = (tokens[:, :-1], tokens[:, 1:]) if shifted else (tokens, tokens)
+def _step_variant(model, optimizer, tokens, *, shifted: bool | str = True, zero_grad=True, reduction="mean",
+                  loss_after=False) -> float:
+    inputs, targets = {True: (tokens[:, :-1], tokens[:, 1:]), False: (tokens, tokens),
+                       "reversed": (tokens[:, 1:], tokens[:, :-1])}[shifted]
     logits = model(inputs)  # (B, L, V)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
     if zero_grad:
         optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    if loss_after:
+        with torch.no_grad():
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
     return loss.item()
 
 
@@ -457,6 +464,8 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
         mine = tokens.clone()
         before = [p.detach().clone() for p in model.parameters()]
         case = f"step {number + 1}, tokens {tuple(tokens.shape)}"
+        modes: list[bool] = []
+        hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))  # noqa: B023
         try:
             loss = call(lambda: step(model, optimizer, mine), what=f" ({case})")  # noqa: B023 (called at once)
         except CheckFailure as failure:
@@ -467,6 +476,12 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
                 raise CheckFailure(f"{failure}. F.cross_entropy wants logits (N, V) and targets (N,): flatten them, "
                                    f"logits.reshape(-1, V) and targets.reshape(-1)") from None
             raise
+        finally:
+            hook.remove()
+        if not all(modes) or not model.training:
+            raise CheckFailure(f"your step switched the model to eval mode ({case}): a training step runs in training "
+                               f"mode, where dropout is on, and leaves the mode as the caller set it. Switching to "
+                               f"eval belongs to evaluation, outside the step")
         if not torch.equal(mine, tokens):
             raise CheckFailure(f"your step changed `tokens` in place ({case}): the caller's batch is modified")
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
@@ -479,8 +494,8 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
                 raise CheckFailure(f"your step leaves the weights unchanged ({case}) although the gradients are "
                                    f"there: optimizer.step() is missing, or runs before loss.backward()")
             raise CheckFailure(f"your step leaves the weights unchanged ({case}) and no gradient is left: "
-                               f"loss.backward() is missing, or zero_grad() runs between backward() and step(). "
-                               f"The order is zero_grad, backward, step")
+                               f"loss.backward() is missing, or the gradients are cleared after the backward pass "
+                               f"and before the update, so the update sees none")
     return losses, model
 
 
@@ -492,7 +507,8 @@ def check_train_step(fn):
     logits (B, L', V); predict every token from the ones before it (cross-entropy, mean over the tokens), update
     the weights with the optimizer, and return the loss as a float. Runs three steps with SGD on a tiny model
     from the same start as the reference; names unshifted targets, a missing zero_grad, a missing backward or
-    step, a summed loss, unflattened logits, .view on a slice, a returned tensor and a changed `tokens`.
+    step, a summed loss, a reversed shift, the loss recomputed after the update, a model switched to eval mode,
+    unflattened logits, .view on a slice, a returned tensor and a changed `tokens`.
     """
     g = torch.Generator().manual_seed(8)
     batches = [torch.randint(0, 7, (3, 6), generator=g) for _ in range(3)]
@@ -502,9 +518,13 @@ def check_train_step(fn):
             is_close(a, b) for a, b in zip(got_model.parameters(), expected_model.parameters(), strict=True)):
         return "three steps give the reference's losses and weights"
     for message, variant in (
-            ("the targets are not shifted: the model must predict token t + 1 from tokens 0..t, so the inputs are "
-             "tokens[:, :-1] and the targets tokens[:, 1:]", {"shifted": False}),
-            ("the gradients accumulate from step to step: call optimizer.zero_grad() before loss.backward()",
+            ("the targets are not shifted: the model must predict token t + 1 from tokens 0..t, so the inputs "
+             "leave out the last token and the targets the first", {"shifted": False}),
+            ("the shift runs backwards: your model predicts each token from the ones AFTER it. The inputs are the "
+             "earlier tokens and the targets the tokens one step later", {"shifted": "reversed"}),
+            ("the loss you return is computed again after the update, on the new weights: return the loss of the "
+             "forward pass that the update came from, the one you backpropagated", {"loss_after": True}),
+            ("the gradients accumulate from step to step: clear them before each backward pass",
              {"zero_grad": False}),
             ("your loss is a sum over the tokens: take the mean (F.cross_entropy's default), so the step size does "
              "not grow with the batch", {"reduction": "sum"})):
@@ -514,11 +534,11 @@ def check_train_step(fn):
             raise CheckFailure(message)
     compare("the losses your step returned", got_losses, expected_losses,
             hint=('a language-model step: predict each next token from the ones before it, score against '
-                  'the shifted targets, then clear the gradients, backpropagate and update'))
+                  'the shifted targets, then clear the old gradients, backpropagate and update'))
     for number, (a, b) in enumerate(zip(got_model.parameters(), expected_model.parameters(), strict=True)):
         compare(f"parameter {number} after three steps", a.detach(), b.detach(),
-                hint="the returned loss is right but the update is not: one backward and one optimizer.step() per "
-                     "call, after zero_grad")
+                hint="the returned loss is right but the update is not: one backward pass and one update per "
+                     "call, with the gradients cleared before the backward pass")
     return "three steps give the reference's losses and weights"
 
 
@@ -566,9 +586,11 @@ def check_cached_attention_step(fn):
     Your function: `fn(q_t, k_t, v_t, k_cache, v_cache) -> (out_t, k_cache, v_cache)`, all torch
     tensors: q_t, k_t, v_t (B, H, 1, d) for the new token, the caches (B, H, t, d) for the t earlier
     tokens (t may be 0); out_t (B, H, 1, d), and the returned caches hold t + 1 tokens.
-    Runs six steps from an empty cache and compares each out_t with full causal attention; names a
-    cache that does not grow, scores computed before the new key is appended, and a causal mask built for the
-    one-row score matrix.
+    Runs six steps from an empty cache and compares each out_t with full causal attention and the caches with
+    the keys and values so far, oldest first; names a cache that does not grow or grows along the wrong axis, the
+    tuple in the wrong order, the new token put first, the key and value caches swapped, scores computed before
+    the new key is appended, attending to the new token only, a missing scale, a softmax over the query axis,
+    and a causal mask built for the one-row score matrix.
     """
     g = torch.Generator().manual_seed(0)
     B, H, T, d = 2, 3, 6, 4
@@ -577,17 +599,40 @@ def check_cached_attention_step(fn):
     full = torch.softmax(scores.masked_fill(~causal_mask(T), float("-inf")), dim=-1) @ v  # (B, H, T, d)
     k_cache = v_cache = torch.zeros(B, H, 0, d, dtype=torch.float64)
     for t in range(T):
-        result = call(fn, q[:, :, t: t + 1], k[:, :, t: t + 1], v[:, :, t: t + 1], k_cache, v_cache,
-                      what=f" at step t={t}")
+        try:
+            result = call(fn, q[:, :, t: t + 1], k[:, :, t: t + 1], v[:, :, t: t + 1], k_cache, v_cache,
+                          what=f" at step t={t}")
+        except CheckFailure as crash:
+            if "must match except in dimension" in str(crash):
+                raise CheckFailure(f"{crash}. You joined the new token to the cache along another axis than the "
+                                   f"token axis: the caches are (B, H, t, d), and a new token adds one entry to t, "
+                                   f"the third of the four axes") from None
+            raise
         if not isinstance(result, tuple) or len(result) != 3:
             raise CheckFailure(f"return a tuple (out_t, k_cache, v_cache); got {type(result).__name__}")
+        kept_k, kept_v = k[:, :, : t + 1], v[:, :, : t + 1]  # the caches after this step, oldest token first
+        expected_out = full[:, :, t: t + 1]
+        if is_close(result[0], kept_k) and is_close(result[1], kept_v) and is_close(result[2], expected_out):
+            raise CheckFailure("your tuple is in the wrong order: the output comes first, then the two caches, "
+                               "(out_t, k_cache, v_cache)")
         out_t, k_cache, v_cache = result
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if not isinstance(cache, torch.Tensor) or tuple(cache.shape) != (B, H, t + 1, d):
                 shape = tuple(cache.shape) if hasattr(cache, "shape") else type(cache).__name__
                 raise CheckFailure(f"after step t={t} the returned {name} should hold t + 1 = {t + 1} tokens, "
-                                   f"shape {(B, H, t + 1, d)}; got {shape}. Hint: torch.cat([cache, new], dim=-2) "
-                                   f"appends along the sequence axis")
+                                   f"shape {(B, H, t + 1, d)}; got {shape}. Hint: each step appends the new token's "
+                                   f"key and value to the caches, along the token axis")
+        if is_close(k_cache, v[:, :, : t + 1]) and is_close(v_cache, k[:, :, : t + 1]):
+            raise CheckFailure(f"after step t={t} your k_cache holds the values and your v_cache the keys: k_t "
+                               f"belongs in the key cache and v_t in the value cache")
+        if t > 0 and is_close(k_cache, k[:, :, : t + 1].flip(-2)) and is_close(v_cache, v[:, :, : t + 1].flip(-2)):
+            raise CheckFailure(f"after step t={t} the newest token is at the FRONT of your caches: they must keep "
+                               f"the tokens in order, oldest first, so that position i of the cache is token i "
+                               f"(the attention output does not show it, but anything that reads positions does)")
+        for name, cache, kept in (("k_cache", k_cache, kept_k), ("v_cache", v_cache, kept_v)):
+            if not is_close(cache, kept):
+                raise CheckFailure(f"after step t={t} your {name} does not hold tokens 0..{t} in order, oldest "
+                                   f"first: keep the cache you were given as it is and add the new token after it")
         if t == 0 and hasattr(out_t, "shape") and tuple(out_t.shape) == (B, H, 1, d):
             first = as_array("out_t at step t=0", out_t)
             if np.allclose(first, 0.0) or not np.isfinite(first).all():
@@ -597,7 +642,21 @@ def check_cached_attention_step(fn):
             raise CheckFailure(f"at step t={t} the new token attends only to the first one: a causal mask built for "
                                f"the (1, t + 1) score row (triu / tril of its shape) treats the new query as position "
                                f"0. It is the LAST position and may see every cached key: no mask is needed")
-        compare(f"out_t at step t={t}", out_t, full[:, :, t: t + 1], atol=1e-8, rtol=1e-6,
-                hint="scores = q_t @ k_cache^T / sqrt(d) over every cached token including the new one; softmax "
-                     "over the last axis; weights @ v_cache. No causal mask is needed: the cache only holds the past")
+        if t > 0 and not is_close(out_t, expected_out, atol=1e-8, rtol=1e-6):
+            q_t = q[:, :, t: t + 1]
+            scores = q_t @ kept_k.transpose(-2, -1)  # (B, H, 1, t + 1), unscaled
+            mistake = diagnose(out_t, {
+                f"at step t={t} the new token attends only to itself: it must attend to every token in the cache, "
+                f"the earlier ones and its own": v[:, :, t: t + 1],
+                f"at step t={t} the scores are not scaled: divide the query-key dot products by sqrt(d), as in "
+                f"full attention": torch.softmax(scores, dim=-1) @ kept_v,
+                f"at step t={t} the softmax runs over the wrong axis: the score row has one query and t + 1 keys, "
+                f"and the weights must sum to 1 over the keys (a softmax over the single query gives every key weight "
+                f"1)": torch.softmax(scores / d**0.5, dim=-2) @ kept_v,
+            })
+            if mistake:
+                raise CheckFailure(mistake)
+        compare(f"out_t at step t={t}", out_t, expected_out, atol=1e-8, rtol=1e-6,
+                hint="the new token's query attends, as in full attention, to every cached token including its own; "
+                     "no causal mask is needed, since the cache holds only the past")
     return f"{T} steps equal full causal attention (B={B}, H={H}, d={d})"

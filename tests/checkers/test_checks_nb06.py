@@ -89,13 +89,44 @@ def test_cached_step_checker():
     r = checks.check_cached_attention_step(step_attends_before_appending)
     assert not r.passed and "BEFORE computing the scores" in r.message
     r = checks.check_cached_attention_step(step_replaces_cache)
-    assert not r.passed and "t + 1 = 2 tokens" in r.message and "dim=-2" in r.message
+    assert not r.passed and "t + 1 = 2 tokens" in r.message and "along the token axis" in r.message
     r = checks.check_cached_attention_step(step_square_causal_mask)
     assert not r.passed and "attends only to the first one" in r.message, r.message
     r = checks.check_cached_attention_step(step_unscaled)
     assert not r.passed and "step t=1" in r.message and "sqrt(d)" in r.message
     r = checks.check_cached_attention_step(lambda *a: step_reference(*a)[0])
     assert not r.passed and "tuple (out_t, k_cache, v_cache)" in r.message
+
+
+def _step_with(join=lambda cache, new: torch.cat([cache, new], dim=-2), swap_kv=False, order=(0, 1, 2),
+               attend="all", softmax_dim=-1):
+    def step(q_t, k_t, v_t, k_cache, v_cache):
+        k_new, v_new = (v_t, k_t) if swap_kv else (k_t, v_t)
+        k_cache, v_cache = join(k_cache, k_new), join(v_cache, v_new)
+        keys, values = (k_t, v_t) if attend == "new" else (k_cache, v_cache)
+        w = torch.softmax(q_t @ keys.transpose(-2, -1) / math.sqrt(q_t.shape[-1]), dim=softmax_dim)
+        result = (w @ values, k_cache, v_cache)
+        return tuple(result[i] for i in order)
+    return step
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_step_with(join=lambda cache, new: torch.cat([new, cache], dim=-2)), "the newest token is at the FRONT"),
+    (_step_with(swap_kv=True), "your k_cache holds the values and your v_cache the keys"),
+    (_step_with(order=(1, 2, 0)), "your tuple is in the wrong order"),
+    (_step_with(join=lambda cache, new: torch.cat([cache, new], dim=-1)), "along another axis than the token axis"),
+    (_step_with(attend="new"), "the new token attends only to itself"),
+    (_step_with(softmax_dim=-2), "the softmax runs over the wrong axis"),
+])
+def test_cached_step_names_each_planted_mistake(wrong, words):
+    result = checks.check_cached_attention_step(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+def test_cached_step_hints_name_the_idea_not_the_line():
+    for wrong in (step_replaces_cache, step_unscaled, _step_with(join=lambda cache, new: torch.cat([cache, new], -1))):
+        message = checks.check_cached_attention_step(wrong).message
+        assert "torch.cat" not in message and "q_t @" not in message and "dim=-2" not in message, message
 
 
 def test_cached_step_rejects_an_answer_that_zeroes_the_cache_in_place():
@@ -358,8 +389,13 @@ def train_step_reference(model, optimizer, tokens):
 
 def _step(mistake):
     def step(model, optimizer, tokens):
-        inputs, targets = (tokens, tokens) if mistake == "unshifted" else (tokens[:, :-1], tokens[:, 1:])
+        inputs, targets = {"unshifted": (tokens, tokens), "reversed": (tokens[:, 1:], tokens[:, :-1])}.get(
+            mistake, (tokens[:, :-1], tokens[:, 1:]))
+        if mistake in ("eval", "eval and back"):
+            model.eval()
         logits = model(inputs)
+        if mistake == "eval and back":
+            model.train()
         if mistake == "unflattened":
             loss = F.cross_entropy(logits, targets)
         elif mistake == "view":
@@ -382,6 +418,10 @@ def _step(mistake):
             optimizer.step()
         if mistake == "in place":
             tokens.zero_()
+        if mistake == "loss after the update":
+            with torch.no_grad():
+                logits = model(inputs)
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item()
         return loss if mistake == "tensor" else loss.item()
     return step
 
@@ -406,8 +446,12 @@ def test_train_step_accepts_the_reference_and_a_full_length_forward():
     ("sum", "your loss is a sum over the tokens"),
     ("no step", "optimizer.step() is missing"),
     ("step before backward", "or runs before loss.backward()"),
-    ("no backward", "loss.backward() is missing, or zero_grad() runs between"),
-    ("zero_grad after backward", "loss.backward() is missing, or zero_grad() runs between"),
+    ("no backward", "loss.backward() is missing, or the gradients are cleared after the backward pass"),
+    ("zero_grad after backward", "loss.backward() is missing, or the gradients are cleared after the backward pass"),
+    ("reversed", "the shift runs backwards"),
+    ("loss after the update", "the loss you return is computed again after the update"),
+    ("eval", "your step switched the model to eval mode"),
+    ("eval and back", "your step switched the model to eval mode"),
     ("unflattened", "flatten them"),
     ("view", "use .reshape(-1)"),
     ("tensor", "return loss.item()"),
