@@ -390,7 +390,7 @@ class SequenceParallelAttention(nn.Module):
         if not isinstance(comm, Comm):
             raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
         self.comm = comm
-        self.scores_computed = 0  # by the last forward, on this rank
+        self.scores_computed = 0  # (query, key) score entries of the last forward on this rank; ring attention counts
 
     @classmethod
     def from_module(cls, mha: MultiHeadAttention, comm: Comm | None = None) -> Self:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from course_lib._validate import shape_str
 from course_lib.attention import attention_core
 from course_lib.masks import canonical_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
@@ -37,6 +38,21 @@ __all__ = ["UlyssesAttention", "sequence_to_heads", "heads_to_sequence", "ulysse
            "self_check"]
 
 
+def _check_shards(name: str, t: object, comm: object, layout: object, length_of: str) -> None:
+    """t is a 5-D tensor whose dim 3 holds `length_of` positions ("mine": this rank's, "all": the sequence's)."""
+    if not isinstance(comm, Comm):
+        raise TypeError(f"comm must be a course_lib.parallel.distributed.Comm; got {type(comm).__name__}")
+    if not isinstance(layout, SequenceLayout):
+        raise TypeError(f"layout must be a SequenceLayout; got {type(layout).__name__}")
+    if layout.world_size != comm.world_size:
+        raise ValueError(f"layout is for {layout.world_size} ranks; the group has {comm.world_size}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    length = layout.lengths[comm.rank] if length_of == "mine" else layout.length
+    if t.ndim != 5 or t.shape[3] != length:
+        raise ValueError(f"{name} must have shape (N, B, heads, {length}, d); got {shape_str(t.shape)}")
+
+
 def sequence_to_heads(x: torch.Tensor, comm: Comm, layout: SequenceLayout, what: str = "to head shards"
                       ) -> torch.Tensor:
     """x (N, B, H, T_r, d): this rank's positions, every head -> (N, B, H / R, T, d): this rank's heads, every position.
@@ -44,7 +60,10 @@ def sequence_to_heads(x: torch.Tensor, comm: Comm, layout: SequenceLayout, what:
     Rank j gets heads j H / R ... (j + 1) H / R - 1; the positions come back in sequence order.
     N: tensors sent together (q, k, v stacked: one message per pair of ranks instead of three).
     """
+    _check_shards("x", x, comm, layout, "mine")
     R = comm.world_size
+    if x.shape[2] % R:
+        raise ValueError(f"x has {x.shape[2]} heads (dim 2), which R={R} ranks cannot share as whole heads")
     heads = x.shape[2] // R
     chunks = [x[:, :, j * heads:(j + 1) * heads] for j in range(R)]  # (N, B, H/R, T_r, d) for rank j
     shapes = [(*x.shape[:2], heads, n, x.shape[-1]) for n in layout.lengths]  # rank j's positions of my heads
@@ -54,6 +73,7 @@ def sequence_to_heads(x: torch.Tensor, comm: Comm, layout: SequenceLayout, what:
 def heads_to_sequence(y: torch.Tensor, comm: Comm, layout: SequenceLayout, what: str = "to sequence shards"
                       ) -> torch.Tensor:
     """The inverse of `sequence_to_heads`: y (N, B, H / R, T, d) -> (N, B, H, T_r, d)."""
+    _check_shards("y", y, comm, layout, "all")
     R, r = comm.world_size, comm.rank
     chunks = [layout.shard(y, j, dim=3) for j in range(R)]  # (N, B, H/R, T_j, d): rank j's positions
     shapes = [(*y.shape[:3], layout.lengths[r], y.shape[-1])] * R  # rank j's heads of my positions
@@ -72,8 +92,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         inverse = heads_to_sequence if ctx.to_heads else sequence_to_heads
-        return inverse(grad.contiguous(), ctx.comm, ctx.layout, f"backward: gradient of {ctx.what}"), None, None, \
-            None, None
+        grad_in = inverse(grad.contiguous(), ctx.comm, ctx.layout, f"backward: gradient of {ctx.what}")
+        return grad_in, None, None, None, None
 
 
 class UlyssesAttention(SequenceParallelAttention):

@@ -122,3 +122,19 @@ def test_the_all_to_alls_invert_each_other_at_one_rank():
     torch.testing.assert_close(out, mha(x, is_causal=True), atol=TOL, rtol=0)
 
 
+
+
+def test_the_all_to_alls_refuse_shards_of_the_wrong_shape_before_any_message():
+    comm = _ranks(2)
+    layout = ra.SequenceLayout.make(6, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, B, heads, 3, d\)"):
+        ul.sequence_to_heads(torch.zeros(1, 2, 4, 4, 8), comm, layout)
+    with pytest.raises(ValueError, match="x has 3 heads"):
+        ul.sequence_to_heads(torch.zeros(1, 2, 3, 3, 8), comm, layout)
+    with pytest.raises(ValueError, match=r"y must have shape \(N, B, heads, 6, d\)"):
+        ul.heads_to_sequence(torch.zeros(1, 2, 2, 3, 8), comm, layout)
+    with pytest.raises(ValueError, match="layout is for 4 ranks"):
+        ul.heads_to_sequence(torch.zeros(1, 2, 2, 6, 8), comm, ra.SequenceLayout.make(6, 4))
+    with pytest.raises(TypeError, match="layout must be a SequenceLayout"):
+        ul.sequence_to_heads(torch.zeros(1, 2, 4, 3, 8), comm, None)
+    assert comm.sent == 0
