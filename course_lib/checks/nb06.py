@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- four predictions
-_HIDDEN_SIZE = 2 * 512 * 2048 / (3 * 512)  # the SwiGLU hidden size with a plain FFN's weights: 1365.33
+_HIDDEN_SIZE = round(2 * 512 * 2048 / (3 * 512))  # the SwiGLU hidden size with a plain FFN's weights, rounded: 1365
 
 
 def _prediction(number: int, got, right: float, tolerance: float, named: dict[float, str], hint: str) -> None:
@@ -61,21 +61,25 @@ def check_block_predictions(fn):
     the queries' source, two matrices counted instead of three).
     """
     answers = unpack(call(fn), 4, "return a tuple (rms, norm, letter, hidden) of four answers")
+    letters = [i + 1 for i, a in enumerate(answers) if isinstance(a, str) and a.strip().lower() in ("a", "b", "c")]
+    if letters and letters != [3]:
+        raise CheckFailure(f"your answers are out of order: answer {letters[0]} is a letter, but the letter answers "
+                           f"question 3; return them in the order asked, (rms, norm, letter, hidden)")
     _prediction(1, answers[0], 2.0, 0.02, {
-        1.0: "RMSNorm first scales the token to RMS 1, then the gain multiplies every feature by 2, so the RMS "
-             "doubles",
-        4.0: "the gain multiplies the features by 2, so it multiplies their RMS by 2, not by 2 squared",
-        16.0: "16 is the Euclidean norm, RMS * sqrt(d_model) = 2 * 8; the question asks for the RMS",
+        1.0: "that is the RMS straight out of the normalisation; RMSNorm's gain acts after it, on every feature, "
+             "and the question sets it to 2",
+        4.0: "you applied the gain twice (squared): a gain on every feature scales the RMS by that gain once",
+        16.0: "that is the Euclidean norm, sqrt(d_model) times the RMS; the question asks for the RMS",
         8.0: "sqrt(d_model) = 8 relates the norm to the RMS; after RMSNorm the RMS is the gain itself"},
         "RMSNorm(x) = g * x / RMS(x): what is the RMS of x / RMS(x), and what does g do to it?")
     _prediction(2, answers[1], 4.0, 0.02, {
-        16.0: "16 is the norm straight out of the normalisation (256 features of mean square 1); the weight then "
-              "multiplies every feature by 0.25",
-        1.0: "the weight multiplies each feature by 0.25, so it multiplies the norm by 0.25, not by 0.25 squared",
-        64.0: "0.25 * 256 scales the squared norm's feature count, not the norm: after the normalisation the norm is "
-              "sqrt(256) = 16, then the weight scales it",
-        0.25: "LayerNorm gives each token's features mean 0 and VARIANCE 1, not norm 1: before the weight the norm "
-              "is sqrt(256)"},
+        16.0: "that is the norm straight out of the normalisation; the LayerNorm's weight acts after it, on every "
+              "feature, and the question sets it to 0.25",
+        1.0: "you applied the weight twice (squared): a weight on every feature scales the norm by that weight once",
+        64.0: "you scaled the feature count (or the squared norm) by the weight; the norm is the square root of the "
+              "sum of squares, and a weight on every feature scales it linearly",
+        0.25: "LayerNorm gives each token's features mean 0 and VARIANCE 1, not norm 1: many features of mean square "
+              "1 have a norm well above 1"},
         "after the normalisation the 256 features have mean 0 and variance 1: what is their norm, and what does "
         "a weight of 0.25 on every feature do to it?")
     letter = str(answers[2]).strip().lower()
@@ -88,12 +92,13 @@ def check_block_predictions(fn):
         raise CheckFailure(f"question 3: '{letter}' is not it: {why_not[letter]}.")
     if letter != "b":
         raise CheckFailure(f"question 3: answer with one of a, b, c; got {answers[2]!r}")
-    _prediction(4, answers[3], _HIDDEN_SIZE, 1.0, {
+    _prediction(4, answers[3], _HIDDEN_SIZE, 0.5, {
         2048.0: "the same hidden size gives SwiGLU three d_model x h matrices (gate, up, down) instead of two: "
                 "1.5 times the weights",
-        1024.0: "a SwiGLU FFN has three matrices, not four: 3 * 512 * h = 2 * 512 * 2048",
-        3072.0: "three matrices at the same budget must be SMALLER than two: 3 * 512 * h = 2 * 512 * 2048"},
-        "count the weights: the plain FFN has 2 * d_model * d_ff, a SwiGLU FFN 3 * d_model * h")
+        1024.0: "you counted four matrices in the SwiGLU FFN; it has three, d_model x h each (gate, up, down)",
+        3072.0: "three matrices at the same budget must each be SMALLER than the plain FFN's two, so h is below d_ff"},
+        "count the d_model x hidden matrices of each FFN, then find the hidden size at which the totals agree, "
+        "rounded to the nearest whole number")
     return "all four predictions are right"
 
 
@@ -171,10 +176,13 @@ def _run(module: nn.Module, inputs: dict[str, torch.Tensor], case: str, **kwargs
     return as_tensor(f"your block's output ({case})", out)
 
 
-def _sublayers(x, steps, *, pre: bool, normed_residual: bool = False, no_residual: tuple[str, ...] = ()):
+def _sublayers(x, steps, *, pre: bool, normed_residual: bool = False, no_residual: tuple[str, ...] = (),
+               norm_then_add: bool = False):
     """Run the (name, sublayer, norm) steps in pre-LN or post-LN form, with the planted mistakes asked for."""
     for name, f, norm in steps:
-        if pre:
+        if norm_then_add:  # post-LN written as LN(x) + f(x)
+            x = norm(x) + f(x)
+        elif pre:
             h = norm(x)
             out = f(h)
             base = h if normed_residual else x
@@ -227,14 +235,15 @@ def _encoder_mistakes(ref, x, mask, norm_first: bool) -> dict[str, torch.Tensor]
     n1, n2 = ref.attn_block.norm, ref.ff_block.norm
 
     def run(*, pre=norm_first, same_norm=False, ff_first=False, no_mask=False, causal=False, swapped=False,
-            **mistake):
+            flip_mask=False, **mistake):
         first, second = (n2, n1) if swapped else (n1, n1 if same_norm else n2)
-        steps = [("attn", lambda h: ref.self_attn(h, attn_mask=None if no_mask else mask, is_causal=causal), first),
+        given = ~mask if flip_mask else mask
+        steps = [("attn", lambda h: ref.self_attn(h, attn_mask=None if no_mask else given, is_causal=causal), first),
                  ("ff", ref.ff, second)]
         return _sublayers(x, steps[::-1] if ff_first else steps, pre=pre, **mistake)
 
-    placement = ("you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first=True "
-                 "the LayerNorm goes on the sublayer's input: x + f(LN(x))") if norm_first else (
+    placement = ("you normalised after the residual add, which is post-LN; with norm_first=True the LayerNorm goes "
+                 "on the sublayer's input, and the residual add comes after the sublayer") if norm_first else (
                  "with norm_first=False (post-LN) the LayerNorm comes after the residual add, LN(x + f(x)); you "
                  "normalised the sublayer's input (pre-LN): forward must follow self.norm_first")
     mistakes = {
@@ -250,12 +259,18 @@ def _encoder_mistakes(ref, x, mask, norm_first: bool) -> dict[str, torch.Tensor]
         "the feed-forward runs before the attention: a block is attention first, then the feed-forward":
             run(ff_first=True),
         "the mask is ignored: pass attn_mask to self.self_attn, so padded keys get no weight": run(no_mask=True),
+        "the mask's polarity is flipped: your block attends where the mask is False. Here True = may attend, and "
+        "the mask goes to the self-attention as it is given": run(flip_mask=True),
         "your block's self-attention is causal: an encoder block attends both ways, and a causal mask, where one is "
         "wanted, comes in through attn_mask (as section 5's TinyLM passes it)": run(causal=True),
     }
     if norm_first:
-        mistakes["the residual adds the NORMALISED x: h = LN(x); x = h + f(h). The residual carries x itself, "
-                 "x = x + f(LN(x)): that is pre-LN's identity path"] = run(normed_residual=True)
+        mistakes["the residual adds the NORMALISED x to the sublayer's output; the residual path carries x itself, "
+                 "un-normalised: that is pre-LN's identity path, and only the sublayer sees the LayerNorm"] = run(
+            normed_residual=True)
+    else:
+        mistakes["in post-LN the LayerNorm normalises the SUM of the input and the sublayer's output; you normalised "
+                 "the input alone and added the sublayer's output after"] = run(norm_then_add=True)
     return mistakes
 
 
@@ -267,9 +282,10 @@ def check_encoder_block(build):
     MyEncoderBlock itself, whose instances have self_attn (a MultiHeadAttention), ff (two nn.Linear layers, as
     FeedForward), norm1 and norm2 (nn.LayerNorm) and forward(x, attn_mask=None) -> (B, T, d_model).
     Copies random weights into yours and into course_lib.blocks.EncoderLayer(norm_first=True and False) and
-    compares in float64, with a padding mask; names the LayerNorm on the wrong side of the residual, a missing
-    residual, the residual taken after the norm, one LayerNorm for both sublayers (or one module under both
-    names), the sublayers swapped, an ignored mask, a causal self-attention, dropout left on in eval mode or
+    compares in float64, with a padding mask; names the LayerNorm on the wrong side of the residual, post-LN written
+    as LN(x) + f(x), a missing residual, the residual taken after the norm, a flipped or ignored mask, one LayerNorm
+    for both sublayers (or one module under both
+    names), the sublayers swapped, a causal self-attention, dropout left on in eval mode or
     applied to the residual path or never applied, and inputs changed in place.
     """
     from course_lib.blocks import EncoderLayer
@@ -293,8 +309,8 @@ def check_encoder_block(build):
                 if message:
                     raise CheckFailure(f"{case}: {message}.")
         compare(f"your block's output ({case})", got, expected,
-                hint=("pre-LN normalises each sublayer's input and adds the raw input back; post-LN adds first "
-                      'and normalises the sum'))
+                hint=("go through the block step by step against course_lib.blocks.EncoderLayer: the mask as "
+                      "given, each sublayer with its own LayerNorm, each residual add, the order of the two"))
         case = f"norm_first={norm_first}, dropout=0.5"
         dropping = _built_block(build, _ENCODER_PARTS, case, D, H, FF, norm_first=norm_first, dropout=0.5)
         _copy_into(dropping, ref, pairs, ("self_attn",))
@@ -323,30 +339,37 @@ def _decoder_mistakes(ref, x, memory, mask) -> list[tuple[str, torch.Tensor | No
     n1, n2, n3 = ref.self_block.norm, ref.cross_block.norm, ref.ff_block.norm
 
     def run(*, causal=True, kv="memory", cross_first=False, same_norm=False, no_mask=False, norm_memory=False,
-            pre=True, queries_from_memory=False, causal_cross=False, **mistake):
+            pre=True, queries_from_memory=False, causal_cross=False, flip_mask=False, future=False,
+            norms_swapped=False, **mistake):
         def cross(h):
             if queries_from_memory:
                 return ref.cross_attn(memory, h, h)
             if causal_cross:
                 return ref.cross_attn(h, memory, memory, attn_mask=mask, is_causal=True)
             source = n2(memory) if norm_memory else {"memory": memory, "stream": h}[kv]
-            return ref.cross_attn(h, source, source, attn_mask=None if no_mask else mask)
+            return ref.cross_attn(h, source, source, attn_mask=None if no_mask else (~mask if flip_mask else mask))
 
-        steps = [("self", lambda h: ref.self_attn(h, is_causal=causal), n1),
-                 ("cross", cross, n1 if same_norm else n2), ("ff", ref.ff, n1 if same_norm else n3)]
+        def self_attention(h):
+            if future:  # a hand-made mask of the upper triangle: each position sees itself and the future
+                return ref.self_attn(h, attn_mask=torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).triu())
+            return ref.self_attn(h, is_causal=causal)
+
+        cross_norm, ff_norm = (n3, n2) if norms_swapped else (n2, n3)
+        steps = [("self", self_attention, n1),
+                 ("cross", cross, n1 if same_norm else cross_norm), ("ff", ref.ff, n1 if same_norm else ff_norm)]
         if cross_first:
             steps = [steps[1], steps[0], steps[2]]
         return _sublayers(x, steps, pre=pre, **mistake)
 
     keys_from_stream = ("the cross-attention's keys and values come from the decoder stream: only its queries do; "
-                        "its keys and values come from the encoder's memory, self.cross_attn(h, memory, memory, ...)")
+                        "its keys and values come from the encoder's memory")
     mistakes = [
         ("the self-attention is not causal: every position sees the tokens after it. Pass is_causal=True (or a "
          "causal mask) to self.self_attn", run(causal=False)),
         (keys_from_stream, run(kv="stream", no_mask=True)),
         (keys_from_stream, run(kv="stream") if x.shape[1] == memory.shape[1] else None),
         ("the cross-attention takes its queries from the memory: the decoder asks, so the queries come from the "
-         "decoder stream and the keys and values from the memory: self.cross_attn(h, memory, memory, ...)",
+         "decoder stream and the keys and values from the memory",
          run(queries_from_memory=True) if x.shape[1] == memory.shape[1] else None),
         ("the cross-attention is causal too: target position t may read every source position, so only the "
          "self-attention gets is_causal=True", run(causal_cross=True)),
@@ -356,12 +379,19 @@ def _decoder_mistakes(ref, x, memory, mask) -> list[tuple[str, torch.Tensor | No
          run(same_norm=True)),
         ("you normalised the memory with norm2: in a pre-LN layer only the decoder stream goes through the "
          "sublayer's LayerNorm; the memory is used as the encoder returned it", run(norm_memory=True)),
-        ("memory_mask is ignored: pass attn_mask=memory_mask to the cross-attention, so padded source positions "
-         "get no weight", run(no_mask=True)),
-        ("you normalised after the residual add, LN(x + f(x)), which is post-LN; this layer is pre-LN: "
-         "x = x + f(LN(x))", run(pre=False)),
-        ("the residual adds the NORMALISED stream: h = LN(x); x = h + f(h). The residual carries x itself, "
-         "x = x + f(LN(x))", run(normed_residual=True)),
+        ("memory_mask is ignored: the cross-attention needs it, so that padded source positions get no weight",
+         run(no_mask=True)),
+        ("memory_mask's polarity is flipped: your cross-attention attends to the padded source positions only. "
+         "Here True = real source token, may attend, and the mask goes to the cross-attention as it is given",
+         run(flip_mask=True)),
+        ("the self-attention's mask is the upper triangle: each position sees itself and the tokens AFTER it. A "
+         "causal mask lets position i see positions j <= i, the lower triangle", run(future=True)),
+        ("norm2 and norm3 are swapped: norm2 belongs to the cross-attention, norm3 to the feed-forward (the "
+         "checker copies the weights by these names)", run(norms_swapped=True)),
+        ("you normalised after the residual add, which is post-LN; this layer is pre-LN: each LayerNorm goes on "
+         "its sublayer's input, and the residual add comes after the sublayer", run(pre=False)),
+        ("the residual adds the NORMALISED stream to the sublayer's output; the residual path carries x itself, "
+         "un-normalised, and only the sublayer sees the LayerNorm", run(normed_residual=True)),
         ("the residual connections are missing: each sublayer's output is ADDED to its input",
          run(no_residual=("self", "cross", "ff"))),
     ]
@@ -384,9 +414,9 @@ def check_decoder_layer(build):
     norm3 (nn.LayerNorm) and forward(x, memory, memory_mask=None) -> (B, T, d_model), with x (B, T, d_model),
     memory (B, S, d_model) and memory_mask (B, 1, 1, S), True = real source token. Copies random weights into
     yours and into course_lib.blocks.DecoderLayer(norm_first=True) and compares in float64 (T = S, then T != S);
-    names a non-causal self-attention, a causal cross-attention, cross-attention keys and values from the decoder
-    stream (or its queries from the memory), the two
-    attentions swapped, a reused LayerNorm, a normalised memory, an ignored memory_mask, post-LN, a missing or
+    names a non-causal self-attention, an upper-triangle mask, a causal cross-attention, cross-attention keys and
+    values from the decoder stream (or its queries from the memory), the two attentions swapped, a reused
+    LayerNorm, norm2 and norm3 swapped, a normalised memory, an ignored or flipped memory_mask, post-LN, a missing or
     normalised residual, dropout left on in eval mode or applied to the residual path, and inputs changed in
     place.
     """
@@ -413,8 +443,9 @@ def check_decoder_layer(build):
                 if message:
                     raise CheckFailure(f"{case}: {message}.")
         compare(f"your layer's output ({case})", got, expected,
-                hint=('three sublayers, each with its own norm and residual: masked self-attention, '
-                      'cross-attention whose keys and values are the memory, then the feed-forward network'))
+                hint=('three sublayers, each with its own norm and residual: masked self-attention (each position '
+                      'sees itself and the past), cross-attention whose keys and values are the memory, with the '
+                      'memory mask as given, then the feed-forward network'))
     case = "dropout=0.5"
     dropping = _built_block(build, _DECODER_PARTS, case, D, H, FF, dropout=0.5)
     _copy_into(dropping, ref, pairs, ("self_attn", "cross_attn"))

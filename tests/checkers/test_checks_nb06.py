@@ -145,27 +145,38 @@ def test_block_predictions_accept_the_right_answers():
 
 
 @pytest.mark.parametrize("answers, words", [
-    ((1, 4, "b", 1365), "then the gain multiplies every feature by 2"),
-    ((4, 4, "b", 1365), "not by 2 squared"),
+    ((1, 4, "b", 1365), "RMSNorm's gain acts after it"),
+    ((4, 4, "b", 1365), "you applied the gain twice (squared)"),
     ((16, 4, "b", 1365), "the question asks for the RMS"),
     ((3, 4, "b", 1365), "question 1: 3 is not it. Hint"),
-    ((2, 16, "b", 1365), "the weight then multiplies every feature by 0.25"),
-    ((2, 1, "b", 1365), "not by 0.25 squared"),
-    ((2, 64, "b", 1365), "then the weight scales it"),
+    ((2, 16, "b", 1365), "the LayerNorm's weight acts after it"),
+    ((2, 1, "b", 1365), "you applied the weight twice (squared)"),
+    ((2, 64, "b", 1365), "a weight on every feature scales it linearly"),
     ((2, 0.25, "b", 1365), "VARIANCE 1, not norm 1"),
     ((2, 5, "b", 1365), "question 2: 5 is not it. Hint"),
     ((2, 4, "a", 1365), "question 3: 'a' is not it: the memory gives the cross-attention its keys and values"),
     ((2, 4, "d", 1365), "question 3: answer with one of a, b, c"),
     ((2, 4, "c", 1365), "normalised by its own LayerNorm (norm2)"),
     ((2, 4, "b", 2048), "1.5 times the weights"),
-    ((2, 4, "b", 1024), "three matrices, not four"),
-    ((2, 4, "b", 3072), "must be SMALLER"),
+    ((2, 4, "b", 1024), "you counted four matrices"),
+    ((2, 4, "b", 3072), "must each be SMALLER"),
+    ((2, 4, "b", 1366), "question 4: 1366 is not it. Hint"),
+    (("b", 2, 4, 1365), "your answers are out of order"),
     ((2, 4, "b"), "return a tuple (rms, norm, letter, hidden)"),
     ((2, 4, "b", "1365"), "answer 4 should be one number"),
 ])
 def test_block_predictions_name_wrong_answers(answers, words):
     result = checks.check_block_predictions(lambda: answers)
     assert not result.passed and words in result.message, result.message
+
+
+def test_block_predictions_messages_do_not_give_the_answers():
+    wrong = [(1, 4, "b", 1365), (4, 4, "b", 1365), (16, 4, "b", 1365), (2, 16, "b", 1365), (2, 1, "b", 1365),
+             (2, 64, "b", 1365), (2, 0.25, "b", 1365), (2, 4, "b", 1024), (2, 4, "b", 3072), (2, 4, "b", 1000)]
+    for answers in wrong:
+        message = checks.check_block_predictions(lambda answers=answers: answers).message
+        assert "doubles" not in message and "* 512" not in message and "= 2" not in message, message
+        assert "sqrt(256)" not in message and "1365" not in message, message
 
 
 def test_block_predictions_agree_with_torch():
@@ -198,6 +209,8 @@ class EncoderBlock(nn.Module):
     def forward(self, x, attn_mask=None):
         m = self.mistake
         mask = None if m == "no mask" else attn_mask
+        if m == "flipped mask" and attn_mask is not None:
+            mask = ~attn_mask
         norm1, norm2 = self.norm1, self.norm1 if m == "same norm" else self.norm2
         if m == "swapped norms":
             norm1, norm2 = self.norm2, self.norm1
@@ -232,6 +245,9 @@ class EncoderBlock(nn.Module):
         if m == "dropout on the sum":
             x = norm1(drop(x + attn(x)))
             return norm2(drop(x + self.ff(x)))
+        if m == "norm then add":
+            x = norm1(x) + drop(attn(x))
+            return norm2(x) + drop(self.ff(x))
         x = norm1(x + drop(attn(x)))
         return norm2(x + drop(self.ff(x)))
 
@@ -253,7 +269,7 @@ def test_encoder_block_accepts_the_reference_and_a_sequential_ffn():
 
 
 @pytest.mark.parametrize("mistake, words", [
-    ("swapped placement", "you normalised after the residual add, LN(x + f(x)), which is post-LN; with norm_first"),
+    ("swapped placement", "you normalised after the residual add, which is post-LN; with norm_first=True"),
     ("ignores norm_first", "with norm_first=False (post-LN) the LayerNorm comes after the residual add"),
     ("no residual", "the residual connections are missing"),
     ("no attention residual", "the attention sublayer has no residual connection"),
@@ -263,6 +279,8 @@ def test_encoder_block_accepts_the_reference_and_a_sequential_ffn():
     ("swapped norms", "norm1 and norm2 are swapped"),
     ("ff first", "the feed-forward runs before the attention"),
     ("no mask", "the mask is ignored"),
+    ("flipped mask", "the mask's polarity is flipped"),
+    ("norm then add", "in post-LN the LayerNorm normalises the SUM"),
     ("causal", "your block's self-attention is causal"),
     ("in place", "changed its input `x` in place"),
     ("dropout in eval", "dropout is still on"),
@@ -317,8 +335,14 @@ class DecoderLayer(nn.Module):
         drop = (lambda t: F.dropout(t, self.p)) if m == "dropout in eval" else self.dropout
         norm2, norm3 = (self.norm1, self.norm1) if m == "same norm" else (self.norm2, self.norm3)
         mask = None if m == "no mask" else memory_mask
+        if m == "flipped mask":
+            mask = ~memory_mask
+        if m == "norms swapped":
+            norm2, norm3 = self.norm3, self.norm2
 
         def self_sub(h):
+            if m == "upper triangle":
+                return self.self_attn(h, attn_mask=torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).triu())
             return self.self_attn(h, is_causal=m != "not causal")
 
         def cross_sub(h):
@@ -366,6 +390,9 @@ def test_decoder_layer_accepts_the_reference():
     ("same norm", "one LayerNorm is reused"),
     ("normed memory", "you normalised the memory with norm2"),
     ("no mask", "memory_mask is ignored"),
+    ("flipped mask", "memory_mask's polarity is flipped"),
+    ("upper triangle", "the self-attention's mask is the upper triangle"),
+    ("norms swapped", "norm2 and norm3 are swapped"),
     ("post-LN", "which is post-LN; this layer is pre-LN"),
     ("no cross residual", "the cross-attention sublayer has no residual connection"),
     ("in place memory", "changed its input `memory` in place"),
@@ -375,6 +402,16 @@ def test_decoder_layer_accepts_the_reference():
 def test_decoder_layer_names_each_planted_mistake(mistake, words):
     result = checks.check_decoder_layer(_decoder(mistake))
     assert not result.passed and words in result.message, result.message
+
+
+def test_block_messages_name_the_idea_not_the_line():
+    for mistake in ("keys from the stream", "queries from the memory", "no mask", "post-LN"):
+        message = checks.check_decoder_layer(_decoder(mistake)).message
+        assert "self.cross_attn(" not in message and "attn_mask=memory_mask" not in message, message
+        assert "x + f(LN(x))" not in message, message
+    for mistake in ("swapped placement", "normed residual"):
+        message = checks.check_encoder_block(_encoder(mistake)).message
+        assert "x + f(LN(x))" not in message, message
 
 
 # ----------------------------------------------------------------------------- one training step
