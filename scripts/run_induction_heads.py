@@ -8,11 +8,12 @@ recorded ones by default) is refused before it trains, unless --force.
 
 Every run (`course_lib.experiments.induction.train_induction_model`): an attention-only model with 1 or 2 causal
 layers of --heads heads, trained from a seed on fresh sequences (a random prefix of L tokens, L drawn per batch
-from --min-prefix .. --max-prefix, then the prefix again). Recorded per step: the training loss on the first
-and on the repeated half. Then, on a held-out batch with L = --eval-prefix: the two half losses, every head's
-previous-token and induction scores, and the in-context drop (first minus repeated) with each head removed alone,
-with the circuit's heads removed together, and with every other head removed together. The first seed's models
-are saved (safetensors) and its attention patterns on one held-out sequence are stored for the heatmaps.
+from --min-prefix .. --max-prefix, then the prefix again). Recorded per step: the training loss on the first and on
+the repeated half. Then, on a held-out batch with L = --eval-prefix: the two half losses, the probability given to
+tokens already in the context (and what a uniform prediction gives), every head's previous-token and induction
+scores, and the in-context drop (first minus repeated) with each head removed alone, with the circuit's heads
+removed together, and with every other head removed together. The first seed's models are saved (safetensors) and
+its attention patterns on one held-out sequence are stored for the heatmaps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from course_lib.experiments.induction import (
     AttentionOnlyTransformer,
     InductionConfig,
     ablation_table,
+    context_mass,
     in_context_drop,
     induction_score,
     phase_change_step,
@@ -80,12 +82,14 @@ def _group_drop(model: AttentionOnlyTransformer, x: torch.Tensor, L: int, heads:
 def evaluate_run(model: AttentionOnlyTransformer, x: torch.Tensor, L: int) -> dict:
     """Held-out half losses, head scores, ablations (single heads; for 2 layers, the circuit and the rest)."""
     with torch.no_grad():
-        _, weights = model(x, need_weights=True)  # [(B, H, 2L, 2L)] per layer
+        logits, weights = model(x, need_weights=True)  # (B, 2L, V), [(B, H, 2L, 2L)] per layer
     prev = np.stack([previous_token_score(w) for w in weights])  # (layers, H)
     ind = np.stack([induction_score(w, L) for w in weights])  # (layers, H)
     table = ablation_table(model, x, L)
     out: dict = {"eval": {k: round(v, 4) for k, v in table["full"].items()},
                  "previous_token_score": _r(prev), "induction_score": _r(ind),
+                 "context_mass": {"model": _r(context_mass(logits, x, L)),  # [first half, repeated half]
+                                  "uniform": _r(context_mass(torch.zeros_like(logits), x, L))},
                  "ablate_one_head": [[{k: round(v, 4) for k, v in d.items()} for d in row] for row in table["heads"]]}
     if model.num_layers == 2:
         circuit = _circuit(prev, ind)

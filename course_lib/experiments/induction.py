@@ -40,8 +40,8 @@ from course_lib.experiments.training import train
 from course_lib.mha import MultiHeadAttention
 
 __all__ = ["InductionConfig", "train_induction_model", "repeated_tokens", "AttentionOnlyTransformer", "half_losses",
-           "in_context_drop", "previous_token_score", "induction_score", "phase_change_step", "ablation_table",
-           "DATA_SEED_OFFSET"]
+           "in_context_drop", "context_mass", "previous_token_score", "induction_score", "phase_change_step",
+           "ablation_table", "DATA_SEED_OFFSET"]
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -132,6 +132,26 @@ def in_context_drop(model: nn.Module, tokens: torch.Tensor, prefix_len: int,
     model.train(was_training)
     first, repeated = half_losses(logits, tokens, prefix_len)
     return {"first": float(first), "repeated": float(repeated), "drop": float(first - repeated)}
+
+
+def context_mass(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int) -> tuple[float, float]:
+    """(first half, repeated half): the mean probability the prediction at t gives to tokens among 0 .. t.
+
+    The halves are the positions of `half_losses`. Predicting the context's own tokens (copying) raises this
+    above what a uniform prediction gives (the share of distinct context tokens in the vocabulary); an exact
+    induction gives 1 in the repeated half. Pass zero logits for the uniform baseline.
+    """
+    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, V) and tokens (B, T); got {tuple(logits.shape)} and "
+                         f"{tuple(tokens.shape)}")
+    check_positive_int("prefix_len", prefix_len)
+    if tokens.shape[1] != 2 * prefix_len or prefix_len < 2:
+        raise ValueError(f"tokens must have 2 * prefix_len positions with prefix_len >= 2; got {tokens.shape[1]} "
+                         f"positions and prefix_len={prefix_len}")
+    V = logits.shape[-1]
+    seen = F.one_hot(tokens, V).cumsum(1) > 0  # (B, T, V): token v occurs at or before t
+    mass = (logits.detach().float().softmax(-1) * seen).sum(-1)  # (B, T)
+    return float(mass[:, : prefix_len - 1].mean()), float(mass[:, prefix_len:-1].mean())
 
 
 # --------------------------------------------------------------------------------------------- head scores

@@ -13,6 +13,7 @@ from course_lib.experiments.induction import (
     AttentionOnlyTransformer,
     InductionConfig,
     ablation_table,
+    context_mass,
     half_losses,
     in_context_drop,
     induction_score,
@@ -107,6 +108,20 @@ def test_half_losses_split_the_positions():
         half_losses(logits, x, L + 1)
 
 
+def test_context_mass_uniform_and_exact_copying():
+    L, V = 5, 50
+    x = torch.tensor([[0, 1, 2, 3, 4] * 2])  # distinct tokens: at position t the context holds t + 1 of them
+    first, repeated = context_mass(torch.zeros(1, 2 * L, V), x, L)
+    assert first == pytest.approx(np.mean([(t + 1) / V for t in range(L - 1)]))
+    assert repeated == pytest.approx(L / V)  # the whole prefix has been seen
+    exact = torch.full((1, 2 * L, V), -50.0)
+    exact[:, :-1].scatter_(2, x[:, 1:, None], 50.0)  # certain of every next token
+    assert context_mass(exact, x, L)[1] == pytest.approx(1.0)  # in the repeated half it is always in the context
+    assert context_mass(exact, x, L)[0] == pytest.approx(0.0, abs=1e-6)  # in the first half never
+    with pytest.raises(ValueError, match="2 \\* prefix_len"):
+        context_mass(exact, x, L - 1)
+
+
 def test_model_shapes_gate_and_validation():
     torch.manual_seed(0)
     model = AttentionOnlyTransformer(vocab=10, max_len=12, d_model=16, num_heads=2, num_layers=2)
@@ -162,6 +177,7 @@ def test_tiny_run_writes_the_record_and_refuses_to_overwrite(tmp_path, capsys):
     for run in record["runs"]:
         assert len(run["curves"]["first"]) == len(run["curves"]["repeated"]) == run["config"]["steps"] == 30
         assert np.shape(run["induction_score"]) == (run["layers"], 2)
+        assert len(run["context_mass"]["model"]) == len(run["context_mass"]["uniform"]) == 2
     assert set(record["runs"][1]["ablate_groups"]) >= {"previous_token_heads", "induction_heads", "all_other_heads"}
     assert (tmp_path / "induction_2layer_seed0.safetensors").is_file()
     before = path.read_bytes()
@@ -186,7 +202,7 @@ def _record(*parts):
 
 def test_recorded_run_is_complete():
     record = _record("induction.json")
-    assert record["command"] == "python scripts/run_induction_heads.py"
+    assert record["command"] == "python scripts/run_induction_heads.py --force"
     assert {(r["layers"], r["seed"]) for r in record["runs"]} == {(n, s) for n in (1, 2) for s in (0, 1, 2)}
     for run in record["runs"]:
         assert len(run["curves"]["first"]) == len(run["curves"]["repeated"]) == run["config"]["steps"]
@@ -202,7 +218,10 @@ def test_recorded_run_supports_notebook_08s_reading():
     for run in runs:
         if run["layers"] == 1:
             assert run["eval"]["drop"] < 1.5 and max(run["induction_score"][0]) < 0.2
+            # it copies: well above a uniform guess on the context's tokens, far from an exact induction
+            assert 2 * run["context_mass"]["uniform"][1] < run["context_mass"]["model"][1] < 0.6
             continue
+        assert run["context_mass"]["model"][1] > 0.9
         assert run["eval"]["drop"] > 3.5 and 500 < run["phase_change_step"] < 1000
         groups = run["ablate_groups"]
         assert groups["previous_token_heads"]["drop"] < 2.1 and groups["induction_heads"]["drop"] < 1.5
