@@ -50,7 +50,8 @@ def check_causal_padding_mask(fn):
     Your function: `fn(lengths, T) -> mask`, with lengths a list of B ints and mask a bool tensor of
     shape (B, 1, T, T) (or one that broadcasts to it over the head axis): query i may attend to key j
     iff j <= i and j < lengths[b]. Checks four batches exactly; names a flipped polarity, the upper
-    triangle, a missing causal or padding part, padding applied to the queries, and a (B, T, T) mask.
+    triangle, a missing causal or padding part, padding applied to the queries, padding off by one, a causal part
+    without the diagonal, and a (B, T, T) mask.
     """
     cases = [([3, 1, 4], 4), ([2], 2), ([5, 5], 5), ([1, 3], 3)]
     for lengths, T in cases:
@@ -77,6 +78,11 @@ def check_causal_padding_mask(fn):
             "attended to by anyone; shape the padding as (B, 1, 1, T)": (pad_rows & causal).expand(target),
             "the padding is applied to queries and keys: masking whole rows of padded queries makes them fully "
             "masked; only the keys (columns) need it": (pad_rows & pad & causal).expand(target),
+            "the padding is off by one: it lets each query see key j = lengths[b] too, the first padded key; the "
+            "real keys are j = 0 .. lengths[b] - 1":
+                (padding_mask([min(n + 1, T) for n in lengths], T) & causal).expand(target),
+            "the causal part leaves out the diagonal: query i may attend to key i, itself, as well as to the keys "
+            "before it": (pad & causal_mask(T).tril(-1)).expand(target),
         }
         for message, wrong in mistakes.items():
             if torch.equal(got, wrong):
@@ -96,13 +102,20 @@ def check_to_key_padding_mask(fn):
 
     Your function: `fn(mask) -> key_padding_mask`, with mask (B, 1, 1, S) bool, True = real token,
     and key_padding_mask a (B, S) bool tensor, True = ignore this key (nn.MultiheadAttention's
-    polarity). Checks three batches exactly; names the polarity trap, a wrong shape and a float mask.
+    polarity). Checks three batches exactly; names the polarity trap, a wrong shape, a float mask and a bool mask
+    negated with a minus sign.
     """
     cases = [[3, 1, 4], [2], [5, 5, 1, 2]]
     for lengths in cases:
         S = max(lengths)
         ours = padding_mask(lengths, S)  # (B, 1, 1, S)
-        got = call_watching(fn, ours.clone(), names=("mask",), advice=TENSOR_ADVICE)
+        try:
+            got = call_watching(fn, ours.clone(), names=("mask",), advice=TENSOR_ADVICE)
+        except CheckFailure as failure:
+            if "Negation, the `-` operator, on a bool tensor" in str(failure):
+                raise CheckFailure(f"{failure}. A minus sign is arithmetic; a boolean mask is inverted with a "
+                                   f"logical not, which turns every True into False and back") from None
+            raise
         expected = ~ours[:, 0, 0]  # (B, S)
         name = f"your key_padding_mask for lengths={lengths}"
         got = as_tensor(name, got)
@@ -208,8 +221,8 @@ def check_masked_softmax(fn):
         if not (got64[~full_mask] == 0).all():
             flipped = _reference_masked_softmax(scores, ~mask)
             if torch.allclose(got64, flipped, atol=_TOL[scores.dtype] * 10):
-                raise CheckFailure(f"{name}: the mask polarity is flipped: True = MAY attend, so fill where the "
-                                   f"mask is False (~mask).")
+                raise CheckFailure(f"{name}: the mask polarity is flipped: True = MAY attend, so the scores to hide "
+                                   f"are those where the mask is False.")
             raise CheckFailure(f"{name}: masked keys must get weight exactly 0; "
                                f"{int((got64[~full_mask] != 0).sum())} masked entries are nonzero.")
         tol = _TOL[scores.dtype]

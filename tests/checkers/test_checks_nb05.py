@@ -36,6 +36,8 @@ def _pad_rows(lengths, T):
     (lambda lengths, T: mask_ref(lengths, T)[:, 0], "add the head axis"),
     (lambda lengths, T: mask_ref(lengths, T).float(), "BOOLEAN"),
     (lambda lengths, T: mask_ref(lengths, T).numpy(), "should be a torch.Tensor"),
+    (lambda lengths, T: mask_ref([min(n + 1, T) for n in lengths], T), "the padding is off by one"),
+    (lambda lengths, T: mask_ref(lengths, T) & ~torch.eye(T, dtype=torch.bool), "leaves out the diagonal"),
 ])
 def test_causal_padding_mask_rejects_planted_mistakes(wrong, words):
     result = checks.check_causal_padding_mask(wrong)
@@ -53,6 +55,7 @@ def test_to_key_padding_mask_accepts_reference():
     (lambda m: ~m, "wants key_padding_mask of shape (B, S)"),
     (lambda m: (~m[:, 0, 0]).float(), "boolean"),
     (lambda m: torch.zeros_like(m[:, 0, 0]), "entries differ"),
+    (lambda m: -m[:, 0, 0], "a boolean mask is inverted with a logical not"),
 ])
 def test_to_key_padding_mask_rejects_planted_mistakes(wrong, words):
     result = checks.check_to_key_padding_mask(wrong)
