@@ -303,8 +303,9 @@ def check_masked_attention(fn: Callable) -> str:
     broadcastable to (..., T, S), True = may attend. A query that may attend to nothing gets weights 0
     and output 0. Checks a causal mask, a (B, 1, S) padding mask and a mask with a fully masked row
     against numpy_ref; names an inverted mask, a missing 1/sqrt(d), k.T on a batched k (it reverses
-    every axis), masking by adding a small number, and the uniform weights that a finite fill such as
-    -1e9 gives a fully masked row.
+    every axis), masking by adding a small number, the uniform weights that a finite fill such as
+    -1e9 gives a fully masked row, a softmax over the queries, the pair in the wrong order, and an
+    input changed in place.
     """
     cases = _masked_cases()
     for label, q, k, v, mask in cases:
@@ -319,6 +320,9 @@ def check_masked_attention(fn: Callable) -> str:
             raise _explain_crash(crash, cube if k.ndim > 2 else []) from None
         answer, (out, weights) = _unpack_pair(result, "your masked attention function")
         expected_out, expected_w = numpy_ref.scaled_dot_product_attention(q, k, v, mask)
+        if is_close(out, expected_w) and is_close(weights, expected_out):
+            raise CheckFailure(f"for {label}, your pair is in the wrong order: the output comes first, then the "
+                               f"weights, (out, weights), as attention returns them.")
         if weights.shape == expected_w.shape and not is_close(weights, expected_w):
             inverted_w = numpy_ref.scaled_dot_product_attention(q, k, v, ~mask)[1]
             if is_close(weights, inverted_w):
@@ -331,7 +335,14 @@ def check_masked_attention(fn: Callable) -> str:
                 raise CheckFailure(f"for {label}, your weights are the masked softmax of q k^T without the scaling: "
                                    f"divide the scores by sqrt(d) = sqrt({d}) before masking and the softmax.")
             full = np.broadcast_to(mask, expected_w.shape)
-            plain = numpy_ref.softmax(q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]))  # (..., T, S) unmasked
+            scaled = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])  # (..., T, S)
+            with np.errstate(all="ignore"):
+                over_queries = numpy_ref.softmax(np.where(full, scaled, -np.inf), axis=-2)
+            if is_close(weights, over_queries):
+                raise CheckFailure(f"for {label}, your softmax normalised over the queries (axis -2): each COLUMN "
+                                   f"sums to 1. Each query's row of weights must sum to 1, over the keys it may "
+                                   f"attend to.")
+            plain = numpy_ref.softmax(scaled)  # (..., T, S) unmasked
             if is_close(weights, plain * full):
                 raise CheckFailure(f"for {label}, you masked after the softmax: the weights are softmax(scores) with "
                                    f"the masked entries set to 0, so the kept weights no longer sum to 1 (row sums "
@@ -393,12 +404,16 @@ def check_hand_example(fn: Callable) -> str:
     Your function: `fn() -> (weights, out)`: the three attention weights and the output (one number) of
     the query q = (1, 1, 1, 1) over the keys k_1 = (1, 1, 1, 1), k_2 = (1, 1, -1, -1), k_3 = (0, 0, 0, 0)
     with values 10, 0, -10 and d_k = 4. Names a missing 1/sqrt(d_k), a division by d_k, the weights
-    without the softmax, and an output that is not the weighted sum.
+    without the softmax, an output that is not the weighted sum, and the pair in the wrong order; otherwise
+    says which entries are off and by how much, never the expected numbers.
     """
     answer = unpack(call(fn), 2, "return a pair (weights, out)")
     weights = as_array("weights", answer[0])
     raw = _HAND_K @ _HAND_Q  # (S,) = [4, 0, 0]
     expected_w = numpy_ref.softmax(raw / 2.0)
+    if weights.size == 1 and as_array("out", answer[1]).shape == (3,):
+        raise CheckFailure("your pair is in the wrong order: the three weights come first, then the output, "
+                           "(weights, out)")
     if weights.shape != (3,):
         raise CheckFailure(f"weights should be three numbers, one per key; got shape {weights.shape}")
     wrong = {
@@ -434,7 +449,7 @@ def check_score_variance(fn: Callable) -> str:
     Your function: `fn(d_k, var_q, var_k) -> float`, the variance of q.k / sqrt(d_k) when the d_k
     entries of q and of k are independent, with mean 0 and variances var_q and var_k. Checks four
     settings and names a missing 1/sqrt(d_k), a sum of the variances instead of their product,
-    standard deviations in place of variances, and dividing by d_k twice.
+    standard deviations in place of variances, dividing by d_k twice, and dividing by sqrt(d_k) once.
     """
     cases = [(64, 1.0, 1.0), (64, 1 / 3, 1 / 3), (16, 2.0, 0.5), (256, 0.25, 3.0)]
     for d_k, var_q, var_k in cases:
@@ -451,6 +466,8 @@ def check_score_variance(fn: Callable) -> str:
             "you multiplied standard deviations; Var(q_i k_i) = var_q * var_k, no square root": np.sqrt(var_q * var_k),
             "you divided by d_k twice: the d_k terms add up to d_k var_q var_k, and the scaling divides by d_k once":
                 var_q * var_k / d_k,
+            "you divided the variance by sqrt(d_k); dividing a score by sqrt(d_k) divides its variance by the "
+            "SQUARE of that, as Var(c X) = c^2 Var(X)": np.sqrt(d_k) * var_q * var_k,
         }
         if not is_close(got, var_q * var_k, atol=1e-6, rtol=1e-6):
             for message, value in wrong.items():
@@ -496,9 +513,9 @@ def check_additive_scores(fn: Callable) -> str:
     Your function: `fn(q, k, W_q, W_k, w) -> scores`, with q (T, d_q), k (S, d_k), W_q (h, d_q) and
     W_k (h, d_k) stored like nn.Linear weights (out_features, in_features), w (h,); returns scores
     (T, S) with scores[i, j] = w . tanh(W_q q_i + W_k k_j). Checks T != S, d_q != d_k, and a case where
-    every matrix is square; names a forgotten .T, a missing tanh, scores of shape (S, T), and adding
-    q_i to k_i only (the diagonal). A mistake that crashes on the first case's shapes is named from
-    the square case, where it runs.
+    every matrix is square; names a forgotten .T, a missing tanh, scores of shape (S, T), adding
+    q_i to k_i only (the diagonal), and a torch tensor returned instead of a numpy array. A mistake that
+    crashes on the first case's shapes is named from the square case, where it runs.
     """
     rng = _rng()
     cases = []

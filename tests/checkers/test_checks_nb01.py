@@ -221,6 +221,18 @@ def scales_q_in_place(q, k, v, mask):
     return w @ v, w
 
 
+def test_masked_names_the_softmax_axis_and_the_order_of_the_pair():
+    def over_queries(q, k, v, mask):
+        s = np.where(mask, q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]), -np.inf)
+        w = numpy_ref.softmax(s, axis=-2)
+        return w @ v, w
+
+    result = checks.check_masked_attention(over_queries)
+    assert not result.passed and "your softmax normalised over the queries (axis -2)" in result.message, result
+    result = checks.check_masked_attention(lambda q, k, v, mask: ref_masked(q, k, v, mask)[::-1])
+    assert not result.passed and "your pair is in the wrong order" in result.message, result
+
+
 def test_masked_names_an_input_changed_in_place():
     result = checks.check_masked_attention(scales_q_in_place)
     assert not result.passed and result.message.startswith("your function changed its input `q` in place"), result
@@ -285,6 +297,7 @@ def test_hand_example_accepts_three_digit_answers():
     (_hand(soft=False), "scaled scores themselves"),
     (_hand(summed=False), "their SUM"),
     (lambda: ([0.787, 0.107, 0.107], 7.0), "out is off by 0.195"),
+    (lambda: (6.805, [0.787, 0.107, 0.107]), "your pair is in the wrong order"),
 ])
 def test_hand_example_rejects_planted_mistakes(wrong, words):
     result = checks.check_hand_example(wrong)
@@ -315,6 +328,7 @@ def test_score_variance_accepts_the_product():
     (lambda d_k, a, b: a + b, "PRODUCT"),
     (lambda d_k, a, b: np.sqrt(a * b), "standard deviations"),
     (lambda d_k, a, b: a * b / d_k, "divided by d_k twice"),
+    (lambda d_k, a, b: np.sqrt(d_k) * a * b, "SQUARE of that"),
     (lambda d_k, a, b: 1.0, "differs from the reference"),
     (lambda d_k, a, b: np.array([a, b]), "one number"),
 ])
