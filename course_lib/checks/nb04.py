@@ -418,7 +418,7 @@ def check_cross_mha_forward(fn):
     w_v (H d_v, kdim), w_o (d_model, H d_v) in nn.Linear's layout without biases; out (B, T, d_model).
     Checks d_v != d_k, T != S and a case where every weight is square; names a reshape without
     transpose, a forgotten .T (on every weight, or on w_q, w_k and w_v only), scaling by sqrt(d_v) or sqrt(d_model),
-    and keys taken from x. A mistake
+    keys taken from x, and a missing w_o. A mistake
     that crashes on one case's shapes is named from a case where it runs.
     """
     g = torch.Generator().manual_seed(44)
@@ -456,6 +456,9 @@ def check_cross_mha_forward(fn):
             raise crash from None
         x, memory, w_q, w_k, w_v, w_o, H = inputs
         expected = _mha_variant(x, w_q, w_k, w_v, w_o, H, memory=memory)
+        if is_close(got, _mha_variant(x, w_q, w_k, w_v, w_o, H, memory=memory, out_proj=False)):
+            raise CheckFailure(f"for {what}: the output projection w_o is missing: your output is the merged heads, "
+                               f"(B, T, H*d_v) = {tuple(got.shape)}; w_o maps them back to d_model features.")
         if tuple(got.shape) != tuple(expected.shape):
             raise CheckFailure(f"for {what}: your output has shape {tuple(got.shape)}, expected (B, T, d_model) = "
                                f"{tuple(expected.shape)}: one row per QUERY (from x), projected back by w_o.")

@@ -155,8 +155,9 @@ def check_masked_softmax(fn):
     weights (..., T, S): softmax over the allowed keys, exactly 0 elsewhere, all 0 (never NaN) in a
     row with nothing allowed. Checks four cases, one per dtype, with a tolerance per dtype (in the float32
     one the masked keys score 1000 above the allowed ones); names NaN, a -1e9 fill that overflows float16,
-    uniform weights in a fully masked row, a flipped mask, and masking after the softmax (with or without
-    renormalising: renormalising loses every row whose masked keys score far above its kept ones).
+    uniform weights in a fully masked row, a flipped mask, masking after the softmax (with or without
+    renormalising: renormalising loses every row whose masked keys score far above its kept ones), a softmax
+    along another axis than the keys, and float64 scores given weights of lower precision.
     """
     g = torch.Generator().manual_seed(5)
     fully_masked = torch.ones(4, 5, dtype=torch.bool)
@@ -233,7 +234,17 @@ def check_masked_softmax(fn):
                                f"entries set to 0, so a row's kept weights sum to less than 1 (or to 0). Mask the "
                                f"scores with -inf before the softmax; renormalising afterwards is no fix, it fails "
                                f"when a masked key scores far above the kept ones.")
+        if scores.dtype == torch.float64 and got.dtype != torch.float64:
+            raise CheckFailure(f"{name} are {got.dtype} for float64 scores: float64 inputs ask for float64 weights, "
+                               f"so compute in the scores' own precision (a float32 step loses about 9 digits)")
         if not torch.allclose(got64, expected, atol=tol, rtol=0):
+            for dim in range(scores.dim() - 1):
+                with torch.no_grad():
+                    other = torch.nan_to_num(torch.softmax(scores.to(torch.float64).masked_fill(~mask, float("-inf")),
+                                                           dim=dim), nan=0.0)
+                if torch.allclose(got64, other, atol=tol, rtol=0):
+                    raise CheckFailure(f"{name}: your softmax normalises along axis {dim}, not along the keys: each "
+                                       f"query's weights over its keys, the LAST axis, must sum to 1")
             err = float((got64 - expected).abs().max())
             raise CheckFailure(f"{name} differ from the reference by up to {err:.2e} (tolerance {tol:.0e} for "
                                f"{scores.dtype}). Hint: softmax over the last axis (the keys) of the masked scores; "

@@ -137,7 +137,7 @@ def test_param_count_rejects_planted_mistakes(wrong, words):
 
 # ----------------------------------------------------------------------------- cross-attention, d_v != d_k
 def cross_ref(x, memory, w_q, w_k, w_v, w_o, num_heads, *, split_T=True, merge_T=True, forgot_T=False,
-              scale_by=None, keys_from_x=False):
+              scale_by=None, keys_from_x=False, no_w_o=False):
     B, T, S, H = x.shape[0], x.shape[1], memory.shape[1], num_heads
     d_k, d_v = w_q.shape[0] // H, w_v.shape[0] // H
     kv_input = x if keys_from_x else memory
@@ -152,7 +152,7 @@ def cross_ref(x, memory, w_q, w_k, w_v, w_o, num_heads, *, split_T=True, merge_T
     scale = {"d_v": d_v, "d_model": x.shape[-1]}.get(scale_by, d_k) ** -0.5
     heads = torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v  # (B, H, T, d_v)
     merged = heads.transpose(1, 2).reshape(B, T, H * d_v) if merge_T else heads.reshape(B, T, H * d_v)
-    return proj(merged, w_o, out=True)
+    return merged if no_w_o else proj(merged, w_o, out=True)
 
 
 def test_cross_mha_forward_accepts_reference_and_course_lib_sdpa():
@@ -179,6 +179,7 @@ def _cross_mutating(x, memory, w_q, w_k, w_v, w_o, H):
     (dict(scale_by="d_v"), "sqrt(d_v)"),
     (dict(scale_by="d_model"), "sqrt(d_model)"),
     (dict(keys_from_x=True), "keys and values come from x"),
+    (dict(no_w_o=True), "the output projection w_o is missing"),
 ])
 def test_cross_mha_forward_rejects_planted_mistakes(options, words):
     def wrong(*args):

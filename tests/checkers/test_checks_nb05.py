@@ -92,6 +92,9 @@ def test_masked_softmax_accepts_reference_and_course_lib_safe_softmax():
     (lambda s, m: softmax_ref(s, ~m), "polarity is flipped"),
     (lambda s, m: torch.softmax(s.float(), dim=-1), "exactly 0"),
     (lambda s, m: softmax_ref(s, m).transpose(-1, -2), "shape"),
+    (lambda s, m: torch.nan_to_num(torch.softmax(s.double().masked_fill(~m, float("-inf")), dim=0)).to(s.dtype),
+     "your softmax normalises along axis 0, not along the keys"),
+    (lambda s, m: softmax_ref(s.float(), m), "float64 inputs ask for float64 weights"),
 ])
 def test_masked_softmax_rejects_planted_mistakes(wrong, words):
     result = checks.check_masked_softmax(wrong)
