@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from functools import cache
 
 import pytest
@@ -24,7 +25,7 @@ SEED_FILES = {
 }
 SEEDS_DIR = REPO_ROOT.parent / "shared" / "seeds"  # where the articles sit beside a checkout, when they do
 
-ROW = re.compile(r"^\| \*\*(\d{3}) (§[^*]+|FAQ \d|introduction)\*\* (.+)$")
+ROW = re.compile(r"^\| \*\*(\d{3}) (§[^*]+|FAQ \d|introduction|conclusion)\*\* (.+)$")
 # a markdown link: [text](destination), the destination possibly holding balanced parentheses
 LINK = re.compile(r"\[[^\]]*\]\(((?:[^()\s]|\([^()\s]*\))+)\)")
 
@@ -78,7 +79,7 @@ def test_the_seed_files_are_the_articles_next_to_the_checkout():
 
 def test_every_row_names_a_seed_and_one_verdict_from_the_fixed_set():
     rows = table_rows()
-    assert len(rows) >= 50, f"only {len(rows)} claim rows"
+    assert len(rows) >= 93, f"only {len(rows)} claim rows: a claim was dropped from the tables"
     problems = []
     for section_seed, line, cells in rows:
         match = ROW.match(line)
@@ -99,6 +100,18 @@ def test_every_row_names_a_seed_and_one_verdict_from_the_fixed_set():
         if len(claim) < 20 or not evidence or not correction:
             problems.append(f"empty claim, evidence or correction: {line[:80]}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_summary_states_the_tables_counts():
+    """'What we measured' says how many claims were checked and how many got each verdict: the tables' numbers."""
+    verdicts = [cells[1] for _, line, cells in table_rows() if ROW.match(line) and len(cells) == 4]
+    counts = Counter(verdicts)
+    text = "\n".join(markdown_cells(ERRATA))
+    summary = re.search(r"\*\*(\d+) claims checked\*\* in the five articles: (\d+) correct, (\d+) wrong, "
+                        r"(\d+) unsupported, (\d+) misleading", text)
+    assert summary, "the summary does not state the number of claims and of each verdict"
+    stated = [int(n) for n in summary.groups()]
+    assert stated == [len(verdicts), *(counts[v] for v in ("correct", "wrong", "unsupported", "misleading"))], stated
 
 
 def test_each_seed_has_a_table_and_the_audit_says_where_each_seed_is_right():
