@@ -505,7 +505,7 @@ def _steps(step, batches, *, seed: int = 4, learner: bool = False, **variant) ->
                                    f".view(-1) cannot flatten it: use .reshape(-1)") from None
             if "Expected target size" in str(failure) or "expected input batch_size" in str(failure):
                 raise CheckFailure(f"{failure}. F.cross_entropy wants logits (N, V) and targets (N,): flatten them, "
-                                   f"logits.reshape(-1, V) and targets.reshape(-1)") from None
+                                   f"merging the batch and position axes into one axis of N = B * L tokens") from None
             raise
         finally:
             hook.remove()
