@@ -380,6 +380,19 @@ _HAND_K = np.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, -1.0, -1.0], [0.0, 0.0, 0.0
 _HAND_V = np.array([10.0, 0.0, -10.0])  # (S,) one number per key
 
 
+def _one_score_off(weights: np.ndarray, scores: np.ndarray) -> int | None:
+    """The key whose score alone is wrong, when `weights` are the softmax of `scores` with one entry changed
+    (a slip in one dot product); else None. Scores are known up to a constant, so compare differences."""
+    if weights.shape != scores.shape or not np.all(weights > 0) or abs(float(weights.sum()) - 1) > 1e-2:
+        return None
+    diff = np.log(weights) - scores  # equal entries but one, if a single score is off
+    for j in range(len(scores)):
+        rest = np.delete(diff, j)
+        if np.ptp(rest) < 0.05 and abs(diff[j] - rest.mean()) > 0.05:
+            return j
+    return None
+
+
 def _hand_off(name: str, got: np.ndarray, expected: np.ndarray, atol: float, hint: str) -> None:
     """Fail naming the entries of a hand-computed answer that are off and by how much at most, without printing
     the expected numbers: a learner who reads them has nothing left to compute."""
@@ -425,6 +438,10 @@ def check_hand_example(fn: Callable) -> str:
     for message, w in wrong.items():
         if is_close(weights, w, atol=2e-3, rtol=0):
             raise CheckFailure(message + ".")
+    slip = _one_score_off(weights, raw / 2.0)
+    if slip is not None:
+        raise CheckFailure(f"your weights are a softmax of three scores in which only key k_{slip + 1}'s is off: "
+                           f"recompute q.k_{slip + 1} (and its division by sqrt(d_k)); the other two are right.")
     _hand_off("weights", weights, expected_w, 2e-3,
               "compute the three scores q.k_j / sqrt(d) first, then the softmax of those three numbers; three "
               "digits are enough")

@@ -328,6 +328,18 @@ def _layers() -> list[tuple[str, object, bool, str, int, int]]:
     return layers
 
 
+def _always_inverted(fn) -> bool:
+    """Whether the learner's test gives the wrong verdict on every one of the checker's layers."""
+    for _, layer, leaks, _, T, d in _layers():
+        try:
+            verdict = call(fn, layer, T, d)
+        except CheckFailure:
+            return False
+        if not isinstance(verdict, bool | np.bool_) or bool(verdict) == leaks:
+            return False
+    return True
+
+
 def _largest_perturbation(fn, layer, T: int, d: int) -> float | None:
     """The largest difference between the inputs the learner's test feeds `layer`, or None if it cannot tell."""
     seen: list[torch.Tensor] = []
@@ -356,7 +368,7 @@ def check_future_leak_test(fn):
     (1, T, d). Checks eight layers of random sizes, causal ones and ones that leak: everywhere, into
     position 0, from the last position, between two middle positions only, and by as little as 1e-9;
     names a test that perturbs the past, one that perturbs or checks too few positions, one that
-    misses a leak in the middle of the sequence, one whose tolerance hides a small leak, one whose
+    misses a leak in the middle of the sequence, inverted verdicts, one whose tolerance hides a small leak, one whose
     perturbation is too small to see, float32 inputs, and a tensor returned instead of a bool.
     """
     for description, layer, leaks, kind, T, d in _layers():
@@ -376,6 +388,10 @@ def check_future_leak_test(fn):
             raise CheckFailure(f"return True (the layer leaks) or False (it does not); got {verdict!r}")
         verdict = bool(verdict)
         if verdict and not leaks:
+            if _always_inverted(fn):
+                raise CheckFailure("your test's verdicts are inverted: it reports a leak for every layer without "
+                                   "one and none for every layer that leaks, so it measures the right thing but "
+                                   "returns the opposite. True must mean: some output changed, the layer leaks.")
             raise CheckFailure(f"your test reports a leak for {description}, which has none. Perturb only the "
                                f"FUTURE (positions > i) and compare only the outputs at positions <= i; float64 "
                                f"recomputation of the same numbers is exact, so compare exactly or with atol ~1e-12.")

@@ -311,9 +311,13 @@ def test_hand_example_never_prints_the_answer_it_asks_for():
 
     result = checks.check_hand_example(slip)
     assert not result.passed
-    assert result.message.startswith("weights: entries 0 (key k_1), 1 (key k_2), 2 (key k_3) are off, by up to "
-                                     "0.138"), result
+    assert result.message.startswith("your weights are a softmax of three scores in which only key k_2's is off"), \
+        result
     assert "0.787" not in result.message and "0.107" not in result.message, result.message
+    result = checks.check_hand_example(lambda: ([0.6, 0.3, 0.1], 5.0))  # no single slip explains these
+    assert not result.passed
+    assert result.message.startswith("weights: entries 0 (key k_1), 1 (key k_2), 2 (key k_3) are off, by up to "
+                                     "0.193"), result
     result = checks.check_hand_example(lambda: ([0.787, 0.107, 0.107], 7.0))
     assert "6.8" not in result.message, result.message
 

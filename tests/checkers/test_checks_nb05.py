@@ -159,7 +159,9 @@ def test_answers_that_are_right_but_change_their_inputs_are_named():
 
 # ----------------------------------------------------------------------------- a test for future leaks
 def leak_test_ref(layer, T, d, *, atol=0.0, neighbour_only=False, perturb_past=False, scale=1.0, as_tensor=False,
-                  dtype=torch.float64):
+                  dtype=torch.float64, inverted=False):
+    if inverted:
+        return not leak_test_ref(layer, T, d)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, T, d, generator=gen, dtype=dtype)
     y = layer(x)
@@ -185,6 +187,7 @@ def test_future_leak_test_accepts_reference():
     (dict(scale=1e-12), "its perturbation is too small to see. The inputs it gave the layer differ by at most"),
     (dict(as_tensor=True), "return a bool, True (the layer leaks) or False"),
     (dict(dtype=torch.float32), "the inputs your test builds must be float64 too"),
+    (dict(inverted=True), "your test's verdicts are inverted"),
     (dict(neighbour_only=True), "too few positions"),
 ])
 def test_future_leak_test_rejects_planted_mistakes(options, words):
