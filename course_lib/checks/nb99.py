@@ -1,9 +1,9 @@
 """Checkers for notebook 99 (errata of the sources): three bugs of the source articles, fixed.
 
-- check_sdpa_mask: seed 002's 0/1 mask turned into what F.scaled_dot_product_attention expects;
+- check_sdpa_mask: source article 002's 0/1 mask turned into what F.scaled_dot_product_attention expects;
 - check_heads_cost: the forward FLOPs and the stored attention weights of one layer, against the
-  head count (seed 003 says more heads cost more compute);
-- check_token_output: one token's self-attention output, the token itself included (seed 004's
+  head count (source article 003 says more heads cost more compute);
+- check_token_output: one token's self-attention output, the token itself included (source article 004's
   worked example leaves it out).
 On a wrong answer each checker tries the mistakes the exercise invites and says which one was made.
 """
@@ -33,7 +33,7 @@ from course_lib.cost.flops import module_flops
 __all__ = ["check_sdpa_mask", "check_heads_cost", "check_token_output"]
 
 
-# ----------------------------------------------------------------------------- seed 002's mask for SDPA
+# ----------------------------------------------------------------------------- source article 002's mask for SDPA
 _SCORES_SHAPE = (2, 2, 5, 5)  # (B, H, T, S) of the checker's attention
 
 
@@ -102,7 +102,7 @@ def check_heads_cost(fn):
     Your function: `fn(B, T, d_model, H) -> (flops, score_entries)`: flops = the forward FLOPs of the four
     d_model x d_model projections and the two attention products (a multiply-add counts 2), score_entries =
     the number of entries of the attention weights (B, H, T, T). Checks five (B, T, d_model, H); names FLOPs
-    that grow with H (seed 003's claim), missing projections, one FLOP per multiply-add, d_head in place of
+    that grow with H (source article 003's claim), missing projections, one FLOP per multiply-add, d_head in place of
     d_model, and weights without the head axis.
     """
     cases = [(1, 4, 8, 1), (2, 128, 256, 4), (2, 128, 256, 64), (3, 10, 12, 3), (8, 512, 768, 12)]
@@ -115,8 +115,9 @@ def check_heads_cost(fn):
         projections, core = 8.0 * B * T * d * d, 4.0 * B * T * T * d
         if not math.isclose(flops, expected_flops, rel_tol=1e-9):
             wrong = [
-                (expected_flops * H, "your FLOPs grow with H, as seed 003 says; but each head works on d_model/H "
-                                     "features, so H heads of d_head = d_model/H cost what one head of d_model costs"),
+                (expected_flops * H, "your FLOPs grow with H, as source article 003 says; but each head works on "
+                                     "d_model/H features, so H heads of d_head = d_model/H cost what one head of "
+                                     "d_model costs"),
                 (projections + core * H, "your attention products grow with H: per head they cost 4*T^2*d_head, "
                                          "and H*d_head = d_model"),
                 (core, "only the attention products: add the four projections (Q, K, V and the output), "
@@ -145,14 +146,14 @@ def check_heads_cost(fn):
     return f"{len(cases)} cases: the FLOPs do not depend on H, the stored weights grow as B*H*T^2"
 
 
-# ----------------------------------------------------------------------------- seed 004's worked example
+# ----------------------------------------------------------------------------- source article 004's worked example
 @checker
 def check_token_output(fn):
     """Check one token's output of single-head self-attention.
 
     Your function: `fn(x, w_q, w_k, w_v, i) -> out`, with x (T, d_model) float64 numpy, w_q, w_k (d_model,
     d_head), w_v (d_model, d_v) and i a position; out (d_v,): softmax(q_i k^T / sqrt(d_head)) v over ALL T
-    tokens, token i included. Checks three inputs; names leaving the token out (seed 004's recipe), no
+    tokens, token i included. Checks three inputs; names leaving the token out (source article 004's recipe), no
     scaling, a scale of d_head, the softmax over the queries, the weights returned, and x used as values.
     """
     rng = np.random.default_rng(404)
@@ -174,8 +175,8 @@ def check_token_output(fn):
         column_softmax = numpy_ref.softmax(scores / math.sqrt(d_head), axis=0)
         weights_i = numpy_ref.softmax(scores[i] / math.sqrt(d_head))
         mistakes = {
-            "you left token i out, as seed 004's worked example does: self-attention scores the token's own key "
-            "and sums its own value too": left_out,
+            "you left token i out, as source article 004's worked example does: self-attention scores the token's "
+            "own key and sums its own value too": left_out,
             "no scaling: divide the scores by sqrt(d_head)": numpy_ref.softmax(scores[i]) @ v,
             "the scores are divided by d_head; divide by sqrt(d_head)": numpy_ref.softmax(scores[i] / d_head) @ v,
             "the softmax runs over the queries (axis 0); each query's weights must sum to 1 over the keys":

@@ -11,7 +11,7 @@ import torch
 from course_lib import checks, numpy_ref
 
 
-# ----------------------------------------------------------------------------- seed 002's mask for SDPA
+# ----------------------------------------------------------------------------- source article 002's mask for SDPA
 def additive(mask):
     return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(mask == 0, float("-inf"))
 
@@ -53,7 +53,7 @@ def test_heads_cost_accepts_reference():
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (lambda B, T, d, H: (cost_ref(B, T, d, H)[0] * H, B * H * T * T), "grow with H, as seed 003 says"),
+    (lambda B, T, d, H: (cost_ref(B, T, d, H)[0] * H, B * H * T * T), "grow with H, as source article 003 says"),
     (lambda B, T, d, H: (8 * B * T * d * d + 4 * B * T * T * d * H, B * H * T * T), "attention products grow with H"),
     (lambda B, T, d, H: (4 * B * T * T * d, B * H * T * T), "add the four projections"),
     (lambda B, T, d, H: (8 * B * T * d * d, B * H * T * T), "only the projections"),
@@ -69,7 +69,7 @@ def test_heads_cost_rejects_planted_mistakes(wrong, words):
     assert not result.passed and words in result.message, result.message
 
 
-# ----------------------------------------------------------------------------- seed 004's worked example
+# ----------------------------------------------------------------------------- source article 004's worked example
 def token_ref(x, w_q, w_k, w_v, i):
     q, k, v = x @ w_q, x @ w_k, x @ w_v
     return numpy_ref.scaled_dot_product_attention(q[i:i + 1], k, v)[0][0]
@@ -97,7 +97,7 @@ def _mutating(x, w_q, w_k, w_v, i):
 
 
 @pytest.mark.parametrize("wrong, words", [
-    (_without_self, "as seed 004's worked example does"),
+    (_without_self, "as source article 004's worked example does"),
     (lambda x, wq, wk, wv, i: _weights(x, wq, wk, wv, i, lambda d: 1.0) @ (x @ wv), "no scaling"),
     (lambda x, wq, wk, wv, i: _weights(x, wq, wk, wv, i, lambda d: d) @ (x @ wv), "divided by d_head"),
     (lambda x, wq, wk, wv, i: _weights(x, wq, wk, wv, i, math.sqrt, axis=0) @ (x @ wv), "over the queries"),
