@@ -114,6 +114,19 @@ def test_the_summary_states_the_tables_counts():
     assert stated == [len(verdicts), *(counts[v] for v in ("correct", "wrong", "unsupported", "misleading"))], stated
 
 
+def test_the_prose_means_a_random_seed_by_seed():
+    """The five articles are "source articles" in the notebook's own prose; "seed" is kept for random seeds.
+    Headings are left out (other notebooks link to them), and so are link texts and code."""
+    stray = []
+    for cell in markdown_cells(ERRATA):
+        lines = [line for line in cell.splitlines() if not re.match(r"#{1,6} ", line)]
+        prose = re.sub(r"`[^`]*`", "", LINK.sub("", " ".join(lines)))  # a phrase may run over two lines
+        for match in re.finditer(r"(\w+\s+)?\bseeds?\b", prose, flags=re.IGNORECASE):
+            if (match.group(1) or "").strip().lower() != "random":
+                stray.append(prose[max(0, match.start() - 40):match.end() + 40])
+    assert not stray, "'seed' for a source article:\n" + "\n".join(stray)
+
+
 def test_each_seed_has_a_table_and_the_audit_says_where_each_seed_is_right():
     verdicts: dict[str, set[str]] = {}
     for _, line, cells in table_rows():
