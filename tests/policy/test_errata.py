@@ -53,7 +53,7 @@ def table_rows() -> list[tuple[str, str, list[str]]]:
     rows, section_seed = [], None
     for cell in markdown_cells(ERRATA):
         for line in cell.splitlines():
-            heading = re.match(r"## Seed (\d{3})", line)
+            heading = re.match(r"## Source (\d{3})", line)
             if heading:
                 section_seed = heading.group(1)
             elif re.match(r"## ", line):
