@@ -102,6 +102,17 @@ class AttentionOnlyTransformer(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- losses
+def _check_halves(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int) -> None:
+    """logits (B, T, V) for tokens (B, T) made of a prefix of prefix_len >= 2 tokens and its repeat."""
+    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, V) and tokens (B, T); got {tuple(logits.shape)} and "
+                         f"{tuple(tokens.shape)}")
+    check_positive_int("prefix_len", prefix_len)
+    if tokens.shape[1] != 2 * prefix_len or prefix_len < 2:
+        raise ValueError(f"tokens must have 2 * prefix_len positions with prefix_len >= 2; got {tokens.shape[1]} "
+                         f"positions and prefix_len={prefix_len}")
+
+
 def half_losses(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(first-half loss, repeated-half loss): mean cross-entropies, scalars with gradients.
 
@@ -110,13 +121,7 @@ def half_losses(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int) -> 
     the previous occurrence of the current one. Token L (the first repeated token, predicted at
     position L-1) is in neither: nothing before it says that the repeat starts there.
     """
-    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, V) and tokens (B, T); got {tuple(logits.shape)} and "
-                         f"{tuple(tokens.shape)}")
-    check_positive_int("prefix_len", prefix_len)
-    if tokens.shape[1] != 2 * prefix_len or prefix_len < 2:
-        raise ValueError(f"tokens must have 2 * prefix_len positions with prefix_len >= 2; got {tokens.shape[1]} "
-                         f"positions and prefix_len={prefix_len}")
+    _check_halves(logits, tokens, prefix_len)
     L = prefix_len
     per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")  # (B, 2L-1)
     return per_token[:, : L - 1].mean(), per_token[:, L:].mean()
@@ -141,13 +146,7 @@ def context_mass(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int) ->
     above what a uniform prediction gives (the share of distinct context tokens in the vocabulary); an exact
     induction gives 1 in the repeated half. Pass zero logits for the uniform baseline.
     """
-    if logits.ndim != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, V) and tokens (B, T); got {tuple(logits.shape)} and "
-                         f"{tuple(tokens.shape)}")
-    check_positive_int("prefix_len", prefix_len)
-    if tokens.shape[1] != 2 * prefix_len or prefix_len < 2:
-        raise ValueError(f"tokens must have 2 * prefix_len positions with prefix_len >= 2; got {tokens.shape[1]} "
-                         f"positions and prefix_len={prefix_len}")
+    _check_halves(logits, tokens, prefix_len)
     V = logits.shape[-1]
     seen = F.one_hot(tokens, V).cumsum(1) > 0  # (B, T, V): token v occurs at or before t
     mass = (logits.detach().float().softmax(-1) * seen).sum(-1)  # (B, T)
