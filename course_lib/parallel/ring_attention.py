@@ -10,7 +10,8 @@ Each step gives a *partial* result: the output over the keys of one shard, norma
 those keys only, and its log-sum-exp lse = log sum_j exp(s_j). Two partials merge exactly
 (`merge_partials`): lse = log(e^lse_a + e^lse_b), out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b.
 That is notebook 10's online softmax (`numpy_ref.online_softmax_step`), with the running max
-and sum folded into one number per row.
+and sum folded into one number per row; both live in `course_lib.partial_attention`, shared
+with split-KV decoding, and are re-exported here.
 
 Backward, the same ring again: rank r keeps its queries, its output and the final lse; the
 key/value shards travel round with their gradients dk, dv, which every rank adds to, so that
@@ -40,6 +41,9 @@ from course_lib.masks import restrict_mask
 from course_lib.mha import MultiHeadAttention, merge_heads, split_heads
 from course_lib.parallel.check import check_plain_mha, example_case, grad_of, max_abs_error, report
 from course_lib.parallel.distributed import Comm, saved_bytes, self_check_main, time_steps
+from course_lib.partial_attention import block_attention, merge_partials
+from course_lib.partial_attention import finite_or_zero as _finite
+from course_lib.partial_attention import masked_scores as _scores
 
 __all__ = ["SequenceLayout", "merge_partials", "block_attention", "ring_attention", "RingAttention",
            "SequenceParallelAttention", "compare_sequence_split",
@@ -147,66 +151,6 @@ def ring_bytes_per_step(kv_layout: SequenceLayout, rank: int, batch: int, d_mode
     return {"forward": forward, "backward": backward}
 
 
-# ----------------------------------------------------------------------------- one block, and merging blocks
-def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (..., T, d) over one block of keys k (..., S, d), v (..., S, d_v): (out, lse).
-
-    out (..., T, d_v) is normalised over this block's keys; lse (..., T) = log sum_j exp(score_j)
-    (-inf, with out 0, for a row whose keys in this block are all masked). mask: bool (True = may
-    attend) or additive float, broadcastable to (..., T, S).
-
-    As in MultiHeadAttention's math path, the scores, the softmax and the product with v are
-    computed in float32 at least (float64 stays float64): out comes back in q's dtype, lse stays in
-    that float32-or-wider dtype. A float16 lse near 12800 would be off by up to 4 (its spacing there
-    is 8), which multiplies exp(score - lse) by up to e^4, and it overflows above 65504.
-    """
-    out, lse = _block(q, k, v, mask, torch.promote_types(q.dtype, torch.float32))
-    return out.to(q.dtype), lse
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, mask_dtype: torch.dtype) -> torch.Tensor:
-    """(q / sqrt(d)) k^T, masked, in q's dtype: -inf where a bool mask is False; an additive mask is
-    rounded to the inputs' dtype `mask_dtype` first, as MultiHeadAttention's paths do, then added."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (..., T, S)
-    if mask is not None:
-        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                  else scores + mask.to(mask_dtype).to(scores.dtype))
-    return scores
-
-
-def _block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, compute: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """block_attention with out and lse both in `compute` (the ring accumulates in it, rounding once at the end)."""
-    scores = _scores(q.to(compute), k.to(compute), mask, q.dtype)  # (..., T, S)
-    lse = torch.logsumexp(scores, dim=-1)  # (..., T)
-    p = torch.exp(scores - _finite(lse).unsqueeze(-1))  # (..., T, S); rows of -inf give 0
-    return p @ v.to(compute), lse
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (no key seen) replaced by 0: exp(-inf - 0) = 0, where exp(-inf - (-inf)) is NaN."""
-    return torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-
-
-def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partial attention results over disjoint sets of keys into the result over both.
-
-    out_* (..., T, d_v) are each normalised over their own keys, lse_* (..., T) their log-sum-exps.
-    The merged normaliser is e^lse = e^lse_a + e^lse_b, and each partial output is re-weighted by
-    its share of it. Rows that saw no key in either (lse -inf in both) stay 0, not NaN. Computed in
-    float32 at least; out comes back in the outs' dtype, lse in float32 at least (see block_attention).
-    """
-    compute = torch.promote_types(torch.promote_types(lse_a.dtype, lse_b.dtype), torch.float32)
-    lse = torch.logaddexp(lse_a.to(compute), lse_b.to(compute))  # (..., T)
-    shift = _finite(lse)
-    w_a = torch.exp(lse_a.to(compute) - shift).unsqueeze(-1)  # (..., T, 1): the share of a's keys
-    w_b = torch.exp(lse_b.to(compute) - shift).unsqueeze(-1)
-    out_dtype = torch.promote_types(out_a.dtype, out_b.dtype)
-    return (w_a * out_a + w_b * out_b).to(out_dtype), lse
-
-
 # ----------------------------------------------------------------------------- the ring, forward and backward
 @dataclass
 class _Plan:
@@ -258,7 +202,8 @@ def _ring_forward(q, k, v, plan: _Plan, comm: Comm):
         for rows, cols, tile in plan.tiles(r, owner):
             if tile is not None and tile.dtype == torch.bool and tile.numel() and not tile.any():
                 continue  # masked out entirely (padding, say): nothing to add
-            o, l = _block(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], tile, compute)
+            o, l = block_attention(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], tile,
+                                   compute_dtype=compute)
             out[..., rows, :], lse[..., rows] = merge_partials(out[..., rows, :], lse[..., rows], o, l)
             plan.scores_computed += (rows.stop - rows.start) * (cols.stop - cols.start)
         if wait is not None:
