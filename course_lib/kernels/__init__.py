@@ -32,11 +32,16 @@ __all__ = [
     "interpreter_active",
     "kernel_tolerance",
     "unit_roundoff",
+    "MIN_COMPUTE_CAPABILITY",
+    "kernel_unsupported_reason",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D_HEAD = 256
 _PRECISIONS = ("ieee", "tf32")
+# Triton compiles for NVIDIA GPUs of compute capability 8.0 (Ampere) and newer; older cards (a T4 is 7.5,
+# a V100 7.0) are outside what it supports, and the kernel's bfloat16 tiles need 8.0 anyway.
+MIN_COMPUTE_CAPABILITY = (8, 0)
 
 
 def _check_precision(input_precision: object) -> None:
@@ -84,6 +89,29 @@ def triton_available() -> bool:
     return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
 
 
+def kernel_unsupported_reason(device: torch.device | str) -> str | None:
+    """Why the Triton kernel cannot run on `device`, or None when it can.
+
+    A CPU runs it in Triton's interpreter; a CUDA GPU needs compute capability 8.0 or newer
+    (`MIN_COMPUTE_CAPABILITY`): on an older one (a T4, as free notebook services lend) use torch's
+    fused attention, `course_lib.attention.scaled_dot_product_attention(..., backend="auto")`.
+    """
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a str; got {type(device).__name__}")
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"the Triton kernel runs on a CUDA GPU or, interpreted, on the CPU; got device {str(device)!r}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        need = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        return (f"the Triton kernel needs a GPU of compute capability {need} or newer (Ampere, Ada, Hopper, "
+                f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use backend='auto' "
+                "(torch's fused attention) on this GPU")
+    return None
+
+
 def interpreter_active() -> bool:
     """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1) rather than compiled."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -123,6 +151,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, i
         raise TypeError(f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k and v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    # where a GPU is present, Triton compiles for it (its CPU interpreter is off): the GPU must be supported
+    reason = kernel_unsupported_reason("cuda" if torch.cuda.is_available() else q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
     if q.device.type == "cpu" and torch.cuda.is_available():
         raise ValueError("on a machine with a GPU the Triton kernel runs compiled: move q, k, v to 'cuda'")
     if k.shape != v.shape or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:

@@ -177,3 +177,51 @@ def test_the_tolerance_catches_planted_bugs():
     for (name, causal), out in planted.items():
         err = relative_error(out.numpy(), right[causal].numpy())
         assert err > tol, f"{name}: relative error {err:.2e} is within the bfloat16 tolerance {tol:.2e}"
+
+
+def _pretend_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """Make torch report a CUDA GPU of the given compute capability (no GPU is touched)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pretends a GPU on a machine without one")
+@pytest.mark.parametrize(("capability", "name"), [((7, 5), "Tesla T4"), ((7, 0), "Tesla V100-SXM2-16GB")])
+def test_a_gpu_below_compute_capability_8_is_refused_by_name_before_any_work(monkeypatch, capability, name):
+    from course_lib.kernels import kernel_unsupported_reason
+
+    _pretend_gpu(monkeypatch, capability, name)
+    reason = kernel_unsupported_reason("cuda")
+    assert reason is not None and name in reason and f"{capability[0]}.{capability[1]}" in reason
+    assert "8.0 or newer" in reason and "backend='auto'" in reason
+    q = torch.randn(1, 1, 4, 16)
+    q_before = q.clone()
+    for call in (lambda: flash_attention(q, q, q), lambda: scaled_dot_product_attention(q, q, q, backend="triton")):
+        with pytest.raises(RuntimeError, match=r"compute capability 8\.0 or newer"):
+            call()
+    assert torch.equal(q, q_before)
+    # torch's fused attention is the way on such a GPU; here it runs on the CPU tensors as usual
+    assert scaled_dot_product_attention(q, q, q).shape == q.shape
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pretends a GPU on a machine without one")
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (10, 0)])
+def test_ampere_and_newer_pass_the_capability_check(monkeypatch, capability):
+    from course_lib.kernels import kernel_unsupported_reason
+
+    _pretend_gpu(monkeypatch, capability, "a GPU")
+    assert kernel_unsupported_reason("cuda") is None
+    # past the capability check, CPU tensors on a machine with a GPU are the next thing refused
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="move q, k, v to 'cuda'"):
+        flash_attention(q, q, q)
+
+
+def test_kernel_unsupported_reason_checks_its_argument_and_the_device_kind():
+    from course_lib.kernels import kernel_unsupported_reason
+
+    assert kernel_unsupported_reason("cpu") is None
+    assert "CUDA GPU" in kernel_unsupported_reason("meta")
+    with pytest.raises(TypeError, match="device must be"):
+        kernel_unsupported_reason(0)  # type: ignore[arg-type]
