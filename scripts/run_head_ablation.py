@@ -11,7 +11,10 @@ Other arms write their own file (--name) and no checkpoints: --lrs sweeps the le
 recorded as steps_to_target), so that a long budget costs only what the slow runs need.
 
 Every run: one of TASKS, a model with H heads at a fixed d_model (so the parameter count does not depend
-on H), trained from a seed on fresh random batches; the held-out accuracy and loss curves are recorded.
+on H), trained from a seed on fresh random batches; the accuracy and loss curves on the held-out (validation)
+batch are recorded, and the final model is scored once on a separate test batch (its own generator:
+`held_out_test_batch`), so that a choice made on the validation batch (--lrs) can be reported on data it did
+not see: each run has val_acc/val_loss and test_acc/test_loss.
 The H = 8 model of each (task, variant), seed 0, is also saved as a checkpoint for notebooks 07 and 08
 (`course_lib.experiments.head_ablation.load_head_model` reads it back with its config).
 """
@@ -29,7 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from course_lib.experiments.head_ablation import TASKS, TrainConfig, count_parameters, save_head_model, train_model
+from course_lib.experiments.head_ablation import (
+    TASKS,
+    TEST_SEED,
+    VALIDATION_SEED,
+    TrainConfig,
+    count_parameters,
+    evaluate,
+    held_out_test_batch,
+    save_head_model,
+    train_model,
+)
 from course_lib.tools.paths import DATA_DIR, PACKAGE_DATA, refuse_overwrite
 
 VARIANTS = {"attn_mlp": 128, "attn_only": 0}  # name -> d_ff (0 = no MLP after attention)
@@ -48,6 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig.lr], help="peak learning rates")
     parser.add_argument("--stop-at-acc", type=float, default=None, help="stop a run once it reaches this accuracy")
     parser.add_argument("--eval-every", type=int, default=None, help="default: steps // 20")
+    parser.add_argument("--test-size", type=int, default=2048, help="sequences in the test batch")
     parser.add_argument("--name", default="sweep", help="writes OUT/NAME.json")
     parser.add_argument("--no-checkpoints", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="2 heads counts x 1 seed x 20 steps, for tests")
@@ -58,6 +72,8 @@ def main(argv: list[str] | None = None) -> Path:
         args.tasks, args.heads, args.seeds, args.variants, args.steps = ["two_lookups"], [1, 2], [0], ["attn_mlp"], 20
         args.checkpoint_dir = args.out
 
+    if args.test_size < 1:
+        parser.error(f"--test-size must be a positive integer; got {args.test_size}")
     path = args.out / f"{args.name}.json"
     # seeds outermost: a sweep stopped early has every configuration for its first seeds
     configs = [(seed, variant, task, heads, lr) for seed in args.seeds for variant in args.variants
@@ -87,6 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
             "variants": {v: {"d_ff": VARIANTS[v]} for v in args.variants},
             "heads": args.heads, "seeds": args.seeds, "steps": args.steps, "d_model": args.d_model,
             "lrs": args.lrs, "stop_at_acc": args.stop_at_acc, "complete": complete,
+            "validation": {"seed": VALIDATION_SEED, "size": TrainConfig.eval_size},
+            "test": {"seed": TEST_SEED, "size": args.test_size},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
             "threads": 1, "total_seconds": round(time.time() - start, 1), "runs": runs,
         }
@@ -98,12 +116,16 @@ def main(argv: list[str] | None = None) -> Path:
                           eval_every=args.eval_every or max(1, args.steps // 20))
         t0 = time.time()
         model, curve = train_model(cfg)
+        test_loss, test_acc = evaluate(model, *held_out_test_batch(TASKS[task], args.test_size))
         runs.append({"variant": variant, "config": asdict(cfg), "params": count_parameters(model),
-                     "curve": curve, "final_acc": curve["eval_acc"][-1],
-                     "final_loss": curve["eval_loss"][-1], "seconds": round(time.time() - t0, 2)})
+                     "curve": curve, "final_acc": curve["eval_acc"][-1],  # final_* = val_*, the older name
+                     "final_loss": curve["eval_loss"][-1], "val_acc": curve["eval_acc"][-1],
+                     "val_loss": curve["eval_loss"][-1], "test_acc": test_acc, "test_loss": test_loss,
+                     "seconds": round(time.time() - t0, 2)})
         reached = f" steps_to_target={curve['steps_to_target']}" if args.stop_at_acc else ""
-        print(f"{variant:9s} {task:13s} H={heads} lr={lr:g} seed={seed} acc={curve['eval_acc'][-1]:.3f} "
-              f"loss={curve['eval_loss'][-1]:.3f}{reached} ({time.time() - t0:.1f} s)", flush=True)
+        print(f"{variant:9s} {task:13s} H={heads} lr={lr:g} seed={seed} val_acc={curve['eval_acc'][-1]:.3f} "
+              f"val_loss={curve['eval_loss'][-1]:.3f} test_acc={test_acc:.3f}{reached} ({time.time() - t0:.1f} s)",
+              flush=True)
         write(complete=False)
         if not args.no_checkpoints and seed == args.seeds[0] and heads == max(args.heads):
             name = f"heads_{task}_{variant}_h{heads}.safetensors"

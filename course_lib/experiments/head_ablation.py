@@ -41,7 +41,8 @@ __all__ = [
     "head_importance", "pruning_curve", "importance_order", "iterative_pruning_curve", "count_parameters",
     "lr_factor", "DATA_SEED_OFFSET", "save_head_model", "load_head_model",
     "MeanPoolClassifier", "parity_batches", "train_parity", "gate_gradients", "batch_gradient_importance",
-    "parameter_gradient_importance", "single_removal",
+    "parameter_gradient_importance", "single_removal", "VALIDATION_SEED", "TEST_SEED", "eval_batch",
+    "held_out_test_batch",
 ]
 
 
@@ -206,9 +207,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head_gate: torc
     return float(loss), float((logits.argmax(-1) == y).float().mean())
 
 
-def eval_batch(task: LookupTask, size: int = 512, seed: int = 12345) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed held-out batch (its own generator, so every run is scored on the same data)."""
+VALIDATION_SEED = 12345  # the held-out batch every run is scored on while it trains (its curve)
+TEST_SEED = 67890  # the test batch: scored once, after training, and never used to choose anything
+
+
+def eval_batch(task: LookupTask, size: int = 512, seed: int = VALIDATION_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed held-out (validation) batch (its own generator, so every run is scored on the same data)."""
     return make_batch(task, size, torch.Generator().manual_seed(seed))
+
+
+def held_out_test_batch(task: LookupTask, size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test batch: drawn from its own generator (TEST_SEED), apart from the validation batch and from the
+    training batches, so that a choice made on the validation batch (a learning rate) can be reported on data
+    that played no part in it."""
+    check_positive_int("size", size)
+    return make_batch(task, size, torch.Generator().manual_seed(TEST_SEED))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:

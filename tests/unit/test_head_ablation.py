@@ -9,14 +9,17 @@ import torch.nn.functional as F
 
 from course_lib import MultiHeadAttention
 from course_lib.experiments.head_ablation import (
+    DATA_SEED_OFFSET,
     TASKS,
     HeadGatedTransformer,
     MeanPoolClassifier,
     TrainConfig,
     batch_gradient_importance,
+    eval_batch,
     evaluate,
     gate_gradients,
     head_importance,
+    held_out_test_batch,
     importance_order,
     load_head_model,
     make_batch,
@@ -322,3 +325,45 @@ def test_parity_script_runs_on_a_tiny_configuration(tmp_path):
     assert [(r["num_heads"], r["seed"]) for r in record["runs"]] == [(1, 0), (2, 0)]
     assert record["command"].startswith("python scripts/run_parity_ablation.py --tiny")
     assert all(0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 for r in record["runs"])
+
+
+def _sequences(x):
+    return {tuple(row) for row in x.tolist()}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_test_batch_shares_no_sequence_with_the_validation_or_the_training_batches(task):
+    test = _sequences(held_out_test_batch(TASKS[task])[0])
+    assert len(test) == 2048 and not test & _sequences(eval_batch(TASKS[task])[0])
+    assert _sequences(held_out_test_batch(TASKS[task], 8)[0]) <= test  # a smaller test batch is its first rows
+    for seed in range(5):  # the training batches of the recorded learning-rate sweep: seeds 0-4, 500 steps of 64
+        generator = torch.Generator().manual_seed(seed + DATA_SEED_OFFSET)
+        training = set().union(*(_sequences(make_batch(TASKS[task], 64, generator)[0]) for _ in range(500)))
+        assert not test & training, (task, seed)
+    # the check can fail: a batch drawn from the validation generator is the validation batch
+    assert _sequences(make_batch(TASKS[task], 512, torch.Generator().manual_seed(12345))[0]) == _sequences(
+        eval_batch(TASKS[task])[0])
+    with pytest.raises(ValueError, match="size"):
+        held_out_test_batch(TASKS[task], 0)
+
+
+def test_sweep_script_scores_each_final_model_on_the_test_batch(tmp_path):
+    path = _script("run_head_ablation").main(["--tiny", "--out", str(tmp_path), "--test-size", "64"])
+    record = json.loads(path.read_text())
+    assert record["test"]["size"] == 64 and record["test"]["seed"] != record["validation"]["seed"]
+    for r in record["runs"]:
+        assert (r["val_acc"], r["val_loss"]) == (r["curve"]["eval_acc"][-1], r["curve"]["eval_loss"][-1])
+        assert 0 <= r["test_acc"] <= 1 and math.isfinite(r["test_loss"])
+    model, _ = load_head_model(tmp_path / "heads_two_lookups_attn_mlp_h2.safetensors")  # the H = 2 run, saved
+    h2 = record["runs"][-1]
+    test_loss, test_acc = evaluate(model, *held_out_test_batch(TASKS["two_lookups"], 64))
+    assert (test_acc, test_loss) == pytest.approx((h2["test_acc"], h2["test_loss"]), abs=1e-6)
+    val_loss, _ = evaluate(model, *eval_batch(TASKS["two_lookups"], 512))
+    assert val_loss == pytest.approx(h2["val_loss"], abs=1e-6) and test_loss != pytest.approx(val_loss, abs=1e-6)
+
+
+def test_sweep_script_refuses_an_empty_test_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script("run_head_ablation").main(["--tiny", "--out", str(tmp_path), "--test-size", "0"])
+    assert exit_info.value.code == 2 and "--test-size" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
