@@ -55,7 +55,7 @@ from torch import nn
 from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, check_positive_number, shape_str
 
 __all__ = ["sinusoidal_table", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding",
-           "interleaved_to_half", "ROPE_TYPES", "rope_inv_freq"]
+           "interleaved_to_half", "ROPE_TYPES", "rope_inv_freq", "yarn_mscale"]
 
 
 def _inv_freq(dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
@@ -202,16 +202,26 @@ def _check_scaling(scaling: Mapping[str, object] | None, d_head: int) -> dict[st
     return out
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's temperature term 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1): sqrt(1/t) in the YaRN paper.
+
+    Plain YaRN multiplies cos and sin by yarn_mscale(factor). DeepSeek's configurations set mscale and
+    mscale_all_dim: cos and sin get yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim), and its
+    attention (course_lib.modern.mla) multiplies the softmax scale by yarn_mscale(factor, mscale_all_dim) ** 2.
+    """
+    factor = check_positive_number("factor", factor)
+    mscale = check_positive_number("mscale", mscale)
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _yarn_attention_factor(factor: float, scaling: Mapping[str, Any]) -> float:
     """YaRN's attention temperature: sqrt(1/t) = 0.1 ln(factor) + 1 (or mscale's ratio, or given)."""
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
     if scaling.get("attention_factor") is not None:
         return scaling["attention_factor"]
     m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if m and m_all:  # DeepSeek's form
-        return mscale(factor, m) / mscale(factor, m_all)
-    return mscale(factor)
+        return yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+    return yarn_mscale(factor)
 
 
 def _scaled_inv_freq(d_head: int, base: float, scaling: Mapping[str, Any] | None,

@@ -9,6 +9,11 @@
 RoPE cannot be folded into the latent (a rotation by the position sits between W_UK and q), so a
 small decoupled rotary part (d_rope features, shared by the heads) carries the positions.
 
+Long contexts: rope_scaling (course_lib.positional.rope_inv_freq's format) scales the rotary part's
+frequencies. DeepSeek-V3 ships YaRN with mscale and mscale_all_dim; as in DeepSeek's code, mscale_all_dim
+also multiplies the softmax scale by yarn_mscale(factor, mscale_all_dim) ** 2 (cos and sin get the ratio
+yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)).
+
 The cache holds only c and k_rope: kv_rank + d_rope numbers per token per layer, whatever the
 number of heads. Two ways to decode from it compute the same function:
 - plain: expand the cached latent into every head's keys and values (W_UKV c) at every step;
@@ -19,6 +24,7 @@ number of heads. Two ways to decode from it compute the same function:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -29,9 +35,11 @@ from course_lib.attention import attention_core
 from course_lib.kv_cache import KVCache, unchanged_on_error
 from course_lib.masks import canonical_mask
 from course_lib.mha import merge_heads
-from course_lib.positional import RotaryEmbedding
+from course_lib.positional import RotaryEmbedding, yarn_mscale
 
-__all__ = ["MultiHeadLatentAttention", "LatentCache"]
+__all__ = ["MultiHeadLatentAttention", "LatentCache", "MLA_ROPE_TYPES"]
+
+MLA_ROPE_TYPES = ("default", "yarn", "linear", "llama3", "dynamic")  # the rope_types from_hf_deepseek_v3 copies
 
 
 class LatentCache:
@@ -78,7 +86,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, *, kv_rank: int, d_nope: int, d_rope: int, d_v: int,
                  q_rank: int | None = None, rope_base: float = 10000.0, rope_interleaved: bool = True,
-                 eps: float = 1e-6, bias: bool = False) -> None:
+                 rope_scaling: Mapping[str, object] | None = None, eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
         d_model, num_heads, kv_rank, d_nope, d_rope, d_v = (check_positive_int(name, value) for name, value in (
             ("d_model", d_model), ("num_heads", num_heads), ("kv_rank", kv_rank), ("d_nope", d_nope),
@@ -89,6 +97,14 @@ class MultiHeadLatentAttention(nn.Module):
         rope_base = check_positive_number("rope_base", rope_base, above=1.0)  # named as here, not as RotaryEmbedding's
         check_bool("rope_interleaved", rope_interleaved)
         check_bool("bias", bias)
+        try:
+            self.rotary = RotaryEmbedding(d_rope, base=rope_base, interleaved=rope_interleaved, scaling=rope_scaling)
+        except (TypeError, ValueError) as e:  # named as here: rope_scaling, not RotaryEmbedding's scaling
+            raise type(e)(f"rope_scaling: {e}") from None
+        scaling = self.rotary.scaling or {}
+        # the softmax scale is 1/sqrt(d_nope + d_rope) times score_multiplier: DeepSeek's mscale_all_dim term, or 1
+        m_all = yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) if scaling.get("mscale_all_dim") else 1.0
+        self.score_multiplier = m_all * m_all
         self.d_model, self.num_heads, self.kv_rank, self.q_rank = d_model, num_heads, kv_rank, q_rank
         self.d_nope, self.d_rope, self.d_v = d_nope, d_rope, d_v
         d_qk = d_nope + d_rope
@@ -102,11 +118,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(kv_rank, eps=eps)
         self.kv_up = nn.Linear(kv_rank, num_heads * (d_nope + d_v), bias=False)  # W_UK and W_UV, head by head
         self.out_proj = nn.Linear(num_heads * d_v, d_model, bias=bias)
-        self.rotary = RotaryEmbedding(d_rope, base=rope_base, interleaved=rope_interleaved)
 
     def extra_repr(self) -> str:
+        scaling = "" if self.rotary.scaling is None else f", rope_scaling={self.rotary.scaling}"
         return (f"d_model={self.d_model}, num_heads={self.num_heads}, kv_rank={self.kv_rank}, q_rank={self.q_rank}, "
-                f"d_nope={self.d_nope}, d_rope={self.d_rope}, d_v={self.d_v}")
+                f"d_nope={self.d_nope}, d_rope={self.d_rope}, d_v={self.d_v}" + scaling)
 
     def new_cache(self) -> LatentCache:
         """An empty cache of latents and rotary keys."""
@@ -120,6 +136,8 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_rank is None else self.q_up(self.q_norm(self.q_down(x)))  # (B, T, H * d_qk)
         q = q.view(B, T, self.num_heads, self.d_nope + self.d_rope).transpose(1, 2)  # (B, H, T, d_qk)
+        if self.score_multiplier != 1.0:  # attention_core scales by 1/sqrt(d_qk); the rest goes into q
+            q = q * self.score_multiplier
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], dim=-1)
         return q_nope, self.rotary(q_rope, offset=start)  # (B, H, T, d_nope), (B, H, T, d_rope)
 
@@ -190,18 +208,34 @@ class MultiHeadLatentAttention(nn.Module):
 
     @classmethod
     def from_hf_deepseek_v3(cls, attention: Any) -> MultiHeadLatentAttention:
-        """Copy a Hugging Face DeepseekV3Attention (default RoPE; its config says the sizes and the pairing)."""
+        """Copy a Hugging Face DeepseekV3Attention; its config says the sizes, the pairing and the RoPE scaling.
+
+        rope_parameters' rope_type may be "default", "yarn" (DeepSeek-V3's, with mscale and mscale_all_dim: the
+        softmax scale changes too), "linear", "llama3" or "dynamic"; any other type, or partial_rotary_factor != 1,
+        is refused by name.
+        """
         config = getattr(attention, "config", None)
         if config is None or not hasattr(attention, "kv_a_proj_with_mqa"):
             raise TypeError(f"attention must be a Hugging Face DeepseekV3Attention; got {type(attention).__name__}")
         rope = dict(getattr(config, "rope_parameters", None) or {})
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"only the default RoPE is supported; got rope_type={rope.get('rope_type')!r}")
+        base = float(rope.pop("rope_theta", 10000.0))
+        rope_type = rope.setdefault("rope_type", "default")
+        if rope_type not in MLA_ROPE_TYPES:
+            raise ValueError(f"rope_parameters['rope_type'] must be one of {', '.join(map(repr, MLA_ROPE_TYPES))} "
+                             f"to be copied exactly; got {rope_type!r}")
+        if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"rope_parameters['partial_rotary_factor'] must be 1 (RoPE on all qk_rope_head_dim "
+                             f"features); got {config.rope_parameters['partial_rotary_factor']}")
+        if rope_type == "dynamic":  # Hugging Face's dynamic NTK counts from max_position_embeddings
+            rope["original_max_position_embeddings"] = config.max_position_embeddings
+        if rope_type == "yarn" and rope.get("factor") is None and rope.get("original_max_position_embeddings"):
+            # as Hugging Face does when the factor is left out
+            rope["factor"] = config.max_position_embeddings / rope["original_max_position_embeddings"]
         new = cls(config.hidden_size, config.num_attention_heads, kv_rank=config.kv_lora_rank,
                   d_nope=config.qk_nope_head_dim, d_rope=config.qk_rope_head_dim, d_v=config.v_head_dim,
-                  q_rank=config.q_lora_rank, rope_base=float(rope.get("rope_theta", 10000.0)),
-                  rope_interleaved=bool(config.rope_interleave), eps=attention.kv_a_layernorm.variance_epsilon,
-                  bias=bool(config.attention_bias))
+                  q_rank=config.q_lora_rank, rope_base=base, rope_interleaved=bool(config.rope_interleave),
+                  rope_scaling=None if rope_type == "default" else rope,
+                  eps=attention.kv_a_layernorm.variance_epsilon, bias=bool(config.attention_bias))
         pairs: list[tuple[nn.Linear | nn.RMSNorm, Any]] = [  # (ours, theirs)
             (new.kv_down, attention.kv_a_proj_with_mqa), (new.kv_up, attention.kv_b_proj),
             (new.out_proj, attention.o_proj), (new.kv_norm, attention.kv_a_layernorm)]

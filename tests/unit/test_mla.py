@@ -150,3 +150,110 @@ def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
     wrong.rotary.interleaved = not interleave  # the other pairing is a different function
     with torch.no_grad():
         assert not torch.allclose(wrong(seen[0][0]), seen[0][1], atol=1e-4)
+
+
+# ------------------------------------------------------------------ long-context RoPE scaling (DeepSeek-V3: YaRN)
+LONG_CHUNKS = [12, 1, 3, 1, 5]  # prefill, then cached steps past original_max_position_embeddings = 8
+DEEPSEEK_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 8, "beta_fast": 32,
+                 "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # DeepSeek-V3's, but L = 8 (not 4096)
+SCALINGS = {
+    "deepseek_v3_yarn": DEEPSEEK_YARN,
+    "yarn_mscale_ratio": {**DEEPSEEK_YARN, "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.5},
+    "yarn_plain": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 8, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+}
+
+
+def _hf_deepseek(rope_scaling, *, q_rank=12, interleave=True, max_position_embeddings=8):
+    """A one-layer Hugging Face DeepSeek-V3 with the given rope_scaling (rope_theta 100, d_rope 8, so that the
+    rotary pairs span fast to slow over 8 positions), its attention, and (input, output) of every call."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=q_rank,
+        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, num_hidden_layers=1, first_k_dense_replace=1,
+        intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=1, topk_group=1, vocab_size=50, max_position_embeddings=max_position_embeddings,
+        rope_interleave=interleave, rope_theta=100.0, rope_scaling=rope_scaling, attn_implementation="eager")
+    model = transformers.DeepseekV3Model(cfg).eval()
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, attn.q_proj or attn.q_b_proj):
+            lin.weight.normal_(0.0, 0.3)
+    seen = []
+    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
+                                      with_kwargs=True)
+    ids = torch.randint(0, 50, (2, sum(LONG_CHUNKS)), generator=torch.Generator().manual_seed(1))
+    hf_cache, start = transformers.DynamicCache(config=cfg), 0
+    with torch.no_grad():
+        for n in LONG_CHUNKS:
+            model(input_ids=ids[:, start:start + n], past_key_values=hf_cache, use_cache=True)
+            start += n
+    hook.remove()
+    return attn, seen
+
+
+def _max_error(ours, seen, absorbed=False):
+    cache = ours.new_cache()
+    with torch.no_grad():
+        return max(float((ours(x, cache=cache, absorbed=absorbed) - ref).abs().max()) for x, ref in seen)
+
+
+@pytest.mark.parametrize("name", list(SCALINGS))
+@pytest.mark.parametrize("q_rank,interleave", [(12, True), (None, False)])
+def test_scaled_rope_equals_hugging_face_deepseek_v3(name, q_rank, interleave):
+    """Prefill of 12 tokens and cached steps to 22, with original_max_position_embeddings 8, in float32."""
+    attn, seen = _hf_deepseek(SCALINGS[name], q_rank=q_rank, interleave=interleave)
+    ours = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    assert ours.rotary.scaling["rope_type"] == SCALINGS[name]["rope_type"]
+    for absorbed in (False, True):
+        assert _max_error(ours, seen, absorbed) < 1e-5
+    unscaled = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    unscaled.rotary.scaling, unscaled.score_multiplier = None, 1.0  # plain RoPE, plain softmax scale
+    assert _max_error(unscaled, seen) > 1e-3  # the comparison can fail
+
+
+def test_deepseek_mscale_all_dim_changes_the_softmax_scale():
+    """DeepSeek-V3's YaRN (mscale = mscale_all_dim = 1): cos and sin keep factor 1, and the scores are multiplied
+    by (0.1 ln 40 + 1)^2; a copy that ignores it, or that puts it into cos and sin instead, is caught."""
+    attn, seen = _hf_deepseek(DEEPSEEK_YARN)
+    ours = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    m = 0.1 * np.log(40.0) + 1.0
+    assert abs(ours.score_multiplier - m * m) < 1e-12
+    assert abs(attn.scaling - ours.score_multiplier / (8 + 8) ** 0.5) < 1e-12  # HF's softmax scale
+    assert _max_error(ours, seen) < 1e-5
+    ignored = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    ignored.score_multiplier = 1.0  # mscale_all_dim ignored
+    assert _max_error(ignored, seen) > 1e-3
+    plain_yarn = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
+    plain_yarn.rotary.scaling = {k: v for k, v in plain_yarn.rotary.scaling.items()
+                                 if k not in ("mscale", "mscale_all_dim")}  # cos, sin x (0.1 ln 40 + 1): YaRN's own
+    plain_yarn.score_multiplier = 1.0
+    assert _max_error(plain_yarn, seen) > 1e-3  # same q.k_rope part, but the no-position part is not scaled
+
+
+def test_yarn_mscale_is_checked_and_follows_the_paper():
+    from course_lib.positional import yarn_mscale
+    assert yarn_mscale(1.0) == 1.0 and yarn_mscale(0.5) == 1.0
+    assert abs(yarn_mscale(40.0) - (0.1 * np.log(40.0) + 1)) < 1e-15
+    assert abs(yarn_mscale(40.0, 0.5) - (0.05 * np.log(40.0) + 1)) < 1e-15
+    assert_clear_error(lambda: yarn_mscale(0.0), ValueError, ["factor"])
+    assert_clear_error(lambda: yarn_mscale(2.0, "1"), TypeError, ["mscale"])
+
+
+def test_unsupported_rope_parameters_are_refused_by_name():
+    attn, _ = _hf_deepseek(DEEPSEEK_YARN)
+    attn.config.rope_parameters = {**attn.config.rope_parameters, "rope_type": "longrope"}
+    assert_clear_error(lambda: MultiHeadLatentAttention.from_hf_deepseek_v3(attn), ValueError,
+                       ["rope_type", "longrope", "yarn"])
+    attn.config.rope_parameters = {**DEEPSEEK_YARN, "rope_theta": 100.0, "partial_rotary_factor": 0.5}
+    assert_clear_error(lambda: MultiHeadLatentAttention.from_hf_deepseek_v3(attn), ValueError,
+                       ["partial_rotary_factor", "0.5"])
+    sizes = {"kv_rank": 16, "d_nope": 8, "d_rope": 4, "d_v": 6}
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, rope_scaling={"rope_type": "yarn"}),
+                       ValueError, ["rope_scaling", "factor"])
+    assert_clear_error(lambda: MultiHeadLatentAttention(32, 4, **sizes, rope_scaling=4.0), TypeError,
+                       ["rope_scaling"])
