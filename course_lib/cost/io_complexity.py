@@ -11,14 +11,22 @@ dtype's size for bytes.
 - `standard_attention_io` and `tiled_attention_io` are the closed forms the counts are compared with;
   `theorem2_bound` is the paper's Theta(T^2 d^2 / M) with constant 1.
 - `attainable_flops` is the roofline: min(peak, intensity x bandwidth).
+- Decoding (notebook 14): `decode_attention_io` (one step's attention over a cache) and
+  `cache_append_io` (adding one token: written in place into a preallocated cache, or torch.cat's
+  copy of the whole cache); `TensorTraffic` fills an IOCounter from the torch operations a block of
+  code actually runs, so those closed forms are checked against what the code does.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from course_lib._validate import check_nonnegative_int, check_positive_int, check_positive_number
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from course_lib._validate import check_bool, check_nonnegative_int, check_positive_int, check_positive_number
 
 __all__ = [
     "IOCounter",
@@ -28,6 +36,9 @@ __all__ = [
     "block_q_for_memory",
     "theorem2_bound",
     "attainable_flops",
+    "decode_attention_io",
+    "cache_append_io",
+    "TensorTraffic",
 ]
 
 
@@ -121,3 +132,106 @@ def attainable_flops(intensity: float, peak_flops: float, bandwidth: float) -> f
     intensity, peak_flops, bandwidth = (check_positive_number(name, value) for name, value in (
         ("intensity", intensity), ("peak_flops", peak_flops), ("bandwidth", bandwidth)))  # numpy numbers too
     return min(peak_flops, intensity * bandwidth)
+
+
+# ----------------------------------------------------------------------------- decoding (notebook 14)
+def decode_attention_io(B: int, H: int, H_kv: int, S: int, d: int, d_v: int | None = None, *, T: int = 1,
+                        with_lse: bool = False) -> int:
+    """Elements one decoding step's attention moves, for a kernel that reads each cached key/value head once.
+
+    Read the queries (B H T d) and every cached key and value of the H_kv key/value heads
+    (B H_kv S (d + d_v)); write the output (B H T d_v), and with_lse the log-sum-exp per query row
+    (B H T) that a FlashAttention-style kernel also returns. Query heads that share a key/value head
+    (GQA, MQA) read it once: the cache term shrinks by H / H_kv, the query and output terms do not.
+    """
+    d_v = d if d_v is None else d_v
+    B, H, H_kv, S, d, d_v, T = _check_dims(B=B, H=H, H_kv=H_kv, S=S, d=d, d_v=d_v, T=T)
+    if H % H_kv:
+        raise ValueError(f"H_kv must divide H (each key/value head serves H / H_kv query heads); got H={H}, "
+                         f"H_kv={H_kv}")
+    return B * H * T * d + B * H_kv * S * (d + d_v) + B * H * T * d_v + (B * H * T if check_bool("with_lse", with_lse)
+                                                                          else 0)
+
+
+def cache_append_io(B: int, H_kv: int, S: int, d: int, d_v: int | None = None, *, method: str,
+                    new: int = 1) -> dict[str, int]:
+    """Elements read and written to add `new` tokens to a cache that holds S, keys and values together.
+
+    method "static": the cache was allocated once for its largest length, and the new keys and
+    values are written into their rows: read B H_kv new (d + d_v), write as many.
+    method "cat": torch.cat makes a new cache of S + new rows and copies the old one into it (what
+    course_lib's KVCache does): read and write B H_kv (S + new)(d + d_v), so every step moves the
+    whole cache, and a fresh tensor of that size is allocated.
+    """
+    d_v = d if d_v is None else d_v
+    B, H_kv, d, d_v, new = _check_dims(B=B, H_kv=H_kv, d=d, d_v=d_v, new=new)
+    S = check_nonnegative_int("S", S, " (cached tokens)")
+    if method == "static":
+        moved = B * H_kv * new * (d + d_v)
+    elif method == "cat":
+        moved = B * H_kv * (S + new) * (d + d_v)
+    else:
+        raise ValueError(f"method must be 'static' or 'cat'; got {method!r}")
+    return {"reads": moved, "writes": moved}
+
+
+# aten operations that read only the rows an index selects (their first argument is the whole table)
+_GATHERS = {"index", "index_select", "gather", "embedding", "take"}
+# allocations: nothing is read, and an uninitialised tensor is not written either
+_ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+@dataclass
+class TensorTraffic(TorchDispatchMode):
+    """Count what the torch operations run inside `with TensorTraffic() as traffic:` read and write.
+
+    For each operation torch dispatches: every tensor argument is read in full, except one the
+    operation writes into (copy_, add_, an out= argument), which is written; its outputs are written
+    (unless it wrote into an argument). Views (slicing, transpose, view) move nothing. Gathers
+    (indexing, index_select, gather) read the rows they select and the index, not the whole table.
+    That is the traffic of a kernel that streams each operand once, as `standard_attention_io` counts
+    it: an upper bound on what a fused kernel moves, and a lower bound on an unfused one.
+
+    Counts go into `io` (an IOCounter), in elements, or in bytes with in_bytes=True (indices and
+    masks have other element sizes than the data). `log` keeps (operation, read, written) per call.
+    """
+
+    io: IOCounter = field(default_factory=IOCounter)
+    in_bytes: bool = False
+    log: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if not isinstance(self.io, IOCounter):
+            raise TypeError(f"io must be an IOCounter; got {type(self.io).__name__}")
+        check_bool("in_bytes", self.in_bytes)
+
+    def _size(self, t: torch.Tensor) -> int:
+        return t.numel() * (t.element_size() if self.in_bytes else 1)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name, schema = func.overloadpacket.__name__, func._schema
+        if name in _ALLOCATIONS or any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+            return out  # a view or an allocation: no data moves
+        outputs = [t for t in (out if isinstance(out, tuple | list) else (out,)) if isinstance(t, torch.Tensor)]
+        read = written = 0
+        given = dict(zip((a.name for a in schema.arguments), args, strict=False)) | kwargs
+        for arg in schema.arguments:
+            value = given.get(arg.name)
+            items = value if isinstance(value, tuple | list) else (value,)
+            tensors = [t for t in items if isinstance(t, torch.Tensor)]
+            size = sum(self._size(t) for t in tensors)
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written += size
+            elif name in _GATHERS and arg.name in ("self", "input", "weight"):
+                read += sum(self._size(t) for t in outputs)  # the selected rows only
+            else:
+                read += size
+        if not written:
+            written = sum(self._size(t) for t in outputs)
+        self.io.read(read)
+        self.io.write(written)
+        self.log.append((name, read, written))
+        return out
