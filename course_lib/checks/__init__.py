@@ -101,6 +101,7 @@ from course_lib.checks.nb12 import (
     check_window_receptive_field,
 )
 from course_lib.checks.nb13 import check_merge_many, check_tp_cross_bytes, check_zigzag_positions
+from course_lib.checks.nb14 import check_blocks_needed, check_gather_kv, check_shared_prefix_blocks
 from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_token_output
 
 __all__ = [
@@ -190,6 +191,10 @@ __all__ = [
     "check_tp_cross_bytes",
     "check_merge_many",
     "check_zigzag_positions",
+    # 14 decoding at scale
+    "check_blocks_needed",
+    "check_gather_kv",
+    "check_shared_prefix_blocks",
     # 99 errata of the sources
     "check_sdpa_mask",
     "check_heads_cost",
