@@ -117,7 +117,8 @@ def _progress_text(view: dict[str, Any], state: dict[str, Any]) -> str | None:
         model = state.get(str(child).removeprefix("IPY_MODEL_"), {})
         name, values = model.get("model_name"), model.get("state", {})
         if name == "HTMLModel":
-            parts.append(html.unescape(re.sub(r"<[^>]*>", "", values.get("value", ""))).replace("\xa0", " ").replace("\u2007", " "))
+            text = html.unescape(re.sub(r"<[^>]*>", "", values.get("value", "")))
+            parts.append(text.replace("\xa0", " ").replace("\u2007", " "))  # tqdm pads with (figure) spaces
         elif name in ("FloatProgressModel", "IntProgressModel"):
             done, total = values.get("value", 0), values.get("max", 0) or 1
             filled = int(10 * min(done / total, 1))
@@ -177,25 +178,25 @@ def install_mathjax() -> Path:
 
 
 def stage(url: str | None, notebook_dir: Path = REPO / "notebooks", src: Path = SRC) -> list[Path]:
+    """Write the Jupyter Book source tree into `src`; return the notebooks it holds."""
     notebooks = course_notebooks(notebook_dir)
     if not notebooks:
         raise SystemExit(f"no notebooks named NN_*.ipynb in {notebook_dir}")
-    SRC = src
-    if SRC.exists():
-        shutil.rmtree(SRC)
-    (SRC / "notebooks").mkdir(parents=True)
+    if src.exists():
+        shutil.rmtree(src)
+    (src / "notebooks").mkdir(parents=True)
     config = merged(yaml.safe_load((BOOK / "_config.yml").read_text(encoding="utf-8")), launch_config(url))
-    (SRC / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    (SRC / "_toc.yml").write_text(toc(notebooks), encoding="utf-8")
-    (SRC / "index.md").write_text(front_page((REPO / "README.md").read_text(encoding="utf-8"), url), encoding="utf-8")
-    shutil.copy(BOOK / "course_site.py", SRC / "course_site.py")
+    (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    (src / "_toc.yml").write_text(toc(notebooks), encoding="utf-8")
+    (src / "index.md").write_text(front_page((REPO / "README.md").read_text(encoding="utf-8"), url), encoding="utf-8")
+    shutil.copy(BOOK / "course_site.py", src / "course_site.py")
     for path in notebooks:
         nb = stage_notebook(json.loads(path.read_text(encoding="utf-8")))
-        (SRC / "notebooks" / path.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n",
+        (src / "notebooks" / path.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
     es5 = install_mathjax()
     for part in MATHJAX_PARTS:
-        source, target = es5 / part, SRC / "_mathjax" / "mathjax" / part
+        source, target = es5 / part, src / "_mathjax" / "mathjax" / part
         if source.is_dir():
             shutil.copytree(source, target)
         else:
