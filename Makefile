@@ -48,6 +48,8 @@ help:
 	@echo "make device-report  what torch sees: CPU or GPU, CUDA version, Tensor Cores, SDPA backends"
 	@echo "make viz-assets     local copies of bertviz's scripts (needs npm), so its views draw offline"
 	@echo "make gpu-check OUT=dir  GPU tests + benchmarks into dir (no install: runs on a bare torch + triton image)"
+	@echo "make book     the course as a website in book/_build/html/ (from the committed outputs; installs Jupyter Book)"
+	@echo "make book-check     make book, then its checks in headless Chromium with no network (part of make ci)"
 	@echo "make clean    remove .venv and the local bertviz scripts, to start over"
 	@echo "options: TORCH=cpu or TORCH=default (which torch; by default CPU-only on Linux without an NVIDIA driver), VENV=\$$CONDA_PREFIX (a conda env), PYTHON=python3.12"
 
@@ -133,6 +135,25 @@ ci: test maintainer-tests nbval-cpu-matrix
 
 maintainer-tests: dev
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=10 -m maintainer tests
+
+# The course as a website (book/): the committed notebooks rendered by Jupyter Book, nothing executed.
+# Its tools go into the same environment, on top of the course; make lab and make test do not need them.
+BOOK_STAMP := $(VENV)/.book-stamp
+.PHONY: book book-check
+$(BOOK_STAMP): $(STAMP) book/requirements.txt
+	@echo "installing the website's builder into $(VENV): Jupyter Book (book/requirements.txt)"
+	$(BIN)/python -m pip install --disable-pip-version-check -r book/requirements.txt
+	@touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)
+	$(BIN)/python book/build.py
+
+# The built site in headless Chromium with the network blocked (tests/book/; make test skips them).
+book-check: book dev
+	COURSE_BOOK_CHECK=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --durations=5 tests/book
+
+# make ci also builds and checks the website, after the notebooks (a line of its own keeps the one above as it is)
+ci: book-check
 
 # Every notebook again under other CPU kernels and thread counts than the native run of make test:
 # torch picks its kernels by instruction set (ATEN_CPU_CAPABILITY), so a compared output that holds
