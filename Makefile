@@ -75,7 +75,7 @@ else
 	$(BIN)/python -m pip install --disable-pip-version-check --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"
 endif
 endif
-	$(BIN)/python -m pip install --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[lock]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (MHA course)"
 	@# the course is offline: no "Jupyter news" prompt polling the internet
 	@$(BIN)/jupyter labextension disable --level=sys_prefix "@jupyterlab/apputils-extension:announcements" >/dev/null 2>&1
@@ -97,7 +97,7 @@ install: $(STAMP)
 # The developer tools (pytest, nbval, hypothesis, ruff, mypy): make test needs them, make lab does not.
 $(DEV_STAMP): $(STAMP) pyproject.toml
 	@echo "installing the test and lint tools into $(VENV): pytest, nbval, hypothesis, ruff, mypy"
-	$(BIN)/python -m pip install --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[lock,dev]"
 	@touch $(DEV_STAMP)
 
 dev: $(DEV_STAMP)

@@ -18,9 +18,9 @@ def _normalise(req: str) -> str:
 
 
 def _pyproject_requirements() -> set[str]:
-    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
-    return {_normalise(r) for r in reqs}
+    """The exact pins the Makefile installs: the `lock` extra and the developer tools."""
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {_normalise(r) for r in extras["lock"] + extras["dev"]}
 
 
 def _conda_requirements() -> set[str]:
@@ -115,3 +115,30 @@ def test_git_ignores_the_environment_and_the_bertviz_scripts_as_folders_or_as_sy
         (repo / name / "x").mkdir(parents=True)
         (repo / name / "x" / "f").write_text("")
     assert untracked() == ["?? .gitignore"]
+
+
+def _pins_outside_their_ranges(ranges: list[str], pins: list[str]) -> list[str]:
+    """The lock's pins that the declared ranges do not admit, and the packages only one side names."""
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name.lower(): Requirement(r) for r in ranges}
+    locked = {Requirement(p).name.lower(): Requirement(p) for p in pins}
+    problems = [f"{name}: in one list only" for name in sorted(set(declared) ^ set(locked))]
+    for name in sorted(set(declared) & set(locked)):
+        (pin,) = locked[name].specifier
+        if pin.operator != "==" or not declared[name].specifier.contains(pin.version, prereleases=True):
+            problems.append(f"{name}: {pin} is outside {declared[name].specifier}")
+        if declared[name].marker != locked[name].marker:
+            problems.append(f"{name}: markers differ")
+    return problems
+
+
+def test_every_exact_pin_lies_in_the_range_course_lib_declares():
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert _pins_outside_their_ranges(project["dependencies"], project["optional-dependencies"]["lock"]) == []
+    # the check can fail: a pin above the range, a range without a pin, a loose "pin"
+    assert _pins_outside_their_ranges(["torch>=2.11.0,<2.14"], ["torch==2.14.0"]) == [
+        "torch: ==2.14.0 is outside <2.14,>=2.11.0"]
+    assert _pins_outside_their_ranges(["torch>=2.11.0,<2.14", "numpy>=2"], ["torch==2.13.0"]) == [
+        "numpy: in one list only"]
+    assert _pins_outside_their_ranges(["torch>=2.11.0"], ["torch>=2.13.0"]) == ["torch: >=2.13.0 is outside >=2.11.0"]

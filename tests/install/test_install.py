@@ -30,7 +30,7 @@ def _registry_unreachable() -> str | None:
 
 def _pinned(name: str) -> str:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    pins = [r for r in project["dependencies"] if r.split("==")[0].strip() == name]
+    pins = [r for r in project["optional-dependencies"]["lock"] if r.split("==")[0].strip() == name]
     assert len(pins) == 1, pins
     return pins[0].split("==")[1].split(";")[0].strip()
 
@@ -47,9 +47,9 @@ def test_install_resolves_from_the_registry_alone(tmp_path):
     report = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "--isolated", "install", "--disable-pip-version-check", "--dry-run",
-         "--ignore-installed", "--index-url", REGISTRY, "--report", str(report), "-e", f"{REPO_ROOT}[dev]"],
+         "--ignore-installed", "--index-url", REGISTRY, "--report", str(report), "-e", f"{REPO_ROOT}[lock,dev]"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, f"pip could not resolve .[dev] from {REGISTRY}:\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"pip could not resolve .[lock,dev] from {REGISTRY}:\n{result.stderr[-4000:]}"
     resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
     assert resolved["torch"] == _pinned("torch")  # the registry's build: no local '+cpu' wheel
@@ -87,7 +87,7 @@ def test_the_cpu_route_takes_the_pinned_torch_from_pytorchs_cpu_index(tmp_path):
     assert f'--no-deps --index-url https://download.pytorch.org/whl/cpu "torch=={_pinned("torch")}"' in result.stdout
     default = _make(tmp_path, "-n", "install", "TORCH=default")
     assert "download.pytorch.org" not in default.stdout
-    assert "pip install --disable-pip-version-check -e ." in default.stdout
+    assert 'pip install --disable-pip-version-check -e ".[lock]"' in default.stdout
     wrong = _make(tmp_path, "-n", "install", "TORCH=gpu")
     assert wrong.returncode != 0 and "TORCH must be 'auto', 'default' or 'cpu'" in wrong.stderr
 
@@ -126,7 +126,7 @@ def test_auto_takes_the_cpu_build_on_linux_without_an_nvidia_driver(tmp_path):
 def test_make_lab_installs_no_test_tools_and_make_test_adds_them(tmp_path):
     lab = _make(tmp_path, "-n", "lab", "TORCH=default")
     assert lab.returncode == 0, lab.stderr
-    assert '-e ".[dev]"' not in lab.stdout and "jupyter lab" in lab.stdout
+    assert '-e ".[lock]"' in lab.stdout and '-e ".[lock,dev]"' not in lab.stdout and "jupyter lab" in lab.stdout
     test = _make(tmp_path, "-n", "test", "TORCH=default")
     assert test.returncode == 0, test.stderr
-    assert test.stdout.index("-e .\n") < test.stdout.index('-e ".[dev]"') < test.stdout.index("ruff check")
+    assert test.stdout.index('-e ".[lock]"') < test.stdout.index('-e ".[lock,dev]"') < test.stdout.index("ruff check")

@@ -58,14 +58,14 @@ def test_the_source_articles_code_says_where_it_comes_from_and_on_what_terms():
 
 
 def test_binder_installs_the_pinned_cpu_torch_the_course_and_the_kernel_the_notebooks_name():
-    """Binder (repo2docker) reads binder/: the requirements must pin the same torch as pyproject.toml (its CPU
-    build), install the course itself, and postBuild must register the kernel every notebook names."""
+    """Binder (repo2docker) reads binder/: the requirements must pin the same torch as pyproject.toml's lock (its
+    CPU build), install the course itself with its pins, and postBuild must register the kernel every notebook names."""
     binder = REPO_ROOT / "binder"
     lines = [ln.strip() for ln in (binder / "requirements.txt").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
-    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lock"]
     torch_pin = next(p for p in pins if p.startswith("torch=="))
-    assert f"{torch_pin}+cpu" in lines and "-e ." in lines
+    assert f"{torch_pin}+cpu" in lines and "-e .[lock]" in lines  # the exact pins, as make lab installs them
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
     assert (binder / "runtime.txt").read_text().strip() == "python-3.11"
     post_build = (binder / "postBuild").read_text()
