@@ -13,8 +13,10 @@ them; replacing them forces a restart): it clones the repository (notebooks, `da
 versions of those packages held fixed. `course_lib` declares the versions it is tested with in pyproject.toml;
 Colab's are among them. Anywhere else (JupyterLab, Binder, nbval) the cell does nothing and prints nothing.
 
-Run it again after adding a notebook: it is idempotent, and the solution cells' collapse metadata for Colab
-(`cellView: form`) is kept by tests/policy/test_exercise_policy.py, not here.
+It also gives every reference solution (a cell collapsed in JupyterLab: `jupyter.source_hidden`) Colab's own
+collapse (`cellView: form`, with a title line), so it stays hidden there too; this needs no address.
+tests/policy/test_exercise_policy.py checks that the two kinds of collapse agree. Run it again after adding a
+notebook: it is idempotent.
 """
 
 from __future__ import annotations
@@ -107,6 +109,25 @@ def with_colab_cells(nb: dict, url: str, name: str) -> dict:
     return nb
 
 
+SOLUTION_TITLE = "# @title Reference solution: open it after your own attempt\n"
+
+
+def with_colab_forms(nb: dict) -> dict:
+    """`nb` with Colab's collapse on exactly the cells JupyterLab collapses (a new dict; the input is unchanged)."""
+    nb = json.loads(json.dumps(nb))
+    for cell in nb["cells"]:
+        hidden = bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"))
+        if cell["cell_type"] != "code":
+            continue
+        if hidden:
+            cell["metadata"]["cellView"] = "form"
+            if not "".join(cell["source"]).startswith("# @title"):
+                cell["source"] = [SOLUTION_TITLE, *cell["source"]]
+        else:
+            cell["metadata"].pop("cellView", None)
+    return nb
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a notebook is out of date")
@@ -114,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pyproject", type=Path, default=REPO_ROOT / "pyproject.toml")
     args = parser.parse_args(argv)
     try:
-        url = repository_url(args.pyproject)
+        url: str | None = repository_url(args.pyproject)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        url = None
     stale = []
     for path in sorted(args.notebooks.glob("*.ipynb")):
         nb = json.loads(path.read_text())
-        new = with_colab_cells(nb, url, path.name)
+        new = with_colab_forms(nb)
+        if url is not None:
+            new = with_colab_cells(new, url, path.name)
         if new == nb:
             continue
         stale.append(path.name)
@@ -129,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(json.dumps(new, indent=1, ensure_ascii=False) + "\n")
     if args.check:
         for name in stale:
-            print(f"{name}: its Colab link or setup cell is missing or stale (run python scripts/colab_cells.py)")
-        return 1 if stale else 0
+            print(f"{name}: its Colab link, setup cell or solution collapse is missing or stale "
+                  "(run python scripts/colab_cells.py)")
+        return 2 if url is None else 1 if stale else 0
     print(f"updated {len(stale)} notebook(s); re-execute them (make execute) so their outputs are committed")
-    return 0
+    return 2 if url is None else 0
 
 
 if __name__ == "__main__":

@@ -110,10 +110,30 @@ def test_check_mode_names_stale_notebooks_and_the_missing_address(tmp_path, caps
     with_url = _pyproject(tmp_path, f'[project.urls]\nRepository = "{URL}"\n')
     args = ["--notebooks", str(notebooks), "--pyproject", str(with_url)]
     assert colab_cells.main([*args, "--check"]) == 1
-    assert f"{NOTEBOOK.name}: its Colab link or setup cell is missing" in capsys.readouterr().out
+    assert f"{NOTEBOOK.name}: its Colab link, setup cell or solution collapse is missing" in capsys.readouterr().out
     assert colab_cells.main(args) == 0
     assert colab_cells.main([*args, "--check"]) == 0
     without = tmp_path / "bare.toml"
     without.write_text('[project]\nname = "x"\n')
     assert colab_cells.main(["--notebooks", str(notebooks), "--pyproject", str(without), "--check"]) == 2
     assert "no [project.urls] Repository" in capsys.readouterr().err
+
+
+def test_colab_collapses_exactly_the_cells_jupyterlab_collapses():
+    nb = json.loads(NOTEBOOK.read_text())
+    for cell in nb["cells"]:  # as a notebook looks before the script has run
+        if cell["cell_type"] == "code":
+            cell["metadata"].pop("cellView", None)
+            if "".join(cell["source"]).startswith("# @title"):
+                cell["source"] = cell["source"][1:]
+    nb["cells"][-1]["metadata"]["cellView"] = "form"  # a stray one, on a cell JupyterLab shows
+    nb["cells"][-1]["cell_type"] = "code"
+    before = json.dumps(nb)
+    new = colab_cells.with_colab_forms(nb)
+    assert json.dumps(nb) == before
+    hidden = [c for c in new["cells"] if c["cell_type"] == "code"
+              and c["metadata"].get("jupyter", {}).get("source_hidden")]
+    assert hidden and all(c["metadata"]["cellView"] == "form" for c in hidden)
+    assert all("".join(c["source"]).startswith("# @title Reference solution") for c in hidden)
+    assert all("cellView" not in c["metadata"] for c in new["cells"] if c not in hidden)
+    assert colab_cells.with_colab_forms(new) == new  # idempotent: one title line, however often it runs
