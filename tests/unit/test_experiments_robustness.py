@@ -118,7 +118,7 @@ def test_a_changed_config_in_a_new_checkpoint_is_refused(tmp_path):
 
 
 def test_the_shipped_checkpoints_load_in_their_older_form_without_a_warning():
-    assert len(SHIPPED) == 7
+    assert len(SHIPPED) == 8
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for path in SHIPPED:
