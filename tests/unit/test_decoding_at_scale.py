@@ -285,3 +285,21 @@ def test_closed_forms_of_memory():
         paged_kv_slots(5, 4)
     with pytest.raises(ValueError, match="method"):
         cache_append_io(1, 1, 1, 1, method="copy")
+
+
+def test_the_traffic_counter_tells_the_appends_apart_and_refuses_a_bad_counter():
+    """The comparison above can fail: each append's count differs from the other's closed form."""
+    keys, new = torch.randn(1, 2, 30, 4), torch.randn(1, 2, 1, 4)
+    static = StaticKVCache(1, 2, 31, 4)
+    static.update(keys, keys)
+    with TensorTraffic() as t:
+        static.update(new, new)
+    assert t.io.total != sum(cache_append_io(1, 2, 30, 4, method="cat").values())
+    with TensorTraffic() as t:
+        torch.cat([keys, new], 2), torch.cat([keys, new], 2)
+    assert t.io.total != sum(cache_append_io(1, 2, 30, 4, method="static").values())
+    with TensorTraffic() as t:
+        keys.transpose(-2, -1)[..., :3]  # views move nothing
+    assert t.io.total == 0 and t.log == []
+    with pytest.raises(TypeError, match="io must be an IOCounter"):
+        TensorTraffic(io=3)
