@@ -204,6 +204,7 @@ def test_page_loads_offline_with_title_figures_math_and_collapsed_solutions(path
                    && code.innerText.includes('solution_');
         })()""")
         assert shown, "clicking a solution's toggle did not show its code"
+        time.sleep(0.5)  # the theme fades the opened cell in
         browser.screenshot(f"{path.stem}-solution-opened.png")
     if hidden["toggles"]:
         browser.js("document.querySelector('article details.toggle-details summary').click()")
