@@ -46,6 +46,9 @@ NOTEBOOK_NAME = re.compile(r"^\d\d_[^/]*\.ipynb$")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 COLLAPSE_TAGS = ("hide-input", "hide-output", "hide-cell")
+# cells the site leaves out: Colab's setup cell (scripts/colab_cells.py) does nothing outside Colab, and the
+# site's own launch button opens the notebook there
+LEFT_OUT_TAGS = ("colab-setup",)
 COLAB_URL = "https://colab.research.google.com"
 BINDER_URL = "https://mybinder.org"
 
@@ -103,6 +106,10 @@ def collapsed(cell: dict[str, Any]) -> tuple[bool, bool]:
     return bool(jupyter.get("source_hidden")), bool(jupyter.get("outputs_hidden"))
 
 
+def left_out(cell: dict[str, Any]) -> bool:
+    return any(tag in LEFT_OUT_TAGS for tag in cell.get("metadata", {}).get("tags", []))
+
+
 def _fence(text: str) -> str:
     longest = max((len(m) for m in re.findall(r"(?m)^\s*(:{3,})", text)), default=2)
     return ":" * max(4, longest + 1)
@@ -132,6 +139,7 @@ def stage_notebook(nb: dict[str, Any]) -> dict[str, Any]:
     """A copy of a notebook as the site shows it; the committed notebook is left as it is."""
     nb = copy.deepcopy(nb)
     state = nb.get("metadata", {}).pop("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    nb["cells"] = [c for c in nb["cells"] if not left_out(c)]
     for cell in nb["cells"]:
         source_hidden, outputs_hidden = collapsed(cell)
         metadata = cell.setdefault("metadata", {})

@@ -29,6 +29,8 @@ def expected_collapsed(nb: dict) -> list[tuple[str, bool, bool, str]]:
     code cells (every one is a `div.cell`) and the collapsed Markdown cells (each a `toggle`)."""
     cells = []
     for cell in nb["cells"]:
+        if build.left_out(cell):
+            continue
         source_hidden, outputs_hidden = build.collapsed(cell)
         text = "".join(cell["source"]).strip()
         first = next((line.strip() for line in text.splitlines() if line.strip()), "")

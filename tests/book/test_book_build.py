@@ -57,7 +57,7 @@ def test_staging_collapses_exactly_the_cells_jupyterlab_collapses_and_leaves_the
         before = copy.deepcopy(nb)
         staged = build.stage_notebook(nb)
         assert nb == before, f"staging {path.name} changed the notebook itself"
-        for cell, original in zip(staged["cells"], nb["cells"], strict=True):
+        for cell, original in zip(staged["cells"], [c for c in nb["cells"] if not build.left_out(c)], strict=True):
             source_hidden, outputs_hidden = build.collapsed(original)
             tags = cell["metadata"].get("tags", [])
             if cell["cell_type"] == "code":
@@ -71,6 +71,13 @@ def test_a_planted_tag_does_not_collapse_a_cell_the_metadata_leaves_open():
     nb = {"cells": [{"cell_type": "code", "source": "x = 1", "outputs": [], "metadata": {"tags": ["hide-input"]}}],
           "metadata": {}}
     assert "tags" not in build.stage_notebook(nb)["cells"][0]["metadata"]
+
+
+def test_colabs_setup_cell_is_left_out_of_the_site():
+    colab = {"cell_type": "code", "source": "import sys", "outputs": [], "metadata": {"tags": ["colab-setup"]}}
+    lesson = {"cell_type": "code", "source": "x = 1", "outputs": [], "metadata": {}}
+    staged = build.stage_notebook({"cells": [colab, lesson], "metadata": {}})
+    assert [c["source"] for c in staged["cells"]] == ["x = 1"]
 
 
 def test_progress_bars_show_their_final_state_as_text():
