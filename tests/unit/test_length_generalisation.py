@@ -180,3 +180,12 @@ def _check_finetuned(tuned, scaled):
         for metric in ("token_accuracy", "exact_match"):
             assert set(run[metric]) == {"longer_test", "test_split", "three_adjectives_at_training_lengths"}
             assert all(0 <= v <= 1 for v in run[metric].values())
+
+
+def test_recorded_finetuned_runs_use_the_chosen_factors():
+    scaled = json.loads((DATA_DIR / "positional" / "length_generalisation_scaled.json").read_text())
+    tuned = json.loads((DATA_DIR / "positional" / "length_generalisation_scaled_finetuned.json").read_text())
+    assert tuned["command"].startswith("python scripts/run_length_generalisation.py --scaled --finetune-steps")
+    assert tuned["seeds"] == scaled["seeds"] and tuned["steps_before"] == scaled["steps"]
+    assert tuned["sets"]["longer_test"] == scaled["sets"]["longer_test"]["count"]
+    _check_finetuned(tuned, scaled)
