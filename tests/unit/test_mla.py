@@ -128,7 +128,8 @@ def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
     model = transformers.DeepseekV3Model(cfg).eval()
     attn = model.layers[0].self_attn
     with torch.no_grad():
-        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, attn.q_proj or attn.q_b_proj):
+        q_proj = getattr(attn, "q_proj", None) or attn.q_b_proj  # 5.15 has no q_proj when q_lora_rank is set
+        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, q_proj):
             lin.weight.normal_(0.0, 0.3)  # HF's std 0.02 gives near-uniform attention; make positions matter
     seen = []
     hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
@@ -181,7 +182,8 @@ def _hf_deepseek(rope_scaling, *, q_rank=12, interleave=True, max_position_embed
     model = transformers.DeepseekV3Model(cfg).eval()
     attn = model.layers[0].self_attn
     with torch.no_grad():
-        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, attn.q_proj or attn.q_b_proj):
+        q_proj = getattr(attn, "q_proj", None) or attn.q_b_proj  # 5.15 has no q_proj when q_lora_rank is set
+        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, q_proj):
             lin.weight.normal_(0.0, 0.3)
     seen = []
     hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
