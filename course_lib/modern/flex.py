@@ -4,9 +4,11 @@
 Model for Generating Optimized Attention Kernels") takes a mask as a function of indices,
 `mask_mod(b, h, q_idx, kv_idx) -> bool` (True = may attend: the course's convention), and a bias as
 `score_mod(score, b, h, q_idx, kv_idx) -> score`. `create_block_mask` evaluates a mask_mod once, block by
-block, and records which (query block, key block) tiles are full, partial or empty; the kernel skips the
-empty ones. Each builder here returns one such function, written with elementwise tensor operations so it
-also runs on whole index grids (`dense_mask`), which is how the tests compare it with `course_lib.masks`.
+block, and records which (query block, key block) tiles are full, partial or empty; the compiled kernel
+(`torch.compile(flex_attention)`) skips the empty ones. Uncompiled, flex_attention applies the mask_mod to every
+score and never reads the tiles, so matching outputs there check the mask_mod alone. Each builder here returns
+one such function, written with elementwise tensor operations so it also runs on whole index grids
+(`dense_mask`), which is how the tests compare it with `course_lib.masks`.
 `block_counts` reads the tiles from a BlockMask; `dense_block_counts` counts them from a dense mask.
 """
 

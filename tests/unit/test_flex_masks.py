@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from course_lib import masks
 from course_lib.attention import scaled_dot_product_attention
@@ -202,16 +202,63 @@ def test_bad_input_is_refused_by_name(call, error, name):
 
 
 # ------------------------------------------------------------------------------------------ compiled
+def _tiles_of(narrower, mask_mod, T, B=None):
+    """A BlockMask with the tile tables of `narrower` (fewer tiles) but `mask_mod` for the partial tiles."""
+    tables = create_block_mask(narrower, B, None, T, T, device="cpu")
+    return BlockMask.from_kv_blocks(tables.kv_num_blocks, tables.kv_indices, tables.full_kv_num_blocks,
+                                    tables.full_kv_indices, BLOCK_SIZE=tables.BLOCK_SIZE, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
+
+
+def _diagonal_tiles_only(mask_mod):  # mask_mod, then only in the tiles on the diagonal (128 x 128)
+    return lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx) & (q_idx // 128 == kv_idx // 128)
+
+
+def test_uncompiled_flex_attention_ignores_the_tiles_so_they_are_counted_apart():
+    """Uncompiled, flex_attention applies the mask_mod to every score and never reads the BlockMask's tiles:
+    its equality with course_lib checks the mask_mod alone (the block counts are checked against the dense
+    mask above; the compiled kernel, which skips tiles, below)."""
+    q, k, v = _qkv(1, 2, 512, 512)
+    prefix = fx.prefix_lm_mod(300)
+    ours = scaled_dot_product_attention(q, k, v, attn_mask=_prefix_reference(300, 512))
+    too_few = _tiles_of(_diagonal_tiles_only(prefix), prefix, 512)
+    assert fx.block_counts(too_few) == fx.BlockCounts(full=2, partial=2, skipped=12)  # prefix-LM itself skips 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out = flex_attention(q, k, v, block_mask=too_few)
+    assert (out - ours).abs().max() <= BOUND  # the diagonal tiles alone, and still every key
+
+
+DOCUMENTS = torch.stack([torch.arange(512) // 200, torch.arange(512) // 90])  # (2, 512): 3 and 6 documents
+COMPILED_CASES = {  # name: (mask_mod, score_mod, the dense course_lib mask or additive bias (B, 1 or H, T, T))
+    "causal": (fx.causal_mod(), None, masks.causal_mask(512)),
+    "window 64 + 4 sinks": (fx.window_mod(64, sink_tokens=4), None,
+                            masks.sliding_window_mask(512, window=64, sink_tokens=4)),
+    "documents, per batch element": (fx.document_mod(DOCUMENTS), None,
+                                     torch.stack([_document_reference(row) for row in DOCUMENTS])[:, None]),
+    "prefix-LM, prefix 300": (fx.prefix_lm_mod(300), None, _prefix_reference(300, 512)),
+    "ALiBi + causal": (fx.causal_mod(), fx.alibi_mod(fx.alibi_slopes(2)),
+                       masks.to_additive_mask(masks.causal_mask(512), torch.float64)
+                       - fx.alibi_slopes(2).double().view(2, 1, 1) * (torch.arange(512)[:, None] - torch.arange(512))),
+}
+
+
 @pytest.mark.maintainer
-def test_the_compiled_kernel_equals_sdpa_and_course_lib():
-    """torch.compile(flex_attention): the fused kernel (tens of seconds to compile on a cold cache)."""
+def test_the_compiled_kernel_uses_the_tiles_and_equals_course_lib():
+    """torch.compile(flex_attention): the fused kernel skips the tiles the BlockMask marks empty, so here the
+    tile tables matter. Each kind compiles once (T = 512, 4 x 4 tiles); the same kernel, given the tables of
+    the diagonal tiles only (its mask_mod unchanged), must miss. About a minute on a cold cache, two cores."""
     compiled = torch.compile(flex_attention)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
-    causal = create_block_mask(fx.causal_mod(), None, None, 256, 256, device="cpu")
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (torch.randn(2, 2, 512, 16, generator=g) for _ in range(3))  # float32: the compiled CPU kernel's
+    for name, (mask_mod, score_mod, reference) in COMPILED_CASES.items():
+        ours = scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=reference)
+        block_mask = create_block_mask(mask_mod, 2, None, 512, 512, device="cpu")
+        skipped = fx.block_counts(block_mask).skipped
+        assert (compiled(q, k, v, score_mod=score_mod, block_mask=block_mask) - ours).abs().max() <= 1e-5, name
+        too_few = _tiles_of(_diagonal_tiles_only(mask_mod), mask_mod, 512, B=2)  # same mask_mod, fewer tiles
+        assert fx.block_counts(too_few).skipped > skipped, name
+        assert (compiled(q, k, v, score_mod=score_mod, block_mask=too_few) - ours).abs().max() > 1e-3, name
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # torch's own causal
+    causal = create_block_mask(fx.causal_mod(), None, None, 512, 512, device="cpu")
     assert (compiled(q, k, v, block_mask=causal) - sdpa).abs().max() <= 1e-5
-    window = create_block_mask(fx.window_mod(64, sink_tokens=4), None, None, 256, 256, device="cpu")
-    ours = scaled_dot_product_attention(q, k, v, attn_mask=masks.sliding_window_mask(256, window=64, sink_tokens=4))
-    assert (compiled(q, k, v, block_mask=window) - ours).abs().max() <= 1e-5
-    assert (compiled(q, k, v, block_mask=causal) - ours).abs().max() > 1e-3
