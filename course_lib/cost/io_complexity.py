@@ -13,8 +13,9 @@ dtype's size for bytes.
 - `attainable_flops` is the roofline: min(peak, intensity x bandwidth).
 - Decoding (notebook 14): `decode_attention_io` (one step's attention over a cache) and
   `cache_append_io` (adding one token: written in place into a preallocated cache, or torch.cat's
-  copy of the whole cache); `TensorTraffic` fills an IOCounter from the torch operations a block of
-  code actually runs, so those closed forms are checked against what the code does.
+  copy of the whole cache); `TensorTraffic` fills an IOCounter with the operand and result sizes
+  of the torch operations a block of code dispatches, so those closed forms are checked against
+  the operations the code runs.
 """
 
 from __future__ import annotations
@@ -183,14 +184,20 @@ _ALLOCATIONS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_
 
 @dataclass
 class TensorTraffic(TorchDispatchMode):
-    """Count what the torch operations run inside `with TensorTraffic() as traffic:` read and write.
+    """Add up the sizes of the operands and results of the torch operations run inside `with TensorTraffic():`.
 
-    For each operation torch dispatches: every tensor argument is read in full, except one the
-    operation writes into (copy_, add_, an out= argument), which is written; its outputs are written
-    (unless it wrote into an argument). Views (slicing, transpose, view) move nothing. Gathers
-    (indexing, index_select, gather) read the rows they select and the index, not the whole table.
-    That is the traffic of a kernel that streams each operand once, as `standard_attention_io` counts
-    it: an upper bound on what a fused kernel moves, and a lower bound on an unfused one.
+    For each operation torch dispatches: every tensor argument counts as read in full, except one the
+    operation writes into (copy_, add_, an out= argument), which counts as written; its outputs count
+    as written (unless it wrote into an argument). Views (slicing, transpose, view) and allocations
+    (empty, zeros) are skipped. Gathers (indexing, index_select, gather) count the rows they select and
+    the index, not the whole table. Nothing is measured: the counts are sizes, taken at dispatch.
+
+    So it is the traffic of code in which each dispatched operation reads each operand once and writes
+    each result once, as `standard_attention_io` counts it. It is neither bound on a real kernel:
+    a tiled kernel (FlashAttention) re-reads K and V once per block of queries, so it moves more than
+    its operands' sizes; caches, or operations fused together, can move less. Equal counts and closed
+    forms say which operations ran on how much data (for instance, that no expand or repeat
+    materialised a larger tensor), not what the hardware moved.
 
     Counts go into `io` (an IOCounter), in elements, or in bytes with in_bytes=True (indices and
     masks have other element sizes than the data). `log` keeps (operation, read, written) per call.

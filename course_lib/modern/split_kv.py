@@ -9,8 +9,12 @@ each returning its chunk's output and log-sum-exp, and merges them exactly by lo
 (`course_lib.partial_attention.merge_partials`, shared with ring attention).
 
 - `split_kv_attention`: the chunks and the merge, equal to one pass;
-- `split_kv_programs`, `splits_to_fill`: the programs one pass and a split pass launch (arithmetic);
-- `float32_error_bound`: a first-order bound on float32's error, one pass or split.
+- `split_kv_programs`, `waves`, `splits_to_fill`: the programs one pass and a split pass launch, the waves
+  they take, and the most chunks that fit one wave (arithmetic, not a measurement);
+- `flash_attn2_num_splits`: FlashAttention-2's heuristic for the number of chunks, transcribed;
+- `float32_error_bound`: a first-order worst-case bound on float32's error, one pass or split. It adds
+  worst cases, so on random data it is about 10^4 times the error that happens: a check against it
+  catches gross mistakes only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 from course_lib._validate import check_positive_int, shape_str
 from course_lib.partial_attention import block_attention, merge_partials
 
-__all__ = ["split_kv_attention", "split_kv_programs", "splits_to_fill", "float32_error_bound"]
+__all__ = ["split_kv_attention", "split_kv_programs", "waves", "splits_to_fill", "flash_attn2_num_splits",
+           "float32_error_bound"]
 
 
 def _check(q: object, k: object, v: object, num_splits: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -85,13 +90,52 @@ def split_kv_programs(B: int, heads: int, num_splits: int = 1) -> int:
     return B * heads * check_positive_int("num_splits", num_splits)
 
 
+def waves(programs: int, num_sms: int) -> int:
+    """Waves a launch of `programs` programs takes at one program per SM at a time: ceil(programs / num_sms).
+
+    A launch that needs one program more than the SMs takes a second wave, in which most SMs idle.
+    """
+    programs, num_sms = check_positive_int("programs", programs), check_positive_int("num_sms", num_sms)
+    return -(-programs // num_sms)
+
+
 def splits_to_fill(B: int, heads: int, S: int, num_sms: int, *, min_chunk: int = 256) -> int:
-    """The fewest chunks that give every SM a program (B heads splits >= num_sms), but chunks of at least min_chunk
-    keys (a chunk too short costs more in its merge than it saves); 1 when B x heads already fills the SMs."""
+    """The most chunks whose programs still fit in one wave (B heads splits <= num_sms), but chunks of at least
+    min_chunk keys (a chunk too short costs more in its merge than it saves); 1 when B x heads already reaches
+    the SMs. One program per SM at a time, as `waves` counts: one more chunk would start a second wave."""
     B, heads, S, num_sms, min_chunk = (check_positive_int(n, x) for n, x in (
         ("B", B), ("heads", heads), ("S", S), ("num_sms", num_sms), ("min_chunk", min_chunk)))
-    wanted = math.ceil(num_sms / (B * heads))
-    return max(1, min(wanted, S // min_chunk))
+    return max(1, min(num_sms // (B * heads), S // min_chunk))
+
+
+def flash_attn2_num_splits(batch_nheads_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int = 128) -> int:
+    """FlashAttention-2's choice of chunks, `num_splits_heuristic` in the flash-attention repository's
+    csrc/flash_attn/flash_api.cpp (Dao 2023, "FlashAttention-2: Faster Attention with Better Parallelism and
+    Work Partitioning"), transcribed.
+
+    1 when batch_nheads_mblocks >= 0.8 num_sms; otherwise, over the split counts up to min(max_splits, num_sms,
+    num_n_blocks) that change the key blocks per chunk, the wave efficiency n / ceil(n) with
+    n = batch_nheads_mblocks x splits / num_sms, and the fewest splits reaching 85 % of the best efficiency.
+    flash_api.cpp passes num_sms = 2 x the GPU's SMs (two 128-thread programs per SM) and keys in blocks of
+    256, 128 or 64 (head size <= 64, <= 128, larger); the efficiencies are float32 there, float64 here.
+    """
+    bnm = check_positive_int("batch_nheads_mblocks", batch_nheads_mblocks)
+    num_sms, n_blocks = check_positive_int("num_sms", num_sms), check_positive_int("num_n_blocks", num_n_blocks)
+    max_splits = check_positive_int("max_splits", max_splits)
+    if bnm >= 0.8 * num_sms:
+        return 1
+    top = min(max_splits, num_sms, n_blocks)
+
+    def eligible(splits: int) -> bool:  # a split count that changes the blocks per chunk
+        return splits == 1 or -(-n_blocks // splits) != -(-n_blocks // (splits - 1))
+
+    efficiency = {}
+    for splits in range(1, top + 1):
+        if eligible(splits):
+            n_waves = bnm * splits / num_sms
+            efficiency[splits] = n_waves / math.ceil(n_waves)
+    best = max(efficiency.values())
+    return next(splits for splits, eff in efficiency.items() if eff >= 0.85 * best)
 
 
 def float32_error_bound(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_splits: int = 1) -> float:

@@ -15,7 +15,14 @@ from course_lib import KVCache
 from course_lib.cost.io_complexity import IOCounter, TensorTraffic, cache_append_io, decode_attention_io
 from course_lib.cost.kv_memory import padded_kv_slots, paged_kv_slots, prefix_shared_blocks
 from course_lib.modern.paged_cache import PagedKVCache, paged_attention
-from course_lib.modern.split_kv import float32_error_bound, split_kv_attention, split_kv_programs, splits_to_fill
+from course_lib.modern.split_kv import (
+    flash_attn2_num_splits,
+    float32_error_bound,
+    split_kv_attention,
+    split_kv_programs,
+    splits_to_fill,
+    waves,
+)
 from course_lib.modern.static_cache import StaticKVCache
 from course_lib.partial_attention import block_attention, merge_partials
 
@@ -246,10 +253,62 @@ def test_split_kv_refuses_bad_input_by_name(args, error, words):
         split_kv_attention(*args[:3], num_splits=args[3])
 
 
-def test_programs_and_splits():
+def test_realistic_wrong_merges_miss_by_orders_of_magnitude():
+    """The float32 merge's error against float64 is ~1e-7; each usual mistake is >= 1000x that, where the worst-case
+    bound would let the smallest of them (an lse off by 0.01) pass."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 1, 64, generator=gen)
+    k, v = (torch.randn(1, 1, 3000, 64, generator=gen) for _ in range(2))
+    rows = q.reshape(1, 1, 4, 64)
+    (o1, l1), (o2, l2) = block_attention(rows, k[:, :, :1000], v[:, :, :1000]), block_attention(
+        rows, k[:, :, 1000:], v[:, :, 1000:])
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True).reshape(1, 1, 4, 64)
+    lse, top = torch.logaddexp(l1, l2), torch.maximum(l1, l2)
+
+    def err(o):
+        return float((o.double() - exact).abs().max())
+
+    right = err(merge_partials(o1, l1, o2, l2)[0])
+    assert right <= 1e-6
+    wrong = {"average": (o1 + o2) / 2, "by length": (1000 * o1 + 2000 * o2) / 3000,
+             "lse off by 0.01": torch.exp(l1 - lse - 0.01)[..., None] * o1 + torch.exp(l2 - lse)[..., None] * o2,
+             "max for lse": torch.exp(l1 - top)[..., None] * o1 + torch.exp(l2 - top)[..., None] * o2}
+    for name, o in wrong.items():
+        assert err(o) >= 1000 * max(right, 1e-7), name
+    assert err(wrong["lse off by 0.01"]) <= float32_error_bound(q, k, v, num_splits=2)  # why the bound is no check
+
+
+def test_programs_waves_and_splits():
     assert split_kv_programs(1, 32) == 32 and split_kv_programs(1, 32, 5) == 160
-    assert splits_to_fill(1, 32, 8192, 132) == 5  # 32 x 5 = 160 >= 132 > 32 x 4
+    assert waves(132, 132) == 1 and waves(133, 132) == 2 and waves(136, 132) == 2 and waves(1, 132) == 1
+    assert splits_to_fill(1, 8, 131072, 132) == 16  # 8 x 16 = 128 <= 132 < 8 x 17 = 136 (a second wave)
+    assert splits_to_fill(1, 32, 8192, 132) == 4  # 32 x 4 = 128 <= 132 < 160
     assert splits_to_fill(16, 32, 8192, 132) == 1 and splits_to_fill(1, 8, 512, 132) == 2  # chunks of 256 keys
+    for B in range(1, 40):
+        for heads in (1, 8, 32):
+            n = splits_to_fill(B, heads, 1 << 20, 132)
+            assert waves(split_kv_programs(B, heads, n), 132) == 1 or n == 1
+            assert n == 1 or waves(split_kv_programs(B, heads, n + 1), 132) == 2  # the most that fit one wave
+
+
+def _no_eligibility(bnm, num_sms, n_blocks, max_splits=128):
+    """A planted variant: every split count eligible (flash_api.cpp skips those that leave the blocks per chunk)."""
+    if bnm >= 0.8 * num_sms:
+        return 1
+    top = min(max_splits, num_sms, n_blocks)
+    eff = {s: bnm * s / num_sms / math.ceil(bnm * s / num_sms) for s in range(1, top + 1)}
+    return next(s for s, e in eff.items() if e >= 0.85 * max(eff.values()))
+
+
+def test_flash_attn2_num_splits_follows_flash_api():
+    assert flash_attn2_num_splits(48, 108, 64) == 2  # flash_api.cpp's own comment: 2 splits (0.89) beat 3 (0.67)
+    assert flash_attn2_num_splits(110, 132, 64) == 1  # already >= 80 % of the SMs
+    # Llama-3-8B, B = 1: 8 key/value heads x 1 block of 64 query rows, 2 x 132 SMs, S = 131072 in blocks of 128
+    assert flash_attn2_num_splits(8, 264, 1024) == 28
+    assert _no_eligibility(8, 264, 1024) == 29  # the planted variant differs, so the test can fail
+    assert flash_attn2_num_splits(1, 264, 3) == 3  # capped by the key blocks
+    with pytest.raises(ValueError, match="num_sms"):
+        flash_attn2_num_splits(8, 0, 10)
 
 
 # ----------------------------------------------------------------------------- closed forms and counted traffic
