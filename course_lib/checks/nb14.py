@@ -1,15 +1,15 @@
 """Checkers for notebook 14 (decoding at scale).
 
-- check_blocks_needed: the blocks and wasted slots of a batch of sequences in a paged KV cache;
+- check_blocks_needed: the blocks and empty slots of a batch in a paged KV cache, each sequence with room
+  for `lookahead` more tokens;
 - check_gather_kv: a sequence's keys gathered from the block pool through its block table;
-- check_shared_prefix_blocks: the blocks requests sharing one prompt hold, with copy-on-write.
+- check_shared_prefix_blocks: the blocks that go back to the pool when requests sharing a prompt finish.
 On a wrong answer each checker tries the usual mistakes to say which one was made.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
 from course_lib.checks._core import (
@@ -23,51 +23,68 @@ from course_lib.checks._core import (
     is_close,
     unpack,
 )
-from course_lib.cost.kv_memory import padded_kv_slots, paged_kv_slots, prefix_shared_blocks
+from course_lib.cost.kv_memory import paged_kv_slots
+from course_lib.modern.paged_cache import PagedKVCache
 
 __all__ = ["check_blocks_needed", "check_gather_kv", "check_shared_prefix_blocks"]
 
 
-# ----------------------------------------------------------------------------- blocks of a batch
-_BLOCK_CASES = (([17, 3, 64, 33], 16), ([1, 1, 1], 8), ([100, 7, 250, 64, 12], 32), ([5], 1), ([48, 49, 47], 16))
+# ----------------------------------------------------------------------------- blocks with room to grow
+_LOOKAHEAD_CASES = (([17, 3, 64, 33], 16, 4), ([0, 0], 8, 0), ([0, 5], 8, 3), ([32, 48, 16], 16, 16),
+                    ([100, 7, 250, 64, 12], 32, 1), ([5], 1, 2), ([48, 49, 47], 16, 0))
+
+
+def _lookahead_cases(rng: np.random.Generator, n: int = 6) -> list[tuple[list[int], int, int]]:
+    """Fresh random batches each call (so no table of answers passes), block sizes 1 to 64, exact multiples."""
+    cases = []
+    for _ in range(n):
+        b = int(rng.choice([1, 4, 8, 16, 32, 64]))
+        lengths = [int(x) * (b if rng.random() < 0.3 else 1) for x in rng.integers(0, 300, size=rng.integers(1, 9))]
+        cases.append((lengths, b, int(rng.integers(0, 2 * b + 1))))
+    return cases
 
 
 @checker
 def check_blocks_needed(fn):
-    """Check the blocks a batch of sequences takes in a paged KV cache, and the slots it wastes.
+    """Check the blocks a batch takes in a paged KV cache when each sequence keeps room for `lookahead` more tokens.
 
-    Your function: `fn(lengths, block_size) -> (blocks, wasted)`: lengths a list of tokens per sequence,
-    each sequence with its own blocks of block_size slots; blocks the total number of blocks, wasted the
-    slots allocated but not filled. Exact on five batches; names rounding down, blocks shared between
-    sequences, a full last block counted as wasting a whole block, and the padded cache's waste.
+    Your function: `fn(lengths, block_size, lookahead) -> (blocks, empty)`: lengths a list of tokens per
+    sequence, each sequence with its own blocks of block_size slots and enough of them to append `lookahead`
+    more tokens without a new allocation; blocks the total number of blocks, empty the slots allocated that
+    hold no token yet. Exact on seven fixed batches (empty sequences, lengths that are multiples of the block
+    size, no lookahead) and six random ones; names a forgotten lookahead, a lookahead rounded up on its own,
+    reserved slots left out of the empty ones, and rounding down.
     """
-    for lengths, b in _BLOCK_CASES:
-        what = f"lengths={lengths}, block_size={b}"
-        got = unpack(call_watching(fn, list(lengths), b, names=("lengths", "block_size"), what=f"; {what}"), 2,
-                     "return a tuple (blocks, wasted)", case=what)
-        blocks, wasted = (as_number(f"{name} ({what})", g) for g, name in zip(got, ("blocks", "wasted"), strict=True))
-        expected = paged_kv_slots(lengths, b)
-        if (blocks, wasted) == (expected["blocks"], expected["wasted"]):
+    cases = [*_LOOKAHEAD_CASES, *_lookahead_cases(np.random.default_rng())]
+    for lengths, b, k in cases:
+        what = f"lengths={lengths}, block_size={b}, lookahead={k}"
+        got = unpack(call_watching(fn, list(lengths), b, k, names=("lengths", "block_size", "lookahead"),
+                                   what=f"; {what}"), 2, "return a tuple (blocks, empty)", case=what)
+        blocks, empty = (as_number(f"{name} ({what})", g) for g, name in zip(got, ("blocks", "empty"), strict=True))
+        grown = paged_kv_slots([n + k for n in lengths], b)
+        expected = (grown["blocks"], grown["slots"] - sum(lengths))
+        if (blocks, empty) == expected:
             continue
-        floor = sum(n // b for n in lengths)
-        pooled = math.ceil(sum(lengths) / b)
+        plain = paged_kv_slots(lengths, b)
+        apart = sum(-(-n // b) + -(-k // b) for n in lengths)
+        floor = sum((n + k) // b for n in lengths)
         mistakes = {
-            "blocks rounded down: a sequence of L tokens needs ceil(L / block_size) blocks, its last one partly "
-            "filled": (floor, floor * b - sum(lengths)),
-            "the sequences do not share blocks: each sequence rounds up on its own, ceil(L / block_size) each":
-                (pooled, pooled * b - sum(lengths)),
-            "a sequence that fills its last block exactly wastes nothing: the waste is (-L) mod block_size, not "
-            "block_size - L mod block_size": (expected["blocks"], sum(b - n % b for n in lengths)),
-            "that waste is the padded contiguous cache's (B x the longest length, minus the tokens): in a paged "
-            "cache only each sequence's last block is partly empty": (expected["blocks"],
-                                                                     padded_kv_slots(lengths)["wasted"]),
+            "each sequence also needs room for `lookahead` more tokens: ceil((L + lookahead) / block_size) "
+            "blocks, not ceil(L / block_size)": (plain["blocks"], plain["wasted"]),
+            "the reserved tokens first fill the free slots of the sequence's last block; rounding L and "
+            "lookahead up separately can take a block too many": (apart, apart * b - sum(lengths)),
+            "the reserved slots hold no token yet: they count among the empty slots (blocks x block_size minus "
+            "the tokens held)": (expected[0], expected[0] * b - sum(n + k for n in lengths)),
+            "blocks rounded down: L + lookahead tokens need ceil((L + lookahead) / block_size) blocks":
+                (floor, floor * b - sum(lengths)),
         }
         for message, wrong in mistakes.items():
-            if (blocks, wasted) == wrong:
-                raise CheckFailure(f"{what}: got ({blocks:g}, {wasted:g}). {message}")
-        raise CheckFailure(f"{what}: got ({blocks:g}, {wasted:g}), expected ({expected['blocks']}, "
-                           f"{expected['wasted']}). Hint: per sequence, ceil(L / block_size) blocks")
-    return f"{len(_BLOCK_CASES)} batches: blocks and wasted slots match"
+            if (blocks, empty) == wrong:
+                raise CheckFailure(f"{what}: got ({blocks:g}, {empty:g}). {message}")
+        raise CheckFailure(f"{what}: got ({blocks:g}, {empty:g}), expected {expected}. Hint: which tokens must "
+                           f"each sequence have room for, and which of its slots hold one now?")
+    return f"{len(cases)} batches ({len(_LOOKAHEAD_CASES)} fixed, {len(cases) - len(_LOOKAHEAD_CASES)} random): " \
+           f"blocks and empty slots match"
 
 
 # ----------------------------------------------------------------------------- the block-table gather
@@ -85,13 +102,22 @@ def check_gather_kv(fn):
     Your function: `fn(key_pool, block_table, length) -> keys`: key_pool (num_blocks, H_kv, block_size, d),
     block_table a list of block ids (the sequence's tokens 0 ... block_size - 1 are in block_table[0], and
     so on), length the tokens the sequence holds; keys (H_kv, length, d) in token order. Checks tables out
-    of order, a partly filled last block and one head; names blocks read in pool order instead of the
-    table's, a reshape that mixes heads, and rows past the sequence's length.
+    of order, a partly filled last block, one head, and three random tables; names blocks read in pool
+    order instead of the table's, a reshape that mixes heads, and rows past the sequence's length.
     """
     cases = [("blocks 3, 0, 5, length 10 (last block half full)", _pool_case(0, 6, 2, 4, 3, [3, 0, 5], 10)),
              ("one block, full", _pool_case(1, 4, 2, 4, 3, [2], 4)),
              ("blocks 7, 1, 4, 2 of 8, one head, length 13", _pool_case(2, 8, 1, 4, 5, [7, 1, 4, 2], 13)),
              ("blocks 4, 2, 3 of 5 blocks of 8, 3 heads, length 17", _pool_case(3, 5, 3, 8, 2, [4, 2, 3], 17))]
+    rng = np.random.default_rng()
+    for _ in range(3):  # fresh random tables each call
+        n_pool, b = int(rng.integers(2, 12)), int(rng.choice([2, 4, 8]))
+        n_table = int(rng.integers(1, n_pool + 1))
+        table = [int(x) for x in rng.permutation(n_pool)[:n_table]]
+        length = int(rng.integers((n_table - 1) * b + 1, n_table * b + 1))
+        H_kv, d = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        cases.append((f"random table {table} of {n_pool} blocks of {b}, {H_kv} heads, length {length}",
+                      _pool_case(int(rng.integers(2**31)), n_pool, H_kv, b, d, table, length)))
     for what, (pool, table, length, expected) in cases:
         got = call_watching(fn, pool, list(table), length, names=("key_pool", "block_table", "length"),
                             what=f"; {what}", advice="Index the pool (pool[table]) to get new tensors")
@@ -103,65 +129,92 @@ def check_gather_kv(fn):
         message = diagnose(got_arr, {
             "the blocks are read in the pool's order (0, 1, 2, ...); read the ones block_table names, in its order":
                 pool[: len(table)].transpose(0, 1).reshape(H_kv, -1, d)[:, :length],
-            "the reshape mixes heads: the gathered blocks are (n_blocks, H_kv, block_size, d); move H_kv first "
-            "(transpose(0, 1)) before merging n_blocks and block_size": gathered.reshape(H_kv, -1, d)[:, :length]
-            if (gathered.numel() // (H_kv * d)) >= length else None,
+            "the reshape mixes heads: the gathered blocks are (n_blocks, H_kv, block_size, d); the head axis must "
+            "come first before the block and slot axes are merged into one token axis":
+                gathered.reshape(H_kv, -1, d)[:, :length] if (gathered.numel() // (H_kv * d)) >= length else None,
             "keep only the first `length` rows: the last block's empty slots are not tokens of the sequence":
                 gathered.transpose(0, 1).reshape(H_kv, -1, d) if len(table) * pool.shape[2] != length else None,
         })
         if message:
             raise CheckFailure(f"{what}: {message}")
         compare(f"keys ({what})", got_arr, expected.numpy(),
-                hint="pool[table] -> (n, H_kv, b, d); transpose(0, 1); reshape(H_kv, n b, d); [:, :length]")
-    return f"{len(cases)} tables: the gathered keys match, in token order"
+                hint="token p of the sequence sits in block block_table[p // block_size], slot p % block_size; "
+                     "which axes of the gathered blocks become the token axis, and in which order?")
+    return f"{len(cases)} tables (4 fixed, {len(cases) - 4} random): the gathered keys match, in token order"
 
 
-# ----------------------------------------------------------------------------- shared prompts
-_PREFIX_CASES = ((10, [3, 0, 8], 4), (32, [5, 5, 5, 5], 16), (7, [1], 8), (40, [0, 0], 16), (20, [30, 2], 8))
+# ----------------------------------------------------------------------------- blocks freed by finished requests
+_FREED_CASES: tuple[tuple[int, list[int], int, list[int]], ...] = (
+    (10, [3, 0, 8], 4, [0]), (10, [3, 0, 8], 4, [1]), (32, [5, 5, 5, 5], 16, [0, 2]),
+    (0, [7, 0, 16], 8, [0, 1, 2]), (40, [0, 0], 16, [0, 1]), (20, [30, 2], 8, [1, 0]), (7, [1], 8, []))
 
 
-def _prefix_mistakes(P: int, suffixes: list[int], b: int) -> dict[str, int | None]:
-    """What the usual mistakes give on one case (None where a mistake gives the right answer anyway)."""
-    counts = prefix_shared_blocks(P, suffixes, b)
-    prompt_blocks = -(-P // b)
-    wrong = {
-        "a request that writes into the prompt's partly filled last block must copy it first (copy-on-write): "
-        "the others still read that block": prompt_blocks + sum(-(-(P + s) // b) - prompt_blocks for s in suffixes),
-        "that is without sharing: each request holding its own copy of the prompt, plus the prompt itself":
-            counts["unshared"],
-        "a suffix does not start a fresh block: its first tokens fill the free slots of a copy of the prompt's "
-        "last block": prompt_blocks + sum(-(-s // b) for s in suffixes),
+def _freed_cases(rng: np.random.Generator, n: int = 6) -> list[tuple[int, list[int], int, list[int]]]:
+    """Fresh random cases each call: prompts of 0 tokens or exact multiples of the block size among them."""
+    cases = []
+    for _ in range(n):
+        b = int(rng.choice([1, 2, 4, 8, 16]))
+        P = int(rng.integers(0, 80)) * (b if rng.random() < 0.3 else 1)
+        suffixes = [int(s) for s in rng.integers(0, 50, size=rng.integers(1, 6))]
+        finished = sorted(int(i) for i in rng.permutation(len(suffixes))[: rng.integers(0, len(suffixes) + 1)])
+        cases.append((P, suffixes, b, finished))
+    return cases
+
+
+def _blocks_freed(prompt_len: int, suffix_lengths: list[int], block_size: int, finished: list[int]) -> int:
+    """The reference: a PagedKVCache filled as the exercise says, the finished requests freed, the blocks counted."""
+    pool = PagedKVCache(num_blocks=-(-prompt_len // block_size) + sum(-(-(prompt_len + s) // block_size) + 1
+                                                                        for s in suffix_lengths) + 1,
+                        block_size=block_size, num_kv_heads=1, d_head=1)
+    prompt = pool.new_sequence()
+    pool.append(prompt, torch.zeros(1, prompt_len, 1), torch.zeros(1, prompt_len, 1))
+    requests = [pool.fork(prompt) for _ in suffix_lengths]
+    for seq, s in zip(requests, suffix_lengths, strict=True):
+        pool.append(seq, torch.zeros(1, s, 1), torch.zeros(1, s, 1))
+    before = pool.num_free_blocks
+    for i in finished:
+        pool.free(requests[i])
+    return pool.num_free_blocks - before
+
+
+def _freed_mistakes(P: int, suffixes: list[int], b: int, finished: list[int]) -> dict[str, int]:
+    done = [suffixes[i] for i in finished]
+    return {
+        "the prompt's blocks stay: the prompt's own sequence (and the other requests) still hold them; only the "
+        "blocks a request holds alone go back to the pool": sum(-(-(P + s) // b) for s in done),
+        "a request that appended holds its own copy of the prompt's partly filled last block (copy-on-write), "
+        "and that copy goes back to the pool with the request's other blocks":
+            sum(-(-(P + s) // b) - -(-P // b) for s in done),
+        "a request that generated nothing never copied the prompt's last block: it holds no block of its own, "
+        "so finishing it frees nothing": sum(-(-(P + s) // b) - P // b for s in done),
     }
-    return {message: (None if n == counts["shared"] else n) for message, n in wrong.items()}
 
 
 @checker
 def check_shared_prefix_blocks(fn):
-    """Check the blocks held by requests that share one prompt, with copy-on-write.
+    """Check the blocks that go back to the pool when requests sharing one prompt finish.
 
-    Your function: `fn(prompt_len, suffix_lengths, block_size) -> blocks`: the prompt (prompt_len tokens) is
-    cached once as its own sequence and stays cached; each request is a fork of it followed by its own
-    suffix_lengths[i] tokens; returns the blocks in use in the pool. Exact on five cases; names forgetting
-    the copy of a shared partial block, no sharing at all, and suffixes that start a fresh block (a mistake
-    is named when it explains every case the answer got wrong).
+    Your function: `fn(prompt_len, suffix_lengths, block_size, finished) -> blocks`: the prompt (prompt_len
+    tokens) is cached as its own sequence and stays cached; request i forks it and appends suffix_lengths[i]
+    tokens (copy-on-write); then the requests whose indices are in `finished` are freed; returns the number of
+    blocks that go back to the free list. Exact on seven fixed cases (an empty prompt, a prompt of whole
+    blocks, requests that generated nothing, nothing finished) and six random ones, against a PagedKVCache;
+    names freeing the shared prompt blocks, forgetting the copied block, and freeing a block for a request
+    that never copied one.
     """
-    answers, failed = [], None
-    for P, suffixes, b in _PREFIX_CASES:
-        what = f"prompt_len={P}, suffix_lengths={suffixes}, block_size={b}"
-        got = as_number(f"blocks ({what})", call_watching(fn, P, list(suffixes), b,
-                                                        names=("prompt_len", "suffix_lengths", "block_size"),
-                                                        what=f"; {what}"))
-        answers.append(got)
-        if failed is None and got != prefix_shared_blocks(P, suffixes, b)["shared"]:
-            failed = (what, got, prefix_shared_blocks(P, suffixes, b)["shared"], divmod(P, b)[0])
-    if failed is None:
-        return f"{len(_PREFIX_CASES)} cases: the blocks in use match"
-    what, got, expected, full = failed
-    per_case = [_prefix_mistakes(*case) for case in _PREFIX_CASES]
-    for message in per_case[0]:
-        explained = [m[message] is None and a == prefix_shared_blocks(*c)["shared"] or a == m[message]
-                     for m, a, c in zip(per_case, answers, _PREFIX_CASES, strict=True)]
-        if all(explained):
-            raise CheckFailure(f"{what}: got {got:g}. {message}")
-    raise CheckFailure(f"{what}: got {got:g}, expected {expected}. Hint: the prompt's {full} full blocks once, its "
-                       f"partial block once plus one copy per request that appends, then each request's own blocks")
+    cases = [*_FREED_CASES, *_freed_cases(np.random.default_rng())]
+    for P, suffixes, b, finished in cases:
+        what = f"prompt_len={P}, suffix_lengths={suffixes}, block_size={b}, finished={finished}"
+        got = as_number(f"blocks ({what})", call_watching(
+            fn, P, list(suffixes), b, list(finished), what=f"; {what}",
+            names=("prompt_len", "suffix_lengths", "block_size", "finished")))
+        expected = _blocks_freed(P, list(suffixes), b, list(finished))
+        if got == expected:
+            continue
+        for message, wrong in _freed_mistakes(P, suffixes, b, finished).items():
+            if got == wrong:
+                raise CheckFailure(f"{what}: got {got:g}. {message}")
+        raise CheckFailure(f"{what}: got {got:g}, expected {expected}. Hint: a block goes back when no sequence "
+                           f"holds it any more; which blocks did each finished request hold alone?")
+    return f"{len(cases)} cases ({len(_FREED_CASES)} fixed, {len(cases) - len(_FREED_CASES)} random): " \
+           f"the blocks freed match"

@@ -1,30 +1,54 @@
-"""The checkers of notebook 14 accept the references and name the planted mistakes."""
+"""The checkers of notebook 14 accept the references, reject a table of the fixed cases, and name the planted
+mistakes."""
 
 import math
 
 import pytest
 
 from course_lib import checks
-from course_lib.cost.kv_memory import padded_kv_slots
+from course_lib.checks import nb14
 
 
-# ----------------------------------------------------------------------------- blocks of a batch
-def blocks_needed(lengths, block_size):
-    blocks = sum(math.ceil(n / block_size) for n in lengths)
+# ----------------------------------------------------------------------------- blocks with room to grow
+def blocks_needed(lengths, block_size, lookahead):
+    blocks = sum(math.ceil((n + lookahead) / block_size) for n in lengths)
     return blocks, blocks * block_size - sum(lengths)
 
 
 def test_blocks_needed_reference_passes():
-    assert checks.check_blocks_needed(blocks_needed).passed
+    result = checks.check_blocks_needed(blocks_needed)
+    assert result.passed and "6 random" in result.message, result.message
+
+
+def test_blocks_needed_fixed_cases_include_the_edges():
+    cases = nb14._LOOKAHEAD_CASES
+    assert any(0 in lengths and k == 0 for lengths, _, k in cases)  # an empty sequence with no room: 0 blocks
+    assert any(all(n % b == 0 for n in lengths) and k for lengths, b, k in cases)  # exact multiples
+
+
+def test_blocks_needed_table_of_the_fixed_cases_fails():
+    table = {(tuple(lengths), b, k): blocks_needed(lengths, b, k) for lengths, b, k in nb14._LOOKAHEAD_CASES}
+
+    def memorised(lengths, block_size, lookahead):
+        return table.get((tuple(lengths), block_size, lookahead), (0, 0))
+
+    result = checks.check_blocks_needed(memorised)
+    assert not result.passed and "expected" in result.message, result.message
+
+
+def _wrong_at_empty_sequences(lengths, block_size, lookahead):
+    blocks = sum(max(1, math.ceil((n + lookahead) / block_size)) for n in lengths)  # an empty sequence takes a block
+    return blocks, blocks * block_size - sum(lengths)
 
 
 @pytest.mark.parametrize(("wrong", "words"), [
-    (lambda L, b: (sum(n // b for n in L), sum(n // b for n in L) * b - sum(L)), "rounded down"),
-    (lambda L, b: (math.ceil(sum(L) / b), math.ceil(sum(L) / b) * b - sum(L)), "rounds up on its own"),
-    (lambda L, b: (blocks_needed(L, b)[0], sum(b - n % b for n in L)), "(-L) mod block_size"),
-    (lambda L, b: (blocks_needed(L, b)[0], padded_kv_slots(L)["wasted"]), "padded contiguous cache"),
-    (lambda L, b: (blocks_needed(L, b)[0] + 1, 0), "expected"),
-    (lambda L, b: 3, "return a tuple (blocks, wasted)"),
+    (lambda L, b, k: blocks_needed(L, b, 0), "needs room for `lookahead` more tokens"),
+    (lambda L, b, k: (sum(math.ceil(n / b) + math.ceil(k / b) for n in L),
+                      sum(math.ceil(n / b) + math.ceil(k / b) for n in L) * b - sum(L)), "rounding L and lookahead"),
+    (lambda L, b, k: (blocks_needed(L, b, k)[0], blocks_needed(L, b, k)[1] - k * len(L)), "reserved slots hold no"),
+    (lambda L, b, k: (sum((n + k) // b for n in L), sum((n + k) // b for n in L) * b - sum(L)), "rounded down"),
+    (_wrong_at_empty_sequences, "expected (0, 0)"),
+    (lambda L, b, k: 3, "return a tuple (blocks, empty)"),
 ])
 def test_blocks_needed_names_the_mistake(wrong, words):
     result = checks.check_blocks_needed(wrong)
@@ -32,9 +56,9 @@ def test_blocks_needed_names_the_mistake(wrong, words):
 
 
 def test_blocks_needed_that_mutates_its_input_fails_without_raising():
-    def sorts_in_place(lengths, block_size):
+    def sorts_in_place(lengths, block_size, lookahead):
         lengths.sort()
-        return blocks_needed(lengths, block_size)
+        return blocks_needed(lengths, block_size, lookahead)
 
     result = checks.check_blocks_needed(sorts_in_place)
     assert not result.passed and "changed its input `lengths`" in result.message
@@ -47,18 +71,24 @@ def gather_kv(key_pool, block_table, length):
 
 
 def test_gather_kv_reference_passes():
-    assert checks.check_gather_kv(gather_kv).passed
+    result = checks.check_gather_kv(gather_kv)
+    assert result.passed and "3 random" in result.message, result.message
 
 
 @pytest.mark.parametrize(("wrong", "words"), [
     (lambda pool, table, n: gather_kv(pool, list(range(len(table))), n), "pool's order"),
     (lambda pool, table, n: pool[table].reshape(pool.shape[1], -1, pool.shape[3])[:, :n], "mixes heads"),
     (lambda pool, table, n: gather_kv(pool, table, len(table) * pool.shape[2]), "first `length` rows"),
-    (lambda pool, table, n: gather_kv(pool, table, n) * 2, "differs from the reference"),
+    (lambda pool, table, n: gather_kv(pool, table, n) * 2, "which axes of the gathered blocks"),
 ])
 def test_gather_kv_names_the_mistake(wrong, words):
     result = checks.check_gather_kv(wrong)
     assert not result.passed and words in result.message, result.message
+
+
+def test_gather_kv_hint_gives_no_code():
+    result = checks.check_gather_kv(lambda pool, table, n: gather_kv(pool, table, n) * 2)
+    assert "transpose(" not in result.message and "reshape(" not in result.message, result.message
 
 
 def test_gather_kv_that_mutates_its_input_fails_without_raising():
@@ -71,33 +101,51 @@ def test_gather_kv_that_mutates_its_input_fails_without_raising():
     assert not result.passed and "changed its input `key_pool`" in result.message
 
 
-# ----------------------------------------------------------------------------- shared prompts
-def shared_prefix_blocks(prompt_len, suffix_lengths, block_size):
-    full, partial = divmod(prompt_len, block_size)
-    blocks = full + (1 if partial else 0)  # the prompt, cached once
-    for s in suffix_lengths:
-        if s:  # a copy of the partial block (if any) and the request's own blocks after it
-            blocks += math.ceil((prompt_len + s) / block_size) - full
-    return blocks
+# ----------------------------------------------------------------------------- blocks freed by finished requests
+def blocks_freed(prompt_len, suffix_lengths, block_size, finished):
+    full = prompt_len // block_size  # the prompt's full blocks stay with the prompt
+    return sum(math.ceil((prompt_len + suffix_lengths[i]) / block_size) - full
+               for i in finished if suffix_lengths[i])  # a writer's copied block and its own blocks
 
 
 def test_shared_prefix_blocks_reference_passes():
-    assert checks.check_shared_prefix_blocks(shared_prefix_blocks).passed
+    result = checks.check_shared_prefix_blocks(blocks_freed)
+    assert result.passed and "6 random" in result.message, result.message
 
 
-def _no_copy(P, S, b):
-    return math.ceil(P / b) + sum(math.ceil((P + s) / b) - math.ceil(P / b) for s in S)
+def test_shared_prefix_blocks_fixed_cases_include_the_edges():
+    cases = nb14._FREED_CASES
+    assert any(P == 0 for P, *_ in cases) and any(P and P % b == 0 for P, _, b, _ in cases)
+    assert any(not finished for *_, finished in cases) and any(0 in s for _, s, _, _ in cases)
 
 
-def _unshared(P, S, b):
-    return math.ceil(P / b) + sum(math.ceil((P + s) / b) for s in S)
+def test_shared_prefix_blocks_table_of_the_fixed_cases_fails():
+    table = {(P, tuple(s), b, tuple(f)): blocks_freed(P, s, b, f) for P, s, b, f in nb14._FREED_CASES}
+
+    def memorised(prompt_len, suffix_lengths, block_size, finished):
+        return table.get((prompt_len, tuple(suffix_lengths), block_size, tuple(finished)), 0)
+
+    result = checks.check_shared_prefix_blocks(memorised)
+    assert not result.passed and "expected" in result.message, result.message
+
+
+def test_the_reference_pool_agrees_with_the_closed_form_on_many_cases():
+    import numpy as np
+
+    for case in nb14._freed_cases(np.random.default_rng(14), n=200):
+        assert nb14._blocks_freed(*case) == blocks_freed(*case), case
+
+
+def _wrong_at_empty_prompt(P, S, b, F):
+    return blocks_freed(P, S, b, F) + (1 if P == 0 and F else 0)
 
 
 @pytest.mark.parametrize(("wrong", "words"), [
-    (_no_copy, "copy-on-write"),
-    (_unshared, "without sharing"),
-    (lambda P, S, b: math.ceil(P / b) + sum(math.ceil(s / b) for s in S), "fresh block"),
-    (lambda P, S, b: shared_prefix_blocks(P, S, b) + 1, "expected"),
+    (lambda P, S, b, F: sum(math.ceil((P + S[i]) / b) for i in F), "the prompt's blocks stay"),
+    (lambda P, S, b, F: sum(math.ceil((P + S[i]) / b) - math.ceil(P / b) for i in F), "its own copy"),
+    (lambda P, S, b, F: sum(math.ceil((P + S[i]) / b) - P // b for i in F), "generated nothing"),
+    (_wrong_at_empty_prompt, "prompt_len=0"),
+    (lambda P, S, b, F: blocks_freed(P, S, b, F) + 1, "expected"),
 ])
 def test_shared_prefix_blocks_names_the_mistake(wrong, words):
     result = checks.check_shared_prefix_blocks(wrong)
@@ -105,10 +153,10 @@ def test_shared_prefix_blocks_names_the_mistake(wrong, words):
 
 
 def test_shared_prefix_blocks_that_mutates_its_input_fails_without_raising():
-    def pops(prompt_len, suffix_lengths, block_size):
-        answer = shared_prefix_blocks(prompt_len, suffix_lengths, block_size)
-        suffix_lengths.clear()
+    def pops(prompt_len, suffix_lengths, block_size, finished):
+        answer = blocks_freed(prompt_len, suffix_lengths, block_size, finished)
+        finished.clear()
         return answer
 
     result = checks.check_shared_prefix_blocks(pops)
-    assert not result.passed and "changed its input `suffix_lengths`" in result.message
+    assert not result.passed and "changed its input `finished`" in result.message
