@@ -247,7 +247,7 @@ COMPILED_CASES = {  # name: (mask_mod, score_mod, the dense course_lib mask or a
 def test_the_compiled_kernel_uses_the_tiles_and_equals_course_lib():
     """torch.compile(flex_attention): the fused kernel skips the tiles the BlockMask marks empty, so here the
     tile tables matter. Each kind compiles once (T = 512, 4 x 4 tiles); the same kernel, given the tables of
-    the diagonal tiles only (its mask_mod unchanged), must miss. About a minute on a cold cache, two cores."""
+    the diagonal tiles only (its mask_mod unchanged), must miss. On two CPU cores: 44 s cold, 8 s warm."""
     compiled = torch.compile(flex_attention)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 512, 16, generator=g) for _ in range(3))  # float32: the compiled CPU kernel's
