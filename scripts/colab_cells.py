@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: its Colab link, setup cell or solution collapse is missing or stale "
                   "(run python scripts/colab_cells.py)")
         return 2 if url is None else 1 if stale else 0
-    print(f"updated {len(stale)} notebook(s); re-execute them (make execute) so their outputs are committed")
+    print(f"updated {len(stale)} notebook(s)" + ("; re-execute them (make execute): a setup cell was added or changed"
+                                                  if url is not None and stale else ""))
     return 2 if url is None else 0
 
 

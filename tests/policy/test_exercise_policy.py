@@ -146,3 +146,30 @@ def test_the_policy_checks_find_planted_violations():
     assert summary_numbers_from_solutions([solved, _cell("markdown", "## What we measured\n\n- 16.805\n")]) == []
     measured = _cell("code", "print(total)", output="measured 6.805\n")  # the notebook's own measurement
     assert summary_numbers_from_solutions([measured, solved, summary]) == []
+
+
+def _colab_collapse_disagreements(cells) -> list[str]:
+    """Code cells whose Colab collapse (`cellView: form` and a title) differs from JupyterLab's (`source_hidden`)."""
+    problems = []
+    for cell in cells:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        in_colab = cell["metadata"].get("cellView") == "form" and source.startswith("# @title ")
+        if in_colab != _hidden(cell):
+            where = "JupyterLab" if _hidden(cell) else "Colab"
+            problems.append(f"hidden only in {where}: {source[:60]}")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_colab_collapses_exactly_what_jupyterlab_collapses(path):
+    """A solution collapsed in JupyterLab must not open in full on Colab (scripts/colab_cells.py writes both)."""
+    assert _colab_collapse_disagreements(json.loads(path.read_text())["cells"]) == []
+
+
+def test_the_colab_collapse_check_finds_a_solution_left_open():
+    solution = {"cell_type": "code", "metadata": {"jupyter": {"source_hidden": True}}, "source": ["x = 1\n"]}
+    stray = {"cell_type": "code", "metadata": {"cellView": "form"}, "source": ["# @title t\n", "y = 2\n"]}
+    assert _colab_collapse_disagreements([solution]) == ["hidden only in JupyterLab: x = 1\n"]
+    assert _colab_collapse_disagreements([stray]) == ["hidden only in Colab: # @title t\ny = 2\n"]
