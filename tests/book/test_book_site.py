@@ -5,20 +5,18 @@ collapsed until clicked; a course term found by the search page; bertviz's views
 book/_build/screenshots/ (look at them after a change to the site).
 """
 
-import base64
 import functools
 import http.server
-import json
 import os
 import re
 import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 from book_helpers import REPO_ROOT, SITE, build, needs_site, notebook_json
+from chrome_devtools import DevTools, free_port
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
                 None)
@@ -27,75 +25,6 @@ SHOTS = REPO_ROOT / "book" / "_build" / "screenshots"
 
 pytestmark = [needs_site, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs "
                                                                        "it; apt-get install chromium)")]
-
-
-class DevTools:
-    """Just enough of the Chrome DevTools protocol: navigate, evaluate JavaScript, screenshots, and a record of
-    every request the page makes."""
-
-    def __init__(self, port: int, timeout: float = 60):
-        import websocket  # websocket-client, which jupyter_server depends on
-
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with direct.open(f"http://127.0.0.1:{port}/json", timeout=5) as r:
-                    tab = next(t for t in json.load(r) if t["type"] == "page")
-                break
-            except (OSError, StopIteration):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        self.ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=120, suppress_origin=True)
-        self.next_id = 0
-        self.requests: list[str] = []
-        self.failed: list[str] = []
-        self.call("Network.enable")
-        self.call("Page.enable")
-
-    def _event(self, message: dict) -> None:
-        method, params = message.get("method"), message.get("params", {})
-        if method == "Network.requestWillBeSent":
-            self.requests.append(params["request"]["url"])
-        elif method == "Network.responseReceived" and params["response"]["status"] >= 400:
-            self.failed.append(f'{params["response"]["status"]} {params["response"]["url"]}')
-        elif method == "Network.loadingFailed" and not params.get("canceled"):
-            self.failed.append(f'{params.get("errorText")} (request {params.get("requestId")})')
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self._event(message)
-
-    def js(self, expression: str, await_promise: bool = False):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=await_promise)
-        return result.get("result", {}).get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.js(f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"):
-                return True
-            time.sleep(0.25)
-        return False
-
-    def open(self, url: str) -> None:
-        self.requests.clear()
-        self.failed.clear()
-        self.call("Page.navigate", url=url)
-        assert self.wait_for("document.readyState === 'complete'", 60), f"{url} did not finish loading"
-
-    def screenshot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        shot = self.call("Page.captureScreenshot", format="png")
-        (SHOTS / name).write_bytes(base64.b64decode(shot["data"]))
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -116,9 +45,7 @@ def site_url():
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium")
-    port_probe = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    port = port_probe.server_address[1]
-    port_probe.server_close()
+    port = free_port()
     chromium = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
@@ -193,7 +120,7 @@ def test_page_loads_offline_with_title_figures_math_and_collapsed_solutions(path
     solutions = sum(c["cell_type"] == "code" and build.collapsed(c)[0] for c in nb["cells"])
     assert hidden["details"] >= solutions and hidden["open"] == 0 and hidden["shown"] == 0, hidden
     assert hidden["toggles_shown"] == 0, hidden
-    browser.screenshot(f"{path.stem}.png")
+    browser.screenshot(SHOTS / f"{path.stem}.png")
 
     if solutions:  # a click shows the first solution's code
         shown = browser.js("""(() => {
@@ -205,7 +132,7 @@ def test_page_loads_offline_with_title_figures_math_and_collapsed_solutions(path
         })()""")
         assert shown, "clicking a solution's toggle did not show its code"
         time.sleep(0.5)  # the theme fades the opened cell in
-        browser.screenshot(f"{path.stem}-solution-opened.png")
+        browser.screenshot(SHOTS / f"{path.stem}-solution-opened.png")
     if hidden["toggles"]:
         browser.js("document.querySelector('article details.toggle-details summary').click()")
         assert browser.wait_for("document.querySelector('article .toggle').checkVisibility()", 10)
@@ -219,7 +146,7 @@ def test_front_page_is_the_course_map(browser, site_url):
         assert f"notebooks/{path.stem}.html" in links, f"the front page does not link {path.name}"
     nav = browser.js("Array.from(document.querySelectorAll('nav.bd-links a')).map(a => a.getAttribute('href'))")
     assert [h for h in nav if "notebooks/" in h] == [f"notebooks/{p.stem}.html" for p in NOTEBOOKS]
-    browser.screenshot("index.png")
+    browser.screenshot(SHOTS / "index.png")
     _only_local(browser, site_url)
 
 
@@ -230,7 +157,7 @@ def test_search_finds_a_course_term(browser, site_url):
     found = browser.js("Array.from(document.querySelectorAll('#search-results ul.search li a'))"
                        ".map(a => a.getAttribute('href'))")
     assert any("01_attention_in_numpy" in h for h in found), found[:10]
-    browser.screenshot("search-softmax.png")
+    browser.screenshot(SHOTS / "search-softmax.png")
     _only_local(browser, site_url)
 
 
@@ -248,7 +175,7 @@ def test_bertviz_views_draw(path, browser, site_url):
     assert not browser.js("document.body.innerText.includes('bertviz could not load')")
     browser.js(f"{views}[0].scrollIntoView()")
     time.sleep(0.5)
-    browser.screenshot(f"{path.stem}-bertviz.png")
+    browser.screenshot(SHOTS / f"{path.stem}-bertviz.png")
     _only_local(browser, site_url)
 
 

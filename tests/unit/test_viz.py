@@ -1,19 +1,17 @@
 """The offline bertviz page: written with local scripts, and actually drawn by a headless Chromium."""
 
-import base64
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import torch
 from bertviz import head_view, model_view
+from chrome_devtools import DevTools, free_port
 
 from course_lib.tools import viz
 from course_lib.tools.paths import REPO_ROOT
@@ -235,53 +233,6 @@ LAB_NOTEBOOK_CELLS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _DevTools:
-    """Just enough of the Chrome DevTools protocol: evaluate JavaScript, take a screenshot."""
-
-    def __init__(self, port: int, timeout: float = 60):
-        import websocket  # websocket-client, which jupyter_server depends on
-
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
-                with direct.open(f"http://127.0.0.1:{port}/json", timeout=5) as r:
-                    tab = next(t for t in json.load(r) if t["type"] == "page")
-                break
-            except (OSError, StopIteration):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        self.ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=120)
-        self.next_id = 0
-
-    def call(self, method: str, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                return message.get("result", {})
-
-    def js(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        return result.get("result", {}).get("value")
-
-    def wait_for(self, expression: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.js(f"(() => {{ try {{ return !!({expression}); }} catch (e) {{ return false; }} }})()"):
-                return True
-            time.sleep(0.5)
-        return False
-
-
 def _wait_for_server(url: str, timeout: float) -> None:
     """Poll the JupyterLab server until it answers (its start-up takes seconds, more on a busy machine)."""
     import urllib.error
@@ -313,7 +264,7 @@ def test_views_draw_in_jupyterlab_after_the_cell_runs(tmp_path, assets_dir):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in LAB_NOTEBOOK_CELLS])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, notebooks / "views.ipynb")
-    lab_port, devtools_port, token = _free_port(), _free_port(), "views-test"
+    lab_port, devtools_port, token = free_port(), free_port(), "views-test"
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
     lab = subprocess.Popen(
@@ -328,7 +279,7 @@ def test_views_draw_in_jupyterlab_after_the_cell_runs(tmp_path, assets_dir):
          f"--remote-debugging-port={devtools_port}", "--window-size=1200,1600", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        browser = _DevTools(devtools_port)
+        browser = DevTools(devtools_port)
         notebook = "Array.from(window.jupyterapp.shell.widgets('main')).find(w => w.sessionContext)"
         _wait_for_server(f"http://127.0.0.1:{lab_port}/api/status?token={token}", 180)
         for _ in range(2):  # one page load, given time on a busy machine; a second try if it got stuck
@@ -345,8 +296,7 @@ def test_views_draw_in_jupyterlab_after_the_cell_runs(tmp_path, assets_dir):
             texts: Array.from(v.querySelectorAll('svg text')).map(t => t.textContent),
             lines: v.querySelectorAll('svg line').length,
             errors: Array.from(v.parentNode.querySelectorAll('p')).map(p => p.textContent)}}))""")
-        shot = browser.call("Page.captureScreenshot", format="png")
-        (tmp_path / "jupyterlab.png").write_bytes(base64.b64decode(shot["data"]))
+        browser.screenshot(tmp_path / "jupyterlab.png")
     finally:
         chromium.terminate()
         lab.terminate()
