@@ -16,9 +16,10 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -40,7 +41,8 @@ from course_lib.tools.cli import output_file, positive_int, seed
 from course_lib.tools.paths import PACKAGE_DATA, refuse_overwrite
 
 __all__ = ["CAPSTONE_RECIPE", "CAPSTONE_PATH", "CAPSTONE_BF16_PATH", "encode_pairs", "exact_match",
-           "teacher_forced_metrics", "attention_modules", "removed_heads", "build_capstone_model", "load_capstone",
+           "teacher_forced_metrics", "attention_modules", "removed_heads", "HeadCost", "head_cost", "rank_heads",
+           "build_capstone_model", "load_capstone",
            "train_capstone"]
 
 CAPSTONE_PATH = PACKAGE_DATA / "checkpoints" / "capstone.safetensors"
@@ -110,6 +112,46 @@ def removed_heads(model, heads: Iterable[tuple[str, int]]):
         gates.setdefault(name, torch.ones(H))[head] = 0.0
     with gated_heads({modules[name]: gate for name, gate in gates.items()}):
         yield
+
+
+class HeadCost(NamedTuple):
+    """What removing one head costs: teacher-forced tokens it gets wrong that the full model got right (an int),
+    and the rise of the validation loss rounded to a stated resolution."""
+
+    tokens_lost: int
+    loss_rise: float
+
+
+def head_cost(base: tuple[float, float], removed: tuple[float, float], n_tokens: int, *,
+              resolution: float = 1e-3) -> HeadCost:
+    """Compare `teacher_forced_metrics` with all heads (`base`) and with a head removed (`removed`), both
+    (loss, token accuracy) over the same `n_tokens` target tokens. The token count is exact; the loss rise is
+    rounded to a multiple of `resolution`, so that differences at float rounding level (another CPU kernel,
+    another thread count) cannot change a ranking built from it."""
+    check_positive_int("n_tokens", n_tokens)
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution < 1:
+        raise ValueError(f"resolution must be a number in (0, 1); got {resolution!r}")
+    for name, pair in (("base", base), ("removed", removed)):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)):
+            raise TypeError(f"{name} must be a (loss, token accuracy) tuple of numbers; got {pair!r}")
+        if not 0.0 <= pair[1] <= 1.0:
+            raise ValueError(f"{name}: token accuracy must lie in [0, 1]; got {pair[1]!r}")
+    tokens_lost = round((base[1] - removed[1]) * n_tokens)
+    steps = round((removed[0] - base[0]) / resolution)
+    return HeadCost(tokens_lost, steps * resolution)
+
+
+Head = TypeVar("Head", bound=Hashable)
+
+
+def rank_heads(costs: Mapping[Head, HeadCost]) -> list[Head]:
+    """Heads most important first: more tokens lost, then the larger rounded loss rise; heads that tie on both
+    keep the mapping's order (for `attention_modules`' order: layer by layer, head by head). Reverse the list
+    for a pruning order, least important first (ties then in reverse order)."""
+    for head, cost in costs.items():
+        if not isinstance(cost, HeadCost):
+            raise TypeError(f"costs[{head!r}] must be a HeadCost (from head_cost); got {type(cost).__name__}")
+    return sorted(costs, key=lambda head: (costs[head].tokens_lost, costs[head].loss_rise), reverse=True)
 
 
 def load_capstone(path: Path | str = CAPSTONE_PATH):

@@ -71,3 +71,46 @@ def test_bad_heads_are_refused_before_any_hook(setup, heads, match):
     with pytest.raises(ValueError, match=match), removed_heads(model, heads):
         pass
     assert not any(a.out_proj._forward_pre_hooks for a in attention_modules(model).values())
+
+
+# ------------------------------------------------------------------ ranking heads by what their removal costs
+def test_head_cost_counts_tokens_and_rounds_the_loss_rise():
+    from course_lib.experiments.capstone import HeadCost, head_cost
+
+    # 2000 tokens: accuracy 1.0 -> 0.9965 is 7 tokens lost; a rise of 0.0614 rounds to 0.061
+    assert head_cost((0.0007, 1.0), (0.0621, 0.9965), 2000) == HeadCost(7, pytest.approx(0.061))
+    # rises at float rounding level (1e-9) are the same rounded rise, 0, whatever their order
+    assert head_cost((2.3e-8, 1.0), (2.3e-8 + 3e-9, 1.0), 2000) == head_cost((2.3e-8, 1.0), (2.3e-8 + 1e-9, 1.0), 2000)
+    assert head_cost((2.3e-8, 1.0), (2.3e-8 + 3e-9, 1.0), 2000).loss_rise == 0.0
+    assert head_cost((0.0, 1.0), (0.004, 1.0), 10, resolution=1e-2).loss_rise == 0.0
+    assert head_cost((0.0, 1.0), (0.006, 1.0), 10, resolution=1e-2).loss_rise == pytest.approx(0.01)
+
+
+def test_rank_heads_tokens_first_then_rounded_rise_then_given_order():
+    from course_lib.experiments.capstone import HeadCost, rank_heads
+
+    costs = {"a": HeadCost(0, 0.0), "b": HeadCost(0, 0.002), "c": HeadCost(5, 0.001), "d": HeadCost(5, 0.003),
+             "e": HeadCost(0, 0.0), "f": HeadCost(0, 0.002)}
+    # d beats c on the rise (same tokens); c beats b although b's rise is larger (tokens come first);
+    # b before f and a before e: ties keep the given order
+    assert rank_heads(costs) == ["d", "c", "b", "f", "a", "e"]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "match"), [
+    (((0.0, 1.0), (0.1, 0.9), 0), {}, ValueError, "n_tokens"),
+    (((0.0, 1.0), (0.1, 0.9), 10), {"resolution": 0.0}, ValueError, "resolution"),
+    (((0.0, 1.0), (0.1, 1.5), 10), {}, ValueError, "removed: token accuracy"),
+    (((0.0,), (0.1, 0.9), 10), {}, TypeError, "base must be"),
+])
+def test_head_cost_refuses_bad_input(args, kwargs, error, match):
+    from course_lib.experiments.capstone import head_cost
+
+    with pytest.raises(error, match=match):
+        head_cost(*args, **kwargs)
+
+
+def test_rank_heads_refuses_raw_losses():
+    from course_lib.experiments.capstone import rank_heads
+
+    with pytest.raises(TypeError, match=r"costs\['a'\] must be a HeadCost"):
+        rank_heads({"a": (0.1, 0.9)})  # type: ignore[dict-item]
