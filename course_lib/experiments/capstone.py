@@ -144,14 +144,16 @@ def head_cost(base: tuple[float, float], removed: tuple[float, float], n_tokens:
 Head = TypeVar("Head", bound=Hashable)
 
 
-def rank_heads(costs: Mapping[Head, HeadCost]) -> list[Head]:
-    """Heads most important first: more tokens lost, then the larger rounded loss rise; heads that tie on both
-    keep the mapping's order (for `attention_modules`' order: layer by layer, head by head). Reverse the list
-    for a pruning order, least important first (ties then in reverse order)."""
+def rank_heads(costs: Mapping[Head, HeadCost], *, least_important_first: bool = False) -> list[Head]:
+    """Heads most important first (more tokens lost, then the larger rounded loss rise), or least important first
+    for a pruning order. Heads that tie on both keep the mapping's order in either direction (for
+    `attention_modules`' order: layer by layer, head by head), so rounding noise cannot reorder them."""
+    check_bool("least_important_first", least_important_first)
     for head, cost in costs.items():
         if not isinstance(cost, HeadCost):
             raise TypeError(f"costs[{head!r}] must be a HeadCost (from head_cost); got {type(cost).__name__}")
-    return sorted(costs, key=lambda head: (costs[head].tokens_lost, costs[head].loss_rise), reverse=True)
+    return sorted(costs, key=lambda head: (costs[head].tokens_lost, costs[head].loss_rise),
+                  reverse=not least_important_first)
 
 
 def load_capstone(path: Path | str = CAPSTONE_PATH):

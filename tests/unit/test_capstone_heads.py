@@ -94,6 +94,8 @@ def test_rank_heads_tokens_first_then_rounded_rise_then_given_order():
     # d beats c on the rise (same tokens); c beats b although b's rise is larger (tokens come first);
     # b before f and a before e: ties keep the given order
     assert rank_heads(costs) == ["d", "c", "b", "f", "a", "e"]
+    # a pruning order: least important first, ties still in the given order (not the ranking reversed)
+    assert rank_heads(costs, least_important_first=True) == ["a", "e", "b", "f", "c", "d"]
 
 
 @pytest.mark.parametrize(("args", "kwargs", "error", "match"), [
@@ -114,3 +116,5 @@ def test_rank_heads_refuses_raw_losses():
 
     with pytest.raises(TypeError, match=r"costs\['a'\] must be a HeadCost"):
         rank_heads({"a": (0.1, 0.9)})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="least_important_first"):
+        rank_heads({}, least_important_first=1)  # type: ignore[arg-type]
