@@ -78,7 +78,10 @@ def test_head_cost_counts_tokens_and_rounds_the_loss_rise():
     from course_lib.experiments.capstone import HeadCost, head_cost
 
     # 2000 tokens: accuracy 1.0 -> 0.9965 is 7 tokens lost; a rise of 0.0614 rounds to 0.061
-    assert head_cost((0.0007, 1.0), (0.0621, 0.9965), 2000) == HeadCost(7, pytest.approx(0.061))
+    cost = head_cost((0.0007, 1.0), (0.0621, 0.9965), 2000)
+    assert isinstance(cost, HeadCost)
+    assert cost.tokens_lost == 7
+    assert cost.loss_rise == pytest.approx(0.061)
     # rises at float rounding level (1e-9) are the same rounded rise, 0, whatever their order
     assert head_cost((2.3e-8, 1.0), (2.3e-8 + 3e-9, 1.0), 2000) == head_cost((2.3e-8, 1.0), (2.3e-8 + 1e-9, 1.0), 2000)
     assert head_cost((2.3e-8, 1.0), (2.3e-8 + 3e-9, 1.0), 2000).loss_rise == 0.0
