@@ -7,8 +7,9 @@ Nothing is executed: the site shows the outputs committed in notebooks/ (the one
    new notebook needs no configuration), `index.md` (the README's introduction and course map), and a copy
    of each notebook in which the cells JupyterLab shows collapsed (cell metadata `jupyter.source_hidden` /
    `outputs_hidden`: the reference solutions) carry the tags the site collapses (`hide-input`,
-   `hide-output`; a collapsed Markdown cell goes into a `toggle`), and each tqdm progress bar is written out
-   as the text of its final state (a static page has no widget manager);
+   `hide-output`; a collapsed Markdown cell goes into a `toggle`), each tqdm progress bar is written out
+   as the text of its final state (a static page has no widget manager), consecutive prints are one output
+   as in JupyterLab, and a text output longer than 40 lines scrolls in its box;
 2. copy a local MathJax (npm's `mathjax` package, installed once into book/_build/assets/) into the site;
 3. run `jupyter-book build` with warnings as errors, so a broken link or cross-reference fails the build.
 
@@ -135,6 +136,34 @@ def _progress_text(view: dict[str, Any], state: dict[str, Any]) -> str | None:
     return "".join(parts) if parts else None
 
 
+LONG_OUTPUT_LINES = 40  # a text output longer than this scrolls in its own box (tag scroll-output)
+
+
+def merge_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive stdout (or stderr) outputs as one, as JupyterLab shows them: the site would draw each print of a
+    cell in its own box, splitting a printed table into boxes that scroll apart."""
+    merged: list[dict[str, Any]] = []
+    for output in outputs:
+        last = merged[-1] if merged else None
+        if (last is not None and output.get("output_type") == last.get("output_type") == "stream"
+                and output.get("name") == last.get("name")):
+            last["text"] = "".join(last["text"]) + "".join(output["text"])
+        else:
+            merged.append(output)
+    return merged
+
+
+def text_lines(outputs: list[dict[str, Any]]) -> int:
+    """Lines of text the outputs print (streams and plain-text results; figures and HTML not counted)."""
+    lines = 0
+    for output in outputs:
+        text = output.get("text") if output.get("output_type") == "stream" else None
+        if text is None and not {"image/png", "text/html"} & set(output.get("data", {})):
+            text = output.get("data", {}).get("text/plain")
+        lines += len("".join(text).splitlines()) if text is not None else 0
+    return lines
+
+
 def stage_notebook(nb: dict[str, Any]) -> dict[str, Any]:
     """A copy of a notebook as the site shows it; the committed notebook is left as it is."""
     nb = copy.deepcopy(nb)
@@ -146,6 +175,8 @@ def stage_notebook(nb: dict[str, Any]) -> dict[str, Any]:
         tags = [t for t in metadata.get("tags", []) if t not in COLLAPSE_TAGS]  # the metadata decides, not tags
         if cell["cell_type"] == "code":
             tags += ["hide-input"] * source_hidden + ["hide-output"] * (outputs_hidden and bool(cell["outputs"]))
+            cell["outputs"] = merge_streams(cell.get("outputs", []))
+            tags += ["scroll-output"] * (text_lines(cell["outputs"]) > LONG_OUTPUT_LINES)
             for output in cell.get("outputs", []):
                 data = output.get("data", {})
                 if WIDGET_VIEW in data:

@@ -155,3 +155,23 @@ def test_the_built_config_turns_execution_off_and_warnings_into_errors():
     assert config["sphinx"]["config"].get("nitpicky") is False
     assert '"--warningiserror"' in (REPO_ROOT / "book" / "build.py").read_text()
     assert json.loads(json.dumps(config))  # plain data: nothing but YAML scalars, lists and mappings
+
+
+def test_consecutive_prints_are_one_output_and_long_ones_scroll():
+    def stream(text, name="stdout"):
+        return {"output_type": "stream", "name": name, "text": text}
+
+    figure = {"output_type": "display_data", "data": {"image/png": "x", "text/plain": "<Figure>"}, "metadata": {}}
+    cell = {"cell_type": "code", "metadata": {}, "source": "", "outputs": [
+        stream("a\n"), stream(["b\n", "c\n"]), stream("warn\n", "stderr"), stream("d\n"), figure, stream("e\n")]}
+    long_table = {"cell_type": "code", "metadata": {}, "source": "", "outputs": [stream(f"{i}\n") for i in range(41)]}
+    short_table = {"cell_type": "code", "metadata": {}, "source": "", "outputs": [stream(f"{i}\n") for i in range(40)]}
+    notebook = {"cells": [cell, long_table, short_table], "metadata": {}}
+    before = json.dumps(notebook)
+    merged, long_staged, short_staged = build.stage_notebook(notebook)["cells"]
+    assert json.dumps(notebook) == before  # the committed notebook is left as it is
+    assert [(o["output_type"], o.get("name"), o.get("text")) for o in merged["outputs"]] == [
+        ("stream", "stdout", "a\nb\nc\n"), ("stream", "stderr", "warn\n"), ("stream", "stdout", "d\n"),
+        ("display_data", None, None), ("stream", "stdout", "e\n")]
+    assert len(long_staged["outputs"]) == 1 and long_staged["metadata"]["tags"] == ["scroll-output"]
+    assert "tags" not in short_staged["metadata"] and "tags" not in merged["metadata"]
