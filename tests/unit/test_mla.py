@@ -114,17 +114,21 @@ def test_a_step_without_tokens_returns_nothing_and_leaves_the_cache_as_it_was(ab
         assert mla(empty, absorbed=absorbed).shape == (2, 0, 32)  # no cache either
 
 
-@pytest.mark.parametrize("q_rank", [None, 12])
-@pytest.mark.parametrize("interleave", [True, False])
-def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
+def _hf_deepseek(rope_scaling=None, *, q_rank=12, interleave=True, max_position_embeddings=8, d_rope=8,
+                 rope_theta=100.0, chunks=None):
+    """A one-layer Hugging Face DeepSeek-V3 (random weights, made larger so positions matter), its attention, and
+    (input, output) of every call as `chunks` of tokens (default LONG_CHUNKS) go through its cache. The defaults
+    (rope_theta 100, d_rope 8) make the rotary pairs span fast to slow over 8 positions, for rope_scaling."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.DeepseekV3Config(
         hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=q_rank,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_hidden_layers=1, first_k_dense_replace=1,
+        qk_nope_head_dim=8, qk_rope_head_dim=d_rope, v_head_dim=6, num_hidden_layers=1, first_k_dense_replace=1,
         intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=1, topk_group=1, vocab_size=50, max_position_embeddings=64, rope_interleave=interleave,
-        attn_implementation="eager")
+        n_group=1, topk_group=1, vocab_size=50, max_position_embeddings=max_position_embeddings,
+        rope_interleave=interleave, attn_implementation="eager",
+        **({} if rope_theta is None else {"rope_theta": rope_theta}),
+        **({} if rope_scaling is None else {"rope_scaling": rope_scaling}))
     model = transformers.DeepseekV3Model(cfg).eval()
     attn = model.layers[0].self_attn
     with torch.no_grad():
@@ -134,13 +138,22 @@ def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
     seen = []
     hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
                                       with_kwargs=True)
-    ids = torch.randint(0, 50, (2, sum(CHUNKS)), generator=torch.Generator().manual_seed(1))
+    chunks = LONG_CHUNKS if chunks is None else chunks
+    ids = torch.randint(0, 50, (2, sum(chunks)), generator=torch.Generator().manual_seed(1))
     hf_cache, start = transformers.DynamicCache(config=cfg), 0
     with torch.no_grad():
-        for n in CHUNKS:
+        for n in chunks:
             model(input_ids=ids[:, start:start + n], past_key_values=hf_cache, use_cache=True)
             start += n
     hook.remove()
+    return attn, seen
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_equals_hugging_face_deepseek_v3(q_rank, interleave):
+    attn, seen = _hf_deepseek(q_rank=q_rank, interleave=interleave, max_position_embeddings=64, d_rope=4,
+                              rope_theta=None, chunks=CHUNKS)
     ours = MultiHeadLatentAttention.from_hf_deepseek_v3(attn).eval()
     for absorbed in (False, True):
         cache = ours.new_cache()
@@ -166,36 +179,6 @@ SCALINGS = {
                "high_freq_factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 4.0},
 }
-
-
-def _hf_deepseek(rope_scaling, *, q_rank=12, interleave=True, max_position_embeddings=8):
-    """A one-layer Hugging Face DeepSeek-V3 with the given rope_scaling (rope_theta 100, d_rope 8, so that the
-    rotary pairs span fast to slow over 8 positions), its attention, and (input, output) of every call."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.DeepseekV3Config(
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=q_rank,
-        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6, num_hidden_layers=1, first_k_dense_replace=1,
-        intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        n_group=1, topk_group=1, vocab_size=50, max_position_embeddings=max_position_embeddings,
-        rope_interleave=interleave, rope_theta=100.0, rope_scaling=rope_scaling, attn_implementation="eager")
-    model = transformers.DeepseekV3Model(cfg).eval()
-    attn = model.layers[0].self_attn
-    with torch.no_grad():
-        q_proj = getattr(attn, "q_proj", None) or attn.q_b_proj  # 5.15 has no q_proj when q_lora_rank is set
-        for lin in (attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj, q_proj):
-            lin.weight.normal_(0.0, 0.3)
-    seen = []
-    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((kw["hidden_states"], out[0])),
-                                      with_kwargs=True)
-    ids = torch.randint(0, 50, (2, sum(LONG_CHUNKS)), generator=torch.Generator().manual_seed(1))
-    hf_cache, start = transformers.DynamicCache(config=cfg), 0
-    with torch.no_grad():
-        for n in LONG_CHUNKS:
-            model(input_ids=ids[:, start:start + n], past_key_values=hf_cache, use_cache=True)
-            start += n
-    hook.remove()
-    return attn, seen
 
 
 def _max_error(ours, seen, absorbed=False):
