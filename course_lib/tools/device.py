@@ -1,8 +1,10 @@
 """What this device is and what it can run: Tensor Core settings, SDPA backends, the device report.
 
 - `device_facts(device)`: the machine and versions every recorded result carries (device name,
-  compute capability, CUDA/cuDNN, memory, CPU threads, Python and torch versions) and what the
-  device supports (Tensor Cores, TF32, bfloat16, fp8).
+  compute capability, CUDA/cuDNN, memory, CPU threads, Python and torch versions, and under
+  "versions" every package a run imports) and what the device supports (Tensor Cores, TF32,
+  bfloat16, fp8); on a GPU also its SM count, L2 size, and the clocks, power and temperature that
+  `nvidia-smi` reports (`nvidia_smi_facts`).
 - `tensor_core_settings(...)`: a context manager that turns on TF32 matmuls/convolutions
   (`torch.backends.cuda.matmul.fp32_precision = "tf32"` and `torch.backends.cudnn.conv.fp32_precision`
   where torch has them, else the older `allow_tf32` flags) and restores the previous settings on exit;
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import platform
+import shutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -34,6 +39,8 @@ from course_lib.tools.cli import torch_device
 
 __all__ = [
     "device_facts",
+    "package_versions",
+    "nvidia_smi_facts",
     "enable_tensor_cores",
     "tensor_core_settings",
     "restore_settings",
@@ -259,10 +266,83 @@ def _device(device: torch.device | str | None) -> torch.device:
     return device
 
 
+# the packages a course run imports; their versions come from importlib.metadata (nothing is imported for them)
+VERSIONED_PACKAGES = ("triton", "numpy", "matplotlib", "pytest", "pytest-xdist", "transformers", "safetensors")
+# nvidia-smi --query-gpu field -> our key (units: MHz, W, degrees C; pstate is P0 (fastest) .. P12)
+NVIDIA_SMI_FIELDS = {"clocks.sm": "sm_clock_mhz", "clocks.max.sm": "sm_clock_max_mhz", "clocks.mem": "mem_clock_mhz",
+                     "power.limit": "power_limit_w", "power.draw": "power_draw_w", "temperature.gpu": "temperature_c",
+                     "pstate": "pstate"}
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """python, torch, the CUDA and cuDNN torch was built with, and each of VERSIONED_PACKAGES (+ extra)
+    as installed (None where it is not): read from the packages' metadata, so nothing is imported."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    versions: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                       "cuda": torch.version.cuda, "cudnn": None if cudnn is None else str(cudnn)}
+    for name in (*VERSIONED_PACKAGES, *extra):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _smi_value(text: str) -> float | str | None:
+    text = text.strip()
+    if not text or text.startswith("[") or text.upper() in ("N/A", "NOT SUPPORTED"):
+        return None  # "[N/A]", "[Not Supported]": the driver does not report it
+    try:
+        return float(text)
+    except ValueError:
+        return text  # pstate: "P0"
+
+
+def nvidia_smi_facts(uuid: str | None = None, index: int = 0, *, timeout_s: float = 5.0) -> dict:
+    """The clocks, power limit and draw, temperature and performance state of one GPU, from
+    `nvidia-smi --query-gpu=... --format=csv,noheader,nounits`, read at the moment of the call (a GPU
+    that is idle shows idle clocks; the maximum SM clock and the power limit say what it can do).
+
+    The GPU is picked by uuid (torch's `get_device_properties(...).uuid`) where given and found, else the
+    index-th line. Never raises: without nvidia-smi, or if it fails, times out or prints something
+    unexpected, every value is None and "error" says why (else "error" is None).
+    """
+    result: dict = {key: None for key in NVIDIA_SMI_FIELDS.values()} | {"error": None}
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return result | {"error": "nvidia-smi not found on PATH"}
+    query = "uuid," + ",".join(NVIDIA_SMI_FIELDS)
+    try:
+        done = subprocess.run([exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return result | {"error": f"nvidia-smi failed: {type(e).__name__}: {str(e)[:200]}"}
+    if done.returncode != 0:
+        return result | {"error": f"nvidia-smi exited with {done.returncode}: {(done.stderr or done.stdout)[:200]}"}
+    rows = [[part.strip() for part in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+    rows = [row for row in rows if len(row) == 1 + len(NVIDIA_SMI_FIELDS)]
+    if not rows:
+        return result | {"error": f"nvidia-smi printed no line of {1 + len(NVIDIA_SMI_FIELDS)} fields: "
+                                  f"{done.stdout[:200]!r}"}
+    wanted = str(uuid).lower().removeprefix("gpu-") if uuid else None
+    matches = [row for row in rows if wanted and row[0].lower().removeprefix("gpu-") == wanted]
+    if matches:
+        row = matches[0]
+    elif index < len(rows):
+        row = rows[index]
+    else:
+        return result | {"error": f"nvidia-smi lists {len(rows)} GPU(s), none with uuid {uuid} or index {index}"}
+    for key, text in zip(NVIDIA_SMI_FIELDS.values(), row[1:], strict=True):
+        result[key] = _smi_value(text)
+    return result
+
+
 def device_facts(device: torch.device | str | None = None) -> dict:
     """The machine, its versions and what it supports: what every recorded result carries.
 
-    device defaults to the GPU when there is one, else the CPU.
+    device defaults to the GPU when there is one, else the CPU. "versions" holds `package_versions()`.
+    On a GPU: "sm_count" (streaming multiprocessors), "l2_cache_bytes" (None where torch does not
+    report it) and "nvidia_smi" (`nvidia_smi_facts`: clocks, power limit and draw, temperature, pstate).
     """
     device = _device(device)
     cpu = platform.processor() or platform.machine()
@@ -276,16 +356,22 @@ def device_facts(device: torch.device | str | None = None) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         major, minor = props.major, props.minor
+        l2 = getattr(props, "L2_cache_size", None)
+        uuid = getattr(props, "uuid", None)
         facts |= {
             "device_name": props.name,
             "compute_capability": f"{major}.{minor}",
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
             "total_memory_gib": round(props.total_memory / 2**30, 1),
+            "sm_count": getattr(props, "multi_processor_count", None),
+            "l2_cache_bytes": int(l2) if l2 else None,
             "tensor_cores": major >= 7,  # Volta (7.0) and newer
             "tf32_supported": major >= 8,  # Ampere (8.0) and newer
             "bf16_supported": bool(torch.cuda.is_bf16_supported()),
             "fp8_supported": (major, minor) >= (8, 9),  # Ada (8.9), Hopper (9.0)
+            "nvidia_smi": nvidia_smi_facts(None if uuid is None else str(uuid),
+                                           torch.cuda.current_device() if device.index is None else device.index),
         }
     else:
         facts |= {
@@ -298,6 +384,7 @@ def device_facts(device: torch.device | str | None = None) -> dict:
             "bf16_supported": True,  # bf16 autocast runs on any CPU (fast with AVX512-BF16/AMX)
             "fp8_supported": False,
         }
+    facts["versions"] = package_versions()
     return facts
 
 

@@ -172,3 +172,92 @@ def test_bad_input_is_refused_before_any_setting_changes(call, error, words):
     with pytest.raises(error, match=words):
         call()
     assert _tf32_state() == before
+
+
+# ----------------------------------------------------------------------------- versions, nvidia-smi, GPU facts
+def test_device_facts_carry_the_versions_of_what_a_run_imports():
+    versions = device_facts("cpu")["versions"]
+    for name in ("python", "torch", "cuda", "cudnn", "triton", "numpy", "matplotlib", "pytest", "transformers",
+                 "safetensors"):
+        assert name in versions
+    assert versions["torch"] == torch.__version__ and versions["numpy"] is not None
+    assert device.package_versions(extra=("no-such-package-here",))["no-such-package-here"] is None
+
+
+class _Done:
+    def __init__(self, stdout: str = "", returncode: int = 0, stderr: str = "") -> None:
+        self.stdout, self.returncode, self.stderr = stdout, returncode, stderr
+
+
+def _fake_smi(monkeypatch, *, found=True, stdout="", returncode=0, raises=None):
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append((cmd, kwargs))
+        if raises is not None:
+            raise raises
+        return _Done(stdout, returncode, "driver not loaded" if returncode else "")
+
+    monkeypatch.setattr(device.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if found else None)
+    monkeypatch.setattr(device.subprocess, "run", run)
+    return calls
+
+
+SMI_TWO_GPUS = ("GPU-aaaa-1111, 1980, 1980, 3201, 700.00, 123.45, 41, P0\n"
+                "GPU-bbbb-2222, 345, 1980, 3201, 700.00, 80.10, 33, P8\n")
+
+
+def test_nvidia_smi_facts_reads_the_queried_fields(monkeypatch):
+    calls = _fake_smi(monkeypatch, stdout=SMI_TWO_GPUS)
+    facts = device.nvidia_smi_facts("bbbb-2222")  # torch's uuid has no "GPU-" prefix
+    assert facts == {"sm_clock_mhz": 345.0, "sm_clock_max_mhz": 1980.0, "mem_clock_mhz": 3201.0,
+                     "power_limit_w": 700.0, "power_draw_w": 80.1, "temperature_c": 33.0, "pstate": "P8",
+                     "error": None}
+    (cmd, kwargs), = calls
+    assert "--format=csv,noheader,nounits" in cmd and kwargs["timeout"] <= 10
+    assert "clocks.max.sm" in cmd[1] and "power.limit" in cmd[1]
+    assert device.nvidia_smi_facts(None, 0)["sm_clock_mhz"] == 1980.0  # no uuid: by index
+    assert device.nvidia_smi_facts("cccc", 1)["pstate"] == "P8"
+
+
+def test_nvidia_smi_facts_reports_what_the_driver_does_not(monkeypatch):
+    _fake_smi(monkeypatch, stdout="GPU-a, 1980, 1980, 3201, [N/A], [Not Supported], 41, P0\n")
+    facts = device.nvidia_smi_facts()
+    assert facts["power_limit_w"] is None and facts["power_draw_w"] is None and facts["error"] is None
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"found": False}, "not found"),
+    ({"returncode": 9}, "exited with 9"),
+    ({"raises": OSError("permission denied")}, "OSError"),
+    ({"raises": device.subprocess.TimeoutExpired("nvidia-smi", 5)}, "TimeoutExpired"),
+    ({"stdout": "garbage\n"}, "no line"),
+    ({"stdout": SMI_TWO_GPUS, "index": 5}, "none with uuid"),
+])
+def test_a_failing_nvidia_smi_gives_none_and_a_reason(monkeypatch, kwargs, words):
+    index = kwargs.pop("index", 0)
+    _fake_smi(monkeypatch, **kwargs)
+    facts = device.nvidia_smi_facts(None, index)
+    assert words in facts["error"]
+    assert all(value is None for key, value in facts.items() if key != "error")
+
+
+def test_cuda_facts_carry_sm_count_l2_and_clocks(monkeypatch):
+    class Props:
+        name, major, minor, total_memory = "Fake GPU", 9, 0, 80 * 2**30
+        multi_processor_count, L2_cache_size, uuid = 132, 50 * 2**20, "bbbb-2222"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91900)
+    _fake_smi(monkeypatch, stdout=SMI_TWO_GPUS)
+    facts = device_facts("cuda")
+    assert facts["sm_count"] == 132 and facts["l2_cache_bytes"] == 50 * 2**20
+    assert facts["nvidia_smi"]["sm_clock_mhz"] == 345.0 and facts["nvidia_smi"]["power_limit_w"] == 700.0
+    for key in ("device_name", "compute_capability", "cuda", "cudnn", "total_memory_gib", "tensor_cores",
+                "tf32_supported", "bf16_supported", "fp8_supported", "torch", "python", "versions"):
+        assert key in facts  # the keys recorded runs already carry stay
+    _fake_smi(monkeypatch, found=False)
+    assert device_facts("cuda")["nvidia_smi"]["error"] == "nvidia-smi not found on PATH"
