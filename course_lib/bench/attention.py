@@ -16,8 +16,11 @@ Attention core (q, k, v of shape (B, H, T, d_head) -> out), timed forward and fo
 Modules (x of shape (B, T, H * d_head) -> out, forward+backward): course_lib.MultiHeadAttention,
 a plain SDPA module and nn.MultiheadAttention, timed by `course_lib.bench.mha.run` (interleaved).
 
-Each timing is the median of many repeats after warm-up (CUDA events on a GPU, perf_counter on
-the CPU; see timing.py). FLOPs: 4 B H T S d_head forward (two matmuls), halved when causal;
+Per shape the inputs are drawn once, on the device; the implementations of each (shape, causal,
+pass) are timed together in interleaved rounds (`course_lib.bench.timing.compare`): a row's time
+("median_s") is the median over the rounds of the device time of back-to-back calls, per call
+(CUDA events on a GPU, perf_counter on the CPU), with its quartiles and the wall time of one call
+beside it. FLOPs: 4 B H T S d_head forward (two matmuls), halved when causal;
 backward = 2.5 x forward (the FlashAttention papers' convention, used for every implementation so
 that TFLOP/s compare like with like). The course's Triton backward *executes* 3.5 x forward (it
 recomputes the scores and dP in both of its kernels, seven matmuls to the forward's two): its
@@ -45,7 +48,14 @@ import torch
 from course_lib._validate import check_nonnegative_int, check_positive_int
 from course_lib.attention import naive_attention, scaled_dot_product_attention
 from course_lib.bench import write_record
-from course_lib.bench.timing import matmul_peak, peak_memory, time_fn
+from course_lib.bench.timing import (
+    DEFAULT_L2_BYTES,
+    DeviceTiming,
+    compare,
+    matmul_peak,
+    peak_memory,
+    ratio_with_spread,
+)
 from course_lib.cost.flops import attention_flops, module_flops
 from course_lib.experiments.precision import attention_error_table
 from course_lib.tools.cli import (
@@ -73,6 +83,8 @@ __all__ = [
 CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton")
 MODULE_IMPLS = ("course_lib", "plain_sdpa", "torch_mha")  # the names course_lib.bench.mha uses
 PASSES = ("fwd", "fwd+bwd")
+# what a timed row carries from `compare` (per call, seconds; medians and quartiles over the rounds)
+TIMING_KEYS = ("device_s", "device_q1_s", "device_q3_s", "wall_s", "wall_q1_s", "wall_q3_s", "rounds", "calls")
 DTYPES = {"float32": torch.float32, "tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -120,64 +132,136 @@ def triton_executed_flops(B: int, H: int, T: int, S: int, d_head: int, *, causal
     return {"fwd": 1.0, "bwd": 3.5, "fwd+bwd": 4.5}[pass_] * forward
 
 
-def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str, dtype: torch.dtype,
-               device: torch.device, warmup: int, repeats: int, peak_tflops: float | None,
-               cpu_max_bytes: float) -> dict:
+def _record(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str, dtype: torch.dtype,
+            repeats: int) -> dict:
+    """A core row before any measurement: the case, its FLOPs and the size of one score matrix."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    scores_bytes = B * H * T * T * itemsize
-    record: dict = {"level": "core", "impl": impl, "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "causal": causal,
-                    "pass": pass_, "status": "ok", "reason": "", "median_s": None, "min_s": None, "max_s": None,
-                    "repeats": repeats, "flops": attention_flops(B, H, T, T, d_head, causal=causal, pass_=pass_),
-                    "tflops": None, "frac_peak": None, "peak_memory_bytes": None, "scores_bytes": scores_bytes}
-    if device.type == "cpu" and _materialises_scores(impl) and 3 * scores_bytes > cpu_max_bytes:
-        record |= {"status": "skipped", "reason": f"would allocate ~{3 * scores_bytes / 2**30:.1f} GiB of scores on "
-                                                  f"the CPU (limit --cpu-max-gib)"}
-        return record
+    return {"level": "core", "impl": impl, "B": B, "H": H, "T": T, "S": T, "d_head": d_head, "causal": causal,
+            "pass": pass_, "status": "ok", "reason": "", "median_s": None, "min_s": None, "max_s": None,
+            "repeats": repeats, "flops": attention_flops(B, H, T, T, d_head, causal=causal, pass_=pass_),
+            "tflops": None, "frac_peak": None, "peak_memory_bytes": None, "scores_bytes": B * H * T * T * itemsize}
+
+
+def _refusal(impl: str, record: dict, device: torch.device, cpu_max_bytes: float) -> dict | None:
+    """Why impl will not be timed on this device (status and reason), or None when it may run."""
+    if device.type == "cpu" and _materialises_scores(impl) and 3 * record["scores_bytes"] > cpu_max_bytes:
+        return {"status": "skipped", "reason": f"would allocate ~{3 * record['scores_bytes'] / 2**30:.1f} GiB of "
+                                               f"scores on the CPU (limit --cpu-max-gib)"}
     if device.type != "cuda" and impl in ("sdpa_efficient", "sdpa_cudnn"):
-        record |= {"status": "unsupported", "reason": f"the {impl.removeprefix('sdpa_')} kernel needs a CUDA device"}
-        return record
+        return {"status": "unsupported", "reason": f"the {impl.removeprefix('sdpa_')} kernel needs a CUDA device"}
     if impl == "triton":
         from course_lib.kernels import triton_available
 
-        record["executed_flops"] = triton_executed_flops(B, H, T, T, d_head, causal=causal, pass_=pass_)
         if device.type != "cuda":
-            record |= {"status": "skipped", "reason": "without a GPU the Triton kernel runs in Triton's CPU "
-                                                      "interpreter, whose times say nothing"}
-            return record
+            return {"status": "skipped", "reason": "without a GPU the Triton kernel runs in Triton's CPU "
+                                                   "interpreter, whose times say nothing"}
         if not triton_available():
-            record |= {"status": "unsupported", "reason": "the triton package is not installed"}
-            return record
-    generator = torch.Generator().manual_seed(T * 1000 + d_head)
-    q, k, v, grad_out = (torch.randn(B, H, T, d_head, generator=generator).to(device, dtype) for _ in range(4))
-    if pass_ == "fwd+bwd":
-        for t in (q, k, v):
-            t.requires_grad_(True)
-    step = _step(_core_fn(impl, causal), q, k, v, grad_out, pass_)
+            return {"status": "unsupported", "reason": "the triton package is not installed"}
+    return None
+
+
+def draw_inputs(B: int, H: int, T: int, d_head: int, *, dtype: torch.dtype, device: torch.device | str,
+                seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """q, k, v and the output gradient, each (B, H, T, d_head), drawn at once on the device by a generator
+    of that device (one kernel, no copy from the host): every implementation and pass of a shape shares them."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    drawn = torch.randn(4, B, H, T, d_head, generator=generator, device=device, dtype=dtype)  # (4, B, H, T, d)
+    return tuple(drawn.unbind(0))  # four contiguous (B, H, T, d_head) views
+
+
+def working_set_bytes(B: int, H: int, T: int, d_head: int, *, itemsize: int, pass_: str) -> int:
+    """Bytes of the (B, H, T, d_head) tensors a pass reads and writes: q, k, v, out forward; also dout, dq, dk,
+    dv for fwd+bwd. Below the L2 size, a timed call could find its inputs left in L2 by the previous one."""
+    return (4 if pass_ == "fwd" else 8) * B * H * T * d_head * itemsize
+
+
+def _error_status(e: BaseException) -> dict:
+    if isinstance(e, _oom_errors()):
+        return {"status": "oom", "reason": str(e).splitlines()[0][:300]}
+    if isinstance(e, RuntimeError):
+        return {"status": "unsupported", "reason": str(e)[:300]}
+    return {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:300]}"}  # e.g. a kernel that fails to compile
+
+
+def _core_group(impls: tuple[str, ...], *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str,
+                dtype: torch.dtype, device: torch.device, inputs: tuple[torch.Tensor, ...], warmup: int,
+                repeats: int, calls: int, flush_l2: bool, peak_tflops: float | None,
+                cpu_max_bytes: float) -> list[dict]:
+    """One row per impl for one (shape, causal, pass): each impl is run once (a refusal or an out-of-memory
+    is recorded with its reason), its peak memory measured alone, then all that ran are timed together
+    by `compare` (interleaved rounds; device time of `calls` back-to-back calls, wall time of one)."""
+    records = {impl: _record(impl, B=B, H=H, T=T, d_head=d_head, causal=causal, pass_=pass_, dtype=dtype,
+                             repeats=repeats) for impl in impls}
+    q, k, v, grad_out = inputs
+    if pass_ == "fwd+bwd":  # leaves that share the drawn storage: autograd.grad below fills no .grad
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    steps: dict[str, Callable[[], None]] = {}
+    for impl in impls:
+        record = records[impl]
+        if impl == "triton":
+            record["executed_flops"] = triton_executed_flops(B, H, T, T, d_head, causal=causal, pass_=pass_)
+        refusal = _refusal(impl, record, device, cpu_max_bytes)
+        if refusal is not None:
+            record |= refusal
+            continue
+        step = _step(_core_fn(impl, causal), q, k, v, grad_out, pass_)
+        try:
+            with warnings.catch_warnings(record=True) as caught:  # SDPA explains a refusal in warnings
+                warnings.simplefilter("always")
+                try:
+                    step()  # refuses unsupported inputs (and compiles a kernel) before any timing
+                except _oom_errors():
+                    raise
+                except RuntimeError as e:
+                    reasons = [str(w.message).strip().splitlines()[0] for w in caught]
+                    raise RuntimeError("; ".join(reasons) or str(e)) from e
+            if device.type == "cuda":
+                record["peak_memory_bytes"] = peak_memory(step, device)
+        except Exception as e:
+            record |= _error_status(e)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        steps[impl] = step
+    timings: dict[str, DeviceTiming] = {}
+    if steps:
+        try:
+            timings = compare(steps, device=device, warmup=warmup, rounds=repeats, calls=calls, flush_l2=flush_l2)
+        except Exception:  # one implementation failed inside the rounds: time each alone, the others still count
+            for impl, step in steps.items():
+                try:
+                    timings |= compare({impl: step}, device=device, warmup=warmup, rounds=repeats, calls=calls,
+                                       flush_l2=flush_l2)
+                except Exception as e:
+                    records[impl] |= _error_status(e)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+    for impl, t in timings.items():
+        tflops = records[impl]["flops"] / t.device_s / 1e12
+        timing = t.to_dict()
+        records[impl] |= {"median_s": t.device_s, "tflops": tflops,
+                          "frac_peak": None if not peak_tflops else tflops / peak_tflops,
+                          **{key: timing[key] for key in TIMING_KEYS}, "timing_method": t.method,
+                          "interleaved_with": sorted(timings)}
+    return [records[impl] for impl in impls]
+
+
+def _core_case(impl: str, *, B: int, H: int, T: int, d_head: int, causal: bool, pass_: str, dtype: torch.dtype,
+               device: torch.device, warmup: int, repeats: int, peak_tflops: float | None,
+               cpu_max_bytes: float, calls: int = 1) -> dict:
+    """One implementation alone at one shape (fresh inputs): e.g. probing the length at which it runs out of memory."""
     try:
-        with warnings.catch_warnings(record=True) as caught:  # SDPA explains a refusal in warnings
-            warnings.simplefilter("always")
-            try:
-                step()  # refuses unsupported inputs before any timing
-            except _oom_errors():
-                raise
-            except RuntimeError as e:
-                reasons = [str(w.message).strip().splitlines()[0] for w in caught]
-                raise RuntimeError("; ".join(reasons) or str(e)) from e
-        if device.type == "cuda":
-            record["peak_memory_bytes"] = peak_memory(step, device)
-        timing = time_fn(step, device=device, warmup=warmup, repeats=repeats)
+        inputs = draw_inputs(B, H, T, d_head, dtype=dtype, device=device, seed=T * 1000 + d_head)
     except _oom_errors() as e:
-        record |= {"status": "oom", "reason": str(e).splitlines()[0][:300]}
-    except RuntimeError as e:
-        record |= {"status": "unsupported", "reason": str(e)[:300]}
-    except Exception as e:  # e.g. a kernel that fails to compile: recorded, and the suite goes on
-        record |= {"status": "error", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
-    else:
-        tflops = record["flops"] / timing.median_s / 1e12
-        record |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "tflops": tflops,
-                   "frac_peak": None if not peak_tflops else tflops / peak_tflops}
+        return _record(impl, B=B, H=H, T=T, d_head=d_head, causal=causal, pass_=pass_, dtype=dtype,
+                       repeats=repeats) | _error_status(e)
+    try:
+        (record,) = _core_group((impl,), B=B, H=H, T=T, d_head=d_head, causal=causal, pass_=pass_, dtype=dtype,
+                                device=device, inputs=inputs, warmup=warmup, repeats=repeats, calls=calls,
+                                flush_l2=False, peak_tflops=peak_tflops, cpu_max_bytes=cpu_max_bytes)
     finally:
-        del q, k, v, grad_out, step
+        del inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return record
@@ -199,15 +283,24 @@ def _module_cases(*, B: int, H: int, T: int, d_head: int, causal: bool, dtype: t
         status = "oom" if isinstance(e, _oom_errors()) else "error"
         return [base | {"impl": name, "status": status, "reason": str(e).splitlines()[0][:300]}
                 for name in MODULE_IMPLS]
-    plain = result["timings"]["plain_sdpa"]["median_s"]
+    def time_of(t: dict) -> float:  # device time where the run measured it, else its median
+        return t["device"]["device_s"] if isinstance(t.get("device"), dict) else t["median_s"]
+
+    plain = time_of(result["timings"]["plain_sdpa"])
     records = []
     for name, t in result["timings"].items():
-        tflops = flops / t["median_s"] / 1e12
-        records.append(base | {"impl": name, "status": "ok", "reason": "", "median_s": t["median_s"],
-                               "min_s": t["min_s"], "max_s": t["max_s"], "repeats": t["repeats"], "tflops": tflops,
-                               "frac_peak": None if not peak_tflops else tflops / peak_tflops,
-                               "ratio_to_plain_sdpa": t["median_s"] / plain,
-                               "max_abs_output_difference": result["max_abs_output_difference"]})
+        seconds = time_of(t)
+        tflops = flops / seconds / 1e12
+        device_timed = isinstance(t.get("device"), dict)  # then min_s/max_s (one call per window) do not apply
+        row = base | {"impl": name, "status": "ok", "reason": "", "median_s": seconds,
+                      "min_s": None if device_timed else t.get("min_s"),
+                      "max_s": None if device_timed else t.get("max_s"), "repeats": t.get("repeats"), "tflops": tflops,
+                      "frac_peak": None if not peak_tflops else tflops / peak_tflops,
+                      "ratio_to_plain_sdpa": seconds / plain,
+                      "max_abs_output_difference": result["max_abs_output_difference"]}
+        if device_timed:
+            row |= {key: t["device"].get(key) for key in TIMING_KEYS} | {"timing_method": t["device"].get("method")}
+        records.append(row)
     return records
 
 
@@ -227,9 +320,19 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
               heads: int = 8, causal: tuple[bool, ...] = (False, True), passes: tuple[str, ...] = PASSES,
               impls: tuple[str, ...] = CORE_IMPLS, modules: bool = True, warmup: int = 3, repeats: int = 10,
               measure_peak: bool = True, accuracy: bool = True, cpu_max_gib: float = 2.0, threads: int | None = None,
-              progress: bool = True, deadline: float | None = None) -> dict:
+              progress: bool = True, deadline: float | None = None, calls: int | None = None) -> dict:
     """Run every case; return the record (course_lib.bench's vocabulary: device_info, config, rows; plus the
     measured matmul peak, the FLOP convention and the error table).
+
+    Per shape (d_head, T) the inputs are drawn once on the device (`draw_inputs`) and shared by every
+    causal setting, pass and implementation. Per (shape, causal, pass) the implementations are timed
+    together by `course_lib.bench.timing.compare`: `repeats` interleaved rounds, each giving every
+    implementation its device time (one pair of CUDA events around `calls` back-to-back calls, per call;
+    default 10 on a GPU, 1 on the CPU) and its wall time (one call + synchronize); the L2 cache is
+    flushed before each timed group where the working set is smaller than L2. A row's "median_s" is the
+    median device time per call (the TFLOP/s use it), "device_q1_s"/"device_q3_s" its quartiles, "wall_s"
+    etc. the wall time, "timing_method" says how; "min_s"/"max_s" are None (records made before this
+    method have them, with "median_s" the median of single calls, each between its own pair of events).
 
     accuracy=True also records `course_lib.experiments.precision.attention_error_table` on this device (the
     error vs a float64 reference per precision setting) under the key "accuracy". threads sets
@@ -253,42 +356,57 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
     check_nonnegative_int("warmup", warmup)
     if threads is not None:
         check_positive_int("threads", threads)
+    if calls is not None:
+        check_positive_int("calls", calls)
     if (isinstance(cpu_max_gib, bool) or not isinstance(cpu_max_gib, int | float)
             or not (math.isfinite(cpu_max_gib) and cpu_max_gib > 0)):  # NaN would switch the memory guard off
         raise ValueError(f"cpu_max_gib must be a positive finite number of GiB; got {cpu_max_gib!r}")
     device_ = torch.device(device)
     torch_dtype = DTYPES[dtype]
-    cases = [(T, d, c) for d in d_heads for c in causal for T in seqs]
+    calls_ = calls if calls is not None else (10 if device_.type == "cuda" else 1)
+    cases = [(T, d, c) for d in d_heads for T in seqs for c in causal]  # a shape's causal cases share its inputs
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
     records: list[dict] = []
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
     with _cpu_threads(threads), tensor_core_settings(tf32=dtype == "tf32", cudnn_benchmark=False) as settings:
         info = device_facts(device_)
+        l2_bytes = info.get("l2_cache_bytes") or DEFAULT_L2_BYTES
         peak = matmul_peak(device_, torch_dtype, warmup=2, repeats=5) if measure_peak else None
         peak_tflops = peak["tflops"] if peak else None
         iterator = tqdm(cases, desc="attention bench", disable=not progress) if tqdm else cases
+        shape, inputs = None, None
         for T, d_head, is_causal in iterator:
             if deadline is not None and time.monotonic() > deadline:
                 base = {"T": T, "S": T, "d_head": d_head, "causal": is_causal, "B": batch, "H": heads,
                         "status": "skipped", "reason": "time budget of the run spent", "median_s": None,
                         "tflops": None, "frac_peak": None, "peak_memory_bytes": None,
-                        "scores_bytes": batch * heads * T * T * torch.empty((), dtype=torch_dtype).element_size()}
+                        "scores_bytes": batch * heads * T * T * itemsize}
                 records += [base | {"level": "core", "impl": i, "pass": p} for p in passes for i in impls]
                 records += [base | {"level": "module", "impl": i, "pass": "fwd+bwd"} for i in MODULE_IMPLS
                             if modules]
                 continue
+            if shape != (T, d_head):
+                shape, inputs = (T, d_head), None
+                if device_.type == "cuda":
+                    torch.cuda.empty_cache()
+                inputs = draw_inputs(batch, heads, T, d_head, dtype=torch_dtype, device=device_,
+                                     seed=T * 1000 + d_head)
+            assert inputs is not None
             for pass_ in passes:
-                for impl in impls:
-                    records.append(_core_case(impl, B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
-                                              pass_=pass_, dtype=torch_dtype, device=device_, warmup=warmup,
-                                              repeats=repeats, peak_tflops=peak_tflops,
-                                              cpu_max_bytes=cpu_max_gib * 2**30))
+                working_bytes = working_set_bytes(batch, heads, T, d_head, itemsize=itemsize, pass_=pass_)
+                records += _core_group(tuple(impls), B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
+                                       pass_=pass_, dtype=torch_dtype, device=device_, inputs=inputs,
+                                       warmup=warmup, repeats=repeats, calls=calls_,
+                                       flush_l2=device_.type == "cuda" and working_bytes < l2_bytes,
+                                       peak_tflops=peak_tflops, cpu_max_bytes=cpu_max_gib * 2**30)
             if modules:
                 records.extend(_module_cases(B=batch, H=heads, T=T, d_head=d_head, causal=is_causal,
                                              dtype=torch_dtype, device=device_, warmup=warmup, repeats=repeats,
                                              peak_tflops=peak_tflops))
+        del inputs
         errors = attention_error_table(device_) if accuracy else None
     return {
         "suite": "attention",
@@ -296,8 +414,14 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
         "device_info": info,
         "config": {"dtype": dtype, "seqs": list(seqs), "d_heads": list(d_heads), "batch": batch, "heads": heads,
                    "causal": list(causal), "passes": list(passes), "impls": list(impls), "modules": modules,
-                   "warmup": warmup, "repeats": repeats, "threads": info["cpu_threads"],
-                   "tensor_core_settings": settings},
+                   "warmup": warmup, "repeats": repeats, "calls": calls_, "threads": info["cpu_threads"],
+                   "tensor_core_settings": settings,
+                   "timing": "course_lib.bench.timing.compare: per (shape, causal, pass) the implementations in "
+                             f"{repeats} interleaved rounds (rotating order); median_s = median over the rounds of "
+                             f"the device time of {calls_} back-to-back calls / {calls_} (CUDA events, the stream "
+                             "held while the first call is enqueued; perf_counter on the CPU), quartiles in "
+                             "device_q1_s/device_q3_s; wall_s = one call + synchronize; L2 flushed before each "
+                             "timed group where the working set is smaller than L2"},
         "matmul_peak": peak,
         "flop_convention": "fwd = 4*B*H*T*S*d_head (halved when causal); bwd = 2.5*fwd; fwd+bwd = 3.5*fwd; "
                            "the Triton kernel executes bwd = 3.5*fwd (recorded as executed_flops)",
@@ -424,9 +548,20 @@ def recorded_runs(device_type: str | None = None, directory: Path | str | None =
     return runs
 
 
+OLD_TIMING = "median_s: median of single calls, each between its own pair of CUDA events (dispatch included)"
+
+
 def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = None, min_T: int = 0) -> list[dict]:
     """Per (T, d_head, causal, pass) of a suite run: the fastest SDPA backend that ran, its TFLOP/s and
-    fraction of the measured peak, and `impl`'s TFLOP/s and ratio to it (None where impl did not run)."""
+    fraction of the measured peak, and `impl`'s TFLOP/s and ratio to it (None where impl did not run).
+
+    "ratio" is impl's speed over the fastest backend's (above 1: impl is faster). Where every row of the
+    group carries device times (records made with `compare`), the fastest backend is the one with the
+    least device time, the ratio is best_sdpa.device_s / impl.device_s, and "ratio_low"/"ratio_high" give
+    its range from the quartiles (`course_lib.bench.timing.ratio_with_spread`); "timing" says
+    "device_s ..." then. For older records (no device times) the ratio is of the TFLOP/s computed from
+    median_s, the range is None, and "timing" says so (OLD_TIMING).
+    """
     core = [r for r in data["rows"] if r["level"] == "core" and r["status"] == "ok"]
     keys = sorted({(r["T"], r["d_head"], r["causal"], r["pass"]) for r in core
                    if r["T"] >= min_T and (d_head is None or r["d_head"] == d_head)})
@@ -437,11 +572,26 @@ def versus_best_sdpa(data: dict, *, impl: str = "triton", d_head: int | None = N
         ours = [r for r in group if r["impl"] == impl]
         if not sdpa:
             continue
-        best = max(sdpa, key=lambda r: r["tflops"])
-        rows.append({"T": T, "d_head": d, "causal": causal, "pass": pass_, "best_sdpa": best["impl"],
-                     "best_sdpa_tflops": best["tflops"], "best_sdpa_frac_peak": best["frac_peak"],
-                     f"{impl}_tflops": ours[0]["tflops"] if ours else None,
-                     "ratio": ours[0]["tflops"] / best["tflops"] if ours else None})
+        device_timed = all(r.get("device_s") is not None for r in sdpa + ours)
+        row: dict = {"T": T, "d_head": d, "causal": causal, "pass": pass_}
+        if device_timed:
+            best = min(sdpa, key=lambda r: r["device_s"])
+            spread = ratio_with_spread(best, ours[0]) if ours else None
+            row |= {"best_sdpa": best["impl"], "best_sdpa_tflops": best["tflops"],
+                    "best_sdpa_frac_peak": best["frac_peak"],
+                    f"{impl}_tflops": ours[0]["tflops"] if ours else None,
+                    "ratio": spread["ratio"] if spread else None,
+                    "ratio_low": spread["low"] if spread else None, "ratio_high": spread["high"] if spread else None,
+                    "timing": "device_s: device time per call of back-to-back calls (best_sdpa.device_s / "
+                              f"{impl}.device_s; range from the quartiles)"}
+        else:
+            best = max(sdpa, key=lambda r: r["tflops"])
+            row |= {"best_sdpa": best["impl"], "best_sdpa_tflops": best["tflops"],
+                    "best_sdpa_frac_peak": best["frac_peak"],
+                    f"{impl}_tflops": ours[0]["tflops"] if ours else None,
+                    "ratio": ours[0]["tflops"] / best["tflops"] if ours else None,
+                    "ratio_low": None, "ratio_high": None, "timing": OLD_TIMING}
+        rows.append(row)
     return rows
 
 
@@ -475,7 +625,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated core implementations: " + ", ".join(CORE_IMPLS))
     p.add_argument("--no-modules", action="store_true", help="skip the module comparison")
     p.add_argument("--warmup", type=nonnegative_int, default=3)
-    p.add_argument("--repeats", type=positive_int, default=20 if on_gpu else 5)
+    p.add_argument("--repeats", type=positive_int, default=20 if on_gpu else 5,
+                   help="interleaved rounds per case")
+    p.add_argument("--calls", type=positive_int, default=None,
+                   help="back-to-back calls per timed group (default: 10 on a GPU, 1 on the CPU)")
     p.add_argument("--no-peak", action="store_true", help="do not measure the matmul peak")
     p.add_argument("--no-accuracy", action="store_true", help="do not record the error table")
     p.add_argument("--cpu-max-gib", type=positive_finite_float, default=2.0,
@@ -513,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     data = run_suite(seqs=args.seq, d_heads=args.d_head, dtype=args.dtype, device=args.device, batch=args.batch,
                      heads=args.heads, causal=causal, passes=args.passes, impls=args.impls,
                      modules=not args.no_modules,
-                     warmup=args.warmup, repeats=args.repeats, measure_peak=not args.no_peak,
+                     warmup=args.warmup, repeats=args.repeats, calls=args.calls, measure_peak=not args.no_peak,
                      accuracy=not args.no_accuracy, cpu_max_gib=args.cpu_max_gib, threads=args.threads,
                      progress=not args.quiet)
     print(format_table(data), flush=True)

@@ -77,6 +77,8 @@ def test_json_has_device_versions_config_and_records(tiny_run):
     assert info["device_type"] == "cpu" and info["torch"] == torch.__version__ and "device_name" in info
     assert data["config"]["seqs"] == [16, 32] and data["config"]["d_heads"] == [8]
     assert data["matmul_peak"]["tflops"] > 0 and data["matmul_peak"]["dtype"] == "float32"
+    assert data["config"]["calls"] == 1 and "interleaved rounds" in data["config"]["timing"]
+    assert "versions" in info
     records = data["rows"]
     core = [r for r in records if r["level"] == "core"]
     assert {r["impl"] for r in core} == set(suite.CORE_IMPLS)
@@ -96,7 +98,11 @@ def test_json_has_device_versions_config_and_records(tiny_run):
                 1.0 if r["pass"] == "fwd" else 3.5)
         else:
             assert r["status"] == "ok", r
-            assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"]
+            assert 0 < r["device_q1_s"] <= r["median_s"] == r["device_s"] <= r["device_q3_s"]
+            assert 0 < r["wall_q1_s"] <= r["wall_s"] <= r["wall_q3_s"]
+            assert r["rounds"] == r["repeats"] == 2 and r["calls"] == 1 and "perf_counter" in r["timing_method"]
+            assert r["min_s"] is None and r["max_s"] is None  # one call per window: the old method's figures
+            assert r["interleaved_with"] == ["course_lib", "naive", "sdpa_flash", "sdpa_math"]
             assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12)
             assert r["frac_peak"] == pytest.approx(r["tflops"] / data["matmul_peak"]["tflops"])
             assert r["peak_memory_bytes"] is None  # not tracked on the CPU: no made-up number
@@ -167,3 +173,99 @@ def test_plot_handles_measured_memory_and_oom(tiny_run):
     titles = [ax.get_title() for ax in fig.axes]
     assert "peak memory" in titles and any("side by side" in t for t in titles)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- inputs and interleaving
+def test_inputs_are_drawn_once_per_shape_and_shared(monkeypatch):
+    drawn = []
+    real = suite.draw_inputs
+
+    def counting(*args, **kwargs):
+        drawn.append(args[:4])
+        return real(*args, **kwargs)
+
+    compared: list[tuple] = []
+    real_compare = suite.compare
+
+    def recording(fns, **kwargs):
+        compared.append(tuple(fns))
+        return real_compare(fns, **kwargs)
+
+    monkeypatch.setattr(suite, "draw_inputs", counting)
+    monkeypatch.setattr(suite, "compare", recording)
+    data = suite.run_suite(seqs=[16, 24], d_heads=[8], batch=1, heads=2, causal=(False, True), passes=suite.PASSES,
+                           impls=("naive", "course_lib", "sdpa_flash", "sdpa_efficient"), modules=False, warmup=0,
+                           repeats=2, measure_peak=False, accuracy=False, progress=False)
+    assert drawn == [(1, 2, 16, 8), (1, 2, 24, 8)]  # one draw per shape: not per implementation, pass or causal
+    # one interleaved comparison per (shape, causal, pass), of every implementation that runs here
+    assert compared == [("naive", "course_lib", "sdpa_flash")] * (2 * 2 * 2)
+    assert all(r["status"] == "unsupported" for r in data["rows"] if r["impl"] == "sdpa_efficient")
+
+
+def test_draw_inputs_is_one_draw_on_the_device():
+    q, k, v, g = suite.draw_inputs(2, 3, 5, 4, dtype=torch.float32, device="cpu", seed=7)
+    expected = torch.randn(4, 2, 3, 5, 4, generator=torch.Generator().manual_seed(7))
+    for i, t in enumerate((q, k, v, g)):
+        assert t.shape == (2, 3, 5, 4) and t.is_contiguous()
+        assert torch.equal(t, expected[i])
+    assert not torch.equal(q, k)
+
+
+def test_working_set_decides_the_l2_flush():
+    assert suite.working_set_bytes(4, 16, 1024, 128, itemsize=2, pass_="fwd") == 4 * 4 * 16 * 1024 * 128 * 2
+    assert suite.working_set_bytes(1, 1, 8, 8, itemsize=4, pass_="fwd+bwd") == 2 * suite.working_set_bytes(
+        1, 1, 8, 8, itemsize=4, pass_="fwd")
+
+
+# ----------------------------------------------------------------------------- versus_best_sdpa
+def _row(impl, device_s=None, tflops=None, q=(1.0, 1.0)):
+    row = {"level": "core", "impl": impl, "T": 4096, "d_head": 128, "causal": False, "pass": "fwd", "status": "ok",
+           "tflops": tflops if tflops is not None else 100.0 / device_s, "frac_peak": 0.5}
+    if device_s is not None:
+        row |= {"device_s": device_s, "device_q1_s": device_s * q[0], "device_q3_s": device_s * q[1]}
+    return row
+
+
+def test_versus_best_sdpa_uses_device_time_and_states_its_spread():
+    rows = [_row("sdpa_flash", 1.0, q=(0.9, 1.1)), _row("sdpa_cudnn", 0.8, q=(0.95, 1.05)),
+            _row("triton", 1.0, q=(0.9, 1.2))]
+    rows[0]["tflops"] = 1e6  # a stale TFLOP/s must not decide which backend is fastest
+    (r,) = suite.versus_best_sdpa({"rows": rows}, impl="triton")
+    assert r["best_sdpa"] == "sdpa_cudnn" and r["ratio"] == pytest.approx(0.8)
+    assert r["ratio_low"] == pytest.approx(0.8 * 0.95 / 1.2) and r["ratio_high"] == pytest.approx(0.8 * 1.05 / 0.9)
+    assert r["timing"].startswith("device_s")
+
+
+def test_versus_best_sdpa_on_old_records_is_unchanged():
+    rows = [_row("sdpa_flash", tflops=300.0), _row("sdpa_cudnn", tflops=400.0), _row("triton", tflops=200.0)]
+    (r,) = suite.versus_best_sdpa({"rows": rows}, impl="triton")
+    assert (r["best_sdpa"], r["ratio"], r["ratio_low"], r["timing"]) == ("sdpa_cudnn", 0.5, None, suite.OLD_TIMING)
+
+
+def _legacy_versus_best_sdpa(data, impl, d_head=None, min_T=0):
+    """The function as it was when the recorded runs were read by the notebooks."""
+    core = [r for r in data["rows"] if r["level"] == "core" and r["status"] == "ok"]
+    keys = sorted({(r["T"], r["d_head"], r["causal"], r["pass"]) for r in core
+                   if r["T"] >= min_T and (d_head is None or r["d_head"] == d_head)})
+    out = []
+    for key in keys:
+        group = [r for r in core if (r["T"], r["d_head"], r["causal"], r["pass"]) == key]
+        sdpa = [r for r in group if r["impl"].startswith("sdpa_")]
+        ours = [r for r in group if r["impl"] == impl]
+        if sdpa:
+            best = max(sdpa, key=lambda r: r["tflops"])
+            out.append({"T": key[0], "d_head": key[1], "causal": key[2], "pass": key[3], "best_sdpa": best["impl"],
+                        "best_sdpa_tflops": best["tflops"], "best_sdpa_frac_peak": best["frac_peak"],
+                        f"{impl}_tflops": ours[0]["tflops"] if ours else None,
+                        "ratio": ours[0]["tflops"] / best["tflops"] if ours else None})
+    return out
+
+
+@pytest.mark.parametrize("impl, kwargs", [("triton", {}), ("course_lib", {"d_head": 128, "min_T": 4096})])
+def test_recorded_gpu_runs_read_as_before(impl, kwargs):
+    runs = recorded_runs("cuda")
+    assert len(runs) >= 2
+    for run in runs:
+        new = suite.versus_best_sdpa(run, impl=impl, **kwargs)
+        old = _legacy_versus_best_sdpa(run, impl, **kwargs)
+        assert [{k: r[k] for k in o} for r, o in zip(new, old, strict=True)] == old, run["file"]
