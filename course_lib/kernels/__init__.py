@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 
 import torch
@@ -34,6 +35,9 @@ __all__ = [
     "unit_roundoff",
     "MIN_COMPUTE_CAPABILITY",
     "kernel_unsupported_reason",
+    "HOPPER_MIN_TRITON",
+    "hopper_kernel_reason",
+    "forward_variant",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,6 +114,56 @@ def kernel_unsupported_reason(device: torch.device | str) -> str | None:
                 f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}: use backend='auto' "
                 "(torch's fused attention) on this GPU")
     return None
+
+
+# The forward kernel for Hopper (tensor descriptors + warp specialization, `_flash_triton._attn_fwd_ws`)
+# was compiled for sm_90 with Triton 3.6.0 and 3.7.1, which both split it into a producer and two
+# consumer warpgroups; older Triton lacks on-device tensor descriptors or the warp_specialize flag.
+HOPPER_MIN_TRITON = (3, 6)
+_HOPPER_D_HEADS = (64, 128)  # the head sizes its configs were tuned and checked for
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "3.7.1+git1234"; (0, 0) if it has none."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def hopper_kernel_reason(capability: tuple[int, int], triton_version: str, dtype: torch.dtype, d_head: int,
+                         aligned: bool = True) -> str | None:
+    """Why the forward pass takes the portable kernel instead of the Hopper one; None when it takes the Hopper one.
+
+    The Hopper kernel needs compute capability 9.x (the Tensor Memory Accelerator and warpgroup
+    matrix instructions; Blackwell's 10.x is not checked here, so it takes the portable kernel),
+    Triton 3.6 or newer, float16 or bfloat16, d_head 64 or 128, and 16-byte aligned data.
+    """
+    if tuple(capability)[:1] != (9,):
+        return f"compute capability {capability[0]}.{capability[1]} is not Hopper's 9.x"
+    if _version_tuple(triton_version) < HOPPER_MIN_TRITON:
+        need = ".".join(map(str, HOPPER_MIN_TRITON))
+        return f"Triton {triton_version} is older than {need}, the oldest that warp-specializes this kernel"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{dtype} is not float16 or bfloat16"
+    if d_head not in _HOPPER_D_HEADS:
+        return f"d_head {d_head} is not one of {_HOPPER_D_HEADS}"
+    if not aligned:
+        return "q, k or v does not start at a 16-byte aligned address (the copy engine needs one)"
+    return None
+
+
+def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """"hopper" or "portable": which forward kernel `flash_attention` runs for these (contiguous) inputs.
+
+    COURSE_LIB_KERNEL=portable forces the portable kernel (to compare the two on one GPU).
+    """
+    if q.device.type != "cuda" or interpreter_active() or os.environ.get("COURSE_LIB_KERNEL") == "portable":
+        return "portable"
+    import triton
+
+    aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, v))
+    reason = hopper_kernel_reason(torch.cuda.get_device_capability(q.device), triton.__version__, q.dtype,
+                                  q.shape[-1], aligned)
+    return "portable" if reason else "hopper"
 
 
 def interpreter_active() -> bool:
@@ -190,7 +244,8 @@ class FlashAttentionFunction(torch.autograd.Function):
         q3 = q.reshape(-1, T, d).contiguous()  # (N, T, d), N = product of the leading dims
         k3 = k.reshape(-1, S, d).contiguous()  # (N, S, d)
         v3 = v.reshape(-1, S, d).contiguous()  # (N, S, d)
-        out, lse = kernels.forward(q3, k3, v3, is_causal, input_precision, interpreter_active())
+        out, lse = kernels.forward(q3, k3, v3, is_causal, input_precision, interpreter_active(),
+                                   variant=forward_variant(q3, k3, v3))
         ctx.save_for_backward(q3, k3, v3, out, lse)
         ctx.is_causal, ctx.input_precision = is_causal, input_precision
         ctx.shapes = (q.shape, k.shape)

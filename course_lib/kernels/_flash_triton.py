@@ -19,6 +19,7 @@ last, partial key tile, which is the only one that needs a bounds mask.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -59,25 +60,28 @@ def _fwd_tiles(
         kv_off = cols[:, None] * D + offs_d[None, :]
         k = _load_rows(K + kv_off, col_ok, d_ok, MASK_COLS, EVEN_D)  # (BLOCK_N, BLOCK_D)
         v = _load_rows(V + kv_off, col_ok, d_ok, MASK_COLS, EVEN_D)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 units
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), not yet scaled
         if MASK_CAUSAL:
             s = tl.where((cols[None, :] <= offs_m[:, None]) & col_ok[None, :], s, float("-inf"))
         elif MASK_COLS:
             s = tl.where(col_ok[None, :], s, float("-inf"))  # keys past S do not exist
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,) finite: every row sees key 0 in its first tile
+        # qk_scale > 0, so the row max of the scaled scores is the scaled row max: the scale is applied
+        # inside exp2's argument, one fused multiply-add per score instead of a multiply and a subtract
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # (BLOCK_M,) base 2; finite: every row sees a key
         alpha = tl.math.exp2(m_i - m_new)  # rescale what was accumulated under the old max
-        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)  # p in v's dtype
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["T", "S"])
+@triton.jit(do_not_specialize=["T", "S", "LEN_BUCKET"])
 def _attn_fwd(
     Q, K, V, O, LSE,  # pointers; LSE (N, T) float32: log2-sum-exp2 of each scaled score row, for the backward
     T, S, D,  # sizes (runtime ints)
     qk_scale,  # log2(e) / sqrt(D)
+    LEN_BUCKET,  # max(T, S) rounded up to a power of 2: part of the autotuner's key (`length_bucket`), unused here
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -124,7 +128,100 @@ def _attn_fwd(
     tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)  # base 2: lse * ln 2 is the natural one
 
 
+# ----------------------------------------------------------------------------- forward for Hopper
+# The same algorithm for compute capability 9.0 and newer, written so that Triton can overlap the
+# softmax with the matrix products (FlashAttention-3's idea, Shah et al. 2024, "FlashAttention-3:
+# Fast and Accurate Attention with Asynchrony and Low-precision"):
+# - tiles are loaded through tensor descriptors, which Triton lowers to the Tensor Memory Accelerator
+#   (TMA, `cp.async.bulk.tensor`): one thread asks for a whole (BLOCK_N, D) tile and the copy engine
+#   moves it into shared memory, zero-filling rows past the end of the head;
+# - `tl.range(..., warp_specialize=True)` splits the program into a producer warpgroup that only
+#   issues those copies and consumer warpgroups that do the tl.dots and the softmax: while one
+#   consumer computes exp2, the Tensor Cores work on the other's tile.
+# Triton 3.6 and 3.7 do this only for a kernel with ONE such loop and num_warps=4 (then 12 warps
+# run: one producer and two consumer warpgroups); with a second loop, or a run-time branch inside
+# the loop, the flag is silently dropped (tests/gpu/test_kernels_hopper.py checks the compiled warp
+# count). So every tile goes through the one loop, and MASK says which mask every tile applies.
+@triton.jit
+def _fwd_tiles_ws(
+    acc, l_i, m_i, q, desc_k, desc_v, offs_m, S, qk_scale, hi,
+    MASK: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """Fold key tiles 0, BLOCK_N, ... < hi into (acc, l_i, m_i); MASK 0: none, 1: keys past S, 2: causal."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = desc_k.load([start_n, 0])  # (BLOCK_N, D) by TMA; rows past S arrive as zeros
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N), not yet scaled
+        cols = start_n + offs_n
+        if MASK == 2:  # causal (T == S): a key past S is also past every stored row
+            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        elif MASK == 1:  # S is not a multiple of the tile: the zero-filled rows must get no weight
+            s = tl.where(cols[None, :] < S, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])  # the scale in the exponent's fused multiply-add
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([start_n, 0])  # (BLOCK_N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["T", "S", "LEN_BUCKET"])
+def _attn_fwd_ws(
+    Q, K, V, O, LSE,  # as _attn_fwd; every head's rows are D elements apart (D == BLOCK_D)
+    T, S, qk_scale,
+    LEN_BUCKET,  # max(T, S) rounded up to a power of 2: part of the autotuner's key, unused here
+    IS_CAUSAL: tl.constexpr, MASK_KEYS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    num_blocks = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_blocks).to(tl.int64)
+    start_m = pid % num_blocks
+    if IS_CAUSAL:
+        start_m = num_blocks - 1 - start_m  # longest rows first
+    # one descriptor per head: the copy engine clips at T (or S) rows, so no tile reads the next head
+    desc_q = tl.make_tensor_descriptor(Q + bh * T * BLOCK_D, shape=[T, BLOCK_D], strides=[BLOCK_D, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    desc_o = tl.make_tensor_descriptor(O + bh * T * BLOCK_D, shape=[T, BLOCK_D], strides=[BLOCK_D, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    desc_k = tl.make_tensor_descriptor(K + bh * S * BLOCK_D, shape=[S, BLOCK_D], strides=[BLOCK_D, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    desc_v = tl.make_tensor_descriptor(V + bh * S * BLOCK_D, shape=[S, BLOCK_D], strides=[BLOCK_D, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    q = desc_q.load([start_m * BLOCK_M, 0])  # (BLOCK_M, BLOCK_D), rows past T are zeros
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:  # stop after the diagonal tile; the mask is applied to every tile (see above)
+        acc, l_i, m_i = _fwd_tiles_ws(acc, l_i, m_i, q, desc_k, desc_v, offs_m, S, qk_scale,
+                                      tl.minimum((start_m + 1) * BLOCK_M, S), 2, BLOCK_N, WARP_SPECIALIZE)
+    elif MASK_KEYS:
+        acc, l_i, m_i = _fwd_tiles_ws(acc, l_i, m_i, q, desc_k, desc_v, offs_m, S, qk_scale, S, 1, BLOCK_N,
+                                      WARP_SPECIALIZE)
+    else:
+        acc, l_i, m_i = _fwd_tiles_ws(acc, l_i, m_i, q, desc_k, desc_v, offs_m, S, qk_scale, S, 0, BLOCK_N,
+                                      WARP_SPECIALIZE)
+    acc = acc / l_i[:, None]
+    desc_o.store([start_m * BLOCK_M, 0], acc.to(O.dtype.element_ty))  # rows past T are not written
+    tl.store(LSE + bh * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
 # ----------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in float32, (N * T,) rows: one read of O and dO, one write of delta."""
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_r < rows)[:, None] & (offs_d < D)[None, :]
+    off = offs_r[:, None] * D + offs_d[None, :]
+    o = tl.load(O + off, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + offs_r, tl.sum(o * do, 1), mask=offs_r < rows)
+
+
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, offs_m, offs_d, d_ok, T, D, qk_scale, lo, hi,
@@ -157,10 +254,10 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T", "S"])
+@triton.jit(do_not_specialize=["T", "S", "LEN_BUCKET"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    T, S, D, qk_scale, sm_scale,
+    T, S, D, qk_scale, sm_scale, LEN_BUCKET,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -232,10 +329,10 @@ def _dq_tiles(
     return dq
 
 
-@triton.jit(do_not_specialize=["T", "S"])
+@triton.jit(do_not_specialize=["T", "S", "LEN_BUCKET"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    T, S, D, qk_scale, sm_scale,
+    T, S, D, qk_scale, sm_scale, LEN_BUCKET,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -280,15 +377,20 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------- block sizes
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper's wgmma wants 4 or 8 warps and an M tile of
 # 64 or more; the causal split needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M
-# == 0 (dK/dV). A small set per kernel, timed once per (BLOCK_D, causal, dtype, precision) by the
-# autotuner; the first is the default when autotuning is off (measured on an H200: the fastest or
-# within 10% of it at d_head 64 and 128, data/benchmarks/gpu_check_run1.json).
+# == 0 (dK/dV). A small set per kernel, timed once per key (BLOCK_D, causal, precision, length
+# bucket, dtypes) by the autotuner; the first is the default when autotuning is off. The backward
+# configs are those that compile for sm_90 without spilling registers at d_head 64 and 128 (the
+# compiled stack frame is 0 bytes; tests/gpu/test_kernels_hopper.py checks it): at d_head 128 the
+# earlier (32, 128, 4, 3) dK/dV config kept 680-856 bytes of registers in local memory.
 FWD_CONFIGS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2))
-DKDV_CONFIGS = ((64, 64, 4, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 2))
-DQ_CONFIGS = ((128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2))
+# The Hopper kernel: num_warps=4 is what Triton warp-specializes (12 warps then run, see above).
+WS_FWD_CONFIGS = ((128, 128, 4, 2), (128, 64, 4, 3), (128, 64, 4, 2))
+DKDV_CONFIGS = ((64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3))
+DQ_CONFIGS = ((128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2))
 INTERPRETER_CONFIG = (16, 16, 1, 1)  # the interpreter is slow per element: small tiles
 TUNED_D = (64, 128)  # the fast path: several configs are timed; other head sizes take the first that fits
 SMEM_LIMIT = 232448  # bytes of shared memory one block may use on compute capability 9.0 (227 KiB)
+DELTA_ROWS = 64  # rows of O and dO per program of the delta pre-pass
 
 
 def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize: int, stages: int) -> int:
@@ -296,23 +398,29 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize:
 
     Checked against what Triton 3.6 allocates for sm_90, for every candidate config of every kernel,
     dtype and head size (tests/gpu/test_kernels_hopper.py, COURSE_LIB_HOPPER_SWEEP=1): exact for the
-    forward kernel, within 4 KiB for the backward ones. The largest candidate needs 229376 bytes.
+    forward kernel, within 4 KiB for the backward ones. The warp-specialized forward ("fwd_ws") also
+    keeps a second buffer for the query tile and the output: 32 KiB more at d_head 128 in bfloat16.
     """
     if kind == "fwd":  # streams K, V tiles; q resident
         return stages * 2 * block_n * block_d * itemsize + block_m * block_d * itemsize
+    if kind == "fwd_ws":
+        return stages * 2 * block_n * block_d * itemsize + 2 * block_m * block_d * itemsize + 2048
     if kind == "dkdv":  # streams q, dO tiles (and lse, delta rows); k, v resident
         return stages * (2 * block_m * block_d * itemsize + 2 * 4 * block_m) + 2 * block_n * block_d * itemsize
     if kind == "dq":  # streams k, v tiles; q, dO resident
         return stages * 2 * block_n * block_d * itemsize + 2 * block_m * block_d * itemsize + 2 * 4 * block_m
-    raise ValueError(f"kind must be 'fwd', 'dkdv' or 'dq'; got {kind!r}")
+    raise ValueError(f"kind must be 'fwd', 'fwd_ws', 'dkdv' or 'dq'; got {kind!r}")
+
+
+_TABLES = {"fwd": FWD_CONFIGS, "fwd_ws": WS_FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
 def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -> list[tuple[int, int, int, int]]:
     """The configs worth timing for one kernel specialisation, best guess first; never empty."""
-    table = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kind]
+    table = _TABLES[kind]
     fits = []
     for m, n, warps, stages in table:
-        if is_causal and ((kind != "dkdv" and m % n) or (kind == "dkdv" and n % m)):
+        if is_causal and ((kind in ("fwd", "dq") and m % n) or (kind == "dkdv" and n % m)):
             continue
         if smem_estimate(kind, m, n, block_d, itemsize, stages) <= SMEM_LIMIT:
             fits.append((m, n, warps, stages))
@@ -339,13 +447,31 @@ def _configs(table) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in sorted(every)]
 
 
-_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "DOT_PRECISION"]  # the autotuner adds the tensors' dtypes itself
-_attn_fwd_tuned = triton.autotune(_configs(FWD_CONFIGS), key=_TUNE_KEY,
-                                  prune_configs_by={"early_config_prune": _prune("fwd")})(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_configs(DKDV_CONFIGS), key=_TUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _prune("dkdv")})(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_configs(DQ_CONFIGS), key=_TUNE_KEY,
-                                     prune_configs_by={"early_config_prune": _prune("dq")})(_attn_bwd_dq)
+def length_bucket(T: int, S: int) -> int:
+    """The autotuner's length key: max(T, S) rounded up to a power of 2, at least 256.
+
+    The best tiles change with the length (a short sequence has too few programs to fill the
+    GPU), so each bucket is tuned once; a length between two already-tuned ones pays nothing.
+    """
+    return max(256, triton.next_power_of_2(max(T, S)))
+
+
+_TUNE_KEY = ["BLOCK_D", "IS_CAUSAL", "DOT_PRECISION", "LEN_BUCKET"]  # the autotuner adds the tensors' dtypes
+
+
+def _autotune(table, kind: str, kernel, key: list[str] = _TUNE_KEY):
+    """triton.autotune with the course's key; where Triton can, the choice is also kept on disk across runs."""
+    on_disk = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(_configs(table), key=key, prune_configs_by={"early_config_prune": _prune(kind)},
+                           **on_disk)(kernel)
+
+
+_attn_fwd_tuned = _autotune(FWD_CONFIGS, "fwd", _attn_fwd)
+_attn_fwd_ws_tuned = _autotune(WS_FWD_CONFIGS, "fwd_ws", _attn_fwd_ws, ["BLOCK_D", "IS_CAUSAL", "LEN_BUCKET"])
+_attn_bwd_dkdv_tuned = _autotune(DKDV_CONFIGS, "dkdv", _attn_bwd_dkdv)
+_attn_bwd_dq_tuned = _autotune(DQ_CONFIGS, "dq", _attn_bwd_dq)
+_TUNED = {"fwd": _attn_fwd_tuned, "fwd_ws": _attn_fwd_ws_tuned, "dkdv": _attn_bwd_dkdv_tuned,
+          "dq": _attn_bwd_dq_tuned}
 
 
 def grid_size(num_heads: int, length: int, block: int) -> tuple[int]:
@@ -378,12 +504,9 @@ def _launch(tuned, plain, kind: str, grid_len: int, N: int, args: tuple, meta: d
 
 
 def chosen_configs() -> dict[str, dict[tuple, tuple[int, int, int, int]]]:
-    """What the autotuner picked so far, per kernel and key (BLOCK_D, causal, precision, dtypes...)."""
-    out = {}
-    for kind, tuned in (("fwd", _attn_fwd_tuned), ("dkdv", _attn_bwd_dkdv_tuned), ("dq", _attn_bwd_dq_tuned)):
-        out[kind] = {key: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                     for key, c in tuned.cache.items()}
-    return out
+    """What the autotuner picked so far, per kernel and key (BLOCK_D, causal, precision, length bucket, dtypes)."""
+    return {kind: {key: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                   for key, c in tuned.cache.items()} for kind, tuned in _TUNED.items()}
 
 
 def block_d_for(d_head: int) -> int:
@@ -397,17 +520,52 @@ def _meta(q: torch.Tensor, is_causal: bool, precision: str) -> dict:
     return {"IS_CAUSAL": is_causal, "DOT_PRECISION": precision, "EVEN_D": D == block_d, "BLOCK_D": block_d}
 
 
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Global memory for the tensor descriptors a program builds on the device (Triton asks per launch)."""
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def _ensure_allocator() -> None:
+    """Kernels that make tensor descriptors on the device need a scratch allocator: torch's, unless one is set."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, precision: str, interpret: bool,
-            config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (N, T, D), k (N, S, D), v (N, S, D) contiguous -> (out (N, T, D), lse (N, T) float32, base 2)."""
+            config: tuple[int, int, int, int] | None = None, variant: str = "portable",
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (N, T, D), k (N, S, D), v (N, S, D) contiguous -> (out (N, T, D), lse (N, T) float32, base 2).
+
+    variant "portable": `_attn_fwd`, any supported GPU; "hopper": `_attn_fwd_ws` (tensor descriptors,
+    warp specialization), for D == BLOCK_D; `course_lib.kernels` chooses (`forward_variant`).
+    """
     N, T, D = q.shape
     S = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((N, T), device=q.device, dtype=torch.float32)
     qk_scale = LOG2E / math.sqrt(D)
-    _launch(_attn_fwd_tuned, _attn_fwd, "fwd", T, N, (q, k, v, out, lse, T, S, D, qk_scale),
-            _meta(q, is_causal, precision), interpret, config)
+    if variant == "hopper":
+        if not interpret:
+            _ensure_allocator()
+        meta = {"IS_CAUSAL": is_causal, "MASK_KEYS": S % 128 != 0, "WARP_SPECIALIZE": True,
+                "BLOCK_D": D}  # every candidate BLOCK_N divides 128: S % 128 == 0 means whole tiles only
+        _launch(_attn_fwd_ws_tuned, _attn_fwd_ws, "fwd_ws", T, N, (q, k, v, out, lse, T, S, qk_scale,
+                                                                   length_bucket(T, S)), meta, interpret, config)
+    else:
+        _launch(_attn_fwd_tuned, _attn_fwd, "fwd", T, N, (q, k, v, out, lse, T, S, D, qk_scale, length_bucket(T, S)),
+                _meta(q, is_causal, precision), interpret, config)
     return out, lse
+
+
+def delta(out: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """(N, T) float32 rowsum(dO * O), in one pass over both (torch would take three: two casts and a product)."""
+    N, T, D = out.shape
+    result = torch.empty((N, T), device=out.device, dtype=torch.float32)
+    _attn_bwd_delta[(triton.cdiv(N * T, DELTA_ROWS),)](out, d_out, result, N * T, D, BLOCK_R=DELTA_ROWS,
+                                                       BLOCK_D=block_d_for(D))
+    return result
 
 
 def backward(q, k, v, out, lse, d_out, is_causal: bool, precision: str, interpret: bool,
@@ -417,12 +575,15 @@ def backward(q, k, v, out, lse, d_out, is_causal: bool, precision: str, interpre
     N, T, D = q.shape
     S = k.shape[1]
     d_out = d_out.contiguous()
-    delta = (d_out.float() * out.float()).sum(-1)  # (N, T): rowsum(dO * O) = rowsum(dP * P)
+    row_dot = delta(out, d_out)  # (N, T): rowsum(dO * O) = rowsum(dP * P)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     sm_scale = 1.0 / math.sqrt(D)
     meta = _meta(q, is_causal, precision)
+    bucket = length_bucket(T, S)
     _launch(_attn_bwd_dkdv_tuned, _attn_bwd_dkdv, "dkdv", S, N,
-            (q, k, v, d_out, lse, delta, dk, dv, T, S, D, sm_scale * LOG2E, sm_scale), meta, interpret, configs[0])
+            (q, k, v, d_out, lse, row_dot, dk, dv, T, S, D, sm_scale * LOG2E, sm_scale, bucket), meta, interpret,
+            configs[0])
     _launch(_attn_bwd_dq_tuned, _attn_bwd_dq, "dq", T, N,
-            (q, k, v, d_out, lse, delta, dq, T, S, D, sm_scale * LOG2E, sm_scale), meta, interpret, configs[1])
+            (q, k, v, d_out, lse, row_dot, dq, T, S, D, sm_scale * LOG2E, sm_scale, bucket), meta, interpret,
+            configs[1])
     return dq, dk, dv

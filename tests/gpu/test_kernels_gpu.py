@@ -56,7 +56,8 @@ def check(dtype_name, causal, T, S, d_head, *, precision="ieee", batch=2, heads=
         got = (out, q.grad, k.grad, v.grad)
     else:  # one given block-size config for the forward and both backward kernels
         q3, k3, v3, do3 = (t.detach().reshape(-1, t.shape[-2], d_head).contiguous() for t in (q, k, v, d_out))
-        out, lse = _flash_triton.forward(q3, k3, v3, causal, precision, False, config["fwd"])
+        out, lse = _flash_triton.forward(q3, k3, v3, causal, precision, False, config["fwd"],
+                                         variant=config.get("variant", "portable"))
         got = (out, *_flash_triton.backward(q3, k3, v3, out, lse, do3, causal, precision, False,
                                             (config["dkdv"], config["dq"])))
         got = tuple(g.reshape(batch, heads, -1, d_head) for g in got)
@@ -112,6 +113,33 @@ def test_every_candidate_config_of_the_fast_path(d_head, causal):
     for i in range(max(len(c) for c in candidates.values())):
         config = {kind: candidates[kind][min(i, len(candidates[kind]) - 1)] for kind in kinds}
         check("bfloat16", causal, 384 + 17, 384 + 17, d_head, config=config, batch=1, heads=2)
+
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Hopper forward kernel runs on compute capability 9.x")
+@pytest.mark.parametrize("d_head", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [401, 512])  # keys masked in the last tile, or whole tiles only
+def test_every_candidate_config_of_the_hopper_forward(d_head, causal, length):
+    first = {kind: _flash_triton.candidate_configs(kind, d_head, 2, causal)[0] for kind in ("dkdv", "dq")}
+    for fwd in _flash_triton.candidate_configs("fwd_ws", d_head, 2, causal):
+        config = {"fwd": fwd, "variant": "hopper", **first}
+        check("bfloat16", causal, length, length, d_head, config=config, batch=1, heads=2)
+
+
+def test_the_forward_kernel_chosen_on_this_gpu(monkeypatch):
+    """On an H100/H200, bfloat16 at d_head 128 takes the Hopper kernel unless COURSE_LIB_KERNEL=portable."""
+    from course_lib.kernels import forward_variant
+
+    q = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.delenv("COURSE_LIB_KERNEL", raising=False)
+    assert forward_variant(q, q, q) == ("hopper" if HOPPER else "portable")
+    assert forward_variant(q.float(), q.float(), q.float()) == "portable"
+    monkeypatch.setenv("COURSE_LIB_KERNEL", "portable")
+    assert forward_variant(q, q, q) == "portable"
+    check("bfloat16", True, 300, 300, 128)  # flash_attention with the portable kernel forced, on this GPU too
 
 
 def test_more_heads_than_a_grid_axis_and_more_elements_than_int32():

@@ -6,8 +6,15 @@ matrix products became Hopper's wgmma instructions, the 64-bit offsets, and the 
 each block size needs. Every config the launcher may pick must fit in the 227 KiB a block can
 have on an H100 or H200; a config that did not would fail at launch on the GPU.
 
+It also reads the machine code (registers per thread, the stack frame that spilled registers
+take, the warps that run): every 16-bit config of the backward kernels and of the Hopper forward
+kernel must compile without spilling, and the Hopper forward kernel must come out warp-specialized
+(a producer warpgroup issuing TMA copies, two consumer warpgroups), which Triton does only under
+conditions it does not report when they are not met.
+
 COURSE_LIB_HOPPER_SWEEP=1 compiles every candidate config of every kernel, dtype and head size
-(minutes); by default a subset: the largest configs, float32 at d_head 256, each kernel once.
+(minutes); by default a subset: the largest configs, float32 at d_head 256, each kernel once, and
+every candidate of the Hopper forward and of the backward kernels at d_head 128 in bfloat16.
 """
 
 from __future__ import annotations
@@ -55,6 +62,16 @@ def _cases():
                     for config in configs if sweep else configs[:1]:
                         cases.append({"kind": kind, "dtype": dtype, "d_head": d_head, "causal": causal,
                                       "precision": "ieee", "config": list(config)})
+    for kind in ("fwd_ws", "dkdv", "dq"):  # every candidate: no spills, and the Hopper kernel's warpgroups
+        for d_head in (64, 128) if sweep else (128,):
+            for causal in (False, True):
+                for config in fk.candidate_configs(kind, d_head, 2, causal):
+                    case = {"kind": kind, "dtype": "bfloat16", "d_head": d_head, "causal": causal,
+                            "precision": "ieee", "config": list(config)}
+                    if case not in cases:
+                        cases.append(case)
+    cases.append({"kind": "fwd_ws", "dtype": "bfloat16", "d_head": 64, "causal": False, "precision": "ieee",
+                  "config": list(fk.WS_FWD_CONFIGS[0]), "mask_keys": True})  # S not a multiple of 128
     return cases
 
 
@@ -74,6 +91,48 @@ def test_candidate_configs_fit_hopper_shared_memory(compiled):
         assert 0 < case["shared"] <= MAX_SHARED_PER_BLOCK, case
         if case["dtype"] != "float32":  # 16-bit tiles must reach the Tensor Cores through Hopper's wgmma
             assert case["wgmma"] > 0, case
+
+
+def warp_specialized(case: dict) -> bool:
+    """One producer warpgroup (TMA copies only) and two consumers: 12 warps from num_warps=4, registers
+    handed from the producer to the consumers (setmaxnreg), tiles moved by TMA, none by per-thread copies."""
+    return (case["warps"] == 3 * case["config"][2] == 12 and case["setmaxnreg"] > 0 and case["tma_copies"] > 0
+            and case["thread_copies"] == 0)
+
+
+def test_16_bit_configs_of_the_backward_and_hopper_kernels_do_not_spill(compiled):
+    """A spilled register lives in local memory (device memory through L1): a stack frame above 0 bytes."""
+    from course_lib.kernels import _flash_triton as fk
+
+    cases = [c for c in compiled if c["kind"] in ("fwd_ws", "dkdv", "dq") and c["dtype"] != "float32"
+             and tuple(c["config"]) in fk.candidate_configs(c["kind"], fk.block_d_for(c["d_head"]), 2, c["causal"])]
+    assert {c["kind"] for c in cases} == {"fwd_ws", "dkdv", "dq"}
+    for case in cases:
+        assert case["stack_bytes"] == 0, case
+
+
+def test_the_hopper_forward_is_warp_specialized_and_loads_by_tma(compiled):
+    from course_lib.kernels import _flash_triton as fk
+
+    cases = [c for c in compiled if c["kind"] == "fwd_ws"]
+    assert {c["causal"] for c in cases} == {False, True} and len(cases) > 2 * len(fk.WS_FWD_CONFIGS)
+    for case in cases:
+        assert warp_specialized(case), case
+        assert case["registers"] <= 168 and case["wgmma"] > 0, case  # 168 = the consumers' share after setmaxnreg
+
+
+def test_the_warpgroup_check_can_fail():
+    """Compiled with num_warps=8, Triton keeps the flag but does not specialize (8 warps, no setmaxnreg),
+    and the portable kernel loads with per-thread copies: the check says no to both."""
+    from course_lib.kernels import _flash_triton as fk
+
+    eight = {"kind": "fwd_ws", "dtype": "bfloat16", "d_head": 128, "causal": True, "precision": "ieee",
+             "config": [128, 128, 8, 2]}
+    portable = {"kind": "fwd", "dtype": "bfloat16", "d_head": 128, "causal": True, "precision": "ieee",
+                "config": list(fk.candidate_configs("fwd", 128, 2, True)[0])}
+    for case in compile_for_hopper([eight, portable]):
+        assert not warp_specialized(case), case
+    assert case["tma_copies"] == 0 and case["thread_copies"] > 0  # the portable kernel: cp.async per thread
 
 
 def test_float32_products_are_exact_unless_tf32_is_asked_for(compiled):

@@ -225,3 +225,112 @@ def test_kernel_unsupported_reason_checks_its_argument_and_the_device_kind():
     assert "CUDA GPU" in kernel_unsupported_reason("meta")
     with pytest.raises(TypeError, match="device must be"):
         kernel_unsupported_reason(0)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- the Hopper forward kernel
+# Compiled it runs only on a GPU of compute capability 9.x (test_kernels_hopper.py reads its compiled
+# code: warp specialization, TMA); its arithmetic is the same program and runs here in the interpreter.
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the interpreter's run of the Hopper kernel")
+@pytest.mark.parametrize(
+    "dtype,causal,T,S,d_head",
+    [
+        (torch.float32, False, 37, 37, 32),  # S not a multiple of 128: the last key tile is masked
+        (torch.float32, True, 33, 33, 64),
+        (torch.float32, False, 20, 128, 16),  # S a multiple of 128: no mask at all; T != S
+        (torch.float16, True, 40, 40, 32),  # T not a multiple of the tile: the descriptor clips the store
+        (torch.float16, False, 50, 19, 64),
+    ],
+)
+def test_hopper_forward_matches_the_numpy_reference(dtype, causal, T, S, d_head):
+    from course_lib.kernels import _kernels
+
+    fk = _kernels()
+    gen = torch.Generator().manual_seed(T * 100 + S)
+    q, k, v = (torch.randn(3, n, d_head, generator=gen).to(dtype) for n in (T, S, S))  # (N, T or S, d)
+    out, lse = fk.forward(q, k, v, causal, "ieee", True, variant="hopper")
+    expected = _reference(q, k, v, torch.zeros_like(q), causal)[0]
+    assert out.shape == (3, T, d_head) and torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = relative_error(out.double().numpy(), expected)
+    assert err < kernel_tolerance(dtype, length=S), f"relative error {err:.2e}"
+    portable_out, portable_lse = fk.forward(q, k, v, causal, "ieee", True, variant="portable")
+    assert torch.allclose(lse, portable_lse, atol=1e-5)  # the same log-sum-exp for the backward pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the interpreter")
+def test_the_fused_delta_prepass_equals_torch_and_catches_a_wrong_operand():
+    from course_lib.kernels import _kernels
+
+    fk = _kernels()
+    gen = torch.Generator().manual_seed(3)
+    out, d_out = (torch.randn(2, 70, 24, generator=gen).to(torch.float16) for _ in range(2))  # ragged rows, d
+    got = fk.delta(out, d_out)
+    want = (d_out.float() * out.float()).sum(-1)
+    assert got.dtype == torch.float32 and got.shape == (2, 70)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, (out.float() * out.float()).sum(-1), atol=1e-2)  # a wrong operand is caught
+
+
+def test_length_buckets_and_hopper_tiles():
+    from course_lib.kernels import _kernels
+
+    fk = _kernels()
+    assert [fk.length_bucket(T, S) for T, S in ((1, 1), (300, 40), (1024, 1024), (1025, 7), (4096, 8192))] == [
+        256, 512, 1024, 2048, 8192]
+    # the Hopper kernel masks keys only when S % 128 != 0: every BLOCK_N it may run with must divide 128
+    assert all(128 % n == 0 for _, n, _, _ in (*fk.WS_FWD_CONFIGS, fk.INTERPRETER_CONFIG))
+    assert all(warps == 4 for _, _, warps, _ in fk.WS_FWD_CONFIGS)  # the warp count Triton specializes
+
+
+class _FakeCudaTensor:
+    """Just what forward_variant reads: a CUDA device, a dtype, a shape and an address."""
+
+    def __init__(self, dtype=torch.bfloat16, d_head=128, address=1 << 20):
+        self.device, self.dtype, self.shape, self._address = torch.device("cuda"), dtype, (8, 64, d_head), address
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+@pytest.mark.parametrize(("capability", "version", "dtype", "d_head", "address", "expected"), [
+    ((9, 0), "3.6.0", torch.bfloat16, 128, 1 << 20, "hopper"),
+    ((9, 0), "3.7.1", torch.float16, 64, 1 << 20, "hopper"),
+    ((8, 0), "3.6.0", torch.bfloat16, 128, 1 << 20, "portable"),  # an A100: no TMA, no wgmma
+    ((10, 0), "3.6.0", torch.bfloat16, 128, 1 << 20, "portable"),  # Blackwell: not checked, the portable kernel
+    ((9, 0), "3.5.1", torch.bfloat16, 128, 1 << 20, "portable"),  # no warp_specialize in this Triton
+    ((9, 0), "3.6.0", torch.float32, 128, 1 << 20, "portable"),
+    ((9, 0), "3.6.0", torch.bfloat16, 96, 1 << 20, "portable"),
+    ((9, 0), "3.6.0", torch.bfloat16, 128, (1 << 20) + 8, "portable"),  # not 16-byte aligned
+])
+def test_the_forward_kernel_is_chosen_by_capability_and_triton_version(monkeypatch, capability, version, dtype,
+                                                                        d_head, address, expected):
+    import triton
+
+    import course_lib.kernels as kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(kernels, "interpreter_active", lambda: False)
+    monkeypatch.delenv("COURSE_LIB_KERNEL", raising=False)
+    t = _FakeCudaTensor(dtype, d_head, address)
+    assert kernels.forward_variant(t, t, t) == expected  # type: ignore[arg-type]
+    reason = kernels.hopper_kernel_reason(capability, version, dtype, d_head, address % 16 == 0)
+    assert (reason is None) == (expected == "hopper")
+    monkeypatch.setenv("COURSE_LIB_KERNEL", "portable")
+    assert kernels.forward_variant(t, t, t) == "portable"  # type: ignore[arg-type]
+
+
+def test_the_hopper_kernel_reasons_name_what_is_missing():
+    from course_lib.kernels import hopper_kernel_reason
+
+    assert "8.0" in hopper_kernel_reason((8, 0), "3.6.0", torch.bfloat16, 128)
+    assert "3.5.1" in hopper_kernel_reason((9, 0), "3.5.1", torch.bfloat16, 128)
+    assert "float32" in hopper_kernel_reason((9, 0), "3.6.0", torch.float32, 128)
+    assert "96" in hopper_kernel_reason((9, 0), "3.6.0", torch.bfloat16, 96)
+    assert "aligned" in hopper_kernel_reason((9, 0), "3.6.0", torch.bfloat16, 128, aligned=False)
+
+
+def test_cpu_tensors_take_the_portable_kernel():
+    from course_lib.kernels import forward_variant
+
+    q = torch.randn(2, 8, 64)
+    assert forward_variant(q, q, q) == "portable"
