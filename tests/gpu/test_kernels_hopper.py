@@ -162,3 +162,19 @@ def test_the_offset_check_would_see_32_bit_offsets():
     """The regex of test_offsets_to_each_head_are_64_bit reads i32 offsets as such (it can fail)."""
     line = "%Q_13 = tt.addptr %Q, %Q_12 : !tt.ptr<f16>, i32 loc(#loc96)"
     assert re.findall(r"tt\.addptr %(?:Q|K|V|O|DO|DK|DV|DQ), %\S+ : !tt\.ptr<\w+>, (i\d+)", line) == ["i32"]
+
+
+def test_the_recorded_compile_facts_are_what_triton_compiles_now():
+    """Notebook 10 shows data/benchmarks/hopper_compile_sm90_triton3.6.0.json (Triton 3.6.0, the version on the
+    course's GPU machine). With that Triton every figure must come out again; with another (3.7.1 here), the
+    warps, shared memory, TMA copies, register hand-offs, wgmma count and whether anything spills."""
+    path = ROOT / "data" / "benchmarks" / "hopper_compile_sm90_triton3.6.0.json"
+    record = json.loads(path.read_text())
+    keys = ("kind", "dtype", "d_head", "causal", "precision", "config", "mask_keys")
+    fresh = compile_for_hopper([{k: row[k] for k in keys} for row in record["rows"]])
+    same_triton = fresh[0]["triton"] == record["triton"]
+    compared = ("warps", "shared", "tma_copies", "setmaxnreg", "wgmma")
+    compared += ("registers", "stack_bytes", "thread_copies") if same_triton else ()
+    for old, new in zip(record["rows"], fresh, strict=True):
+        assert {k: old[k] for k in compared} == {k: new[k] for k in compared}, (old, new)
+        assert (old["stack_bytes"] == 0) == (new["stack_bytes"] == 0), (old, new)
