@@ -1,32 +1,38 @@
 """Benchmark: forward + backward of three multi-head self-attention modules with the same weights.
 
     python -m course_lib.bench mha [--batch 8 --seq 512,1024 --d-model 768 --heads 12]
-                                   [--repeats 10 --warmup 2 --device cpu|cuda --json PATH]
-    python -m course_lib.bench mha --decode [--batch 1 --cache-len 1024 ...]
+                                   [--repeats 10 --calls 5 --warmup 2 --device cpu|cuda --json PATH]
+    python -m course_lib.bench mha --decode [--batch 1 --cache-len 1024 --cache-kind dynamic,static,graph ...]
 
 - course_lib   `course_lib.MultiHeadAttention`
 - torch_mha    `torch.nn.MultiheadAttention(batch_first=True)` called with need_weights=False
 - plain_sdpa   the shortest module that does the job: one packed QKV Linear, a view/permute,
                `F.scaled_dot_product_attention`, the output Linear
 
-The three are timed *interleaved* (one step of each, in rotating order, per repeat), so a burst
-of load from elsewhere on a shared machine hits all three alike. A step is the forward pass,
-then backward with a fixed output gradient (gradients for the input and every parameter).
-The table gives median/min/max per step, each median divided by the faster of the two
-baselines' medians (torch_mha, plain_sdpa; below 1.00 is faster than both), and the same
-ratio of the fastest repeats, which other load on a shared machine disturbs less.
+The modules are timed by `course_lib.bench.timing.compare`: in the same interleaved rounds (the
+order rotates each round, so a burst of load from elsewhere hits all of them alike), each round
+taking the device time of `calls` back-to-back calls (CUDA events; perf_counter on the CPU) and the
+wall time of one call followed by a synchronize. A training step is the forward pass, then backward
+with a fixed output gradient (gradients for the input and every parameter). A decoding step is one
+new token against a KV cache of --cache-len tokens, with one of three caches (--cache-kind):
+dynamic (course_lib's KVCache, appended with torch.cat), static (preallocated, written in place at
+a device-side position, attention over all its rows with a mask: course_lib.modern.graphed_decode),
+graph (the static step captured in a CUDA graph and replayed; on the CPU, called eagerly).
+
+The table gives per module the median over rounds of the per-call device time, its quartiles, the
+median wall time, and the median divided by the faster baseline's (torch_mha, plain_sdpa for
+training; plain_sdpa for decoding; below 1.00 is faster), with the range that the quartiles allow.
 
 The record (--json; the vocabulary of course_lib.bench) has one row per comparison: a `run` or
-`run_decode` result, i.e. its config (with "step": TRAINING_STEP or DECODE_STEP), device_info,
-the largest output difference between the modules, and per module its times in seconds
-(median_s, min_s, max_s, samples_s) and ratios.
+`run_decode` result, i.e. its config (with "step": TRAINING_STEP or DECODE_STEP, and a decoding
+row's "cache_kind"), device_info, the largest output difference between the modules, and per
+module: median_s (per call, device time of back-to-back calls), q1_s, q3_s, wall_median_s,
+repeats (rounds), calls, ratio_to_best_baseline, ratio_range and `device` (the DeviceTiming).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 from collections.abc import Callable, Mapping
 from typing import cast
 
@@ -36,14 +42,19 @@ from torch import nn
 
 from course_lib._validate import check_nonnegative_int, check_positive_int
 from course_lib.bench import write_record
-from course_lib.bench.timing import time_fn
+from course_lib.bench.timing import DeviceTiming, compare, ratio_with_spread
+from course_lib.kv_cache import KVCache
 from course_lib.mha import MultiHeadAttention
-from course_lib.tools.cli import int_list, nonnegative_int, output_file, positive_int, torch_device
+from course_lib.modern.graphed_decode import GraphedDecodeStep, static_decode_step
+from course_lib.modern.static_cache import StaticKVCache
+from course_lib.tools.cli import choice_list, int_list, nonnegative_int, output_file, positive_int, torch_device
 from course_lib.tools.device import device_facts
 
-__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP"]
+__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP",
+           "CACHE_KINDS"]
 
 BASELINES = ("torch_mha", "plain_sdpa")
+CACHE_KINDS = ("dynamic", "static", "graph")  # run_decode's caches (see the module docstring)
 TRAINING_STEP = "forward+backward"  # config["step"] of a run() row
 DECODE_STEP = "decode one token (no grad)"  # config["step"] of a run_decode() row
 
@@ -72,6 +83,20 @@ class PlainSDPAttention(nn.Module):
         cache[0] = torch.cat([cache[0], k], dim=2)  # (B, H, S + 1, d_head)
         cache[1] = torch.cat([cache[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, cache[0], cache[1])  # the newest token sees every key: no mask
+        return self.out(out.transpose(1, 2).reshape(B, T, D))
+
+    def static_decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      position: torch.Tensor) -> torch.Tensor:
+        """One new token x (B, 1, D) written into preallocated keys/values (B, H, max_len, d_head) at row
+        `position` ((1,) int64, advanced in place); attends to rows 0 ... position. Graph-safe: fixed shapes."""
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, 1, 3, H, d_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, 1, d_head)
+        keys.index_copy_(2, position, k)  # in place, at the row the device holds
+        values.index_copy_(2, position, v)
+        filled = (torch.arange(keys.shape[2], device=x.device) <= position).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=filled)  # (B, H, 1, d_head)
+        position.add_(1)
         return self.out(out.transpose(1, 2).reshape(B, T, D))
 
 
@@ -113,13 +138,18 @@ def run(
     heads: int = 12,
     repeats: int = 10,
     warmup: int = 2,
+    calls: int = 5,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     causal: bool = False,
     seed: int = 0,
 ) -> dict:
-    """Time one forward+backward step of each module; return config, per-module timings and ratios."""
+    """Time one forward+backward step of each module; return config, per-module timings and ratios.
+
+    repeats: rounds of `compare`; calls: back-to-back calls per timed group.
+    """
     check_positive_int("repeats", repeats)
+    check_positive_int("calls", calls)
     check_nonnegative_int("warmup", warmup)
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -130,37 +160,28 @@ def run(
         outs = {name: _forward(name, m, x, causal) for name, m in modules.items()}
     max_diff = max(float((o - outs["torch_mha"]).abs().max()) for o in outs.values())
     steps = {name: _step(name, m, x, grad_out, causal) for name, m in modules.items()}
-    timings = _interleaved(steps, device=device, warmup=warmup, repeats=repeats, baselines=BASELINES)
+    timed = compare(steps, device=device, warmup=warmup, rounds=repeats, calls=calls)
     return {
         "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
                    "dtype": str(dtype).replace("torch.", ""), "causal": causal,
-                   "repeats": repeats, "warmup": warmup, "step": TRAINING_STEP},
+                   "repeats": repeats, "calls": calls, "warmup": warmup, "step": TRAINING_STEP},
         "device_info": device_facts(device),
         "max_abs_output_difference": max_diff,
-        "timings": timings,
+        "timings": _timings(timed, BASELINES),
     }
 
 
-def _interleaved(steps: Mapping[str, Callable[[], object]], *, device, warmup: int, repeats: int,
-                 baselines: tuple[str, ...]) -> dict[str, dict]:
-    """Warm each step up, then time one call of each per repeat in rotating order; ratios to the best baseline."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in itertools.islice(itertools.cycle(names), r % len(names), r % len(names) + len(names)):
-            samples[name].append(time_fn(steps[name], device=device, warmup=0, repeats=1).median_s)
+def _timings(timed: Mapping[str, DeviceTiming], baselines: tuple[str, ...]) -> dict[str, dict]:
+    """Per module: the median device time per call and its quartiles, the wall time, ratios to the best baseline."""
+    best = min((timed[b] for b in baselines), key=lambda t: t.device_s)
+    best_wall = min(timed[b].wall_s for b in baselines)
     timings: dict[str, dict] = {}
-    for name, times in samples.items():
-        timings[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                         "repeats": len(times), "samples_s": times}
-    best_baseline = min(timings[b]["median_s"] for b in baselines)
-    best_baseline_min = min(timings[b]["min_s"] for b in baselines)
-    for t in timings.values():
-        t["ratio_to_best_baseline"] = t["median_s"] / best_baseline
-        t["min_ratio_to_best_baseline"] = t["min_s"] / best_baseline_min
+    for name, t in timed.items():
+        spread = ratio_with_spread(t, best)
+        timings[name] = {"median_s": t.device_s, "q1_s": t.device_q1_s, "q3_s": t.device_q3_s,
+                         "wall_median_s": t.wall_s, "repeats": t.rounds, "calls": t.calls,
+                         "ratio_to_best_baseline": spread["ratio"], "ratio_range": [spread["low"], spread["high"]],
+                         "wall_ratio_to_best_baseline": t.wall_s / best_wall, "device": t.to_dict()}
     return timings
 
 
@@ -172,21 +193,31 @@ def run_decode(
     heads: int = 12,
     repeats: int = 50,
     warmup: int = 5,
+    calls: int = 10,
+    cache_kind: str = "dynamic",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    flush_l2: bool = False,
     seed: int = 0,
 ) -> dict:
     """Time one decoding step: one new token per sequence against a KV cache of `cache_len` positions.
 
-    course_lib: `MultiHeadAttention(x, cache=KVCache, is_causal=True)`, as a decoder calls it;
-    plain_sdpa: `PlainSDPAttention.decode`, the same work with no checks. Both append to their cache
-    (a copy of it, as KVCache does); before each timed step the cache is reset to the same
-    `cache_len` entries, so every step does the same work. No gradients (inference).
+    cache_kind "dynamic": course_lib `MultiHeadAttention(x, cache=KVCache, is_causal=True)`, as a decoder
+    calls it, against `PlainSDPAttention.decode` (torch.cat onto the cache); "static": `static_decode_step`
+    against `PlainSDPAttention.static_decode`, each writing into its preallocated cache of max_len rows
+    (cache_len + 1 rounded up to a multiple of 16, which the fused GPU kernels' masks want) and attending
+    over all of them with a mask; "graph": those two steps in `GraphedDecodeStep`s (a CUDA graph on a
+    GPU, called eagerly on the CPU). Before each call the cache is put back to the same `cache_len`
+    entries (dynamic: the old tensors; static and graph: the position, in place), so every call does the
+    same work. No gradients (inference). repeats: rounds of `compare`; calls: back-to-back calls per group.
+    max_abs_output_difference is course_lib against plain_sdpa; max_abs_difference_to_dynamic_cache is
+    course_lib's step against MultiHeadAttention with the dynamic cache, the reference.
     """
-    from course_lib.kv_cache import KVCache
-
     check_positive_int("repeats", repeats)
+    check_positive_int("calls", calls)
     check_nonnegative_int("warmup", warmup)
+    if cache_kind not in CACHE_KINDS:
+        raise ValueError(f"cache_kind must be one of {CACHE_KINDS}; got {cache_kind!r}")
     device = torch.device(device)
     torch.manual_seed(seed)
     modules = build_modules(d_model, heads, device, dtype)
@@ -194,55 +225,104 @@ def run_decode(
     d_head = d_model // heads
     keys, values = (torch.randn(batch, heads, cache_len, d_head, device=device, dtype=dtype) for _ in range(2))
     x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)  # (B, 1, d_model): the newest token
-    our_cache, plain_cache = KVCache(), [keys, values]
-
-    def ours_step() -> torch.Tensor:
-        our_cache.key, our_cache.value = keys, values
-        return ours(x, cache=our_cache, is_causal=True)
-
-    def plain_step() -> torch.Tensor:
-        plain_cache[:] = [keys, values]
-        return plain.decode(x, plain_cache)
-
+    max_len = -(-(cache_len + 1) // 16) * 16
     with torch.no_grad():
-        max_diff = float((ours_step() - plain_step()).abs().max())  # same weights, same cache: same answer
-        timings = _interleaved({"course_lib": ours_step, "plain_sdpa": plain_step}, device=device, warmup=warmup,
-                               repeats=repeats, baselines=("plain_sdpa",))
+        reference = ours(x, cache=KVCache(key=keys, value=values), is_causal=True)
+        steps = _decode_steps(cache_kind, cast(MultiHeadAttention, ours), plain, keys, values, x, max_len)
+        out = {name: step().clone() for name, step in steps.items()}  # same weights, same cache: same answer
+        timed = compare(steps, device=device, warmup=warmup, rounds=repeats, calls=calls, flush_l2=flush_l2)
     return {
         "config": {"batch": batch, "cache_len": cache_len, "d_model": d_model, "heads": heads,
-                   "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "warmup": warmup,
-                   "step": DECODE_STEP},
+                   "dtype": str(dtype).replace("torch.", ""), "repeats": repeats, "calls": calls, "warmup": warmup,
+                   "step": DECODE_STEP, "cache_kind": cache_kind,
+                   "max_len": cache_len + 1 if cache_kind == "dynamic" else max_len,
+                   "cuda_graph": cache_kind == "graph" and device.type == "cuda", "flush_l2": flush_l2},
         "device_info": device_facts(device),
-        "max_abs_output_difference": max_diff,
-        "timings": timings,
+        "max_abs_output_difference": float((out["course_lib"] - out["plain_sdpa"]).abs().max()),
+        "max_abs_difference_to_dynamic_cache": float((out["course_lib"] - reference).abs().max()),
+        "timings": _timings(timed, ("plain_sdpa",)),
     }
+
+
+def _decode_steps(kind: str, ours: MultiHeadAttention, plain: PlainSDPAttention, keys: torch.Tensor,
+                  values: torch.Tensor, x: torch.Tensor, max_len: int) -> dict[str, Callable[[], torch.Tensor]]:
+    """course_lib's and plain's decoding step with `kind`'s cache, each put back to cache_len tokens first."""
+    B, H, cache_len, d_head = keys.shape
+    if kind == "dynamic":
+        our_growing, plain_growing = KVCache(), [keys, values]
+
+        def ours_dynamic() -> torch.Tensor:
+            our_growing.key, our_growing.value = keys, values
+            return ours(x, cache=our_growing, is_causal=True)
+
+        def plain_dynamic() -> torch.Tensor:
+            plain_growing[:] = [keys, values]
+            return plain.decode(x, plain_growing)
+
+        return {"course_lib": ours_dynamic, "plain_sdpa": plain_dynamic}
+    caches = [StaticKVCache(B, H, max_len, d_head, dtype=keys.dtype, device=keys.device) for _ in range(2)]
+    for cache in caches:
+        cache.update(keys, values)  # (B, H, max_len, d_head), the first cache_len rows filled
+    our_cache, plain_cache = caches
+    if kind == "static":
+        our_position, plain_position = (torch.full((1,), cache_len, device=x.device) for _ in range(2))
+
+        def ours_static() -> torch.Tensor:
+            our_position.fill_(cache_len)
+            return static_decode_step(ours, x, our_cache, our_position)
+
+        def plain_static() -> torch.Tensor:
+            plain_position.fill_(cache_len)
+            return plain.static_decode(x, plain_cache.key, plain_cache.value, plain_position)
+
+        return {"course_lib": ours_static, "plain_sdpa": plain_static}
+    ours_graphed = GraphedDecodeStep.for_module(ours, our_cache, x)
+    plain_graphed = GraphedDecodeStep(lambda x_, p: plain.static_decode(x_, plain_cache.key, plain_cache.value, p),
+                                      plain_cache, x)
+
+    def ours_graph() -> torch.Tensor:
+        our_cache.length = cache_len  # the next call puts the device position back too
+        return ours_graphed(x)
+
+    def plain_graph() -> torch.Tensor:
+        plain_cache.length = cache_len
+        return plain_graphed(x)
+
+    return {"course_lib": ours_graph, "plain_sdpa": plain_graph}
 
 
 def format_table(result: dict) -> str:
     c, dev = result["config"], result["device_info"]
     lines = [
         f"MHA forward+backward  B={c['batch']} T={c['seq']} d_model={c['d_model']} H={c['heads']} {c['dtype']}"
-        f"{' causal' if c['causal'] else ''}  on {dev['device_name']}  ({c['repeats']} interleaved repeats)",
+        f"{' causal' if c['causal'] else ''}  on {dev['device_name']}  ({c['repeats']} interleaved rounds of "
+        f"{c['calls']} calls)",
         f"outputs agree to {result['max_abs_output_difference']:.1e} (max abs difference)",
-        f"{'module':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'ratio':>7} {'ratio of mins':>14}",
+        f"{'module':<12} {'median ms':>10} {'q1 ms':>9} {'q3 ms':>9} {'wall ms':>9} {'ratio':>7} {'ratio range':>15}",
     ]
     for name, t in result["timings"].items():
-        lines.append(f"{name:<12} {t['median_s'] * 1e3:>10.1f} {t['min_s'] * 1e3:>9.1f} {t['max_s'] * 1e3:>9.1f} "
-                     f"{t['ratio_to_best_baseline']:>7.3f} {t['min_ratio_to_best_baseline']:>14.3f}")
-    lines.append("ratio = median / median of the faster baseline (torch_mha, plain_sdpa); ratio of mins likewise "
-                 "with the fastest repeat (less sensitive to other load on a shared machine)")
+        low, high = t["ratio_range"]
+        lines.append(f"{name:<12} {t['median_s'] * 1e3:>10.2f} {t['q1_s'] * 1e3:>9.2f} {t['q3_s'] * 1e3:>9.2f} "
+                     f"{t['wall_median_s'] * 1e3:>9.2f} {t['ratio_to_best_baseline']:>7.3f} "
+                     f"{f'{low:.2f}-{high:.2f}':>15}")
+    lines.append("per call: median (and quartiles) over rounds of back-to-back calls; wall = one call + synchronize; "
+                 "ratio = median / median of the faster baseline (torch_mha, plain_sdpa), range from the quartiles")
     return "\n".join(lines)
 
 
 def format_decode(result: dict) -> str:
     c, t = result["config"], result["timings"]
-    return (f"decode step  B={c['batch']} cache={c['cache_len']} d_model={c['d_model']} H={c['heads']} {c['dtype']} "
-            f"on {result['device_info']['device_name']} ({c['repeats']} interleaved repeats)\n"
-            f"course_lib {t['course_lib']['median_s'] * 1e6:.1f} us, "
-            f"plain_sdpa {t['plain_sdpa']['median_s'] * 1e6:.1f} us "
-            f"(medians; ratio {t['course_lib']['ratio_to_best_baseline']:.2f}, ratio of mins "
-            f"{t['course_lib']['min_ratio_to_best_baseline']:.2f}); outputs agree to "
-            f"{result['max_abs_output_difference']:.1e}")
+    ours, plain = t["course_lib"], t["plain_sdpa"]
+    low, high = ours["ratio_range"]
+    graph = " (CUDA graph)" if c["cuda_graph"] else " (no CUDA graph: eager)" if c["cache_kind"] == "graph" else ""
+    return (f"decode step  B={c['batch']} cache={c['cache_len']} {c['cache_kind']} cache{graph} d_model={c['d_model']} "
+            f"H={c['heads']} {c['dtype']} on {result['device_info']['device_name']} ({c['repeats']} interleaved "
+            f"rounds of {c['calls']} calls)\n"
+            f"course_lib {ours['median_s'] * 1e6:.1f} us, plain_sdpa {plain['median_s'] * 1e6:.1f} us per call "
+            f"(medians; wall {ours['wall_median_s'] * 1e6:.1f} / {plain['wall_median_s'] * 1e6:.1f} us); ratio "
+            f"{ours['ratio_to_best_baseline']:.2f} ({low:.2f}-{high:.2f}); outputs agree to "
+            f"{result['max_abs_output_difference']:.1e}, with the dynamic cache's to "
+            f"{result['max_abs_difference_to_dynamic_cache']:.1e}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -251,7 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int_list, default=[512], help="comma-separated sequence lengths (training step)")
     p.add_argument("--d-model", type=positive_int, default=768, help="a multiple of --heads")
     p.add_argument("--heads", type=positive_int, default=12)
-    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--repeats", type=positive_int, default=10, help="interleaved rounds")
+    p.add_argument("--calls", type=positive_int, default=None,
+                   help="back-to-back calls per timed group (default 5 for training, 10 for decoding)")
     p.add_argument("--warmup", type=nonnegative_int, default=2)
     p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -259,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true",
                    help="time one decoding step (one new token, a KV cache of --cache-len) instead of training")
     p.add_argument("--cache-len", type=positive_int, default=1024)
+    p.add_argument("--cache-kind", type=choice_list(CACHE_KINDS), default=("dynamic",),
+                   help=f"comma-separated decoding caches, one row each: {', '.join(CACHE_KINDS)} (default dynamic)")
     p.add_argument("--json", type=output_file, default=None, help="write the record here")
     return p
 
@@ -271,20 +355,24 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     rows = []
     if args.decode:
-        shape = {"cache_len": args.cache_len}
-        rows.append(run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
-                               repeats=args.repeats, warmup=args.warmup, device=args.device, dtype=dtype))
-        print(format_decode(rows[-1]), flush=True)
+        shape = {"cache_len": args.cache_len, "cache_kinds": list(args.cache_kind)}
+        calls = 10 if args.calls is None else args.calls
+        for kind in args.cache_kind:
+            rows.append(run_decode(batch=args.batch, cache_len=args.cache_len, d_model=args.d_model, heads=args.heads,
+                                   repeats=args.repeats, warmup=args.warmup, calls=calls, cache_kind=kind,
+                                   device=args.device, dtype=dtype))
+            print(format_decode(rows[-1]), flush=True)
     else:
         shape = {"seqs": args.seq}
+        calls = 5 if args.calls is None else args.calls
         for seq in args.seq:
             rows.append(run(batch=args.batch, seq=seq, d_model=args.d_model, heads=args.heads, repeats=args.repeats,
-                            warmup=args.warmup, device=args.device, dtype=dtype, causal=args.causal))
+                            warmup=args.warmup, calls=calls, device=args.device, dtype=dtype, causal=args.causal))
             print(format_table(rows[-1]), flush=True)
     if args.json is not None:
         config = {"batch": args.batch, **shape, "d_model": args.d_model, "heads": args.heads, "dtype": args.dtype,
-                  **({} if args.decode else {"causal": args.causal}), "repeats": args.repeats, "warmup": args.warmup,
-                  "step": DECODE_STEP if args.decode else TRAINING_STEP}
+                  **({} if args.decode else {"causal": args.causal}), "repeats": args.repeats, "calls": calls,
+                  "warmup": args.warmup, "step": DECODE_STEP if args.decode else TRAINING_STEP}
         write_record(args.json, {"suite": "mha", "device_info": device_facts(args.device), "config": config,
                                  "rows": rows})
     return 0

@@ -46,7 +46,8 @@ def check_static_decode(mha: object, x: object, cache: object, position: object)
     if mha.rotary is not None:
         raise ValueError("mha has rotary positions (RoPE), which rotate by a Python int offset that a captured "
                          "step would bake in; static_decode_step supports modules without rotary")
-    if getattr(mha, "window", None) is not None or getattr(mha, "sink_logits", None) is not None:
+    # DecoderAttention's window and learned sinks, read without nn.Module's slow getattr (once per token)
+    if vars(mha).get("window") is not None or mha._parameters.get("sink_logits") is not None:
         raise ValueError("mha has a sliding window or learned sinks (DecoderAttention); static_decode_step "
                          "attends to every filled row: use a module without them")
     if mha.kdim != mha.d_model or mha.vdim != mha.d_model:
@@ -54,7 +55,10 @@ def check_static_decode(mha: object, x: object, cache: object, position: object)
                          f"kdim={mha.kdim}, vdim={mha.vdim}")
     if mha.training and mha.dropout > 0:
         raise ValueError(f"mha is in training mode with dropout={mha.dropout}; decode in eval mode (mha.eval())")
-    weight = mha.q_proj.weight
+    q_proj = mha._modules["q_proj"]  # mha.q_proj.weight, without nn.Module's slow getattr (once per token)...
+    found = None if q_proj is None else q_proj._parameters.get("weight")
+    # ...unless pruning or weight_norm made the weight a computed attribute
+    weight: torch.Tensor = found if found is not None else mha.q_proj.weight
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("gradients are enabled: the in-place cache writes would chain every step into one "
                          "autograd graph; decode under torch.no_grad()")

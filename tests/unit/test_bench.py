@@ -49,9 +49,12 @@ def test_tiny_run_prints_the_table_and_saves_json(tmp_path, capsys):
     timings = result["timings"]
     assert set(timings) == {"course_lib", "torch_mha", "plain_sdpa"}
     for t in timings.values():
-        assert t["repeats"] == 3 and len(t["samples_s"]) == 3 and 0 < t["min_s"] <= t["median_s"] <= t["max_s"]
+        assert t["repeats"] == 3 and t["calls"] == 5 and 0 < t["q1_s"] <= t["median_s"] <= t["q3_s"]
+        assert t["device"]["device_s"] == t["median_s"] and t["device"]["rounds"] == 3 and t["wall_median_s"] > 0
+        low, high = t["ratio_range"]
+        assert low <= t["ratio_to_best_baseline"] <= high
     assert min(timings[b]["ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
-    assert min(timings[b]["min_ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
+    assert min(timings[b]["wall_ratio_to_best_baseline"] for b in bench_mha.BASELINES) == pytest.approx(1.0)
 
 
 def test_one_record_per_call_with_a_run_per_sequence_length(tmp_path):
@@ -127,12 +130,66 @@ def test_module_entry_point_help():
 def test_decode_step_benchmark_compares_the_same_computation(tmp_path, capsys):
     out = tmp_path / "decode.json"
     assert bench_cli.main(["mha", "--decode", "--batch", "2", "--cache-len", "8", "--d-model", "16", "--heads", "2",
-                 "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out)]) == 0
-    assert "decode step" in capsys.readouterr().out
+                 "--repeats", "3", "--warmup", "1", "--device", "cpu", "--json", str(out),
+                 "--cache-kind", "dynamic,static,graph"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("decode step") == 3 and "no CUDA graph: eager" in printed
     saved = json.loads(out.read_text())
     assert saved["config"]["cache_len"] == 8 and saved["config"]["step"] == bench_mha.DECODE_STEP
-    (result,) = saved["rows"]
-    assert result["config"]["cache_len"] == 8 and result["config"]["step"].startswith("decode")
-    assert result["max_abs_output_difference"] < 1e-6  # same weights, same cache: same next-token output
-    assert set(result["timings"]) == {"course_lib", "plain_sdpa"}
-    assert all(t["median_s"] > 0 and t["repeats"] == 3 for t in result["timings"].values())
+    assert saved["config"]["cache_kinds"] == ["dynamic", "static", "graph"] and saved["config"]["calls"] == 10
+    assert [r["config"]["cache_kind"] for r in saved["rows"]] == ["dynamic", "static", "graph"]
+    for result in saved["rows"]:
+        assert result["config"]["cache_len"] == 8 and result["config"]["step"].startswith("decode")
+        assert result["max_abs_output_difference"] < 1e-6  # same weights, same cache: same next-token output
+        assert result["max_abs_difference_to_dynamic_cache"] < 1e-6
+        assert set(result["timings"]) == {"course_lib", "plain_sdpa"}
+        assert all(t["median_s"] > 0 and t["repeats"] == 3 and t["calls"] == 10 and t["device"]["rounds"] == 3
+                   for t in result["timings"].values())
+        assert result["timings"]["plain_sdpa"]["ratio_to_best_baseline"] == 1.0
+        assert result["config"]["max_len"] == (9 if result["config"]["cache_kind"] == "dynamic" else 16)
+        assert result["config"]["cuda_graph"] is False
+
+
+@pytest.mark.parametrize("kind", bench_mha.CACHE_KINDS)
+def test_every_timed_decode_call_starts_from_the_same_cache(kind, monkeypatch):
+    """The timed functions are called many times: each call must give the first call's answer (the cache put back)."""
+    import course_lib.bench.mha as module
+
+    seen = {}
+
+    def record(fns, **kwargs):
+        seen.update({name: [fn().clone() for _ in range(4)] for name, fn in fns.items()})
+        return real_compare(fns, **kwargs)
+
+    real_compare = module.compare
+    monkeypatch.setattr(module, "compare", record)
+    result = bench_mha.run_decode(batch=2, cache_len=5, d_model=16, heads=2, repeats=1, warmup=0, calls=1,
+                                  cache_kind=kind, dtype=torch.float64)
+    for outs in seen.values():
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert result["max_abs_output_difference"] < 1e-12 and result["max_abs_difference_to_dynamic_cache"] < 1e-12
+
+
+def test_run_decode_refuses_an_unknown_cache_kind():
+    with pytest.raises(ValueError, match="cache_kind must be one of"):
+        bench_mha.run_decode(d_model=8, heads=2, cache_kind="paged")
+
+
+@pytest.mark.parametrize("mode", ["eager", "traced"])
+def test_the_plain_static_decode_equals_its_torch_cat_decode(mode):
+    from course_lib.modern.graphed_decode import GraphedDecodeStep
+    from course_lib.modern.static_cache import StaticKVCache
+
+    torch.manual_seed(0)
+    plain = bench_mha.build_modules(16, 4, "cpu", torch.float64)["plain_sdpa"]
+    assert isinstance(plain, bench_mha.PlainSDPAttention)
+    keys, values = torch.randn(2, 4, 3, 4, dtype=torch.float64), torch.randn(2, 4, 3, 4, dtype=torch.float64)
+    growing, static = [keys, values], StaticKVCache(2, 4, 16, 4, dtype=torch.float64)
+    static.update(keys, values)
+    xs = torch.randn(12, 2, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        step = GraphedDecodeStep(lambda x, p: plain.static_decode(x, static.key, static.value, p), static, xs[0],
+                                 mode=mode)
+        for x in xs:
+            torch.testing.assert_close(step(x), plain.decode(x, growing), rtol=0, atol=1e-12)
+    torch.testing.assert_close(static.key[:, :, :15], growing[0], rtol=0, atol=0)
