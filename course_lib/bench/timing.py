@@ -86,10 +86,10 @@ def ratio_with_spread(a: DeviceTiming | Mapping, b: DeviceTiming | Mapping, *, k
 
     "ratio" is median(a) / median(b). The range, [a.q1 / b.q3, a.q3 / b.q1], pairs the fast end of one
     with the slow end of the other: if both medians could sit anywhere between their quartiles, the
-    ratio lies in it. It is wider than a confidence interval for the ratio (the two spreads add), so
-    a target is called met only when the whole range is on the right side of it, and a range that
-    straddles the bound says the run cannot tell. key: "device" or "wall". a and b may be
-    `DeviceTiming`s or their `to_dict()` (as stored in a record).
+    ratio lies in it. It is wider than a confidence interval for the ratio (the two spreads add): a
+    bound outside the range is on one side of the ratio whatever the noise did; a range that straddles
+    a bound says this run cannot tell on which side the ratio lies. key: "device" or "wall". a and b
+    may be `DeviceTiming`s or their `to_dict()` (as stored in a record).
     """
     if key not in ("device", "wall"):
         raise ValueError(f"key must be 'device' or 'wall'; got {key!r}")
