@@ -125,7 +125,8 @@ class GraphedDecodeStep:
     A call copies x into the static input, runs, and returns the static output: the same tensor at
     every call, overwritten by the next one (clone it to keep it). The host's count is cache.length:
     a call with the cache full is refused before anything runs; setting cache.length (or cache.update)
-    moves the position, which the next call copies to the device. Forward hooks run at capture only.
+    moves the position, which the next call copies to the device. In the captured modes, forward hooks
+    run at warm-up and capture only, not at replay.
     """
 
     def __init__(self, step: Step, cache: StaticKVCache, x: torch.Tensor, *,
