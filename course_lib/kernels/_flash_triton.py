@@ -19,6 +19,7 @@ last, partial key tile, which is the only one that needs a bounds mask.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -415,7 +416,8 @@ def smem_estimate(kind: str, block_m: int, block_n: int, block_d: int, itemsize:
 _TABLES = {"fwd": FWD_CONFIGS, "fwd_ws": WS_FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 
 
-def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -> list[tuple[int, int, int, int]]:
+@functools.cache  # every launch asks: a call should not pay for walking the tables again
+def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -> tuple[tuple[int, int, int, int], ...]:
     """The configs worth timing for one kernel specialisation, best guess first; never empty."""
     table = _TABLES[kind]
     fits = []
@@ -427,8 +429,8 @@ def candidate_configs(kind: str, block_d: int, itemsize: int, is_causal: bool) -
     if not fits:  # large float32 heads: the smallest tiles, one stage
         fits = [(32, 32, 4, 1)]
     if itemsize == 4:  # float32 multiplies on the ordinary units (or TF32): small tiles, quick to compile
-        return fits[-1:]
-    return fits if block_d in TUNED_D else fits[:1]
+        return tuple(fits[-1:])
+    return tuple(fits if block_d in TUNED_D else fits[:1])
 
 
 def _prune(kind: str):
