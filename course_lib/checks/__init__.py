@@ -101,7 +101,12 @@ from course_lib.checks.nb12 import (
     check_window_receptive_field,
 )
 from course_lib.checks.nb13 import check_merge_many, check_tp_cross_bytes, check_zigzag_positions
-from course_lib.checks.nb14 import check_blocks_needed, check_gather_kv, check_shared_prefix_blocks
+from course_lib.checks.nb14 import (
+    check_blocks_needed,
+    check_gather_kv,
+    check_shared_prefix_blocks,
+    check_window_decode_step,
+)
 from course_lib.checks.nb99 import check_heads_cost, check_sdpa_mask, check_token_output
 
 __all__ = [
@@ -195,6 +200,7 @@ __all__ = [
     "check_blocks_needed",
     "check_gather_kv",
     "check_shared_prefix_blocks",
+    "check_window_decode_step",
     # 99 errata of the sources
     "check_sdpa_mask",
     "check_heads_cost",

@@ -3,7 +3,9 @@
 - check_blocks_needed: the blocks and empty slots of a batch in a paged KV cache, each sequence with room
   for `lookahead` more tokens;
 - check_gather_kv: a sequence's keys gathered from the block pool through its block table;
-- check_shared_prefix_blocks: the blocks that go back to the pool when requests sharing a prompt finish.
+- check_shared_prefix_blocks: the blocks that go back to the pool when requests sharing a prompt finish;
+- check_window_decode_step: a decoding step with a sliding window that a CUDA graph can capture, run eagerly and
+  replayed from a make_fx trace (which, like a CUDA graph, bakes in every Python value it saw).
 On a wrong answer each checker tries the usual mistakes to say which one was made.
 """
 
@@ -11,11 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from course_lib.checks._core import (
     CheckFailure,
     as_array,
     as_number,
+    as_tensor,
     call_watching,
     checker,
     compare,
@@ -26,7 +32,7 @@ from course_lib.checks._core import (
 from course_lib.cost.kv_memory import paged_kv_slots
 from course_lib.modern.paged_cache import PagedKVCache
 
-__all__ = ["check_blocks_needed", "check_gather_kv", "check_shared_prefix_blocks"]
+__all__ = ["check_blocks_needed", "check_gather_kv", "check_shared_prefix_blocks", "check_window_decode_step"]
 
 
 # ----------------------------------------------------------------------------- blocks with room to grow
@@ -218,3 +224,191 @@ def check_shared_prefix_blocks(fn):
                            f"holds it any more; which blocks did each finished request hold alone?")
     return f"{len(cases)} cases ({len(_FREED_CASES)} fixed, {len(cases) - len(_FREED_CASES)} random): " \
            f"the blocks freed match"
+
+
+# ----------------------------------------------------------------------------- a graph-safe sliding-window step
+_DECODE_STEPS = 8  # tokens decoded per case, eagerly and replayed
+# (batch, heads, d_head, prompt, window, free rows after the last step): a window shorter than the text, an empty
+# prompt with a window longer than the text, a window of one token
+_WINDOW_CASES = ((1, 2, 4, 5, 4, 3), (2, 3, 8, 0, 20, 2), (1, 2, 4, 3, 1, 1))
+
+
+class _Recorder(TorchDispatchMode):
+    """The torch operations a call dispatches, each with its outputs' shapes, and the values read back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple]] = []
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), int(t), float(t), bool(t), `if t:`
+            self.host_reads += 1
+        outs = out if isinstance(out, tuple | list) else (out,)
+        self.ops.append((str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
+        return out
+
+
+def _window_case(seed: int, B: int, H: int, d: int, P: int, W: int, free: int) -> dict:
+    """A cache of max_len rows: the prompt's P rows, then old rows of another text (random, large); the tokens to
+    decode; each step's expected output (SDPA over the last W rows of a growing cache) and the cache after it."""
+    gen = torch.Generator().manual_seed(seed)
+    max_len = P + _DECODE_STEPS + free
+    keys, values = (torch.randn(B, H, max_len, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    keys[:, :, P:] *= 30  # rows not yet written hold another text's keys: a step that sees them is wrong
+    new = [tuple(torch.randn(B, H, 1, d, generator=gen, dtype=torch.float64) for _ in range(3))
+           for _ in range(_DECODE_STEPS)]  # (q, k, v) per step, each (B, H, 1, d)
+    states, expected = [], []
+    state_k, state_v = keys.clone(), values.clone()
+    for t, (q, k, v) in enumerate(new):
+        n = P + t  # the row this step writes
+        state_k[:, :, n:n + 1], state_v[:, :, n:n + 1] = k, v
+        lo = max(0, n - W + 1)
+        expected.append(F.scaled_dot_product_attention(q, state_k[:, :, lo:n + 1], state_v[:, :, lo:n + 1]))
+        states.append((state_k.clone(), state_v.clone()))
+    return {"keys": keys, "values": values, "new": new, "expected": expected, "states": states,
+            "P": P, "W": W, "what": f"B={B}, H={H}, d_head={d}, prompt of {P} tokens, window={W}, max_len={max_len}"}
+
+
+def _window_mistakes(case: dict, t: int) -> dict[str, torch.Tensor | None]:
+    """What the usual mistakes return at step t (row n): attention over other rows of the cache after the write."""
+    q = case["new"][t][0]
+    keys, values = case["states"][t]
+    n, W, max_len = case["P"] + t, case["W"], keys.shape[2]
+
+    def over(lo: int, hi: int) -> torch.Tensor | None:  # attention over rows lo ... hi - 1
+        lo, hi = max(0, lo), min(hi, max_len)
+        return F.scaled_dot_product_attention(q, keys[:, :, lo:hi], values[:, :, lo:hi]) if hi > lo else None
+
+    return {
+        "row `position`, the token just written, is left out: a token attends to itself (its row passes "
+        "the mask: <= position, not < position)": over(n - W + 1, n),
+        "your mask also lets in row position + 1, which holds no token of this text yet: build the mask "
+        "from the position of the row you wrote, before advancing it": over(n - W + 2, n + 2),
+        f"your window holds {W + 1} tokens, not window = {W}: the last `window` tokens are the rows "
+        "position - window + 1 ... position, the newest included": over(n - W, n + 1) if W + 1 <= n + 1 else None,
+        f"your window holds {W - 1} tokens, not window = {W}: the last `window` tokens are the rows "
+        "position - window + 1 ... position, the newest included": over(n - W + 2, n + 1) if W <= n + 1 else None,
+        "the rows after `position` are not masked: a cache reused after a longer text holds its old keys and "
+        "values there (here random numbers), which the new token must not see": over(n - W + 1, max_len),
+        "every row of the cache is attended to: mask the rows after `position` (not written yet) and those "
+        "before the window": over(0, max_len),
+        "the window is missing: the step attends to every token so far, not the last `window`":
+            over(0, n + 1) if n + 1 > W else None,
+    }
+
+
+def _step_result(name: str, got, shape: tuple) -> torch.Tensor:
+    tensor = as_tensor(name, got)
+    if tuple(tensor.shape) != shape:
+        raise CheckFailure(f"{name} has shape {tuple(tensor.shape)}, expected {shape} (B, H, 1, d_head)")
+    return tensor.detach().clone()
+
+
+def _run_eagerly(fn, case: dict) -> list[_Recorder]:
+    """The learner's step called token after token on the checker's cache; each output and the cache checked."""
+    keys, values = case["keys"].clone(), case["values"].clone()
+    P, W, what = case["P"], case["W"], case["what"]
+    position = torch.tensor([P])
+    records = []
+    for t, ((q, k, v), expected) in enumerate(zip(case["new"], case["expected"], strict=True)):
+        record = _Recorder()
+
+        def recorded(q_, k_, v_, record=record):  # the cache and the position are the step's to write into
+            with record:
+                return fn(q_, k_, v_, keys, values, position, W)
+
+        at = f"{what}, step {t + 1} (row {P + t})"
+        got = call_watching(recorded, q, k, v, names=("q", "k", "v"), what=f"; {at}",
+                            advice="Write the new key and value into `keys` and `values`, and leave q, k and v as "
+                                   "they are")
+        out = _step_result(f"the output ({at})", got, tuple(q.shape))
+        records.append(record)
+        state_k, state_v = case["states"][t]
+        if not (torch.equal(keys, state_k) and torch.equal(values, state_v)):
+            raise CheckFailure(f"{at}: after the step, `keys` and `values` should hold the new token's key and "
+                               f"value in row {P + t} (= position) and be unchanged elsewhere. Write them in place, "
+                               f"at the row `position` holds")
+        if not is_close(out, expected):
+            message = diagnose(out, _window_mistakes(case, t))
+            if message:
+                raise CheckFailure(f"{at}: {message}")
+            compare(f"the output ({at})", out, expected.numpy(),
+                    hint="attend to rows position - window + 1 ... position of the cache, after writing row "
+                         "`position`")
+        if int(position) != P + t + 1:
+            raise CheckFailure(f"{at}: position holds {int(position)} after the step, expected {P + t + 1}: advance "
+                               f"it by one in place (position += 1 or position.add_(1)); `position = position + 1` "
+                               f"makes a new tensor, and the caller's, like a captured graph's, stays where it was")
+    return records
+
+
+def _replay(fn, case: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Trace the step once with make_fx (every Python value it sees baked in, as a CUDA graph bakes them), put the
+    cache and position back, and replay the trace token after token."""
+    keys, values = case["keys"].clone(), case["values"].clone()
+    P, W = case["P"], case["W"]
+    position = torch.tensor([P])
+    q0, k0, v0 = (x.clone() for x in case["new"][0])
+    try:
+        traced = make_fx(lambda q_, k_, v_: fn(q_, k_, v_, keys, values, position, W), tracing_mode="real")(q0, k0, v0)
+    except Exception as e:  # the learner's code, not the checker's
+        raise CheckFailure(f"{case['what']}: tracing your step with make_fx failed ({type(e).__name__}: {e})") from None
+    keys.copy_(case["keys"])  # in place: the trace holds these very tensors
+    values.copy_(case["values"])
+    position.fill_(P)
+    outs = [traced(*(x.clone() for x in new)).detach().clone() for new in case["new"]]
+    return outs, keys, values
+
+
+@checker
+def check_window_decode_step(fn):
+    """Check a decoding step with a sliding window that a CUDA graph can capture, eagerly and replayed from a trace.
+
+    Your function: `fn(q, k, v, keys, values, position, window) -> out`: q, k, v the new token's query, key and
+    value (B, H, 1, d_head); keys and values the preallocated cache (B, H, max_len, d_head); position a (1,) int64
+    tensor, the row to write; window a Python int. Writes k and v into row `position` in place, returns the
+    attention of q over the last `window` tokens, rows position - window + 1 ... position, (B, H, 1, d_head),
+    and advances position by one in place. Float64; the rows after `position` hold another text's keys. Runs
+    each step eagerly on 8 tokens of three fixed cases and a random one, checks the shapes stay the same from
+    step to step, then traces the step once with make_fx (tracing_mode="real"), which bakes in every Python value
+    as a CUDA graph does, and replays it for the 8 tokens. Names a mask that leaves out the newest token or lets
+    in the next row, a window one token too wide or too narrow, unmasked rows, a missing window, a position not
+    advanced in place, shapes that change per step, a write or a mask fixed at capture, and .item().
+    """
+    rng = np.random.default_rng()
+    cases = [_window_case(i, *c) for i, c in enumerate(_WINDOW_CASES)]
+    P = int(rng.integers(0, 12))
+    cases.append(_window_case(int(rng.integers(2**31)), int(rng.integers(1, 4)), int(rng.integers(1, 5)),
+                              int(rng.choice([2, 4, 8])), P, int(rng.integers(1, P + _DECODE_STEPS + 3)),
+                              int(rng.integers(0, 5))))
+    host_reads = 0
+    for case in cases:  # eagerly first: a wrong answer is named before the question of graph safety
+        records = _run_eagerly(fn, case)
+        host_reads += sum(r.host_reads for r in records)
+        if any(r.ops != records[0].ops for r in records[1:]):
+            raise CheckFailure(f"{case['what']}: your step runs different operations or shapes from one token to the "
+                               f"next (a slice such as keys[:, :, start:stop] with Python numbers, boolean indexing, "
+                               f"an `if` on a tensor). A CUDA graph replays the shapes of its capture: attend over all "
+                               f"max_len rows and let a mask computed on the device choose them")
+    for case in cases:
+        outs, keys, values = _replay(fn, case)
+        final_k, final_v = case["states"][-1]
+        if not (torch.equal(keys, final_k) and torch.equal(values, final_v)):
+            raise CheckFailure(f"{case['what']}: replayed, your step writes every token into the row it wrote at "
+                               f"the trace ({case['P']}): that row was a Python number (int(position), "
+                               f"position.item(), a counter) baked into the graph. Write at the tensor position "
+                               f"(index_copy_), which the replay reads where it points then")
+        for t, (out, expected) in enumerate(zip(outs, case["expected"], strict=True)):
+            if not is_close(out, expected):
+                raise CheckFailure(f"{case['what']}: right eagerly, but replayed, token {t + 1} attends to the rows "
+                                   f"the traced token did: your mask (or slice) was made from a Python number "
+                                   f"(int(position), position.item()), baked in at the trace. Compare "
+                                   f"torch.arange(max_len) with the tensor position, on the device")
+    if host_reads:
+        raise CheckFailure(f"your step reads a tensor back to the host ({host_reads} times: .item(), int(), float(), "
+                           f"bool() or an `if` on a tensor). The trace here replays right, but a CUDA graph "
+                           f"capture refuses it: copying to the host waits for the GPU, which a capture forbids")
+    return f"{len(cases)} cases ({len(_WINDOW_CASES)} fixed, 1 random), {_DECODE_STEPS} tokens each, eagerly and " \
+           f"replayed from one make_fx trace: every output and the cache match a growing cache's window"

@@ -4,6 +4,8 @@ mistakes."""
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from course_lib import checks
 from course_lib.checks import nb14
@@ -160,3 +162,132 @@ def test_shared_prefix_blocks_that_mutates_its_input_fails_without_raising():
 
     result = checks.check_shared_prefix_blocks(pops)
     assert not result.passed and "changed its input `finished`" in result.message
+
+
+# ----------------------------------------------------------------------------- a graph-safe sliding-window step
+def window_decode_step(q, k, v, keys, values, position, window):
+    keys.index_copy_(2, position, k)  # row `position`, wherever it points when a graph replays this
+    values.index_copy_(2, position, v)
+    rows = torch.arange(keys.shape[2], device=keys.device)
+    visible = ((rows <= position) & (rows > position - window)).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    position.add_(1)
+    return out
+
+
+def _masked_step(mask, *, advance=True, python_row=False, host_read=False, write_offset=0):
+    """The reference with one thing changed: the mask (rows, position, window) -> bool, the write or the advance."""
+    def step(q, k, v, keys, values, position, window):
+        if host_read:
+            assert position.item() < keys.shape[2]  # harmless eagerly and in a trace; a CUDA graph capture refuses it
+        if python_row:
+            row = int(position)
+            keys[:, :, row], values[:, :, row] = k[:, :, 0], v[:, :, 0]
+        else:
+            keys.index_copy_(2, position + write_offset, k)
+            values.index_copy_(2, position + write_offset, v)
+        rows = torch.arange(keys.shape[2])
+        visible = mask(rows, position, window)
+        out = F.scaled_dot_product_attention(q, keys, values,
+                                             attn_mask=None if visible is None else visible.view(1, 1, 1, -1))
+        if advance:
+            position.add_(1)
+        return out
+
+    return step
+
+
+def _window(rows, position, window):
+    return (rows <= position) & (rows > position - window)
+
+
+def _sliced(q, k, v, keys, values, position, window):
+    p = int(position)
+    keys[:, :, p], values[:, :, p] = k[:, :, 0], v[:, :, 0]
+    lo = max(0, p - window + 1)
+    out = F.scaled_dot_product_attention(q, keys[:, :, lo:p + 1], values[:, :, lo:p + 1])  # grows until it is `window`
+    position.add_(1)
+    return out
+
+
+def _python_mask(q, k, v, keys, values, position, window):
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    p = int(position)  # right eagerly; a trace bakes in the first value
+    visible = _window(torch.arange(keys.shape[2]), p, window).view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    position.add_(1)
+    return out
+
+
+def _advanced_first(q, k, v, keys, values, position, window):
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    position.add_(1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=_window(torch.arange(keys.shape[2]), position,
+                                                                             window).view(1, 1, 1, -1))
+
+
+def _rebinds(q, k, v, keys, values, position, window):
+    out = window_decode_step(q, k, v, keys, values, position.clone(), window)
+    position = position + 1  # a new tensor: the caller's position stays
+    return out
+
+
+def _fails_when_traced():
+    calls = []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) > len(nb14._WINDOW_CASES) * nb14._DECODE_STEPS + nb14._DECODE_STEPS:  # the eager calls are done
+            raise RuntimeError("cannot trace this")
+        return window_decode_step(*args)
+
+    return step
+
+
+def test_window_decode_step_reference_passes():
+    result = checks.check_window_decode_step(window_decode_step)
+    assert result.passed and "1 random" in result.message, result.message
+
+
+def test_window_decode_step_fixed_cases_include_the_edges():
+    cases = nb14._WINDOW_CASES
+    assert any(P == 0 for _, _, _, P, _, _ in cases)  # the first token of a text: position 0
+    assert any(W == 1 for *_, W, _ in cases)  # a window of the newest token alone
+    assert any(W > P + nb14._DECODE_STEPS for _, _, _, P, W, _ in cases)  # a window longer than the text
+    assert any(P >= W for _, _, _, P, W, _ in cases)  # the window cuts from the first step (the missing window shows)
+
+
+@pytest.mark.parametrize(("wrong", "words"), [
+    (_masked_step(lambda r, p, w: (r < p) & (r > p - w)), "a token attends to itself"),
+    (_advanced_first, "lets in row position + 1"),
+    (_masked_step(lambda r, p, w: (r <= p) & (r >= p - w)), "your window holds 5 tokens, not window = 4"),
+    (_masked_step(lambda r, p, w: (r <= p) & (r > p - w + 1)), "your window holds 3 tokens, not window = 4"),
+    (_masked_step(lambda r, p, w: r > p - w), "rows after `position` are not masked"),
+    (_masked_step(lambda r, p, w: None), "every row of the cache is attended to"),
+    (_masked_step(lambda r, p, w: r <= p), "the window is missing"),
+    (_masked_step(_window, advance=False), "advance it by one in place"),
+    (_rebinds, "advance it by one in place"),
+    (_masked_step(_window, write_offset=1), "hold the new token's key and value in row 5"),
+    (_sliced, "different operations or shapes from one token to the next"),
+    (_masked_step(_window, python_row=True), "writes every token into the row it wrote at the trace (5)"),
+    (_python_mask, "right eagerly, but replayed, token 2 attends to the rows the traced token did"),
+    (_masked_step(_window, host_read=True), "a CUDA graph capture refuses it"),
+    (_fails_when_traced(), "tracing your step with make_fx failed (RuntimeError: cannot trace this)"),
+    (lambda *args: window_decode_step(*args) * 2, "differs from the reference"),
+    (lambda *args: window_decode_step(*args)[..., :2], "expected (1, 2, 1, 4)"),
+])
+def test_window_decode_step_names_the_mistake(wrong, words):
+    result = checks.check_window_decode_step(wrong)
+    assert not result.passed and words in result.message, result.message
+
+
+def test_window_decode_step_that_mutates_its_input_fails_without_raising():
+    def zeroes_the_query(q, k, v, keys, values, position, window):
+        out = window_decode_step(q, k, v, keys, values, position, window)
+        q.zero_()
+        return out
+
+    result = checks.check_window_decode_step(zeroes_the_query)
+    assert not result.passed and "changed its input `q`" in result.message, result.message
