@@ -92,7 +92,8 @@ GPU_TESTS = [
     "tests/unit/test_kv_cache.py",
     "tests/unit/test_graphed_decode.py",
 ]
-TARGET_IMPLS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton")
+# "triton" is the Hopper forward kernel on an H100/H200; "triton_portable" the kernel of the recorded runs
+TARGET_IMPLS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton", "triton_portable")
 CACHE_KINDS = ("dynamic", "static", "graph")
 TARGETS = {
     # speed of the Triton kernel / speed of the fastest SDPA backend (device time), bf16, d_head 128, T >= 4096,
@@ -319,7 +320,7 @@ def target_lengths(left_s: float, reserve_s: float) -> list[int]:
 
 def target_benchmarks(run: Run, out: Path, reserve_s: float, with_triton: bool) -> dict:
     """The shapes the targets are about, every SDPA backend against the Triton kernel; device times."""
-    impls = tuple(i for i in TARGET_IMPLS if with_triton or i != "triton")
+    impls = tuple(i for i in TARGET_IMPLS if with_triton or not i.startswith("triton"))
     if ON_GPU:
         cfg = {"seqs": target_lengths(run.left(), reserve_s), "d_heads": [128], "batch": 4, "heads": 16, "warmup": 2,
                "repeats": 8, "calls": 5, "dtype": "bfloat16", "device": "cuda"}
@@ -337,7 +338,7 @@ def target_benchmarks(run: Run, out: Path, reserve_s: float, with_triton: bool) 
 def attention_benchmarks(out: Path, deadline: float, with_triton: bool, targets: dict | None,
                          impls: tuple[str, ...] = attention_suite.CORE_IMPLS) -> dict:
     """The rest of the grid: d_head 128 at the lengths the targets stage did not run, then d_head 64."""
-    impls = tuple(i for i in impls if with_triton or i != "triton")
+    impls = tuple(i for i in impls if with_triton or not i.startswith("triton"))
     done = set(targets["config"]["seqs"]) if targets else set()
     if ON_GPU:
         parts = [([T for T in (1024, 2048, 4096, 8192, 16384) if T not in done], [128]),
@@ -497,6 +498,26 @@ def _attention_target(records: list[dict], pass_: str, name: str) -> dict:
                     f"speed of triton / fastest SDPA backend, {pass_}, d_head 128, T >= 4096, causal and not")
 
 
+def forward_kernels_compared(targets: dict | None) -> list[dict]:
+    """The two forward kernels side by side, from the targets stage (not a target): per (T, causal, pass),
+    each one's speed over the fastest SDPA backend's, and the Hopper kernel's over the portable one's."""
+    if not targets:
+        return []
+    by_case = {}
+    for impl in ("triton", "triton_portable"):
+        for r in attention_suite.versus_best_sdpa(targets, impl=impl):  # the targets stage runs d_head 128
+            by_case.setdefault((r["T"], r["causal"], r["pass"]), {})[impl] = r
+    rows = []
+    for (T, causal, pass_), pair in sorted(by_case.items()):
+        auto, portable = pair.get("triton"), pair.get("triton_portable")
+        row = {"T": T, "causal": causal, "pass": pass_,
+               "auto_vs_best_sdpa": auto and auto["ratio"], "portable_vs_best_sdpa": portable and portable["ratio"]}
+        if auto and portable and auto["ratio"] and portable["ratio"]:
+            row["auto_over_portable_speed"] = auto["ratio"] / portable["ratio"]
+        rows.append(row)
+    return rows
+
+
 def evaluate_targets(targets: dict | None, attention: dict | None, modules: dict | None) -> dict:
     """Each target of the GPU chapter: measured value, noise range, verdict (met / missed / not measured), method."""
     attention_records = [d for d in (targets, attention) if d]
@@ -615,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         run.summary["kernel_configs_chosen"] = {kind: {str(k): c for k, c in table.items()}
                                                 for kind, table in _flash_triton.chosen_configs().items()}
     run.summary["targets_verdicts"] = evaluate_targets(targets, attention, modules)
+    run.summary["forward_kernels_compared"] = forward_kernels_compared(targets)
     run.summary["seconds"] = round(time.monotonic() - run.start, 1)
     run.save()
     brief = {name: {k: v[k] for k in ("bound", "value", "range", "verdict")}

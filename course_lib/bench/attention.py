@@ -12,7 +12,10 @@ Attention core (q, k, v of shape (B, H, T, d_head) -> out), timed forward and fo
                `torch.nn.attention.sdpa_kernel`; a backend that refuses the inputs is recorded
                as "unsupported" with the reason, never dropped silently
 - triton       the course's Triton kernel, `course_lib.kernels.flash_attention` (GPU only: on a
-               CPU it runs in Triton's interpreter, whose times say nothing, so it is skipped)
+               CPU it runs in Triton's interpreter, whose times say nothing, so it is skipped); on
+               compute capability 9.x its forward is the Hopper kernel where that applies
+- triton_portable  the same with kernel="portable": the portable forward kernel on any GPU (not in
+               CORE_IMPLS; asked for by name, to set the two forward kernels side by side)
 Modules (x of shape (B, T, H * d_head) -> out, forward+backward): course_lib.MultiHeadAttention,
 a plain SDPA module and nn.MultiheadAttention, timed by `course_lib.bench.mha.run` (interleaved).
 
@@ -81,6 +84,8 @@ __all__ = [
 ]
 
 CORE_IMPLS = ("naive", "course_lib", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton")
+TRITON_IMPLS = ("triton", "triton_portable")  # flash_attention with kernel "auto" and "portable"
+IMPLS = (*CORE_IMPLS, "triton_portable")  # every name the suite knows
 MODULE_IMPLS = ("course_lib", "plain_sdpa", "torch_mha")  # the names course_lib.bench.mha uses
 PASSES = ("fwd", "fwd+bwd")
 # what a timed row carries from `compare` (per call, seconds; medians and quartiles over the rounds)
@@ -95,10 +100,11 @@ def _core_fn(impl: str, is_causal: bool) -> Callable:
         return lambda q, k, v: naive_attention(q, k, v, is_causal)
     if impl == "course_lib":
         return lambda q, k, v: scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    if impl == "triton":
+    if impl in TRITON_IMPLS:
         from course_lib.kernels import flash_attention  # lazy: triton is optional
 
-        return lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal)
+        kernel = "auto" if impl == "triton" else "portable"
+        return lambda q, k, v: flash_attention(q, k, v, is_causal=is_causal, kernel=kernel)
     backend = impl.removeprefix("sdpa_")
     return lambda q, k, v: sdpa_with_backend(backend, q, k, v, is_causal=is_causal)
 
@@ -149,7 +155,7 @@ def _refusal(impl: str, record: dict, device: torch.device, cpu_max_bytes: float
                                                f"scores on the CPU (limit --cpu-max-gib)"}
     if device.type != "cuda" and impl in ("sdpa_efficient", "sdpa_cudnn"):
         return {"status": "unsupported", "reason": f"the {impl.removeprefix('sdpa_')} kernel needs a CUDA device"}
-    if impl == "triton":
+    if impl in TRITON_IMPLS:
         from course_lib.kernels import triton_available
 
         if device.type != "cuda":
@@ -199,7 +205,7 @@ def _core_group(impls: tuple[str, ...], *, B: int, H: int, T: int, d_head: int, 
     steps: dict[str, Callable[[], None]] = {}
     for impl in impls:
         record = records[impl]
-        if impl == "triton":
+        if impl in TRITON_IMPLS:
             record["executed_flops"] = triton_executed_flops(B, H, T, T, d_head, causal=causal, pass_=pass_)
         refusal = _refusal(impl, record, device, cpu_max_bytes)
         if refusal is not None:
@@ -341,9 +347,9 @@ def run_suite(*, seqs: list[int], d_heads: list[int], dtype: str = "float32", de
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
-    unknown = set(impls) - set(CORE_IMPLS)
+    unknown = set(impls) - set(IMPLS)
     if unknown:
-        raise ValueError(f"impls must be among {CORE_IMPLS}; got unknown {sorted(unknown)}")
+        raise ValueError(f"impls must be among {IMPLS}; got unknown {sorted(unknown)}")
     if not passes or set(passes) - set(PASSES):
         raise ValueError(f"passes must be one or more of {PASSES}; got {passes!r}")
     for name, values in (("seqs", seqs), ("d_heads", d_heads)):
@@ -621,7 +627,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=torch_device, default="cuda" if on_gpu else "cpu")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--passes", type=choice_list(PASSES), default=",".join(PASSES), help="comma-separated: fwd, fwd+bwd")
-    p.add_argument("--impls", type=choice_list(CORE_IMPLS), default=",".join(CORE_IMPLS),
+    p.add_argument("--impls", type=choice_list(IMPLS), default=",".join(CORE_IMPLS),
                    help="comma-separated core implementations: " + ", ".join(CORE_IMPLS))
     p.add_argument("--no-modules", action="store_true", help="skip the module comparison")
     p.add_argument("--warmup", type=nonnegative_int, default=3)

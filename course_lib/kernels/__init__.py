@@ -151,18 +151,33 @@ def hopper_kernel_reason(capability: tuple[int, int], triton_version: str, dtype
     return None
 
 
-def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    """"hopper" or "portable": which forward kernel `flash_attention` runs for these (contiguous) inputs.
+KERNELS = ("auto", "hopper", "portable")  # flash_attention's `kernel` argument
 
-    COURSE_LIB_KERNEL=portable forces the portable kernel (to compare the two on one GPU).
-    """
-    if q.device.type != "cuda" or interpreter_active() or os.environ.get("COURSE_LIB_KERNEL") == "portable":
-        return "portable"
+
+def _hopper_reason_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    if q.device.type != "cuda" or interpreter_active():
+        return "the Hopper kernel runs compiled on a CUDA GPU"
     import triton
 
     aligned = all(t.data_ptr() % 16 == 0 for t in (q, k, v))
-    reason = hopper_kernel_reason(torch.cuda.get_device_capability(q.device), triton.__version__, q.dtype,
-                                  q.shape[-1], aligned)
+    return hopper_kernel_reason(torch.cuda.get_device_capability(q.device), triton.__version__, q.dtype,
+                                q.shape[-1], aligned)
+
+
+def forward_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto") -> str:
+    """"hopper" or "portable": which forward kernel `flash_attention(..., kernel=kernel)` runs for these inputs.
+
+    "auto" takes the Hopper kernel wherever `hopper_kernel_reason` has no objection; "portable" always
+    the portable one (to compare the two on one GPU); "hopper" insists, and raises a ValueError with
+    the reason where it cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    if kernel == "portable":
+        return "portable"
+    reason = _hopper_reason_for(q, k, v)
+    if kernel == "hopper" and reason is not None:
+        raise ValueError(f"kernel='hopper' cannot run here: {reason}; use kernel='auto' or 'portable'")
     return "portable" if reason else "hopper"
 
 
@@ -238,31 +253,32 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
-                input_precision: str) -> torch.Tensor:
+                input_precision: str, kernel: str = "auto") -> torch.Tensor:
         kernels = _kernels()
         batch, T, S, d = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
         q3 = q.reshape(-1, T, d).contiguous()  # (N, T, d), N = product of the leading dims
         k3 = k.reshape(-1, S, d).contiguous()  # (N, S, d)
         v3 = v.reshape(-1, S, d).contiguous()  # (N, S, d)
         out, lse = kernels.forward(q3, k3, v3, is_causal, input_precision, interpreter_active(),
-                                   variant=forward_variant(q3, k3, v3))
+                                   variant=forward_variant(q3, k3, v3, kernel))
         ctx.save_for_backward(q3, k3, v3, out, lse)
         ctx.is_causal, ctx.input_precision = is_causal, input_precision
         ctx.shapes = (q.shape, k.shape)
         return out.reshape(*batch, T, d)
 
     @staticmethod
-    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:
         q3, k3, v3, out, lse = ctx.saved_tensors
         q_shape, k_shape = ctx.shapes
         d_out3 = d_out.reshape(out.shape).to(out.dtype)
         dq, dk, dv = _kernels().backward(q3, k3, v3, out, lse, d_out3, ctx.is_causal, ctx.input_precision,
                                          interpreter_active())
-        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape), None, None
+        return dq.reshape(q_shape), dk.reshape(k_shape), dv.reshape(k_shape), None, None, None
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *, input_precision: str = "ieee"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False, *, input_precision: str = "ieee",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v by the tiled FlashAttention algorithm, in Triton; differentiable.
 
@@ -272,7 +288,11 @@ def flash_attention(
     matmul; "tf32" lets the Tensor Cores round the inputs to TF32 first (faster, relative error
     ~1e-3, see `kernel_tolerance`). Triton's own default on a GPU is TF32; this kernel never
     picks it silently. The CPU interpreter always multiplies in float32.
+    kernel: which forward kernel, "auto" (the Hopper kernel on compute capability 9.x where it applies,
+    see `forward_variant`), "portable" or "hopper"; the backward kernels are the same for both.
     No other masks, no dropout: use `course_lib.attention.scaled_dot_product_attention` for those.
     """
     _check(q, k, v, is_causal, input_precision)
-    return FlashAttentionFunction.apply(q, k, v, bool(is_causal), input_precision)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    return FlashAttentionFunction.apply(q, k, v, bool(is_causal), input_precision, kernel)

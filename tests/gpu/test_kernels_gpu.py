@@ -42,7 +42,7 @@ def poison_free_memory(n_bytes: int = 256 * 2**20) -> None:
     del poison
 
 
-def check(dtype_name, causal, T, S, d_head, *, precision="ieee", batch=2, heads=3, config=None):
+def check(dtype_name, causal, T, S, d_head, *, precision="ieee", batch=2, heads=3, config=None, kernel="auto"):
     dtype = DTYPES[dtype_name]
     poison_free_memory()
     gen = torch.Generator(device="cuda").manual_seed(T * 7919 + S * 31 + d_head)
@@ -51,7 +51,7 @@ def check(dtype_name, causal, T, S, d_head, *, precision="ieee", batch=2, heads=
     v = torch.randn(batch, heads, S, d_head, device="cuda", generator=gen).to(dtype).requires_grad_()
     d_out = torch.randn(batch, heads, T, d_head, device="cuda", generator=gen).to(dtype)
     if config is None:
-        out = flash_attention(q, k, v, is_causal=causal, input_precision=precision)
+        out = flash_attention(q, k, v, is_causal=causal, input_precision=precision, kernel=kernel)
         out.backward(d_out)
         got = (out, q.grad, k.grad, v.grad)
     else:  # one given block-size config for the forward and both backward kernels
@@ -129,17 +129,15 @@ def test_every_candidate_config_of_the_hopper_forward(d_head, causal, length):
         check("bfloat16", causal, length, length, d_head, config=config, batch=1, heads=2)
 
 
-def test_the_forward_kernel_chosen_on_this_gpu(monkeypatch):
-    """On an H100/H200, bfloat16 at d_head 128 takes the Hopper kernel unless COURSE_LIB_KERNEL=portable."""
+def test_the_forward_kernel_chosen_on_this_gpu():
+    """On an H100/H200, bfloat16 at d_head 128 takes the Hopper kernel unless kernel="portable" is asked for."""
     from course_lib.kernels import forward_variant
 
     q = torch.randn(2, 256, 128, device="cuda", dtype=torch.bfloat16)
-    monkeypatch.delenv("COURSE_LIB_KERNEL", raising=False)
     assert forward_variant(q, q, q) == ("hopper" if HOPPER else "portable")
     assert forward_variant(q.float(), q.float(), q.float()) == "portable"
-    monkeypatch.setenv("COURSE_LIB_KERNEL", "portable")
-    assert forward_variant(q, q, q) == "portable"
-    check("bfloat16", True, 300, 300, 128)  # flash_attention with the portable kernel forced, on this GPU too
+    assert forward_variant(q, q, q, "portable") == "portable"
+    check("bfloat16", True, 300, 300, 128, kernel="portable")  # flash_attention with the portable kernel forced
 
 
 def test_more_heads_than_a_grid_axis_and_more_elements_than_int32():

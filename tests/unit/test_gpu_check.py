@@ -32,7 +32,8 @@ def test_the_measurements_that_decide_the_targets_come_first(gc):
     assert (gc.TARGETS["triton_fwd_vs_best_sdpa_min"], gc.TARGETS["triton_fwd_bwd_vs_best_sdpa_min"]) == (0.8, 0.6)
     assert gc.TARGETS["module_step_vs_plain_sdpa_max"] == gc.TARGETS["decode_step_vs_plain_max"] == 1.05
     assert gc.TARGETS["graph_static_speedup_min"] == 3.0
-    assert {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton"} == set(gc.TARGET_IMPLS)
+    assert set(gc.TARGET_IMPLS) == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton",
+                                    "triton_portable"}
 
 
 def test_16384_only_when_the_budget_covers_it(gc):
@@ -122,6 +123,20 @@ def test_old_module_rows_without_device_times_give_a_value_without_a_range(gc):
     assert "dispatch included" in t["timing_method"]
 
 
+def test_the_two_forward_kernels_are_set_side_by_side(gc):
+    record = _attention(0.9, 3.0, Ts=(4096,))
+    record["rows"] += [_core("triton_portable", 4096, causal, "fwd", 1.8) for causal in (False, True)]
+    rows = gc.forward_kernels_compared(record)
+    fwd = [r for r in rows if r["pass"] == "fwd"]
+    assert [(r["T"], r["causal"]) for r in fwd] == [(4096, False), (4096, True)]
+    for r in fwd:  # best SDPA 0.9 s: the Hopper kernel as fast (1.0), the portable one half as fast (0.5)
+        assert r["auto_vs_best_sdpa"] == pytest.approx(1.0) and r["portable_vs_best_sdpa"] == pytest.approx(0.5)
+        assert r["auto_over_portable_speed"] == pytest.approx(2.0)
+    bwd = [r for r in rows if r["pass"] == "fwd+bwd"]  # no portable row: nothing to divide by
+    assert bwd and all(r["portable_vs_best_sdpa"] is None and "auto_over_portable_speed" not in r for r in bwd)
+    assert gc.forward_kernels_compared(None) == []
+
+
 def test_cache_kind_is_passed_only_where_run_decode_takes_it(gc, monkeypatch):
     def old_run_decode(*, batch, cache_len, d_model, heads, repeats, warmup, device, dtype):
         raise AssertionError("not called here")
@@ -183,7 +198,9 @@ def test_the_dry_run_writes_every_file_and_a_verdict_per_target(tmp_path):
     assert summary["targets_verdicts"]["decode_step_vs_plain_max"]["cases"]
     targets = json.loads((tmp_path / "attention_targets_cpu_float32.json").read_text())
     assert {r["impl"] for r in targets["rows"]} == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
-                                                    "triton"}
+                                                    "triton", "triton_portable"}
+    assert {(r["T"], r["causal"], r["pass"]) for r in summary["forward_kernels_compared"]} == {
+        (T, causal, pass_) for T in (64, 128) for causal in (False, True) for pass_ in ("fwd", "fwd+bwd")}
     assert all("device_s" in r for r in targets["rows"] if r["status"] == "ok")
     mha = json.loads((tmp_path / "mha_cpu_float32.json").read_text())
     assert {r["config"].get("cache_kind") for r in mha["rows"] if "cache_len" in r["config"]} <= {

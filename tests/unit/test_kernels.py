@@ -11,6 +11,7 @@ The compiled kernel on a GPU is tested in test_kernels_gpu.py, its Hopper build 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -310,13 +311,25 @@ def test_the_forward_kernel_is_chosen_by_capability_and_triton_version(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(triton, "__version__", version)
     monkeypatch.setattr(kernels, "interpreter_active", lambda: False)
-    monkeypatch.delenv("COURSE_LIB_KERNEL", raising=False)
     t = _FakeCudaTensor(dtype, d_head, address)
     assert kernels.forward_variant(t, t, t) == expected  # type: ignore[arg-type]
     reason = kernels.hopper_kernel_reason(capability, version, dtype, d_head, address % 16 == 0)
     assert (reason is None) == (expected == "hopper")
-    monkeypatch.setenv("COURSE_LIB_KERNEL", "portable")
-    assert kernels.forward_variant(t, t, t) == "portable"  # type: ignore[arg-type]
+    assert kernels.forward_variant(t, t, t, "portable") == "portable"  # type: ignore[arg-type]
+    if expected == "hopper":
+        assert kernels.forward_variant(t, t, t, "hopper") == "hopper"  # type: ignore[arg-type]
+    else:  # insisting on the Hopper kernel where it cannot run names the reason
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            kernels.forward_variant(t, t, t, "hopper")  # type: ignore[arg-type]
+
+
+def test_flash_attention_refuses_an_unknown_kernel_before_any_work():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        flash_attention(q, q, q, kernel="fast")
+    with pytest.raises(ValueError, match="kernel='hopper' cannot run here"):
+        flash_attention(q, q, q, kernel="hopper")  # the CPU runs the interpreter, never the Hopper kernel
+    assert torch.allclose(flash_attention(q, q, q, kernel="portable"), flash_attention(q, q, q), atol=0)
 
 
 def test_the_hopper_kernel_reasons_name_what_is_missing():
