@@ -25,9 +25,15 @@ Record (the JSON that --json writes; the repository's data/benchmarks/ holds rec
      "rows": [{...}, ...],      one dict per measurement (mha: per comparison of its modules);
                                 shapes as T, S, d_head, and B, H where a row has them
      ...}                       then what only that suite has (a measured peak, a summary, ...)
-Times are in seconds, as `timing.Timing` measures them: "median_s", "min_s", "max_s" (and
-"samples_s"); a case that did not run carries None, or no time, and says why ("status" and
-"reason", or "error").
+Times are in seconds. The suites time the implementations of a case together with
+`timing.compare`: interleaved rounds, each giving every implementation its device time (one pair of
+CUDA events around back-to-back calls, per call; perf_counter on the CPU) and the wall time of one
+call with its dispatch. "median_s" is the median device time per call, with its quartiles ("q1_s"
+and "q3_s", or "device_q1_s" and "device_q3_s") and the wall time ("wall_s" or "wall_median_s")
+beside it, and "timing_method" or a "device" dict says how. Records made before this (data/benchmarks/
+README.md says which) have "median_s", "min_s", "max_s" of single calls, each between its own pair
+of events, dispatch included. A case that did not run carries None, or no time, and says why
+("status" and "reason", or "error").
 """
 
 from __future__ import annotations

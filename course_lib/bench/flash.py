@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from course_lib._validate import check_nonnegative_int, check_positive_int
 from course_lib.bench import write_record
-from course_lib.bench.timing import time_fn
+from course_lib.bench.timing import compare
 from course_lib.cost.flops import attention_flops
 from course_lib.tools.cli import choice_list, int_list, nonnegative_int, output_file, positive_int, torch_device
 from course_lib.tools.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
@@ -40,39 +40,47 @@ def _ours_runner(q, k, v, causal: bool):
 
 
 def bench_one(batch: int, heads: int, T: int, d_head: int, dtype: torch.dtype, causal: bool, device: str,
-              repeats: int, warmup: int, impls: tuple[str, ...]) -> list[dict]:
+              repeats: int, warmup: int, impls: tuple[str, ...], calls: int = 5) -> list[dict]:
     """One row per implementation in impls (names from IMPLS): its forward time and error vs a float32 SDPA;
-    a backend that refuses these inputs on this device gets a row with its "error" instead."""
-    for name, value in (("batch", batch), ("heads", heads), ("T", T), ("d_head", d_head), ("repeats", repeats)):
+    a backend that refuses these inputs on this device gets a row with its "error" instead.
+
+    The inputs are drawn once, on the device; the implementations that ran are timed together by
+    `course_lib.bench.timing.compare` (`repeats` interleaved rounds of `calls` back-to-back calls):
+    "median_s" is the median device time per call, "q1_s"/"q3_s" its quartiles, "wall_s" one call's
+    wall time with its dispatch.
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("T", T), ("d_head", d_head), ("repeats", repeats),
+                        ("calls", calls)):
         check_positive_int(name, value)
     check_nonnegative_int("warmup", warmup)
     unknown = [name for name in impls if name not in IMPLS]
     if not impls or unknown:
         raise ValueError(f"impls must be one or more of {IMPLS}; got {tuple(impls)!r}")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, T, d_head, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = torch.randn(3, batch, heads, T, d_head, device=device, generator=gen).to(dtype).unbind(0)
     flops = attention_flops(batch, heads, T, T, d_head, causal=causal)
-    reference = None
-    rows = []
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    rows, runners = {}, {}
     for name in impls:
         row = {"impl": name, "B": batch, "H": heads, "T": T, "S": T, "d_head": d_head,
                "dtype": str(dtype).removeprefix("torch."), "causal": causal}
+        rows[name] = row
         try:
             run = _ours_runner(q, k, v, causal) if name == "triton" else _sdpa_runner(name, q, k, v, causal)
             with torch.no_grad():
-                out = run()
-                if reference is None:
-                    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-                row["max_abs_err_vs_fp32_sdpa"] = float((out.float() - reference).abs().max())
-                timing = time_fn(run, device=device, warmup=warmup, repeats=repeats)
+                row["max_abs_err_vs_fp32_sdpa"] = float((run().float() - reference).abs().max())
         except Exception as e:  # a backend that does not support these inputs on this device
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            rows.append(row)
             continue
-        row |= {"median_s": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s, "repeats": timing.repeats,
-                "tflops": flops / timing.median_s / 1e12}
-        rows.append(row)
-    return rows
+        runners[name] = run
+    if runners:
+        with torch.no_grad():
+            timings = compare(runners, device=device, warmup=warmup, rounds=repeats, calls=calls)
+        for name, t in timings.items():
+            rows[name] |= {"median_s": t.device_s, "q1_s": t.device_q1_s, "q3_s": t.device_q3_s, "wall_s": t.wall_s,
+                           "repeats": t.rounds, "calls": t.calls, "timing_method": t.method,
+                           "tflops": flops / t.device_s / 1e12}
+    return list(rows.values())
 
 
 def summarize(rows: list[dict]) -> list[dict]:
