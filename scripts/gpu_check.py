@@ -19,13 +19,16 @@ measured; a stage that would start with less of --budget-s left than it needs is
  4. modules    course_lib.MultiHeadAttention vs a plain SDPA module vs nn.MultiheadAttention, a
                training step at T = 1024 and 4096; one decoding step against a KV cache of each kind
                (dynamic, static, CUDA-graph-captured static) at B = 1 and 8, cache 1024 and 4096.
- 5. accuracy   relative error vs float64 of the Triton kernel and of SDPA, outputs and gradients,
+ 5. profile    torch.profiler on the decoding steps (B = 1, cache 4096, each cache kind) and the causal
+               training step at T = 1024, course_lib and the plain module: host time, kernel time and
+               launches per call, the top operators, so that a missed target says why (~10 s).
+ 6. accuracy   relative error vs float64 of the Triton kernel and of SDPA, outputs and gradients,
                per dtype (and TF32), at T = 1024.
- 6. attention  the rest of the attention grid (naive, course_lib, each SDPA backend, Triton; d_head 64
+ 7. attention  the rest of the attention grid (naive, course_lib, each SDPA backend, Triton; d_head 64
                at T = 1k..16k, d_head 128 at the lengths the targets stage did not run), the measured
                bf16 matmul peak, peak memory, the error table.
- 7. tests      every test with a CUDA path (pytest, 8 workers).
- 8. oom        the sequence length at which naive attention runs out of memory.
+ 8. tests      every test with a CUDA path (pytest, 8 workers).
+ 9. oom        the sequence length at which naive attention runs out of memory.
 The targets (TARGETS) are evaluated from stages 3 and 4: each with its measured value, the range the
 timing noise allows (course_lib.bench.timing.ratio_with_spread), a verdict (met / missed / not
 measured) and the timing method.
@@ -76,7 +79,7 @@ from course_lib.bench.timing import ratio_with_spread  # noqa: E402
 from course_lib.experiments.precision import relative_error  # noqa: E402
 from course_lib.tools.device import device_facts, nvidia_smi_facts, package_versions  # noqa: E402
 
-STAGES = ("smoke", "tune", "targets", "modules", "accuracy", "attention", "tests", "oom")
+STAGES = ("smoke", "tune", "targets", "modules", "profile", "accuracy", "attention", "tests", "oom")
 SMOKE_TESTS = ["tests/gpu/test_kernels_gpu.py"]
 SMOKE_SELECTION = "(test_16_bit_against_float64 and bfloat16 and 128) or test_the_forward_kernel_chosen_on_this_gpu"
 GPU_TESTS = [
@@ -418,6 +421,35 @@ def module_benchmarks(out: Path, deadline: float) -> dict:
     return record
 
 
+# ----------------------------------------------------------------------------- profile
+def profile_steps_of_targets() -> dict:
+    """Where the time of the steps the module and decoding targets compare goes (torch.profiler, not a timing):
+    per step, wall, host-operator and kernel time per call, kernels launched, and the top operators, so that a
+    missed target says whether the host or the GPU holds the step back."""
+    from course_lib.bench.profile import profile_steps
+
+    device, dtype = ("cuda", torch.bfloat16) if ON_GPU else ("cpu", torch.float32)
+    d_model, heads, cache_len, seq = (2048, 16, 4096, 1024) if ON_GPU else (64, 4, 32, 32)
+    out: dict = {"method": "course_lib.bench.profile.profile_steps: 5 profiled calls after 1 warm-up, per call; "
+                           "the profiler's own overhead is in the host times, alike for the steps compared"}
+    kinds = CACHE_KINDS if decode_kwargs("dynamic") else ("dynamic",)
+    with torch.no_grad():
+        for kind in kinds:
+            steps = mha_bench.decode_steps(cache_kind=kind, batch=1, cache_len=cache_len, d_model=d_model,
+                                           heads=heads, device=device, dtype=dtype)
+            out[f"decode B=1 cache={cache_len} {kind}"] = profile_steps(steps, device=device, calls=5, top=8)
+    steps = mha_bench.training_steps(batch=4, seq=seq, d_model=d_model, heads=heads, device=device, dtype=dtype,
+                                     causal=True)
+    out[f"training B=4 T={seq} causal"] = profile_steps({k: steps[k] for k in ("course_lib", "plain_sdpa")},
+                                                        device=device, calls=5, top=8)
+    for case, by_step in out.items():
+        if case != "method":
+            print(f"  {case}: " + ", ".join(f"{name} wall {p['wall_us_per_call']:.0f} us, kernels "
+                                           f"{p['device_us_per_call']:.0f} us, {p['kernels_per_call']:.0f} launches"
+                                           for name, p in by_step.items()), flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- naive OOM
 def naive_oom_probe(deadline: float, batch: int = 4, heads: int = 16, d_head: int = 128) -> dict:
     """Double T from 16k until naive attention (forward, bf16) runs out of memory; SDPA's flash at the same T."""
@@ -610,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         modules = run.stage("modules", lambda: module_benchmarks(args.out, run.deadline(tests_reserve + 30)),
                             needs_s=40)
     run.summary["targets_verdicts"] = evaluate_targets(targets, None, modules)
+    if "profile" in stages:
+        run.summary["profiles"] = run.stage("profile", profile_steps_of_targets, needs_s=tests_reserve + 25)
     if ON_GPU:
         run.summary["clocks_after_targets"] = nvidia_smi_facts(index=torch.cuda.current_device())
     run.save()

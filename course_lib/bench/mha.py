@@ -50,8 +50,8 @@ from course_lib.modern.static_cache import StaticKVCache
 from course_lib.tools.cli import choice_list, int_list, nonnegative_int, output_file, positive_int, torch_device
 from course_lib.tools.device import device_facts
 
-__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "main", "TRAINING_STEP", "DECODE_STEP",
-           "CACHE_KINDS"]
+__all__ = ["PlainSDPAttention", "build_modules", "run", "run_decode", "training_steps", "decode_steps", "main",
+           "TRAINING_STEP", "DECODE_STEP", "CACHE_KINDS"]
 
 BASELINES = ("torch_mha", "plain_sdpa")
 CACHE_KINDS = ("dynamic", "static", "graph")  # run_decode's caches (see the module docstring)
@@ -152,14 +152,7 @@ def run(
     check_positive_int("calls", calls)
     check_nonnegative_int("warmup", warmup)
     device = torch.device(device)
-    torch.manual_seed(seed)
-    modules = build_modules(d_model, heads, device, dtype)
-    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)  # (B, T, d_model)
-    grad_out = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
-    with torch.no_grad():  # the three must agree before their speed means anything
-        outs = {name: _forward(name, m, x, causal) for name, m in modules.items()}
-    max_diff = max(float((o - outs["torch_mha"]).abs().max()) for o in outs.values())
-    steps = {name: _step(name, m, x, grad_out, causal) for name, m in modules.items()}
+    steps, max_diff = _training_case(batch, seq, d_model, heads, device, dtype, causal, seed)
     timed = compare(steps, device=device, warmup=warmup, rounds=repeats, calls=calls)
     return {
         "config": {"batch": batch, "seq": seq, "d_model": d_model, "heads": heads,
@@ -169,6 +162,28 @@ def run(
         "max_abs_output_difference": max_diff,
         "timings": _timings(timed, BASELINES),
     }
+
+
+def _training_case(batch: int, seq: int, d_model: int, heads: int, device: torch.device, dtype: torch.dtype,
+                   causal: bool, seed: int) -> tuple[dict[str, Callable[[], None]], float]:
+    """The three modules' training steps on one input, and the largest difference between their outputs."""
+    torch.manual_seed(seed)
+    modules = build_modules(d_model, heads, device, dtype)
+    x = torch.randn(batch, seq, d_model, device=device, dtype=dtype, requires_grad=True)  # (B, T, d_model)
+    grad_out = torch.randn(batch, seq, d_model, device=device, dtype=dtype)
+    with torch.no_grad():  # the three must agree before their speed means anything
+        outs = {name: _forward(name, m, x, causal) for name, m in modules.items()}
+    max_diff = max(float((o - outs["torch_mha"]).abs().max()) for o in outs.values())
+    return {name: _step(name, m, x, grad_out, causal) for name, m in modules.items()}, max_diff
+
+
+def training_steps(*, batch: int, seq: int, d_model: int, heads: int, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, causal: bool = False, seed: int = 0,
+                   ) -> dict[str, Callable[[], None]]:
+    """What `run` times: each module's forward+backward step, by name (to profile them, say)."""
+    for name, value in (("batch", batch), ("seq", seq), ("d_model", d_model), ("heads", heads)):
+        check_positive_int(name, value)
+    return _training_case(batch, seq, d_model, heads, torch.device(device), dtype, causal, seed)[0]
 
 
 def _timings(timed: Mapping[str, DeviceTiming], baselines: tuple[str, ...]) -> dict[str, dict]:
@@ -219,16 +234,8 @@ def run_decode(
     if cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}; got {cache_kind!r}")
     device = torch.device(device)
-    torch.manual_seed(seed)
-    modules = build_modules(d_model, heads, device, dtype)
-    ours, plain = modules["course_lib"], cast(PlainSDPAttention, modules["plain_sdpa"])  # for plain.decode
-    d_head = d_model // heads
-    keys, values = (torch.randn(batch, heads, cache_len, d_head, device=device, dtype=dtype) for _ in range(2))
-    x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)  # (B, 1, d_model): the newest token
-    max_len = -(-(cache_len + 1) // 16) * 16
     with torch.no_grad():
-        reference = ours(x, cache=KVCache(key=keys, value=values), is_causal=True)
-        steps = _decode_steps(cache_kind, cast(MultiHeadAttention, ours), plain, keys, values, x, max_len)
+        steps, reference, max_len = _decode_case(cache_kind, batch, cache_len, d_model, heads, device, dtype, seed)
         out = {name: step().clone() for name, step in steps.items()}  # same weights, same cache: same answer
         timed = compare(steps, device=device, warmup=warmup, rounds=repeats, calls=calls, flush_l2=flush_l2)
     return {
@@ -242,6 +249,34 @@ def run_decode(
         "max_abs_difference_to_dynamic_cache": float((out["course_lib"] - reference).abs().max()),
         "timings": _timings(timed, ("plain_sdpa",)),
     }
+
+
+def _decode_case(cache_kind: str, batch: int, cache_len: int, d_model: int, heads: int, device: torch.device,
+                 dtype: torch.dtype, seed: int) -> tuple[dict[str, Callable[[], torch.Tensor]], torch.Tensor, int]:
+    """Both modules' decoding steps with `cache_kind`'s cache, the reference output (MultiHeadAttention with
+    the dynamic cache) and the static caches' max_len."""
+    torch.manual_seed(seed)
+    modules = build_modules(d_model, heads, device, dtype)
+    ours, plain = cast(MultiHeadAttention, modules["course_lib"]), cast(PlainSDPAttention, modules["plain_sdpa"])
+    d_head = d_model // heads
+    keys, values = (torch.randn(batch, heads, cache_len, d_head, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)  # (B, 1, d_model): the newest token
+    max_len = -(-(cache_len + 1) // 16) * 16
+    reference = ours(x, cache=KVCache(key=keys, value=values), is_causal=True)
+    return _decode_steps(cache_kind, ours, plain, keys, values, x, max_len), reference, max_len
+
+
+def decode_steps(*, cache_kind: str, batch: int, cache_len: int, d_model: int, heads: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 ) -> dict[str, Callable[[], torch.Tensor]]:
+    """What `run_decode` times: course_lib's and the plain module's decoding step, by name; call them
+    under torch.no_grad()."""
+    for name, value in (("batch", batch), ("cache_len", cache_len), ("d_model", d_model), ("heads", heads)):
+        check_positive_int(name, value)
+    if cache_kind not in CACHE_KINDS:
+        raise ValueError(f"cache_kind must be one of {CACHE_KINDS}; got {cache_kind!r}")
+    with torch.no_grad():
+        return _decode_case(cache_kind, batch, cache_len, d_model, heads, torch.device(device), dtype, seed)[0]
 
 
 def _decode_steps(kind: str, ours: MultiHeadAttention, plain: PlainSDPAttention, keys: torch.Tensor,

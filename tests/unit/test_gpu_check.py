@@ -25,7 +25,7 @@ def gc():
 
 
 def test_the_measurements_that_decide_the_targets_come_first(gc):
-    assert gc.STAGES == ("smoke", "tune", "targets", "modules", "accuracy", "attention", "tests", "oom")
+    assert gc.STAGES == ("smoke", "tune", "targets", "modules", "profile", "accuracy", "attention", "tests", "oom")
     assert set(gc.TARGETS) == {"triton_fwd_vs_best_sdpa_min", "triton_fwd_bwd_vs_best_sdpa_min",
                                "module_step_vs_plain_sdpa_max", "decode_step_vs_plain_max",
                                "graph_static_speedup_min"}
@@ -185,8 +185,14 @@ def test_the_dry_run_writes_every_file_and_a_verdict_per_target(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["attention_cpu_float32.json", "attention_cpu_float32.png", "attention_targets_cpu_float32.json",
                      "gpu_check.json", "mha_cpu_float32.json"]
-    assert summary["stage_order"] == list(summary["stages"]) == ["smoke", "tune", "targets", "modules", "accuracy",
-                                                                 "attention", "tests", "oom"]
+    assert summary["stage_order"] == list(summary["stages"]) == ["smoke", "tune", "targets", "modules", "profile",
+                                                                 "accuracy", "attention", "tests", "oom"]
+    profiles = summary["profiles"]  # each case profiles course_lib's step and the plain module's
+    assert {"decode B=1 cache=32 dynamic", "decode B=1 cache=32 graph", "training B=4 T=32 causal"} <= set(profiles)
+    for case, by_step in profiles.items():
+        if case != "method":
+            assert set(by_step) == {"course_lib", "plain_sdpa"}, case
+            assert all(p["wall_us_per_call"] > 0 and p["top_ops"] for p in by_step.values()), case
     assert summary["stages"]["tune"]["status"] == "skipped"  # needs a GPU
     assert all(s["status"] == "ok" for name, s in summary["stages"].items() if name != "tune")
     assert summary["seconds"] < 180
