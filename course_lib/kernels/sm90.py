@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -125,6 +127,9 @@ def record(cases: list[dict] | None = None) -> dict:
         rows.append(row | {"mask_keys": case.get("mask_keys", False)})
     return {"what": "course_lib's Triton kernels compiled for sm_90 (Hopper) on a machine without a GPU",
             "target": "cuda sm_90, 32 threads per warp", "triton": triton.__version__,
+            "device_info": {"device_name": "no GPU: compiled ahead of time for sm_90", "device_type": "cpu",
+                            "machine": platform.machine(), "python": platform.python_version(),
+                            "torch": torch.__version__, "triton": triton.__version__},
             "command": "python -m course_lib.kernels.sm90", "rows": rows}
 
 
