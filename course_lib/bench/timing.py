@@ -132,8 +132,9 @@ def _make_spinner(device: torch.device) -> Callable[[float], None]:
     sleep = getattr(torch.cuda, "_sleep", None)
     if sleep is None:
         return lambda seconds: None
-    cycles = 1_000_000
+    sleep(1000)  # the first launch loads the kernel's module: keep that out of the calibration
     torch.cuda.synchronize(device)
+    cycles = 10_000_000  # a few milliseconds: long beside the events' own resolution
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     sleep(cycles)

@@ -292,7 +292,7 @@ def flash_attention(
     see `forward_variant`), "portable" or "hopper"; the backward kernels are the same for both.
     No other masks, no dropout: use `course_lib.attention.scaled_dot_product_attention` for those.
     """
-    _check(q, k, v, is_causal, input_precision)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}; got {kernel!r}")
+    _check(q, k, v, is_causal, input_precision)
     return FlashAttentionFunction.apply(q, k, v, bool(is_causal), input_precision, kernel)

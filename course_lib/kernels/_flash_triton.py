@@ -551,8 +551,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, 
     if variant == "hopper":
         if not interpret:
             _ensure_allocator()
-        meta = {"IS_CAUSAL": is_causal, "MASK_KEYS": S % 128 != 0, "WARP_SPECIALIZE": True,
-                "BLOCK_D": D}  # every candidate BLOCK_N divides 128: S % 128 == 0 means whole tiles only
+        # every candidate BLOCK_N divides 128: S % 128 == 0 means whole tiles only (causal masks every tile anyway,
+        # and a constant it does not read would only compile it twice)
+        meta = {"IS_CAUSAL": is_causal, "MASK_KEYS": not is_causal and S % 128 != 0, "WARP_SPECIALIZE": True,
+                "BLOCK_D": D}
         _launch(_attn_fwd_ws_tuned, _attn_fwd_ws, "fwd_ws", T, N, (q, k, v, out, lse, T, S, qk_scale,
                                                                    length_bucket(T, S)), meta, interpret, config)
     else:
