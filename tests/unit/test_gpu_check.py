@@ -32,8 +32,7 @@ def test_the_measurements_that_decide_the_targets_come_first(gc):
     assert (gc.TARGETS["triton_fwd_vs_best_sdpa_min"], gc.TARGETS["triton_fwd_bwd_vs_best_sdpa_min"]) == (0.8, 0.6)
     assert gc.TARGETS["module_step_vs_plain_sdpa_max"] == gc.TARGETS["decode_step_vs_plain_max"] == 1.05
     assert gc.TARGETS["graph_static_speedup_min"] == 3.0
-    assert set(gc.TARGET_IMPLS) == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "triton",
-                                    "triton_portable"}
+    assert set(gc.TARGET_IMPLS) == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton", "triton_portable"}
 
 
 def test_16384_only_when_the_budget_covers_it(gc):
@@ -155,6 +154,59 @@ def test_a_kernel_that_corrupts_memory_is_left_out(gc):
     assert not gc.kernel_is_sound({}, {"failures": [{"test": "t", "message": "CUDA error: an illegal memory access"}]})
 
 
+def test_tests_that_timed_out_leave_the_kernels_out_on_a_gpu(gc, monkeypatch):
+    monkeypatch.setattr(gc, "ON_GPU", True)
+    assert not gc.kernel_is_sound({"returncode": None, "output_tail": "timed out after 150 s"})
+    assert gc.kernel_is_sound({"returncode": 1, "failures": []}) and gc.kernel_is_sound({})
+
+
+def test_a_failed_hopper_test_switches_the_benchmarks_to_the_portable_kernel(gc):
+    failed = {"failures": [{"test": "tests.gpu.test_kernels_gpu::test_every_candidate_config_of_the_hopper_forward"
+                                    "[512-False-128]", "message": "AssertionError"}]}
+    assert not gc.hopper_kernel_passed(failed)
+    assert gc.hopper_kernel_passed({"failures": [{"test": "x::test_float32_exact_products", "message": "m"}]})
+    assert gc.hopper_kernel_passed({}) and gc.hopper_kernel_passed(None)
+    impls = ("sdpa_flash", "triton", "triton_portable")
+    assert gc.triton_impls(impls, True, True) == impls
+    assert gc.triton_impls(impls, True, False) == ("sdpa_flash", "triton_portable")  # once, not twice
+    assert gc.triton_impls(impls, False, True) == ("sdpa_flash",)
+    # the targets then read the portable kernel's rows, and say so
+    record = _attention(0.9, 3.0)
+    for r in record["rows"]:
+        if r["impl"] == "triton":
+            r["impl"] = "triton_portable"
+    verdict = gc.evaluate_targets(record, None, None)["triton_fwd_vs_best_sdpa_min"]
+    assert verdict["verdict"] == "met" and "triton_portable" in verdict["where"]
+
+
+def test_a_module_row_that_fails_is_recorded_and_the_others_run(gc, monkeypatch, tmp_path):
+    real = gc.mha_bench.run_decode
+
+    def flaky(*, cache_kind="dynamic", **kwargs):  # takes cache_kind, as gpu_check asks of run_decode
+        if cache_kind == "graph":
+            raise RuntimeError("capture failed")
+        return real(cache_kind=cache_kind, **kwargs)
+
+    monkeypatch.setattr(gc.mha_bench, "run_decode", flaky)
+    record = gc.module_benchmarks(tmp_path, deadline=float("inf"))
+    errors = [s for s in record["skipped"] if "error" in s]
+    assert errors and all(s["cache_kind"] == "graph" and "capture failed" in s["error"] for s in errors)
+    steps = [(r["config"]["step"], r["config"].get("cache_kind")) for r in record["rows"]]
+    assert steps[:2] == [(gc.mha_bench.DECODE_STEP, "dynamic"), (gc.mha_bench.DECODE_STEP, "static")]  # first
+    assert (gc.mha_bench.TRAINING_STEP, None) in steps and len(steps) == 2 + 2 + 2  # B=2 decodes, two trainings
+    assert json.loads((tmp_path / "mha_cpu_float32.json").read_text())["skipped"] == record["skipped"]
+
+
+def test_tests_that_run_past_their_timeout_are_stopped_with_their_workers(gc, tmp_path):
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_sleeps():\n    time.sleep(60)\n")
+    run = gc.Run(tmp_path, 100.0)
+    start = gc.time.monotonic()
+    result = gc.run_tests(run, 3.0, [str(slow)], key="slow", workers=1)
+    assert result["returncode"] is None and "timed out after 3 s" in result["output_tail"]
+    assert gc.time.monotonic() - start < 30  # interrupted, not waited for
+
+
 # ----------------------------------------------------------------------------- the dry run
 def _dry_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     env = os.environ | {"PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
@@ -203,8 +255,8 @@ def test_the_dry_run_writes_every_file_and_a_verdict_per_target(tmp_path):
     assert summary["targets_verdicts"]["triton_fwd_vs_best_sdpa_min"]["verdict"] == "not measured"
     assert summary["targets_verdicts"]["decode_step_vs_plain_max"]["cases"]
     targets = json.loads((tmp_path / "attention_targets_cpu_float32.json").read_text())
-    assert {r["impl"] for r in targets["rows"]} == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math",
-                                                    "triton", "triton_portable"}
+    assert {r["impl"] for r in targets["rows"]} == {"sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "triton",
+                                                    "triton_portable"}
     assert {(r["T"], r["causal"], r["pass"]) for r in summary["forward_kernels_compared"]} == {
         (T, causal, pass_) for T in (64, 128) for causal in (False, True) for pass_ in ("fwd", "fwd+bwd")}
     assert all("device_s" in r for r in targets["rows"] if r["status"] == "ok")
