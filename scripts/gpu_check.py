@@ -41,7 +41,7 @@ Time (default --budget-s 420, the clock starting when the script starts), estima
 recorded H200 runs (data/benchmarks/gpu_check_run{1,2}.json, "stages" seconds), the per-call times
 they recorded and the kernels' compile times (about 0.5-1 s per config for sm_90 here): imports and
 device facts ~10 s; smoke 40-60 s (every candidate config of the Hopper forward and of the fast
-path compiled and checked in a child process, COURSE_LIB_AUTOTUNE=0, so that a kernel that hangs or
+path at d_head 128 compiled and checked in a child process, COURSE_LIB_AUTOTUNE=0, so that a kernel that hangs or
 corrupts memory is found there); tune 20-35 s (d_head 128 only, causal and not); targets 45-60 s at
 T = 4096 and 8192 (8 cases of 5 implementations, each ~55 calls of 1-20 ms, SDPA's math backend
 left out), T = 16384 only with the budget to spare; modules ~20 s (decoding at B = 1 with a 4096
@@ -86,11 +86,12 @@ from course_lib.tools.device import device_facts, nvidia_smi_facts, package_vers
 
 STAGES = ("smoke", "tune", "targets", "modules", "profile", "accuracy", "attention", "tests", "oom")
 SMOKE_TESTS = ["tests/gpu/test_kernels_gpu.py"]
-# every config the autotuner may pick later in this process runs here first, in a child process: a kernel that
-# hangs or corrupts memory there is left out of the benchmarks instead of poisoning this process
+# every config the autotuner may pick at d_head 128 (the targets' head size) runs here first, in a child process: a
+# kernel that hangs or corrupts memory there is left out of the benchmarks instead of poisoning this process
+# (d_head 64 first runs in the grid, after the targets and modules are recorded)
 SMOKE_SELECTION = ("(test_16_bit_against_float64 and bfloat16 and 128) or test_the_forward_kernel_chosen_on_this_gpu"
-                   " or test_every_candidate_config_of_the_hopper_forward"
-                   " or test_every_candidate_config_of_the_fast_path")
+                   " or (test_every_candidate_config_of_the_hopper_forward and 128)"
+                   " or (test_every_candidate_config_of_the_fast_path and 128)")
 SMOKE_TIMEOUT_S = 150.0
 GPU_TESTS = [
     "tests/gpu/test_kernels_gpu.py",
