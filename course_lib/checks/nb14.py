@@ -228,8 +228,8 @@ def check_shared_prefix_blocks(fn):
 
 # ----------------------------------------------------------------------------- a graph-safe sliding-window step
 _DECODE_STEPS = 8  # tokens decoded per case, eagerly and replayed
-# (batch, heads, d_head, prompt, window, free rows after the last step): a window shorter than the text, an empty
-# prompt with a window longer than the text, a window of one token
+# (batch, heads, d_head, prompt, window, free rows after the last step): a window shorter than the sequence, an empty
+# prompt with a window longer than the sequence, a window of one token
 _WINDOW_CASES = ((1, 2, 4, 5, 4, 3), (2, 3, 8, 0, 20, 2), (1, 2, 4, 3, 1, 1))
 
 
@@ -240,23 +240,87 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.ops: list[tuple[str, tuple]] = []
         self.host_reads = 0
+        self.muted = 0  # inside a read _Position already counted
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), int(t), float(t), bool(t), `if t:`
+        if func is torch.ops.aten._local_scalar_dense.default and not self.muted:  # .item(), int(t), `if t:`
             self.host_reads += 1
         outs = out if isinstance(out, tuple | list) else (out,)
         self.ops.append((str(func), tuple(tuple(o.shape) for o in outs if isinstance(o, torch.Tensor))))
         return out
 
 
+def _counted_read(name: str):
+    def read(self, *args, **kwargs):
+        record = _Position.record
+        if record is None:  # the checker's own reads, between the steps
+            return getattr(torch.Tensor, name)(self, *args, **kwargs)
+        record.host_reads += 1
+        record.muted += 1
+        try:
+            return getattr(torch.Tensor, name)(self, *args, **kwargs)
+        finally:
+            record.muted -= 1
+
+    read.__name__ = name
+    return read
+
+
+class _Position(torch.Tensor):
+    """The position handed to the step eagerly, and every tensor computed from it: a plain tensor whose reads back
+    to the host are counted, those that never dispatch an operation on the CPU (.tolist(), .numpy()) included."""
+
+    record: _Recorder | None = None  # the recorder of the step running now
+
+    tolist = _counted_read("tolist")
+    numpy = _counted_read("numpy")
+    item = _counted_read("item")
+    __int__ = _counted_read("__int__")
+    __index__ = _counted_read("__index__")
+    __bool__ = _counted_read("__bool__")
+    __float__ = _counted_read("__float__")
+
+
+_MASK_ADVICE = ("the mask must broadcast against the scores (B, H, 1, max_len), e.g. .view(1, 1, 1, -1): SDPA "
+                "wants a mask of two or more dimensions")
+
+
+class _MaskShape(Exception):
+    """An attention mask SDPA refused for its shape."""
+
+
+class _SdpaMaskWatch(torch.overrides.TorchFunctionMode):
+    """Names a mask SDPA refuses for its shape (a 1-D mask raises a bare "Dimension out of range")."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (IndexError, RuntimeError) as e:
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            q, keys = args[0] if args else kwargs.get("query"), args[1] if len(args) > 1 else kwargs.get("key")
+            if isinstance(mask, torch.Tensor) and isinstance(q, torch.Tensor) and isinstance(keys, torch.Tensor):
+                scores = (*q.shape[:-1], keys.shape[-2])
+                try:
+                    fits = mask.dim() >= 2 and torch.broadcast_shapes(mask.shape, scores) == scores
+                except RuntimeError:
+                    fits = False
+                if not fits:
+                    raise _MaskShape(f"your mask has shape {tuple(mask.shape)}, the scores {scores}: "
+                                     f"{_MASK_ADVICE}") from e
+            raise
+
+
 def _window_case(seed: int, B: int, H: int, d: int, P: int, W: int, free: int) -> dict:
-    """A cache of max_len rows: the prompt's P rows, then old rows of another text (random, large); the tokens to
+    """A cache of max_len rows: the prompt's P rows, then old rows of an earlier request (random, large); the tokens to
     decode; each step's expected output (SDPA over the last W rows of a growing cache) and the cache after it."""
     gen = torch.Generator().manual_seed(seed)
     max_len = P + _DECODE_STEPS + free
     keys, values = (torch.randn(B, H, max_len, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    keys[:, :, P:] *= 30  # rows not yet written hold another text's keys: a step that sees them is wrong
+    keys[:, :, P:] *= 30  # rows not yet written hold an earlier request's keys: a step that sees them is wrong
     new = [tuple(torch.randn(B, H, 1, d, generator=gen, dtype=torch.float64) for _ in range(3))
            for _ in range(_DECODE_STEPS)]  # (q, k, v) per step, each (B, H, 1, d)
     states, expected = [], []
@@ -284,13 +348,13 @@ def _window_mistakes(case: dict, t: int) -> dict[str, torch.Tensor | None]:
     return {
         "row `position`, the token just written, is left out: a token attends to itself (its row passes "
         "the mask: <= position, not < position)": over(n - W + 1, n),
-        "your mask also lets in row position + 1, which holds no token of this text yet: build the mask "
+        "your mask also lets in row position + 1, which holds no token of this sequence yet: build the mask "
         "from the position of the row you wrote, before advancing it": over(n - W + 2, n + 2),
         f"your window holds {W + 1} tokens, not window = {W}: the last `window` tokens are the rows "
         "position - window + 1 ... position, the newest included": over(n - W, n + 1) if W + 1 <= n + 1 else None,
         f"your window holds {W - 1} tokens, not window = {W}: the last `window` tokens are the rows "
         "position - window + 1 ... position, the newest included": over(n - W + 2, n + 1) if W <= n + 1 else None,
-        "the rows after `position` are not masked: a cache reused after a longer text holds its old keys and "
+        "the rows after `position` are not masked: a cache reused after a longer request holds its old keys and "
         "values there (here random numbers), which the new token must not see": over(n - W + 1, max_len),
         "every row of the cache is attended to: mask the rows after `position` (not written yet) and those "
         "before the window": over(0, max_len),
@@ -300,29 +364,56 @@ def _window_mistakes(case: dict, t: int) -> dict[str, torch.Tensor | None]:
 
 
 def _step_result(name: str, got, shape: tuple) -> torch.Tensor:
+    if isinstance(got, _Position):
+        got = got.as_subclass(torch.Tensor)
     tensor = as_tensor(name, got)
     if tuple(tensor.shape) != shape:
         raise CheckFailure(f"{name} has shape {tuple(tensor.shape)}, expected {shape} (B, H, 1, d_head)")
     return tensor.detach().clone()
 
 
+def _host_read_failure(times: int | None) -> CheckFailure:
+    """times: the reads counted eagerly; None when make_fx could not trace the step for one."""
+    how = ("a Python `if` or bool() on a tensor reads it back, as do .item(), .tolist(), .numpy(), int() and float()"
+           if times is None else f"{times} time{'s' if times != 1 else ''}: .item(), .tolist(), .numpy(), int(), "
+           f"float(), or a Python `if` or bool() on a tensor")
+    traced = "make_fx could not trace it, and" if times is None else "the trace here replays right, but"
+    return CheckFailure(f"your step reads a tensor back to the host ({how}): {traced} a CUDA graph capture refuses "
+                        f"it, since copying to the host waits for the GPU, which a capture forbids. Keep the position "
+                        f"a tensor and compare it on the device")
+
+
 def _run_eagerly(fn, case: dict) -> list[_Recorder]:
-    """The learner's step called token after token on the checker's cache; each output and the cache checked."""
+    """The learner's step called token after token on the checker's cache; each output and the cache checked. The
+    position is a _Position, so that every read of it back to the host is counted."""
     keys, values = case["keys"].clone(), case["values"].clone()
     P, W, what = case["P"], case["W"], case["what"]
-    position = torch.tensor([P])
+    position = torch.tensor([P]).as_subclass(_Position)
     records = []
     for t, ((q, k, v), expected) in enumerate(zip(case["new"], case["expected"], strict=True)):
         record = _Recorder()
+        mask_error: list[str] = []
 
-        def recorded(q_, k_, v_, record=record):  # the cache and the position are the step's to write into
-            with record:
-                return fn(q_, k_, v_, keys, values, position, W)
+        def recorded(q_, k_, v_, record=record, mask_error=mask_error):  # the cache and position are the step's
+            _Position.record = record
+            try:
+                with record, _SdpaMaskWatch():
+                    return fn(q_, k_, v_, keys, values, position, W)
+            except _MaskShape as e:
+                mask_error.append(str(e))
+                raise
+            finally:
+                _Position.record = None
 
         at = f"{what}, step {t + 1} (row {P + t})"
-        got = call_watching(recorded, q, k, v, names=("q", "k", "v"), what=f"; {at}",
-                            advice="Write the new key and value into `keys` and `values`, and leave q, k and v as "
-                                   "they are")
+        try:
+            got = call_watching(recorded, q, k, v, names=("q", "k", "v"), what=f"; {at}",
+                                advice="Write the new key and value into `keys` and `values`, and leave q, k and v "
+                                       "as they are")
+        except CheckFailure:
+            if mask_error:
+                raise CheckFailure(f"{at}: {mask_error[0]}") from None
+            raise
         out = _step_result(f"the output ({at})", got, tuple(q.shape))
         records.append(record)
         state_k, state_v = case["states"][t]
@@ -344,7 +435,7 @@ def _run_eagerly(fn, case: dict) -> list[_Recorder]:
     return records
 
 
-def _replay(fn, case: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _replay(fn, case: dict, host_reads: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Trace the step once with make_fx (every Python value it sees baked in, as a CUDA graph bakes them), put the
     cache and position back, and replay the trace token after token."""
     keys, values = case["keys"].clone(), case["values"].clone()
@@ -354,6 +445,8 @@ def _replay(fn, case: dict) -> tuple[list[torch.Tensor], torch.Tensor, torch.Ten
     try:
         traced = make_fx(lambda q_, k_, v_: fn(q_, k_, v_, keys, values, position, W), tracing_mode="real")(q0, k0, v0)
     except Exception as e:  # the learner's code, not the checker's
+        if host_reads or "_local_scalar_dense" in str(e) or "data-dependent" in str(e).lower():
+            raise _host_read_failure(None) from None
         raise CheckFailure(f"{case['what']}: tracing your step with make_fx failed ({type(e).__name__}: {e})") from None
     keys.copy_(case["keys"])  # in place: the trace holds these very tensors
     values.copy_(case["values"])
@@ -370,12 +463,14 @@ def check_window_decode_step(fn):
     value (B, H, 1, d_head); keys and values the preallocated cache (B, H, max_len, d_head); position a (1,) int64
     tensor, the row to write; window a Python int. Writes k and v into row `position` in place, returns the
     attention of q over the last `window` tokens, rows position - window + 1 ... position, (B, H, 1, d_head),
-    and advances position by one in place. Float64; the rows after `position` hold another text's keys. Runs
+    and advances position by one in place. Float64; the rows after `position` hold an earlier request's keys. Runs
     each step eagerly on 8 tokens of three fixed cases and a random one, checks the shapes stay the same from
     step to step, then traces the step once with make_fx (tracing_mode="real"), which bakes in every Python value
     as a CUDA graph does, and replays it for the 8 tokens. Names a mask that leaves out the newest token or lets
     in the next row, a window one token too wide or too narrow, unmasked rows, a missing window, a position not
-    advanced in place, shapes that change per step, a write or a mask fixed at capture, and .item().
+    advanced in place, shapes that change per step, a write or a mask fixed at capture, a mask SDPA cannot
+    broadcast, and any read back to the host: the position handed to the eager calls counts .item(), .tolist(),
+    .numpy(), int(), float() and bool() on itself and on every tensor computed from it.
     """
     rng = np.random.default_rng()
     cases = [_window_case(i, *c) for i, c in enumerate(_WINDOW_CASES)]
@@ -393,7 +488,7 @@ def check_window_decode_step(fn):
                                f"an `if` on a tensor). A CUDA graph replays the shapes of its capture: attend over all "
                                f"max_len rows and let a mask computed on the device choose them")
     for case in cases:
-        outs, keys, values = _replay(fn, case)
+        outs, keys, values = _replay(fn, case, host_reads)
         final_k, final_v = case["states"][-1]
         if not (torch.equal(keys, final_k) and torch.equal(values, final_v)):
             raise CheckFailure(f"{case['what']}: replayed, your step writes every token into the row it wrote at "
@@ -407,8 +502,6 @@ def check_window_decode_step(fn):
                                    f"(int(position), position.item()), baked in at the trace. Compare "
                                    f"torch.arange(max_len) with the tensor position, on the device")
     if host_reads:
-        raise CheckFailure(f"your step reads a tensor back to the host ({host_reads} times: .item(), int(), float(), "
-                           f"bool() or an `if` on a tensor). The trace here replays right, but a CUDA graph "
-                           f"capture refuses it: copying to the host waits for the GPU, which a capture forbids")
+        raise _host_read_failure(host_reads)
     return f"{len(cases)} cases ({len(_WINDOW_CASES)} fixed, 1 random), {_DECODE_STEPS} tokens each, eagerly and " \
            f"replayed from one make_fx trace: every output and the cache match a growing cache's window"

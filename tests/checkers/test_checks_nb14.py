@@ -175,11 +175,12 @@ def window_decode_step(q, k, v, keys, values, position, window):
     return out
 
 
-def _masked_step(mask, *, advance=True, python_row=False, host_read=False, write_offset=0):
-    """The reference with one thing changed: the mask (rows, position, window) -> bool, the write or the advance."""
+def _masked_step(mask, *, advance=True, python_row=False, host_read=None, write_offset=0):
+    """The reference with one thing changed: the mask (rows, position, window) -> bool, the write or the advance,
+    or a read of the position back to the host, host_read(position, max_len) -> bool."""
     def step(q, k, v, keys, values, position, window):
-        if host_read:
-            assert position.item() < keys.shape[2]  # harmless eagerly and in a trace; a CUDA graph capture refuses it
+        if host_read is not None:
+            assert host_read(position, keys.shape[2])  # harmless eagerly; a CUDA graph capture refuses it
         if python_row:
             row = int(position)
             keys[:, :, row], values[:, :, row] = k[:, :, 0], v[:, :, 0]
@@ -234,6 +235,21 @@ def _rebinds(q, k, v, keys, values, position, window):
     return out
 
 
+def _if_on_a_tensor(q, k, v, keys, values, position, window):
+    if (position >= keys.shape[2]).any():
+        raise ValueError("the cache is full")
+    return window_decode_step(q, k, v, keys, values, position, window)
+
+
+def _one_dimensional_mask(q, k, v, keys, values, position, window):
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=_window(torch.arange(keys.shape[2]), position,
+                                                                            window))  # (max_len,): SDPA refuses it
+    position.add_(1)
+    return out
+
+
 def _fails_when_traced():
     calls = []
 
@@ -249,6 +265,44 @@ def _fails_when_traced():
 def test_window_decode_step_reference_passes():
     result = checks.check_window_decode_step(window_decode_step)
     assert result.passed and "1 random" in result.message, result.message
+
+
+def _put_advanced_first_softmax(q, k, v, keys, values, position, window):
+    heads = (torch.arange(keys.shape[0]).view(-1, 1), torch.arange(keys.shape[1]).view(1, -1))
+    keys.index_put_((*heads, position), k[:, :, 0])
+    values.index_put_((*heads, position), v[:, :, 0])
+    position += 1  # advanced first, so the mask is < position
+    rows = torch.arange(keys.shape[2])
+    scores = (q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(
+        ~((rows < position) & (rows >= position - window)), float("-inf"))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    return weights / weights.sum(-1, keepdim=True) @ values
+
+
+def _additive_mask(q, k, v, keys, values, position, window):
+    keys.index_copy_(2, position, k)
+    values.index_copy_(2, position, v)
+    bias = torch.where(_window(torch.arange(keys.shape[2]), position, window), 0.0, float("-inf")).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias.view(1, 1, 1, -1))
+    position.add_(1)
+    return out
+
+
+def _scatter_expanded_mask(q, k, v, keys, values, position, window):
+    B, H, L, d = keys.shape
+    rows = position.view(1, 1, 1, 1).expand(B, H, 1, d)
+    keys.scatter_(2, rows, k)
+    values.scatter_(2, rows, v)
+    visible = _window(torch.arange(L), position, window).view(1, 1, 1, L).expand(B, H, 1, L)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+    position.add_(1)
+    return out
+
+
+@pytest.mark.parametrize("right", [_put_advanced_first_softmax, _additive_mask, _scatter_expanded_mask])
+def test_window_decode_step_other_right_answers_pass(right):
+    result = checks.check_window_decode_step(right)
+    assert result.passed, result.message
 
 
 def test_window_decode_step_fixed_cases_include_the_edges():
@@ -273,7 +327,21 @@ def test_window_decode_step_fixed_cases_include_the_edges():
     (_sliced, "different operations or shapes from one token to the next"),
     (_masked_step(_window, python_row=True), "writes every token into the row it wrote at the trace (5)"),
     (_python_mask, "right eagerly, but replayed, token 2 attends to the rows the traced token did"),
-    (_masked_step(_window, host_read=True), "a CUDA graph capture refuses it"),
+    (_masked_step(_window, host_read=lambda p, n: p.item() < n), "(32 times: .item()"),
+    # on the CPU .tolist() and .numpy() dispatch no operation; the position handed to the step counts them
+    (_masked_step(_window, host_read=lambda p, n: p.tolist()[0] < n), "the trace here replays right, but a CUDA "
+                                                                      "graph capture refuses it"),
+    (_masked_step(_window, host_read=lambda p, n: p.numpy()[0] < n), "reads a tensor back to the host (32 times"),
+    (_masked_step(_window, host_read=lambda p, n: (p - 1)[0].tolist() < n), "reads a tensor back to the host"),
+    (_masked_step(_window, host_read=lambda p, n: float(p) < n), "reads a tensor back to the host (32 times"),
+    (_masked_step(_window, host_read=lambda p, n: int(p) < n), "reads a tensor back to the host (32 times"),
+    (_masked_step(_window, host_read=lambda p, n: range(n)[p] >= 0), "reads a tensor back to the host (32 times"),
+    # bool() and `if` on a comparison make_fx records: the trace fails, named as the host read it is
+    (_masked_step(_window, host_read=lambda p, n: bool(p < n)), "a Python `if` or bool() on a tensor reads it "
+                                                                 "back"),
+    (_if_on_a_tensor, "make_fx could not trace it, and a CUDA graph capture refuses it"),
+    (_one_dimensional_mask, "your mask has shape (16,), the scores (1, 2, 1, 16): the mask must broadcast against "
+                            "the scores (B, H, 1, max_len), e.g. .view(1, 1, 1, -1)"),
     (_fails_when_traced(), "tracing your step with make_fx failed (RuntimeError: cannot trace this)"),
     (lambda *args: window_decode_step(*args) * 2, "differs from the reference"),
     (lambda *args: window_decode_step(*args)[..., :2], "expected (1, 2, 1, 4)"),
