@@ -9,7 +9,7 @@ same forward pass on the same inputs; a backend that refuses the inputs is recor
 error, not dropped silently. FLOPs counted: 4 T S d per (batch, head) (two matmuls), halved
 when causal. On the CPU our kernel runs in Triton's interpreter: only tiny shapes make sense
 and the times say nothing about a GPU. With --json the record (see course_lib.bench) also carries
-the versions of torch and triton.
+the versions of torch, triton and the other packages a run imports (`package_versions`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from course_lib.bench import write_record
 from course_lib.bench.timing import compare
 from course_lib.cost.flops import attention_flops
 from course_lib.tools.cli import choice_list, int_list, nonnegative_int, output_file, positive_int, torch_device
-from course_lib.tools.device import SDPA_BACKENDS, device_facts, sdpa_with_backend
+from course_lib.tools.device import SDPA_BACKENDS, device_facts, package_versions, sdpa_with_backend
 
 IMPLS = (*(f"sdpa_{name}" for name in SDPA_BACKENDS), "triton")  # the attention suite's names
 
@@ -99,17 +99,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _versions() -> dict:
-    versions: dict[str, str | None] = {"torch": torch.__version__}
-    try:
-        import triton
-
-        versions["triton"] = triton.__version__
-    except ImportError:
-        versions["triton"] = None
-    return versions
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.bench flash", description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -149,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 what = (f"{row['tflops']:8.2f} TFLOP/s {row['median_s'] * 1e3:9.3f} ms" if "tflops" in row
                         else row["error"])
                 print(f"d_head={d_head:4d} T={T:6d} {row['impl']:20s} {what}")
-    record = {"suite": "flash", "device_info": info, "versions": _versions(),
+    record = {"suite": "flash", "device_info": info, "versions": package_versions(),
               "config": {"dtype": args.dtype, "seqs": args.seq, "d_heads": args.d_head, "batch": args.batch,
                          "heads": args.heads, "causal": args.causal, "impls": list(args.impls),
                          "flops_per_call": "4*B*H*T*S*d_head (halved if causal)", "repeats": args.repeats,

@@ -198,16 +198,11 @@ def _dispatch_s(fn: Callable[[], object], device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------- CPU helpers
 def _cpu_group(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of `calls` calls on the CPU (synchronous: one call's wall time is calls=1)."""
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) / calls
-
-
-def _cpu_wall(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- compare
@@ -276,7 +271,7 @@ def compare(fns: Mapping[str, Callable[[], object]], *, device: torch.device | s
                 wall_times[name].append(_cuda_wall(fn, device, flush))
             else:
                 device_times[name].append(_cpu_group(fn, calls))
-                wall_times[name].append(_cpu_wall(fn))
+                wall_times[name].append(_cpu_group(fn, 1))
     results = {}
     for name in names:
         d_q1, d_med, d_q3 = quartiles(device_times[name])
