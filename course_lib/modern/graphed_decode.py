@@ -104,7 +104,8 @@ def static_decode_step(mha: MultiHeadAttention, x: torch.Tensor, cache: StaticKV
     q = mha.q_proj(x).view(B, H_kv, H // H_kv, d_head)  # (B, H_kv, group, d_head): head h = kv * group + g
     k = mha.k_proj(x).view(B, H_kv, 1, d_head)  # (B, H_kv, 1, d_head): one token, so splitting heads is a view
     v = mha.v_proj(x).view(B, H_kv, 1, d_head)
-    keys, values = cache.write_at(k, v, position)  # (B, H_kv, max_len, d_head), row `position` written in place
+    # (B, H_kv, max_len, d_head), row `position` written in place; check_static_decode has made write_at's checks
+    keys, values = cache._write_at(k, v, position)
     filled = (torch.arange(cache.max_len, device=x.device) <= position).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=filled)  # (B, H_kv, group, d_head)
     position.add_(1)  # in place: the next replay writes the next row

@@ -75,6 +75,11 @@ class StaticKVCache:
         if position.shape != (1,) or position.dtype != torch.int64 or position.device != self.key.device:
             raise ValueError(f"position must be a (1,) int64 tensor on {self.key.device}; got "
                              f"{shape_str(position.shape)} {position.dtype} on {position.device}")
+        return self._write_at(key, value, position)
+
+    def _write_at(self, key: torch.Tensor, value: torch.Tensor,
+                  position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """write_at without its checks, for a caller that has made them (static_decode_step, once per token)."""
         self.key.index_copy_(2, position, key)  # (B, H_kv, max_len, d): row `position` written, in place
         self.value.index_copy_(2, position, value)
         return self.key, self.value
